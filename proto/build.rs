@@ -1,0 +1,18 @@
+//! Compiles the .proto files with protoc (Debian's `protobuf-compiler`; etcd-client needs it too).
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = [
+        "dapr/proto/common/v1/common.proto",
+        "dapr/proto/runtime/v1/dapr.proto",
+        "dapr/proto/runtime/v1/appcallback.proto",
+        "tandem/internal/v1/mesh.proto",
+    ];
+    for proto in protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_protos(&protos, &["."])?;
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! tandemd's configuration: every flag is also an environment variable.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Flags of `tandemd`. A port of 0 binds a free port; the bound address is logged.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "tandemd", version, about = "Tandem sidecar: discovery and service invocation over gRPC, Dapr-compatible")]
+pub struct Config {
+    /// Id of the app this sidecar fronts (letters, digits, '.', '_', '-').
+    #[arg(long, env = "TANDEM_APP_ID")]
+    pub app_id: String,
+
+    /// Port of the app's callback gRPC server (AppCallback). Leave out for an app that only calls out.
+    #[arg(long, env = "TANDEM_APP_PORT")]
+    pub app_port: Option<u16>,
+
+    /// Host of the app's callback server.
+    #[arg(long, env = "TANDEM_APP_HOST", default_value = "127.0.0.1")]
+    pub app_host: String,
+
+    /// Port of the app-facing Dapr gRPC API.
+    #[arg(long, env = "DAPR_GRPC_PORT", default_value_t = 50001)]
+    pub grpc_port: u16,
+
+    /// Port of the sidecar-to-sidecar API (tandem.internal.v1).
+    #[arg(long, env = "TANDEM_INTERNAL_PORT", default_value_t = 50002)]
+    pub internal_port: u16,
+
+    /// Port of the admin HTTP server (/healthz, /readyz, Dapr's /v1.0/healthz).
+    #[arg(long, env = "TANDEM_ADMIN_PORT", default_value_t = 9090)]
+    pub admin_port: u16,
+
+    /// Address every listener binds to.
+    #[arg(long, env = "TANDEM_LISTEN_ADDRESS", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    pub listen_address: IpAddr,
+
+    /// Address peers use to reach this sidecar's internal port (defaults to the bound address).
+    #[arg(long, env = "TANDEM_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
+
+    /// etcd client endpoints, comma-separated.
+    #[arg(long, env = "TANDEM_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Namespace: sidecars see only the apps of their own namespace.
+    #[arg(long, env = "TANDEM_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+
+    /// Directory for this sidecar's data (state, outbox); created when missing.
+    #[arg(long, env = "TANDEM_DATA_DIR", default_value = "./tandem-data")]
+    pub data_dir: PathBuf,
+
+    /// TTL of the discovery lease in seconds: a dead instance leaves routing within about this long.
+    #[arg(long, env = "TANDEM_LEASE_TTL", default_value_t = 10, value_parser = clap::value_parser!(i64).range(1..=3600))]
+    pub lease_ttl: i64,
+
+    /// How often the app's health check is probed (e.g. 500ms, 5s).
+    #[arg(long, env = "TANDEM_APP_HEALTH_PROBE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub app_health_probe_interval: Duration,
+
+    /// How long a graceful shutdown waits for in-flight calls.
+    #[arg(long, env = "TANDEM_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Log filter (tracing's EnvFilter syntax, e.g. info or tandem_sidecar=debug).
+    #[arg(long, env = "TANDEM_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+impl Config {
+    /// Checks what clap cannot: names that end up in etcd keys.
+    pub fn validate(&self) -> Result<(), String> {
+        validate_name("app-id", &self.app_id)?;
+        validate_name("namespace", &self.namespace)?;
+        if self.etcd_endpoints.iter().all(|e| e.trim().is_empty()) {
+            return Err("--etcd-endpoints: at least one endpoint is needed".into());
+        }
+        Ok(())
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.listen_address, self.grpc_port)
+    }
+
+    pub fn internal_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.listen_address, self.internal_port)
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.listen_address, self.admin_port)
+    }
+}
+
+/// App-ids and namespaces become etcd key segments, so they may not contain '/'.
+pub fn validate_name(what: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err(format!("{what} is empty"));
+    }
+    if name.len() > 128 {
+        return Err(format!("{what} '{name}' is longer than 128 characters"));
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
+        return Err(format!("{what} '{name}' contains '{c}'; use letters, digits, '.', '_' or '-'"));
+    }
+    Ok(())
+}
+
+/// Parses `250ms`, `5s`, `2m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let value: f64 = number.parse().map_err(|_| format!("'{s}' is not a duration (try 500ms or 5s)"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("'{s}': unknown unit '{unit}' (use ms, s or m)")),
+    };
+    if !seconds.is_finite() || seconds <= 0.0 {
+        return Err(format!("'{s}' must be a positive duration"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("5h").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("0s").is_err());
+    }
+
+    #[test]
+    fn names_that_would_break_etcd_keys_are_rejected() {
+        assert!(validate_name("app-id", "svc-a.v2_x").is_ok());
+        assert!(validate_name("app-id", "").unwrap_err().contains("empty"));
+        assert!(validate_name("app-id", "a/b").unwrap_err().contains("'/'"));
+        assert!(validate_name("app-id", "a b").is_err());
+    }
+
+    #[test]
+    fn every_flag_has_an_env_var() {
+        let cmd = <Config as clap::CommandFactory>::command();
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            assert!(arg.get_env().is_some(), "flag --{id} has no environment variable");
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! etcd key layout of discovery. One place, so the registrar, the watcher and the CLI agree.
+
+const ROOT: &str = "/tandem/v1";
+
+/// Everything discovery writes for one namespace (the watcher's prefix).
+pub fn namespace_prefix(namespace: &str) -> String {
+    format!("{ROOT}/{namespace}/")
+}
+
+/// Marks an app-id as known in the namespace; written without a lease.
+pub fn app_key(namespace: &str, app_id: &str) -> String {
+    format!("{ROOT}/{namespace}/apps/{app_id}")
+}
+
+/// One live instance, under its lease.
+pub fn instance_key(namespace: &str, app_id: &str, instance_id: &str) -> String {
+    format!("{ROOT}/{namespace}/instances/{app_id}/{instance_id}")
+}
+
+/// What a key under the namespace prefix stands for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DiscoveryKey<'a> {
+    App { app_id: &'a str },
+    Instance { app_id: &'a str, instance_id: &'a str },
+}
+
+/// Parses a key under [`namespace_prefix`]; `None` for keys discovery does not own.
+pub fn parse<'a>(namespace: &str, key: &'a str) -> Option<DiscoveryKey<'a>> {
+    let prefix = namespace_prefix(namespace);
+    let rest = key.strip_prefix(prefix.as_str())?;
+    let mut parts = rest.split('/');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("apps"), Some(app_id), None, None) if !app_id.is_empty() => Some(DiscoveryKey::App { app_id }),
+        (Some("instances"), Some(app_id), Some(instance_id), None) if !app_id.is_empty() && !instance_id.is_empty() => {
+            Some(DiscoveryKey::Instance { app_id, instance_id })
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_through_parse() {
+        let k = instance_key("ns", "svc", "i-1");
+        assert_eq!(parse("ns", &k), Some(DiscoveryKey::Instance { app_id: "svc", instance_id: "i-1" }));
+        let k = app_key("ns", "svc");
+        assert_eq!(parse("ns", &k), Some(DiscoveryKey::App { app_id: "svc" }));
+    }
+
+    #[test]
+    fn foreign_keys_are_ignored() {
+        assert_eq!(parse("ns", "/tandem/v1/other/apps/svc"), None);
+        assert_eq!(parse("ns", "/tandem/v1/ns/apps/"), None);
+        assert_eq!(parse("ns", "/tandem/v1/ns/instances/svc"), None);
+        assert_eq!(parse("ns", "/tandem/v1/ns/instances/svc/i/extra"), None);
+        assert_eq!(parse("ns", "/tandem/v1/ns/state/x"), None);
+    }
+}

@@ -1,0 +1,86 @@
+//! Discovery through etcd: each instance registers under a lease ([`registration`]), every
+//! sidecar watches its namespace and keeps a [`RoutingTable`] ([`watcher`]).
+//!
+//! Key layout (see [`keys`]): `/tandem/v1/{namespace}/apps/{app_id}` marks an app as known
+//! (no lease: it outlives its instances, so "no live instance" differs from "unknown app"),
+//! `/tandem/v1/{namespace}/instances/{app_id}/{instance_id}` holds an [`InstanceRecord`] under
+//! the instance's lease.
+
+pub mod keys;
+pub mod registration;
+pub mod routing;
+pub mod watcher;
+
+use std::time::Duration;
+
+pub use registration::Registrar;
+pub use routing::{Instance, RoutingSnapshot, RoutingTable};
+pub use watcher::RoutingWatcher;
+
+use serde::{Deserialize, Serialize};
+
+/// What an instance publishes about itself in etcd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub app_id: String,
+    pub instance_id: String,
+    /// host:port of the sidecar's internal (sidecar-to-sidecar) API.
+    pub internal_address: String,
+    /// Whether the instance has an app that can be invoked.
+    pub has_app: bool,
+    pub runtime_version: String,
+}
+
+/// Connects a lazily-connecting etcd client; calls fail (and are retried by the callers)
+/// while etcd is unreachable.
+pub async fn etcd_client(endpoints: &[String]) -> Result<etcd_client::Client, etcd_client::Error> {
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(3))
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+    etcd_client::Client::connect(endpoints, Some(options)).await
+}
+
+/// Exponential backoff between etcd retries: 100 ms doubling up to 3 s.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(3);
+
+    pub fn new() -> Self {
+        Backoff { next: Self::FIRST }
+    }
+
+    pub fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    /// The delay to wait now; doubles the next one.
+    pub fn step(&mut self) -> Duration {
+        let now = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        now
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_and_resets() {
+        let mut b = Backoff::new();
+        assert_eq!(b.step(), Duration::from_millis(100));
+        assert_eq!(b.step(), Duration::from_millis(200));
+        for _ in 0..10 {
+            b.step();
+        }
+        assert_eq!(b.step(), Backoff::MAX);
+        b.reset();
+        assert_eq!(b.step(), Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,114 @@
+//! Registers this instance in etcd under a lease and keeps the lease alive. When etcd is
+//! lost the registration is retried with backoff and comes back by itself; on shutdown the
+//! lease is revoked first, so peers stop routing here at once instead of after the TTL.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, PutOptions};
+use tokio_util::sync::CancellationToken;
+
+use super::keys;
+use super::{Backoff, InstanceRecord};
+use crate::readiness::Readiness;
+
+pub struct Registrar {
+    client: Client,
+    namespace: String,
+    record: InstanceRecord,
+    ttl_seconds: i64,
+    readiness: Arc<Readiness>,
+}
+
+impl Registrar {
+    pub fn new(client: Client, namespace: String, record: InstanceRecord, ttl_seconds: i64, readiness: Arc<Readiness>) -> Self {
+        Registrar { client, namespace, record, ttl_seconds, readiness }
+    }
+
+    /// Keeps the instance registered until `stop` is cancelled, then revokes its lease.
+    pub async fn run(mut self, stop: CancellationToken) {
+        let mut backoff = Backoff::new();
+        loop {
+            let registered = tokio::select! {
+                _ = stop.cancelled() => return,
+                result = self.register() => result,
+            };
+            match registered {
+                Ok(lease_id) => {
+                    backoff.reset();
+                    self.readiness.set_registered(true);
+                    tracing::info!(lease_id, app_id = %self.record.app_id, instance_id = %self.record.instance_id, "registered in etcd");
+                    let ended = self.keep_alive(lease_id, &stop).await;
+                    self.readiness.set_registered(false);
+                    match ended {
+                        KeepAlive::Stopped => {
+                            self.revoke(lease_id).await;
+                            return;
+                        }
+                        KeepAlive::Lost(reason) => tracing::warn!(reason, "etcd registration lost; registering again"),
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not register in etcd; retrying"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff.step()) => {}
+            }
+        }
+    }
+
+    async fn register(&mut self) -> Result<i64, etcd_client::Error> {
+        let lease = self.client.lease_grant(self.ttl_seconds, None).await?;
+        let lease_id = lease.id();
+        let value = serde_json::to_vec(&self.record).expect("an instance record always serializes");
+        self.client.put(keys::app_key(&self.namespace, &self.record.app_id), "{}", None).await?;
+        self.client
+            .put(
+                keys::instance_key(&self.namespace, &self.record.app_id, &self.record.instance_id),
+                value,
+                Some(PutOptions::new().with_lease(lease_id)),
+            )
+            .await?;
+        Ok(lease_id)
+    }
+
+    async fn keep_alive(&mut self, lease_id: i64, stop: &CancellationToken) -> KeepAlive {
+        let (mut keeper, mut responses) = match self.client.lease_keep_alive(lease_id).await {
+            Ok(pair) => pair,
+            Err(e) => return KeepAlive::Lost(format!("opening keep-alive: {e}")),
+        };
+        // Three refreshes per TTL: one lost refresh never lets the lease lapse.
+        let period = Duration::from_millis((self.ttl_seconds as u64 * 1000 / 3).max(300));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return KeepAlive::Stopped,
+                _ = tokio::time::sleep(period) => {}
+            }
+            let refreshed = tokio::time::timeout(period, async {
+                keeper.keep_alive().await?;
+                responses.message().await
+            })
+            .await;
+            match refreshed {
+                Ok(Ok(Some(response))) if response.ttl() > 0 => {}
+                Ok(Ok(Some(_))) => return KeepAlive::Lost("lease expired".into()),
+                Ok(Ok(None)) => return KeepAlive::Lost("keep-alive stream ended".into()),
+                Ok(Err(e)) => return KeepAlive::Lost(format!("keep-alive: {e}")),
+                Err(_) => return KeepAlive::Lost("keep-alive timed out".into()),
+            }
+        }
+    }
+
+    async fn revoke(&mut self, lease_id: i64) {
+        match tokio::time::timeout(Duration::from_secs(2), self.client.lease_revoke(lease_id)).await {
+            Ok(Ok(_)) => tracing::info!(lease_id, "lease revoked; instance removed from discovery"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not revoke lease; peers drop this instance when it expires"),
+            Err(_) => tracing::warn!("revoking the lease timed out; peers drop this instance when it expires"),
+        }
+    }
+}
+
+enum KeepAlive {
+    Stopped,
+    Lost(String),
+}

@@ -1,0 +1,172 @@
+//! The routing table: which apps are known and where their live instances are.
+//!
+//! Readers take an immutable [`RoutingSnapshot`] (an `Arc` clone, no lock held during a call);
+//! the watcher publishes a new snapshot per etcd change. When etcd is lost the last snapshot
+//! stays, so calls keep flowing on the last known routes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::InstanceRecord;
+
+/// A live instance of an app, as routing sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub instance_id: String,
+    pub internal_address: String,
+}
+
+/// An immutable view of the namespace.
+#[derive(Debug, Default, Clone)]
+pub struct RoutingSnapshot {
+    /// False until the first full listing from etcd; calls then answer "discovery not ready".
+    pub synced: bool,
+    /// Known app-ids and their live instances (sorted by instance id; possibly none).
+    apps: BTreeMap<String, Vec<Instance>>,
+}
+
+impl RoutingSnapshot {
+    /// `None` when the app-id was never registered in the namespace.
+    pub fn instances(&self, app_id: &str) -> Option<&[Instance]> {
+        self.apps.get(app_id).map(Vec::as_slice)
+    }
+
+    pub fn apps(&self) -> impl Iterator<Item = (&str, &[Instance])> {
+        self.apps.iter().map(|(k, v)| (k.as_str(), v.as_slice()))
+    }
+
+    pub fn addresses(&self) -> impl Iterator<Item = &str> {
+        self.apps.values().flatten().map(|i| i.internal_address.as_str())
+    }
+}
+
+/// Accumulates etcd state into snapshots; owned by the watcher.
+#[derive(Debug, Default)]
+pub struct RoutingBuilder {
+    known: std::collections::BTreeSet<String>,
+    instances: BTreeMap<(String, String), InstanceRecord>,
+}
+
+impl RoutingBuilder {
+    pub fn clear(&mut self) {
+        self.known.clear();
+        self.instances.clear();
+    }
+
+    pub fn add_app(&mut self, app_id: &str) {
+        self.known.insert(app_id.to_string());
+    }
+
+    pub fn remove_app(&mut self, app_id: &str) {
+        self.known.remove(app_id);
+    }
+
+    pub fn add_instance(&mut self, record: InstanceRecord) {
+        self.known.insert(record.app_id.clone());
+        self.instances.insert((record.app_id.clone(), record.instance_id.clone()), record);
+    }
+
+    pub fn remove_instance(&mut self, app_id: &str, instance_id: &str) {
+        self.instances.remove(&(app_id.to_string(), instance_id.to_string()));
+    }
+
+    pub fn snapshot(&self) -> RoutingSnapshot {
+        let mut apps: BTreeMap<String, Vec<Instance>> = self.known.iter().map(|a| (a.clone(), Vec::new())).collect();
+        for ((app_id, _), record) in &self.instances {
+            if !record.has_app {
+                continue;
+            }
+            apps.entry(app_id.clone()).or_default().push(Instance {
+                instance_id: record.instance_id.clone(),
+                internal_address: record.internal_address.clone(),
+            });
+        }
+        RoutingSnapshot { synced: true, apps }
+    }
+}
+
+/// Shared handle on the current snapshot.
+#[derive(Debug, Clone)]
+pub struct RoutingTable {
+    tx: Arc<watch::Sender<Arc<RoutingSnapshot>>>,
+}
+
+impl Default for RoutingTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RoutingTable {
+    pub fn new() -> Self {
+        let (tx, _) = watch::channel(Arc::new(RoutingSnapshot::default()));
+        RoutingTable { tx: Arc::new(tx) }
+    }
+
+    pub fn current(&self) -> Arc<RoutingSnapshot> {
+        self.tx.borrow().clone()
+    }
+
+    pub fn publish(&self, snapshot: RoutingSnapshot) {
+        self.tx.send_replace(Arc::new(snapshot));
+    }
+
+    /// Notified on every change (used to drop connections to departed peers).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<RoutingSnapshot>> {
+        self.tx.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(app: &str, id: &str, has_app: bool) -> InstanceRecord {
+        InstanceRecord {
+            app_id: app.into(),
+            instance_id: id.into(),
+            internal_address: format!("{id}:1"),
+            has_app,
+            runtime_version: "t".into(),
+        }
+    }
+
+    #[test]
+    fn known_apps_without_instances_stay_known() {
+        let mut b = RoutingBuilder::default();
+        b.add_instance(record("svc", "a", true));
+        b.add_instance(record("svc", "b", true));
+        b.add_app("other");
+        let s = b.snapshot();
+        assert!(s.synced);
+        assert_eq!(s.instances("svc").unwrap().len(), 2);
+        assert_eq!(s.instances("other").unwrap().len(), 0);
+        assert!(s.instances("missing").is_none());
+
+        b.remove_instance("svc", "a");
+        b.remove_instance("svc", "b");
+        assert_eq!(b.snapshot().instances("svc").unwrap().len(), 0);
+    }
+
+    #[test]
+    fn instances_without_an_app_are_not_routed_to() {
+        let mut b = RoutingBuilder::default();
+        b.add_instance(record("caller", "a", false));
+        assert_eq!(b.snapshot().instances("caller").unwrap().len(), 0);
+    }
+
+    #[test]
+    fn the_table_starts_unsynced_and_publishes_snapshots() {
+        let table = RoutingTable::new();
+        assert!(!table.current().synced);
+        let mut rx = table.subscribe();
+        let mut b = RoutingBuilder::default();
+        b.add_app("x");
+        table.publish(b.snapshot());
+        assert!(rx.has_changed().unwrap());
+        assert!(table.current().instances("x").is_some());
+        rx.mark_unchanged();
+    }
+}

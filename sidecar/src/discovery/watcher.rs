@@ -1,0 +1,120 @@
+//! Keeps the [`RoutingTable`] in step with etcd: list the namespace, then watch from the
+//! listed revision; on any error keep the last table, back off, and list again.
+
+use std::time::Duration;
+
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use tokio_util::sync::CancellationToken;
+
+use super::keys::{self, DiscoveryKey};
+use super::routing::RoutingBuilder;
+use super::{Backoff, InstanceRecord, RoutingTable};
+
+pub struct RoutingWatcher {
+    client: Client,
+    namespace: String,
+    table: RoutingTable,
+}
+
+impl RoutingWatcher {
+    pub fn new(client: Client, namespace: String, table: RoutingTable) -> Self {
+        RoutingWatcher { client, namespace, table }
+    }
+
+    /// Runs until `stop` is cancelled.
+    pub async fn run(mut self, stop: CancellationToken) {
+        let mut backoff = Backoff::new();
+        let mut builder = RoutingBuilder::default();
+        loop {
+            let outcome = tokio::select! {
+                _ = stop.cancelled() => return,
+                outcome = self.list_and_watch(&mut builder, &mut backoff) => outcome,
+            };
+            if let Err(e) = outcome {
+                tracing::warn!(error = %e, "discovery watch interrupted; keeping the last routing table");
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff.step()) => {}
+            }
+        }
+    }
+
+    async fn list_and_watch(&mut self, builder: &mut RoutingBuilder, backoff: &mut Backoff) -> Result<(), String> {
+        let prefix = keys::namespace_prefix(&self.namespace);
+        let listing = self
+            .client
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| format!("listing {prefix}: {e}"))?;
+        let revision = listing.header().map(|h| h.revision()).unwrap_or(0);
+        builder.clear();
+        for kv in listing.kvs() {
+            self.apply_put(builder, kv.key(), kv.value());
+        }
+        self.table.publish(builder.snapshot());
+        tracing::debug!(revision, "routing table listed");
+
+        let mut stream = self
+            .client
+            .watch(prefix.as_str(), Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1)))
+            .await
+            .map_err(|e| format!("watching {prefix}: {e}"))?;
+        backoff.reset();
+        loop {
+            // A silent watch on a dead connection would hide changes forever: ask for
+            // progress now and then and treat a missing answer as a broken stream.
+            let message = match tokio::time::timeout(Duration::from_secs(15), stream.message()).await {
+                Ok(message) => message,
+                Err(_) => {
+                    stream.request_progress().await.map_err(|e| format!("watch progress request: {e}"))?;
+                    tokio::time::timeout(Duration::from_secs(5), stream.message())
+                        .await
+                        .map_err(|_| "watch stream stopped answering".to_string())?
+                }
+            };
+            let response = match message {
+                Ok(Some(response)) => response,
+                Ok(None) => return Err("watch stream ended".into()),
+                Err(e) => return Err(format!("watch stream: {e}")),
+            };
+            if response.canceled() {
+                return Err(format!("watch cancelled by etcd: {}", response.cancel_reason()));
+            }
+            let mut changed = false;
+            for event in response.events() {
+                let Some(kv) = event.kv() else { continue };
+                changed = true;
+                match event.event_type() {
+                    EventType::Put => self.apply_put(builder, kv.key(), kv.value()),
+                    EventType::Delete => self.apply_delete(builder, kv.key()),
+                }
+            }
+            if changed {
+                self.table.publish(builder.snapshot());
+            }
+        }
+    }
+
+    fn apply_put(&self, builder: &mut RoutingBuilder, key: &[u8], value: &[u8]) {
+        let Ok(key) = std::str::from_utf8(key) else { return };
+        match keys::parse(&self.namespace, key) {
+            Some(DiscoveryKey::App { app_id }) => builder.add_app(app_id),
+            Some(DiscoveryKey::Instance { app_id, instance_id }) => match serde_json::from_slice::<InstanceRecord>(value) {
+                Ok(record) if record.app_id == app_id && record.instance_id == instance_id => builder.add_instance(record),
+                Ok(_) => tracing::warn!(key, "instance record does not match its key; ignored"),
+                Err(e) => tracing::warn!(key, error = %e, "unreadable instance record; ignored"),
+            },
+            None => {}
+        }
+    }
+
+    fn apply_delete(&self, builder: &mut RoutingBuilder, key: &[u8]) {
+        let Ok(key) = std::str::from_utf8(key) else { return };
+        match keys::parse(&self.namespace, key) {
+            Some(DiscoveryKey::App { app_id }) => builder.remove_app(app_id),
+            Some(DiscoveryKey::Instance { app_id, instance_id }) => builder.remove_instance(app_id, instance_id),
+            None => {}
+        }
+    }
+}

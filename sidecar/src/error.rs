@@ -1,0 +1,128 @@
+//! The domain error of the invocation path and its one mapping to `tonic::Status`.
+
+use tonic::{Code, Status};
+
+/// Response metadata a sidecar sets when it refused a call before it reached its app,
+/// so the calling sidecar may safely try another instance.
+pub const NOT_DELIVERED_HEADER: &str = "tandem-not-delivered";
+
+/// What can go wrong between an app's call and the answer of the app it calls.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    #[error("app-id '{app_id}' is not known in namespace '{namespace}'")]
+    AppNotFound { app_id: String, namespace: String },
+
+    #[error("app-id '{app_id}' has no live instance")]
+    NoLiveInstance { app_id: String },
+
+    #[error("discovery has not loaded the routing table from etcd yet; is etcd reachable?")]
+    DiscoveryNotReady,
+
+    #[error("no instance of app-id '{app_id}' could be reached ({tried} tried): {last_error}")]
+    PeersUnreachable { app_id: String, tried: usize, last_error: String },
+
+    /// Set by the callee's sidecar: the app's callback port refused the connection.
+    #[error("app '{app_id}' is not listening on {address}: {reason}")]
+    AppNotListening { app_id: String, address: String, reason: String },
+
+    #[error("app '{app_id}' has no app port configured, so it cannot be invoked")]
+    AppHasNoPort { app_id: String },
+
+    #[error("this sidecar fronts app-id '{local}', not '{requested}' (stale routing entry)")]
+    WrongApp { local: String, requested: String },
+
+    #[error("the sidecar is shutting down")]
+    ShuttingDown,
+
+    #[error("deadline exceeded after {elapsed_ms} ms invoking '{method}' on app-id '{app_id}'")]
+    DeadlineExceeded { app_id: String, method: String, elapsed_ms: u128 },
+
+    /// A status from the peer sidecar or the callee app, passed through unchanged.
+    #[error("{}", .0.message())]
+    Remote(Status),
+}
+
+impl MeshError {
+    /// True when the call provably did not reach an app, so another instance may take it.
+    pub fn is_not_delivered(&self) -> bool {
+        matches!(
+            self,
+            MeshError::AppNotListening { .. }
+                | MeshError::AppHasNoPort { .. }
+                | MeshError::WrongApp { .. }
+                | MeshError::ShuttingDown
+        )
+    }
+}
+
+impl From<MeshError> for Status {
+    fn from(err: MeshError) -> Status {
+        let not_delivered = err.is_not_delivered();
+        let code = match &err {
+            MeshError::InvalidArgument(_) => Code::InvalidArgument,
+            MeshError::AppNotFound { .. } => Code::NotFound,
+            MeshError::NoLiveInstance { .. }
+            | MeshError::DiscoveryNotReady
+            | MeshError::PeersUnreachable { .. }
+            | MeshError::AppNotListening { .. }
+            | MeshError::AppHasNoPort { .. }
+            | MeshError::WrongApp { .. }
+            | MeshError::ShuttingDown => Code::Unavailable,
+            MeshError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            MeshError::Remote(status) => return strip_not_delivered(status.clone()),
+        };
+        let mut status = Status::new(code, err.to_string());
+        if not_delivered {
+            status.metadata_mut().insert(NOT_DELIVERED_HEADER, tonic::metadata::MetadataValue::from_static("true"));
+        }
+        status
+    }
+}
+
+/// Whether a status from a peer sidecar says the call never reached its app.
+pub fn status_says_not_delivered(status: &Status) -> bool {
+    status.metadata().get(NOT_DELIVERED_HEADER).is_some()
+}
+
+/// The marker is for sidecars only; apps never see it.
+pub fn strip_not_delivered(mut status: Status) -> Status {
+    status.metadata_mut().remove(NOT_DELIVERED_HEADER);
+    status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_the_documented_codes_and_name_the_app() {
+        let s: Status = MeshError::AppNotFound { app_id: "nope".into(), namespace: "default".into() }.into();
+        assert_eq!(s.code(), Code::NotFound);
+        assert!(s.message().contains("'nope'"));
+
+        let s: Status = MeshError::NoLiveInstance { app_id: "b".into() }.into();
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(!status_says_not_delivered(&s));
+
+        let s: Status = MeshError::AppNotListening { app_id: "b".into(), address: "127.0.0.1:1".into(), reason: "refused".into() }.into();
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(s.message().contains("not listening"));
+        assert!(status_says_not_delivered(&s));
+
+        let s: Status = MeshError::InvalidArgument("method is empty".into()).into();
+        assert_eq!(s.code(), Code::InvalidArgument);
+    }
+
+    #[test]
+    fn remote_statuses_pass_through_without_the_marker() {
+        let mut remote = Status::new(Code::PermissionDenied, "no");
+        remote.metadata_mut().insert(NOT_DELIVERED_HEADER, "true".parse().unwrap());
+        let s: Status = MeshError::Remote(remote).into();
+        assert_eq!(s.code(), Code::PermissionDenied);
+        assert_eq!(s.message(), "no");
+        assert!(!status_says_not_delivered(&s));
+    }
+}
