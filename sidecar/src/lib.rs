@@ -1,5 +1,30 @@
-//! wip
+//! tandemd, the Tandem sidecar, as a library (the `tandemd` binary is a thin `main` over
+//! [`runtime::run`]).
+//!
+//! Modules, one per concern:
+//! - [`config`]: flags and environment variables.
+//! - [`runtime`]: wires the pieces together; start-up and the ordered shutdown.
+//! - [`api`]: the app-facing Dapr gRPC API (proto <-> domain).
+//! - [`invoke`]: service invocation, outbound (routing, balancing, failover) and inbound (to the app).
+//! - [`discovery`]: registration in etcd under a lease and the routing table watched from etcd.
+//! - [`app_channel`]: the connection to the local app and its health probe.
+//! - [`admin`]: /healthz, /readyz and Dapr's health paths.
+//! - [`server`]: serving gRPC on a bound listener with TCP_NODELAY and a graceful drain.
+//! - [`deadline`]: the caller's deadline, carried hop to hop.
+//! - [`error`]: the domain error and its one mapping to `tonic::Status`.
+//! - [`readiness`]: what /readyz reports.
+
+pub mod admin;
+pub mod api;
+pub mod app_channel;
 pub mod config;
+pub mod deadline;
 pub mod discovery;
 pub mod error;
+pub mod invoke;
 pub mod readiness;
+pub mod runtime;
+pub mod server;
+
+pub use config::Config;
+pub use runtime::{BoundAddresses, StartError, run};

@@ -1,1 +1,32 @@
-fn main(){}
+//! `tandemd`: parse flags, set up logging, run the sidecar until SIGTERM, Ctrl-C or the
+//! Shutdown RPC, then leave discovery and drain.
+
+use clap::Parser;
+use tandem_sidecar::Config;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() {
+    let config = Config::parse();
+    let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|e| {
+        eprintln!("tandemd: --log-level '{}' is not a valid filter ({e}); using info", config.log_level);
+        EnvFilter::new("info")
+    });
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).init();
+
+    if let Err(e) = tandem_sidecar::run(config, shutdown_signal(), |_| {}).await {
+        tracing::error!("{e}");
+        eprintln!("tandemd: {e}");
+        std::process::exit(2);
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C (SIGINT).
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler cannot fail on Unix");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,60 @@
+//! The admin HTTP server: liveness, readiness and Dapr's health paths (metrics join later).
+//!
+//! - `GET /healthz`: 200 while the process serves at all.
+//! - `GET /readyz`: 200 when registered in etcd and the app's health check passes; 503 with
+//!   every reason otherwise.
+//! - `GET /v1.0/healthz`: Dapr's readiness path, 204 when ready, 500 otherwise.
+//! - `GET /v1.0/healthz/outbound`: 204 once the sidecar can route calls (routing table
+//!   loaded from etcd), 500 before. Dapr SDKs poll it before they connect.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio::net::TcpListener;
+
+use crate::discovery::RoutingTable;
+use crate::readiness::Readiness;
+
+#[derive(Clone)]
+struct AdminState {
+    readiness: Arc<Readiness>,
+    routing: RoutingTable,
+}
+
+pub fn router(readiness: Arc<Readiness>, routing: RoutingTable) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/v1.0/healthz", get(dapr_healthz))
+        .route("/v1.0/healthz/outbound", get(dapr_outbound))
+        .with_state(AdminState { readiness, routing })
+}
+
+pub async fn serve(listener: TcpListener, router: Router, shutdown: impl Future<Output = ()> + Send + 'static) {
+    if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(shutdown).await {
+        tracing::error!(error = %e, "admin server failed");
+    }
+}
+
+async fn readyz(State(state): State<AdminState>) -> (StatusCode, String) {
+    match state.readiness.check() {
+        Ok(()) => (StatusCode::OK, "ready\n".into()),
+        Err(reasons) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", reasons.join("; "))),
+    }
+}
+
+async fn dapr_healthz(State(state): State<AdminState>) -> StatusCode {
+    if state.readiness.check().is_ok() { StatusCode::NO_CONTENT } else { StatusCode::INTERNAL_SERVER_ERROR }
+}
+
+async fn dapr_outbound(State(state): State<AdminState>) -> StatusCode {
+    if state.routing.current().synced && !state.readiness.is_shutting_down() {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    }
+}

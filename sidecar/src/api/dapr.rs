@@ -1,0 +1,90 @@
+//! `dapr.proto.runtime.v1.Dapr`: InvokeService, GetMetadata and Shutdown. Methods of Dapr's
+//! service that Tandem does not implement are absent from its proto and answer UNIMPLEMENTED.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tandem_proto::common::InvokeResponse;
+use tandem_proto::runtime::dapr_server::Dapr;
+use tandem_proto::runtime::{
+    AppConnectionProperties, GetMetadataRequest, GetMetadataResponse, InvokeServiceRequest, ShutdownRequest,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::deadline;
+use crate::error::MeshError;
+use crate::invoke::{Invocation, Invoker, headers};
+
+/// What GetMetadata reports about this sidecar.
+#[derive(Debug, Clone)]
+pub struct SidecarInfo {
+    pub app_id: String,
+    pub namespace: String,
+    pub instance_id: String,
+    pub internal_address: String,
+    pub app_host: String,
+    pub app_port: Option<u16>,
+}
+
+pub struct DaprApi {
+    info: SidecarInfo,
+    invoker: Arc<Invoker>,
+    shutdown: CancellationToken,
+}
+
+impl DaprApi {
+    /// `shutdown` is cancelled by the Shutdown RPC; the runtime then drains and exits.
+    pub fn new(info: SidecarInfo, invoker: Arc<Invoker>, shutdown: CancellationToken) -> Self {
+        DaprApi { info, invoker, shutdown }
+    }
+}
+
+pub const RUNTIME_VERSION: &str = concat!("tandem-", env!("CARGO_PKG_VERSION"));
+
+#[tonic::async_trait]
+impl Dapr for DaprApi {
+    async fn invoke_service(&self, request: Request<InvokeServiceRequest>) -> Result<Response<InvokeResponse>, Status> {
+        let deadline = deadline::from_metadata(request.metadata()).map_err(Status::invalid_argument)?;
+        let metadata = headers::outgoing(request.metadata());
+        let InvokeServiceRequest { id, message } = request.into_inner();
+        let message = message.ok_or_else(|| {
+            Status::from(MeshError::InvalidArgument(format!("the call to app-id '{id}' has no message (field 'message')")))
+        })?;
+        let reply = self
+            .invoker
+            .invoke(Invocation { target_app_id: id, message, metadata, deadline })
+            .await
+            .map_err(Status::from)?;
+        let mut response = Response::new(reply.message);
+        headers::apply(&reply.metadata, response.metadata_mut());
+        Ok(response)
+    }
+
+    async fn get_metadata(&self, _: Request<GetMetadataRequest>) -> Result<Response<GetMetadataResponse>, Status> {
+        let info = &self.info;
+        let extended_metadata = HashMap::from([
+            ("tandem.namespace".to_string(), info.namespace.clone()),
+            ("tandem.instance-id".to_string(), info.instance_id.clone()),
+            ("tandem.internal-address".to_string(), info.internal_address.clone()),
+        ]);
+        Ok(Response::new(GetMetadataResponse {
+            id: info.app_id.clone(),
+            runtime_version: RUNTIME_VERSION.to_string(),
+            extended_metadata,
+            app_connection_properties: Some(AppConnectionProperties {
+                port: info.app_port.map(i32::from).unwrap_or(0),
+                protocol: "grpc".into(),
+                channel_address: info.app_host.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+    }
+
+    async fn shutdown(&self, _: Request<ShutdownRequest>) -> Result<Response<()>, Status> {
+        tracing::info!("shutdown requested through the API");
+        self.shutdown.cancel();
+        Ok(Response::new(()))
+    }
+}

@@ -1,0 +1,113 @@
+//! gRPC channels to other sidecars and to the local app: one pooled HTTP/2 connection per
+//! address, TCP_NODELAY on, connected lazily, and a way to tell a call that never left this
+//! process from one that may have reached the other side.
+
+use std::collections::HashMap;
+use std::error::Error as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tonic::Status;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::discovery::RoutingTable;
+
+/// A lazily connected channel to `address` (host:port).
+pub fn lazy_channel(address: &str) -> Result<Channel, String> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| format!("'{address}' is not a valid address: {e}"))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    Ok(endpoint.connect_lazy())
+}
+
+/// True when the call provably never reached the peer: the connection could not be made, or
+/// the request was still queued when its connection closed. Such a call may go elsewhere.
+pub fn never_sent(status: &Status) -> bool {
+    let mut source = status.source();
+    while let Some(err) = source {
+        if err.downcast_ref::<tonic::ConnectError>().is_some() {
+            return true;
+        }
+        if let Some(hyper_err) = err.downcast_ref::<hyper::Error>()
+            && hyper_err.is_canceled()
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// One channel per peer sidecar, shared by every call to it. Channels to peers that left the
+/// routing table are dropped, which closes their connections.
+#[derive(Debug, Clone, Default)]
+pub struct PeerChannels {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl PeerChannels {
+    pub fn get(&self, address: &str) -> Result<Channel, String> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(channel) = channels.get(address) {
+            return Ok(channel.clone());
+        }
+        let channel = lazy_channel(address)?;
+        channels.insert(address.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    pub fn len(&self) -> usize {
+        self.channels.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps only the channels whose address is still routed to; runs until the table is dropped.
+    pub async fn prune_on_routing_changes(self, table: RoutingTable) {
+        let mut changes = table.subscribe();
+        while changes.changed().await.is_ok() {
+            let snapshot = changes.borrow_and_update().clone();
+            let live: std::collections::HashSet<&str> = snapshot.addresses().collect();
+            self.channels.lock().unwrap_or_else(|p| p.into_inner()).retain(|address, _| live.contains(address.as_str()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_proto::internal::InternalInvokeRequest;
+    use tandem_proto::internal::mesh_client::MeshClient;
+
+    #[tokio::test]
+    async fn a_refused_connection_counts_as_never_sent() {
+        // Bind then drop: the port is closed, so connecting is refused.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let channel = lazy_channel(&format!("127.0.0.1:{port}")).unwrap();
+        let status = MeshClient::new(channel).invoke(InternalInvokeRequest::default()).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(never_sent(&status), "{status:?}");
+    }
+
+    #[test]
+    fn statuses_from_the_other_side_may_have_been_delivered() {
+        assert!(!never_sent(&Status::unavailable("app said so")));
+        assert!(!never_sent(&Status::internal("boom")));
+    }
+
+    #[tokio::test]
+    async fn one_channel_per_address() {
+        let pool = PeerChannels::default();
+        pool.get("127.0.0.1:1").unwrap();
+        pool.get("127.0.0.1:1").unwrap();
+        pool.get("127.0.0.1:2").unwrap();
+        assert_eq!(pool.len(), 2);
+        assert!(pool.get("not an address").unwrap_err().contains("not a valid address"));
+    }
+}

@@ -1,0 +1,71 @@
+//! The receiving side: `tandem.internal.v1.Mesh` served on the internal port, delivering each
+//! call to the app this sidecar fronts.
+
+use tandem_proto::internal::mesh_server::Mesh;
+use tandem_proto::internal::{InternalInvokeRequest, InternalInvokeResponse};
+use tandem_proto::runtime::app_callback_client::AppCallbackClient;
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status};
+
+use super::channels::never_sent;
+use super::headers::{self, CALLEE_APP_ID, CALLER_APP_ID};
+use super::within_deadline;
+use crate::app_channel::AppChannel;
+use crate::deadline;
+use crate::error::MeshError;
+
+pub struct MeshInbound {
+    app_id: String,
+    app: Option<AppChannel>,
+}
+
+impl MeshInbound {
+    pub fn new(app_id: String, app: Option<AppChannel>) -> Self {
+        MeshInbound { app_id, app }
+    }
+
+    async fn deliver(&self, request: Request<InternalInvokeRequest>) -> Result<InternalInvokeResponse, MeshError> {
+        let deadline = deadline::from_metadata(request.metadata()).map_err(MeshError::InvalidArgument)?;
+        let call = request.into_inner();
+        if call.target_app_id != self.app_id {
+            return Err(MeshError::WrongApp { local: self.app_id.clone(), requested: call.target_app_id });
+        }
+        let app = self.app.as_ref().ok_or_else(|| MeshError::AppHasNoPort { app_id: self.app_id.clone() })?;
+        let message = call.message.ok_or_else(|| MeshError::InvalidArgument("the invocation carries no message".into()))?;
+        let method = message.method.clone();
+
+        let mut app_request = Request::new(message);
+        headers::apply(&call.metadata, app_request.metadata_mut());
+        let caller = MetadataValue::try_from(call.caller_app_id.as_str())
+            .map_err(|_| MeshError::InvalidArgument(format!("caller app-id '{}' is not valid metadata", call.caller_app_id)))?;
+        app_request.metadata_mut().insert(CALLER_APP_ID, caller);
+        if let Ok(callee) = MetadataValue::try_from(self.app_id.as_str()) {
+            app_request.metadata_mut().insert(CALLEE_APP_ID, callee);
+        }
+        if let Some(deadline) = deadline {
+            app_request.set_timeout(deadline::remaining(deadline));
+        }
+
+        let describe = || (self.app_id.clone(), method.clone());
+        let result = within_deadline(deadline, describe, AppCallbackClient::new(app.channel()).on_invoke(app_request)).await?;
+        match result {
+            Ok(response) => {
+                let metadata = headers::outgoing(response.metadata());
+                Ok(InternalInvokeResponse { message: Some(response.into_inner()), metadata })
+            }
+            Err(status) if never_sent(&status) => Err(MeshError::AppNotListening {
+                app_id: self.app_id.clone(),
+                address: app.address().to_string(),
+                reason: status.message().to_string(),
+            }),
+            Err(status) => Err(MeshError::Remote(status)),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Mesh for MeshInbound {
+    async fn invoke(&self, request: Request<InternalInvokeRequest>) -> Result<Response<InternalInvokeResponse>, Status> {
+        self.deliver(request).await.map(Response::new).map_err(Status::from)
+    }
+}

@@ -1,0 +1,212 @@
+//! Builds a sidecar from its [`Config`], runs it, and shuts it down in order: stop being
+//! ready, revoke the etcd lease (peers stop routing here), drain in-flight calls, exit.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_proto::internal::mesh_server::MeshServer;
+use tandem_proto::runtime::dapr_server::DaprServer;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::DaprApi;
+use crate::api::dapr::{RUNTIME_VERSION, SidecarInfo};
+use crate::app_channel::AppChannel;
+use crate::config::Config;
+use crate::discovery::{self, Backoff, InstanceRecord, Registrar, RoutingTable, RoutingWatcher};
+use crate::invoke::channels::PeerChannels;
+use crate::invoke::{Invoker, MeshInbound};
+use crate::readiness::Readiness;
+use crate::{admin, server};
+
+/// The addresses the sidecar actually bound (ports of 0 resolved).
+#[derive(Debug, Clone, Copy)]
+pub struct BoundAddresses {
+    pub grpc: SocketAddr,
+    pub internal: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot bind the {what} port on {address}: {source}")]
+    Bind { what: &'static str, address: SocketAddr, source: std::io::Error },
+    #[error("cannot create the data dir {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+}
+
+async fn bind(what: &'static str, address: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(address).await.map_err(|source| StartError::Bind { what, address, source })
+}
+
+/// Runs the sidecar until `shutdown` resolves or the Shutdown RPC is called.
+/// `on_bound` hears the bound addresses once every listener is up.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    on_bound: impl FnOnce(BoundAddresses),
+) -> Result<(), StartError> {
+    config.validate().map_err(StartError::Config)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|source| StartError::DataDir { path: config.data_dir.display().to_string(), source })?;
+
+    let grpc_listener = bind("gRPC API", config.grpc_addr()).await?;
+    let internal_listener = bind("internal", config.internal_addr()).await?;
+    let admin_listener = bind("admin", config.admin_addr()).await?;
+    let local = |l: &TcpListener| l.local_addr().expect("a bound listener has an address");
+    let bound = BoundAddresses {
+        grpc: local(&grpc_listener),
+        internal: local(&internal_listener),
+        admin: local(&admin_listener),
+    };
+    let internal_address = match &config.advertise_address {
+        Some(host) => format!("{host}:{}", bound.internal.port()),
+        None if bound.internal.ip().is_unspecified() => {
+            return Err(StartError::Config(format!(
+                "--listen-address {} is not an address peers can dial; set --advertise-address",
+                config.listen_address
+            )));
+        }
+        None => bound.internal.to_string(),
+    };
+
+    let instance_id = uuid::Uuid::new_v4().simple().to_string();
+    let readiness = Arc::new(Readiness::new(config.app_port.is_some()));
+    let routing = RoutingTable::new();
+    let peers = PeerChannels::default();
+    let app = match config.app_port {
+        Some(port) => Some(AppChannel::new(&config.app_host, port).map_err(StartError::Config)?),
+        None => None,
+    };
+    let info = SidecarInfo {
+        app_id: config.app_id.clone(),
+        namespace: config.namespace.clone(),
+        instance_id: instance_id.clone(),
+        internal_address: internal_address.clone(),
+        app_host: config.app_host.clone(),
+        app_port: config.app_port,
+    };
+    let record = InstanceRecord {
+        app_id: config.app_id.clone(),
+        instance_id: instance_id.clone(),
+        internal_address,
+        has_app: app.is_some(),
+        runtime_version: RUNTIME_VERSION.to_string(),
+    };
+
+    // Tokens, in the order they are cancelled on shutdown.
+    let api_shutdown = CancellationToken::new();
+    let registration_stop = CancellationToken::new();
+    let serving_stop = CancellationToken::new();
+    let background_stop = CancellationToken::new();
+
+    let invoker = Arc::new(Invoker::new(config.app_id.clone(), config.namespace.clone(), routing.clone(), peers.clone()));
+    let dapr = DaprServer::new(DaprApi::new(info, invoker, api_shutdown.clone()))
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    let mesh = MeshServer::new(MeshInbound::new(config.app_id.clone(), app.clone()))
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+
+    let drain = config.drain_timeout;
+    let mut servers: Vec<JoinHandle<()>> = Vec::new();
+    let stop = serving_stop.clone();
+    servers.push(tokio::spawn(server::serve_grpc(
+        grpc_listener,
+        tonic::service::Routes::new(dapr),
+        async move { stop.cancelled().await },
+        drain,
+    )));
+    let stop = serving_stop.clone();
+    servers.push(tokio::spawn(server::serve_grpc(
+        internal_listener,
+        tonic::service::Routes::new(mesh),
+        async move { stop.cancelled().await },
+        drain,
+    )));
+    let stop = serving_stop.clone();
+    servers.push(tokio::spawn(admin::serve(
+        admin_listener,
+        admin::router(readiness.clone(), routing.clone()),
+        async move { stop.cancelled().await },
+    )));
+
+    tracing::info!(
+        app_id = %config.app_id,
+        instance_id = %instance_id,
+        grpc = %bound.grpc,
+        internal = %bound.internal,
+        admin = %bound.admin,
+        "tandemd listening"
+    );
+    on_bound(bound);
+
+    if let Some(app) = app {
+        tokio::spawn(app.probe_health(readiness.clone(), config.app_health_probe_interval, background_stop.clone()));
+    }
+    tokio::spawn(peers.prune_on_routing_changes(routing.clone()));
+    let discovery = tokio::spawn(run_discovery(
+        config.clone(),
+        record,
+        routing,
+        readiness.clone(),
+        registration_stop.clone(),
+        background_stop.clone(),
+    ));
+
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutdown signal received"),
+        _ = api_shutdown.cancelled() => {}
+    }
+
+    // 1. Not ready any more; 2. leave discovery so peers stop routing here.
+    readiness.set_shutting_down();
+    registration_stop.cancel();
+    if tokio::time::timeout(Duration::from_secs(5), discovery).await.is_err() {
+        tracing::warn!("leaving discovery took too long; peers drop this instance when its lease expires");
+    }
+    // 3. Drain: each server stops accepting and waits for its in-flight calls.
+    serving_stop.cancel();
+    for server in servers {
+        let _ = server.await;
+    }
+    background_stop.cancel();
+    tracing::info!("tandemd stopped");
+    Ok(())
+}
+
+/// Connects to etcd (retrying with backoff while it is unreachable), then keeps the routing
+/// table and this instance's registration until stopped. Returns once the lease is revoked.
+async fn run_discovery(
+    config: Config,
+    record: InstanceRecord,
+    routing: RoutingTable,
+    readiness: Arc<Readiness>,
+    registration_stop: CancellationToken,
+    watch_stop: CancellationToken,
+) {
+    let mut backoff = Backoff::new();
+    let client = loop {
+        let attempt = tokio::select! {
+            _ = registration_stop.cancelled() => return,
+            attempt = discovery::etcd_client(&config.etcd_endpoints) => attempt,
+        };
+        match attempt {
+            Ok(client) => break client,
+            Err(e) => tracing::warn!(error = %e, endpoints = ?config.etcd_endpoints, "cannot reach etcd; retrying"),
+        }
+        tokio::select! {
+            _ = registration_stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff.step()) => {}
+        }
+    };
+    let watcher = RoutingWatcher::new(client.clone(), config.namespace.clone(), routing);
+    tokio::spawn(watcher.run(watch_stop));
+    Registrar::new(client, config.namespace, record, config.lease_ttl, readiness).run(registration_stop).await;
+}
