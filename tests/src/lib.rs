@@ -1,1 +1,43 @@
-//! wip
+//! tandem-tests: the test harness and the integration tests.
+//!
+//! Everything the tests start is real and private to the test: an etcd server ([`Etcd`]),
+//! `tandemd` processes ([`Sidecar`]) and apps serving the callback API ([`TestApp`]), each on
+//! free loopback ports with its own temp dir, and all of it stopped when dropped.
+//!
+//! Modules: [`etcd`], [`sidecar`], [`app`], [`http`] (a tiny HTTP/1.1 GET for admin
+//! endpoints), [`poll`] (bounded waiting for a condition instead of sleeps).
+
+pub mod app;
+pub mod etcd;
+pub mod http;
+pub mod poll;
+pub mod sidecar;
+
+pub use app::TestApp;
+pub use etcd::Etcd;
+pub use poll::eventually;
+pub use sidecar::{RunningSidecar, Sidecar};
+
+/// A port that was free a moment ago (for servers that cannot bind port 0 themselves, like etcd).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral loopback port")
+}
+
+/// Path of a workspace binary next to the running test executable (`target/<profile>/NAME`).
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    let mut dir = exe.parent().expect("the executable is in a directory").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (cargo build --workspace, or cargo test --workspace which builds it)",
+        path.display()
+    );
+    path
+}

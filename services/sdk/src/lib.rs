@@ -1,1 +1,20 @@
-//! wip
+//! tandem-sdk: what a Rust app needs to live beside `tandemd`.
+//!
+//! - [`client`]: [`SidecarClient`], a client for the local sidecar's Dapr-compatible API
+//!   (invoke other apps, read the sidecar's metadata, ask it to shut down).
+//! - [`app`]: [`AppServer`], which serves the app-callback API (`AppCallback.OnInvoke`,
+//!   `AppCallbackHealthCheck.HealthCheck`) from plain async handler functions.
+//!
+//! Payloads are bytes with a content type, carried in Dapr's `google.protobuf.Any` the way
+//! Dapr SDKs carry them, so Tandem apps and Dapr apps can call each other.
+
+pub mod app;
+pub mod client;
+
+pub use app::{AppServer, Invocation, Reply};
+pub use client::{CallOptions, SidecarClient};
+pub use tandem_proto as proto;
+pub use tonic::{Code, Status};
+
+/// The metadata key under which the callee sees the caller's app-id.
+pub const CALLER_APP_ID: &str = "dapr-caller-app-id";

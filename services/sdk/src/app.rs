@@ -1,0 +1,162 @@
+//! Serving the app-callback API from handler functions.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use tandem_sdk::{AppServer, Reply};
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! AppServer::new()
+//!     .handler("echo", |call| async move { Ok(Reply::bytes(call.data)) })
+//!     .serve(listener, std::future::pending())
+//!     .await?;
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tandem_proto::common::{InvokeRequest, InvokeResponse};
+use tandem_proto::prost_types::Any;
+use tandem_proto::runtime::app_callback_health_check_server::{AppCallbackHealthCheck, AppCallbackHealthCheckServer};
+use tandem_proto::runtime::app_callback_server::{AppCallback, AppCallbackServer};
+use tandem_proto::runtime::HealthCheckResponse;
+use tokio::net::TcpListener;
+use tonic::metadata::MetadataMap;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+
+/// One call delivered to the app.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub method: String,
+    pub data: Vec<u8>,
+    pub content_type: String,
+    /// The caller's app-id, set by the sidecars (never by the caller itself).
+    pub caller_app_id: Option<String>,
+    pub metadata: MetadataMap,
+}
+
+/// A handler's answer.
+#[derive(Debug, Clone, Default)]
+pub struct Reply {
+    pub data: Vec<u8>,
+    pub content_type: String,
+    /// Response metadata, handed back to the calling app.
+    pub metadata: Vec<(String, String)>,
+}
+
+impl Reply {
+    pub fn bytes(data: impl Into<Vec<u8>>) -> Self {
+        Reply { data: data.into(), content_type: "application/octet-stream".into(), metadata: Vec::new() }
+    }
+
+    pub fn text(text: impl Into<String>) -> Self {
+        Reply { data: text.into().into_bytes(), content_type: "text/plain".into(), metadata: Vec::new() }
+    }
+
+    pub fn header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.push((key.into(), value.into()));
+        self
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+type Handler = Arc<dyn Fn(Invocation) -> BoxFuture<Result<Reply, Status>> + Send + Sync>;
+type HealthCheck = Arc<dyn Fn() -> BoxFuture<Result<(), Status>> + Send + Sync>;
+
+/// The app's callback server: a handler per method and an optional health check.
+#[derive(Clone, Default)]
+pub struct AppServer {
+    handlers: HashMap<String, Handler>,
+    health: Option<HealthCheck>,
+}
+
+impl AppServer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers the handler of `method`; calls to methods without one answer UNIMPLEMENTED.
+    pub fn handler<F, Fut>(mut self, method: &str, handler: F) -> Self
+    where
+        F: Fn(Invocation) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Reply, Status>> + Send + 'static,
+    {
+        self.handlers.insert(method.to_string(), Arc::new(move |call| Box::pin(handler(call))));
+        self
+    }
+
+    /// Answers the sidecar's health probe; without one the app counts as healthy while it serves.
+    pub fn health_check<F, Fut>(mut self, check: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), Status>> + Send + 'static,
+    {
+        self.health = Some(Arc::new(move || Box::pin(check())));
+        self
+    }
+
+    /// Serves on `listener` (TCP_NODELAY on) until `shutdown` resolves.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), tonic::transport::Error> {
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let health = HealthService { check: self.health.clone() };
+        tonic::transport::Server::builder()
+            .add_service(
+                AppCallbackServer::new(self)
+                    .max_decoding_message_size(usize::MAX)
+                    .max_encoding_message_size(usize::MAX),
+            )
+            .add_service(AppCallbackHealthCheckServer::new(health))
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+    }
+}
+
+#[tonic::async_trait]
+impl AppCallback for AppServer {
+    async fn on_invoke(&self, request: Request<InvokeRequest>) -> Result<Response<InvokeResponse>, Status> {
+        let metadata = request.metadata().clone();
+        let caller_app_id = metadata.get(crate::CALLER_APP_ID).and_then(|v| v.to_str().ok()).map(String::from);
+        let message = request.into_inner();
+        let handler = self
+            .handlers
+            .get(&message.method)
+            .ok_or_else(|| Status::unimplemented(format!("this app has no handler for method '{}'", message.method)))?;
+        let call = Invocation {
+            method: message.method,
+            data: message.data.map(|any| any.value).unwrap_or_default(),
+            content_type: message.content_type,
+            caller_app_id,
+            metadata,
+        };
+        let reply = handler(call).await?;
+        let mut response = Response::new(InvokeResponse {
+            data: Some(Any { type_url: String::new(), value: reply.data }),
+            content_type: reply.content_type,
+        });
+        for (key, value) in reply.metadata {
+            let key = tonic::metadata::MetadataKey::from_bytes(key.as_bytes())
+                .map_err(|_| Status::internal(format!("the handler set an invalid metadata key '{key}'")))?;
+            let value = value
+                .parse()
+                .map_err(|_| Status::internal(format!("the handler set a non-ASCII value for metadata '{key}'")))?;
+            response.metadata_mut().insert(key, value);
+        }
+        Ok(response)
+    }
+}
+
+struct HealthService {
+    check: Option<HealthCheck>,
+}
+
+#[tonic::async_trait]
+impl AppCallbackHealthCheck for HealthService {
+    async fn health_check(&self, _: Request<()>) -> Result<Response<HealthCheckResponse>, Status> {
+        if let Some(check) = &self.check {
+            check().await?;
+        }
+        Ok(Response::new(HealthCheckResponse {}))
+    }
+}

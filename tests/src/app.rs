@@ -1,0 +1,84 @@
+//! Apps that serve the callback API in the test process, on a free loopback port.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tandem_sdk::{AppServer, Reply};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A running app; stopped when dropped.
+pub struct TestApp {
+    pub address: SocketAddr,
+    calls: Arc<AtomicUsize>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl TestApp {
+    /// Serves `server` on a free port.
+    pub async fn start(server: AppServer) -> TestApp {
+        Self::start_counted(server, Arc::new(AtomicUsize::new(0))).await
+    }
+
+    /// An app whose `whoami` answers `name` and whose `echo` returns the payload, with the
+    /// caller's app-id in the `caller` response header. Counts the calls it serves.
+    pub async fn named(name: &str) -> TestApp {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (who, echo_calls, who_calls) = (name.to_string(), calls.clone(), calls.clone());
+        let server = AppServer::new()
+            .handler("whoami", move |_| {
+                who_calls.fetch_add(1, Ordering::SeqCst);
+                let who = who.clone();
+                async move { Ok(Reply::text(who)) }
+            })
+            .handler("echo", move |call| {
+                echo_calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    let caller = call.caller_app_id.unwrap_or_default();
+                    Ok(Reply { data: call.data, content_type: call.content_type, metadata: vec![] }.header("caller", caller))
+                }
+            });
+        Self::start_counted(server, calls).await
+    }
+
+    async fn start_counted(server: AppServer, calls: Arc<AtomicUsize>) -> TestApp {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding a test app");
+        let address = listener.local_addr().expect("bound");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server
+                .serve(listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("test app server failed");
+        });
+        TestApp { address, calls, stop: Some(stop), task }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.address.port()
+    }
+
+    /// Calls served by the handlers of [`TestApp::named`].
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Stops serving and waits until the port is closed.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

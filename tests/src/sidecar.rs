@@ -1,0 +1,293 @@
+//! `tandemd` as a real process: every port 0 (the bound addresses are read from its log), its
+//! own temp data dir, its log kept in a file and shown when a test fails.
+
+use std::net::SocketAddr;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tandem_sdk::SidecarClient;
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+
+use crate::{Etcd, eventually, http, workspace_binary};
+
+/// Builder of a tandemd process.
+#[derive(Debug, Clone)]
+pub struct Sidecar {
+    app_id: String,
+    etcd_endpoints: Option<String>,
+    app_port: Option<u16>,
+    lease_ttl: u32,
+    args: Vec<String>,
+}
+
+impl Sidecar {
+    pub fn new(app_id: &str) -> Self {
+        Sidecar { app_id: app_id.into(), etcd_endpoints: None, app_port: None, lease_ttl: 2, args: Vec::new() }
+    }
+
+    pub fn etcd(mut self, etcd: &Etcd) -> Self {
+        self.etcd_endpoints = Some(etcd.endpoint());
+        self
+    }
+
+    /// etcd endpoints given as text (e.g. one where nothing listens).
+    pub fn etcd_endpoints(mut self, endpoints: &str) -> Self {
+        self.etcd_endpoints = Some(endpoints.into());
+        self
+    }
+
+    pub fn app_port(mut self, port: u16) -> Self {
+        self.app_port = Some(port);
+        self
+    }
+
+    /// Lease TTL in seconds (2 by default, so tests see expiry quickly).
+    pub fn lease_ttl(mut self, seconds: u32) -> Self {
+        self.lease_ttl = seconds;
+        self
+    }
+
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Starts tandemd and waits until it has bound its ports (not until it is ready).
+    pub async fn spawn(self) -> RunningSidecar {
+        let dir = tempfile::Builder::new().prefix(&format!("tandemd-{}-", self.app_id)).tempdir().expect("temp dir");
+        let mut command = Command::new(workspace_binary("tandemd"));
+        command
+            .args(["--app-id", &self.app_id])
+            .args(["--grpc-port", "0", "--internal-port", "0", "--admin-port", "0"])
+            .args(["--lease-ttl", &self.lease_ttl.to_string()])
+            .args(["--app-health-probe-interval", "200ms", "--drain-timeout", "5s"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .env("TANDEM_LOG_LEVEL", "info,tandem_sidecar=debug")
+            .env_remove("DAPR_GRPC_PORT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(endpoints) = &self.etcd_endpoints {
+            command.args(["--etcd-endpoints", endpoints]);
+        }
+        if let Some(port) = self.app_port {
+            command.args(["--app-port", &port.to_string()]);
+        }
+        command.args(&self.args);
+        let mut child = command.spawn().expect("starting tandemd");
+
+        let log_path = dir.path().join("tandemd.log");
+        let (bound_tx, bound_rx) = oneshot::channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        tokio::spawn(copy_log(stdout, log_path.clone(), Some(bound_tx)));
+        tokio::spawn(copy_log(stderr, dir.path().join("tandemd.stderr.log"), None));
+
+        let addresses = match tokio::time::timeout(Duration::from_secs(20), bound_rx).await {
+            Ok(Ok(addresses)) => addresses,
+            _ => {
+                let status = child.try_wait().ok().flatten();
+                panic!(
+                    "tandemd '{}' did not report its addresses (exit: {status:?}); log:\n{}",
+                    self.app_id,
+                    read_log_tail(&dir)
+                );
+            }
+        };
+        RunningSidecar { app_id: self.app_id, dir, child: Some(child), addresses }
+    }
+}
+
+/// The addresses a tandemd bound.
+#[derive(Debug, Clone, Copy)]
+pub struct Addresses {
+    pub grpc: SocketAddr,
+    pub internal: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// Parses tandemd's "tandemd listening" line (`grpc=… internal=… admin=…`).
+pub fn parse_listening_line(line: &str) -> Option<Addresses> {
+    if !line.contains("tandemd listening") {
+        return None;
+    }
+    let field = |name: &str| -> Option<SocketAddr> {
+        let start = line.find(&format!(" {name}="))? + name.len() + 2;
+        line[start..].split_whitespace().next()?.parse().ok()
+    };
+    Some(Addresses { grpc: field("grpc")?, internal: field("internal")?, admin: field("admin")? })
+}
+
+async fn copy_log(
+    output: impl tokio::io::AsyncRead + Unpin,
+    path: std::path::PathBuf,
+    mut on_bound: Option<oneshot::Sender<Addresses>>,
+) {
+    let Ok(mut file) = tokio::fs::File::create(&path).await else { return };
+    let mut lines = BufReader::new(output).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(addresses) = parse_listening_line(&line)
+            && let Some(tx) = on_bound.take()
+        {
+            let _ = tx.send(addresses);
+        }
+        let _ = file.write_all(line.as_bytes()).await;
+        let _ = file.write_all(b"\n").await;
+        let _ = file.flush().await;
+    }
+}
+
+fn read_log_tail(dir: &TempDir) -> String {
+    let mut out = String::new();
+    for name in ["tandemd.log", "tandemd.stderr.log"] {
+        let text = std::fs::read_to_string(dir.path().join(name)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        out.push_str(&lines[lines.len().saturating_sub(40)..].join("\n"));
+        out.push('\n');
+    }
+    out
+}
+
+/// A running tandemd; killed when dropped (its log is printed if the test is failing).
+pub struct RunningSidecar {
+    pub app_id: String,
+    dir: TempDir,
+    child: Option<Child>,
+    addresses: Addresses,
+}
+
+impl RunningSidecar {
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.addresses.grpc
+    }
+
+    pub fn internal_addr(&self) -> SocketAddr {
+        self.addresses.internal
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.addresses.admin
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    /// A client for this sidecar's app-facing API.
+    pub fn client(&self) -> SidecarClient {
+        SidecarClient::new(&self.grpc_addr().to_string()).expect("a bound address is valid")
+    }
+
+    /// GET on the admin port.
+    pub async fn get(&self, path: &str) -> Result<(u16, String), String> {
+        http::get(self.admin_addr(), path).await
+    }
+
+    /// Waits until /readyz answers 200.
+    pub async fn wait_ready(&self) {
+        let admin = self.admin_addr();
+        let what = format!("tandemd '{}' ready", self.app_id);
+        let deadline = Duration::from_secs(30);
+        let ready = tokio::time::timeout(deadline, async {
+            loop {
+                if matches!(http::get(admin, "/readyz").await, Ok((200, _))) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        if ready.is_err() {
+            panic!("timed out waiting for {what}; /readyz: {:?}; log:\n{}", http::get(admin, "/readyz").await, self.log_tail());
+        }
+    }
+
+    /// The last lines of its log.
+    pub fn log_tail(&self) -> String {
+        read_log_tail(&self.dir)
+    }
+
+    /// The whole log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("tandemd.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL, then reap.
+    pub async fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// SIGTERM, then wait (bounded) for the exit.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        let child = self.child.take().expect("the sidecar is running");
+        let pid = child.id().expect("a running child has a pid");
+        let sent = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("running kill");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        self.wait_exit(child).await
+    }
+
+    /// Waits (bounded) for an exit that something else caused, e.g. the Shutdown RPC.
+    pub async fn wait_for_exit(&mut self) -> ExitStatus {
+        let child = self.child.take().expect("the sidecar is running");
+        self.wait_exit(child).await
+    }
+
+    async fn wait_exit(&self, mut child: Child) -> ExitStatus {
+        match tokio::time::timeout(Duration::from_secs(20), child.wait()).await {
+            Ok(Ok(status)) => status,
+            _ => {
+                let _ = child.kill().await;
+                panic!("tandemd '{}' did not exit within 20 s; log:\n{}", self.app_id, self.log_tail());
+            }
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Waits until the log contains `text`.
+    pub async fn wait_for_log(&self, text: &str) {
+        let path = self.dir.path().join("tandemd.log");
+        let what = format!("'{text}' in the log of tandemd '{}'", self.app_id);
+        eventually(Duration::from_secs(20), &what, || {
+            let path = path.clone();
+            async move { std::fs::read_to_string(path).unwrap_or_default().contains(text) }
+        })
+        .await;
+    }
+}
+
+impl Drop for RunningSidecar {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- log of tandemd '{}' ----\n{}", self.app_id, self.log_tail());
+        }
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_listening_line_is_parsed() {
+        let line = "2026-01-01T00:00:00Z  INFO tandem_sidecar::runtime: tandemd listening app_id=a instance_id=x grpc=127.0.0.1:1 internal=127.0.0.1:2 admin=127.0.0.1:3";
+        let a = parse_listening_line(line).unwrap();
+        assert_eq!(a.grpc.port(), 1);
+        assert_eq!(a.internal.port(), 2);
+        assert_eq!(a.admin.port(), 3);
+        assert!(parse_listening_line("something else grpc=127.0.0.1:1").is_none());
+    }
+}
