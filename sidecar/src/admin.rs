@@ -1,7 +1,8 @@
 //! The admin HTTP server: liveness, readiness and Dapr's health paths (metrics join later).
 //!
 //! - `GET /healthz`: 200 while the process serves at all.
-//! - `GET /readyz`: 200 when registered in etcd and the app's health check passes; 503 with
+//! - `GET /readyz`: 200 when registered in etcd, the routing table is loaded and the app's
+//!   health check passes; 503 with
 //!   every reason otherwise.
 //! - `GET /v1.0/healthz`: Dapr's readiness path, 204 when ready, 500 otherwise.
 //! - `GET /v1.0/healthz/outbound`: 204 once the sidecar can route calls (routing table
@@ -40,15 +41,26 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: impl Future<
     }
 }
 
+/// Every reason the sidecar is not ready, none when it is.
+fn not_ready_reasons(state: &AdminState) -> Vec<String> {
+    let mut reasons = state.readiness.check().err().unwrap_or_default();
+    if !state.routing.current().synced {
+        reasons.push("routing table not loaded from etcd yet".into());
+    }
+    reasons
+}
+
 async fn readyz(State(state): State<AdminState>) -> (StatusCode, String) {
-    match state.readiness.check() {
-        Ok(()) => (StatusCode::OK, "ready\n".into()),
-        Err(reasons) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", reasons.join("; "))),
+    let reasons = not_ready_reasons(&state);
+    if reasons.is_empty() {
+        (StatusCode::OK, "ready\n".into())
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", reasons.join("; ")))
     }
 }
 
 async fn dapr_healthz(State(state): State<AdminState>) -> StatusCode {
-    if state.readiness.check().is_ok() { StatusCode::NO_CONTENT } else { StatusCode::INTERNAL_SERVER_ERROR }
+    if not_ready_reasons(&state).is_empty() { StatusCode::NO_CONTENT } else { StatusCode::INTERNAL_SERVER_ERROR }
 }
 
 async fn dapr_outbound(State(state): State<AdminState>) -> StatusCode {

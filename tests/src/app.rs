@@ -4,10 +4,31 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tandem_sdk::{AppServer, Reply};
+use std::time::Duration;
+
+use tandem_sdk::{AppServer, Reply, SidecarClient};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+/// Waits until calls through `client` reach every app in `names` (each a [`TestApp::named`]
+/// behind its own sidecar), i.e. the caller's routing table holds all of them.
+pub async fn wait_for_instances(client: &SidecarClient, app_id: &str, names: &[&str]) {
+    let what = format!("app-id '{app_id}' routed to all of {names:?}");
+    let mut seen = std::collections::HashSet::new();
+    let start = std::time::Instant::now();
+    while !names.iter().all(|n| seen.contains(*n)) {
+        if start.elapsed() > Duration::from_secs(30) {
+            panic!("timed out waiting for {what}; reached only {seen:?}");
+        }
+        match client.invoke(app_id, "whoami", Vec::new()).await {
+            Ok(reply) => {
+                seen.insert(String::from_utf8_lossy(&reply.data).into_owned());
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
 
 /// A running app; stopped when dropped.
 pub struct TestApp {

@@ -34,6 +34,18 @@ impl Etcd {
         panic!("etcd did not start: {last_error}");
     }
 
+    /// Starts etcd serving clients on `client_port` (for a sidecar already pointed there).
+    pub async fn start_on(client_port: u16) -> Etcd {
+        let dir = tempfile::Builder::new().prefix("tandem-etcd-").tempdir().expect("creating a temp dir");
+        let client = SocketAddr::from(([127, 0, 0, 1], client_port));
+        let peer = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut etcd = Etcd { dir, client, peer, child: None };
+        if let Err(e) = etcd.launch().await {
+            panic!("etcd did not start on port {client_port}: {e}");
+        }
+        etcd
+    }
+
     /// `http://127.0.0.1:PORT`, the value for `--etcd-endpoints`.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.client)
@@ -99,6 +111,21 @@ impl Etcd {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The keys under `prefix`, read from etcd itself.
+    pub async fn keys(&self, prefix: &str) -> Vec<String> {
+        let mut client = etcd_client::Client::connect([self.endpoint()], None).await.expect("etcd client");
+        let response = client
+            .get(prefix, Some(etcd_client::GetOptions::new().with_prefix().with_keys_only()))
+            .await
+            .expect("listing etcd keys");
+        response.kvs().iter().map(|kv| String::from_utf8_lossy(kv.key()).into_owned()).collect()
+    }
+
+    /// How many instances of `app_id` are registered in the default namespace.
+    pub async fn registered_instances(&self, app_id: &str) -> usize {
+        self.keys(&tandem_sidecar::discovery::keys::instances_prefix("default", app_id)).await.len()
     }
 
     /// The last lines etcd logged.

@@ -13,7 +13,7 @@ pub mod http;
 pub mod poll;
 pub mod sidecar;
 
-pub use app::TestApp;
+pub use app::{TestApp, wait_for_instances};
 pub use etcd::Etcd;
 pub use poll::eventually;
 pub use sidecar::{RunningSidecar, Sidecar};

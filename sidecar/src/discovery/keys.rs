@@ -14,7 +14,12 @@ pub fn app_key(namespace: &str, app_id: &str) -> String {
 
 /// One live instance, under its lease.
 pub fn instance_key(namespace: &str, app_id: &str, instance_id: &str) -> String {
-    format!("{ROOT}/{namespace}/instances/{app_id}/{instance_id}")
+    format!("{}{instance_id}", instances_prefix(namespace, app_id))
+}
+
+/// Every live instance of one app (the prefix of its [`instance_key`]s).
+pub fn instances_prefix(namespace: &str, app_id: &str) -> String {
+    format!("{ROOT}/{namespace}/instances/{app_id}/")
 }
 
 /// What a key under the namespace prefix stands for.

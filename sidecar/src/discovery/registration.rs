@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, PutOptions};
+use etcd_client::{Client, PutOptions, Txn, TxnOp};
 use tokio_util::sync::CancellationToken;
 
 use super::keys;
@@ -61,14 +61,14 @@ impl Registrar {
         let lease = self.client.lease_grant(self.ttl_seconds, None).await?;
         let lease_id = lease.id();
         let value = serde_json::to_vec(&self.record).expect("an instance record always serializes");
-        self.client.put(keys::app_key(&self.namespace, &self.record.app_id), "{}", None).await?;
-        self.client
-            .put(
-                keys::instance_key(&self.namespace, &self.record.app_id, &self.record.instance_id),
-                value,
-                Some(PutOptions::new().with_lease(lease_id)),
-            )
-            .await?;
+        // One transaction, so no watcher ever sees the app known but without this instance.
+        let app_key = keys::app_key(&self.namespace, &self.record.app_id);
+        let instance_key = keys::instance_key(&self.namespace, &self.record.app_id, &self.record.instance_id);
+        let txn = Txn::new().and_then([
+            TxnOp::put(app_key, "{}", None),
+            TxnOp::put(instance_key, value, Some(PutOptions::new().with_lease(lease_id))),
+        ]);
+        self.client.txn(txn).await?;
         Ok(lease_id)
     }
 
