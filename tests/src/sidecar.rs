@@ -226,10 +226,15 @@ impl RunningSidecar {
 
     /// SIGTERM, then wait (bounded) for the exit.
     pub async fn terminate(&mut self) -> ExitStatus {
+        self.signal("TERM").await
+    }
+
+    /// Sends `signal` (e.g. "TERM", "INT"), then waits (bounded) for the exit.
+    pub async fn signal(&mut self, signal: &str) -> ExitStatus {
         let child = self.child.take().expect("the sidecar is running");
         let pid = child.id().expect("a running child has a pid");
-        let sent = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("running kill");
-        assert!(sent.success(), "kill -TERM {pid} failed");
+        let sent = std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().expect("running kill");
+        assert!(sent.success(), "kill -{signal} {pid} failed");
         self.wait_exit(child).await
     }
 
