@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
+use axum::serve::ListenerExt;
 use axum::http::StatusCode;
 use axum::routing::get;
 use tokio::net::TcpListener;
@@ -36,6 +37,11 @@ pub fn router(readiness: Arc<Readiness>, routing: RoutingTable) -> Router {
 }
 
 pub async fn serve(listener: TcpListener, router: Router, shutdown: impl Future<Output = ()> + Send + 'static) {
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY on an admin connection");
+        }
+    });
     if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(shutdown).await {
         tracing::error!(error = %e, "admin server failed");
     }

@@ -21,11 +21,12 @@ pub struct Sidecar {
     app_port: Option<u16>,
     lease_ttl: u32,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Sidecar {
     pub fn new(app_id: &str) -> Self {
-        Sidecar { app_id: app_id.into(), etcd_endpoints: None, app_port: None, lease_ttl: 2, args: Vec::new() }
+        Sidecar { app_id: app_id.into(), etcd_endpoints: None, app_port: None, lease_ttl: 2, args: Vec::new(), env: Vec::new() }
     }
 
     pub fn etcd(mut self, etcd: &Etcd) -> Self {
@@ -55,13 +56,20 @@ impl Sidecar {
         self
     }
 
+    /// Sets an environment variable of the process. `DAPR_GRPC_PORT` replaces the default
+    /// `--grpc-port 0` (a flag would win over the variable).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
     /// Starts tandemd and waits until it has bound its ports (not until it is ready).
     pub async fn spawn(self) -> RunningSidecar {
         let dir = tempfile::Builder::new().prefix(&format!("tandemd-{}-", self.app_id)).tempdir().expect("temp dir");
         let mut command = Command::new(workspace_binary("tandemd"));
         command
             .args(["--app-id", &self.app_id])
-            .args(["--grpc-port", "0", "--internal-port", "0", "--admin-port", "0"])
+            .args(["--internal-port", "0", "--admin-port", "0"])
             .args(["--lease-ttl", &self.lease_ttl.to_string()])
             .args(["--app-health-probe-interval", "200ms", "--drain-timeout", "5s"])
             .arg("--data-dir")
@@ -72,6 +80,10 @@ impl Sidecar {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        if !self.env.iter().any(|(key, _)| key == "DAPR_GRPC_PORT") {
+            command.args(["--grpc-port", "0"]);
+        }
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(endpoints) = &self.etcd_endpoints {
             command.args(["--etcd-endpoints", endpoints]);
         }
@@ -101,6 +113,20 @@ impl Sidecar {
         };
         RunningSidecar { app_id: self.app_id, dir, child: Some(child), addresses }
     }
+}
+
+/// Runs tandemd with exactly `args` until it exits (bounded): for start-up errors.
+pub async fn run_until_exit(args: &[&str]) -> std::process::Output {
+    let run = Command::new(workspace_binary("tandemd"))
+        .args(args)
+        .env_remove("DAPR_GRPC_PORT")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("tandemd should exit by itself")
+        .expect("running tandemd")
 }
 
 /// The addresses a tandemd bound.
