@@ -34,9 +34,6 @@ pub enum MeshError {
     #[error("this sidecar fronts app-id '{local}', not '{requested}' (stale routing entry)")]
     WrongApp { local: String, requested: String },
 
-    #[error("the sidecar is shutting down")]
-    ShuttingDown,
-
     #[error("deadline exceeded after {elapsed_ms} ms invoking '{method}' on app-id '{app_id}'")]
     DeadlineExceeded { app_id: String, method: String, elapsed_ms: u128 },
 
@@ -53,7 +50,6 @@ impl MeshError {
             MeshError::AppNotListening { .. }
                 | MeshError::AppHasNoPort { .. }
                 | MeshError::WrongApp { .. }
-                | MeshError::ShuttingDown
         )
     }
 }
@@ -69,8 +65,7 @@ impl From<MeshError> for Status {
             | MeshError::PeersUnreachable { .. }
             | MeshError::AppNotListening { .. }
             | MeshError::AppHasNoPort { .. }
-            | MeshError::WrongApp { .. }
-            | MeshError::ShuttingDown => Code::Unavailable,
+            | MeshError::WrongApp { .. } => Code::Unavailable,
             MeshError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             MeshError::Remote(status) => return strip_not_delivered(status.clone()),
         };

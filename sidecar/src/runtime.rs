@@ -11,6 +11,7 @@ use tandem_proto::runtime::dapr_server::DaprServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
 
 use crate::api::DaprApi;
 use crate::api::dapr::{RUNTIME_VERSION, SidecarInfo};
@@ -115,27 +116,19 @@ pub async fn run(
         .max_encoding_message_size(usize::MAX);
 
     let drain = config.drain_timeout;
-    let mut servers: Vec<JoinHandle<()>> = Vec::new();
-    let stop = serving_stop.clone();
-    servers.push(tokio::spawn(server::serve_grpc(
-        grpc_listener,
-        tonic::service::Routes::new(dapr),
-        async move { stop.cancelled().await },
-        drain,
-    )));
-    let stop = serving_stop.clone();
-    servers.push(tokio::spawn(server::serve_grpc(
-        internal_listener,
-        tonic::service::Routes::new(mesh),
-        async move { stop.cancelled().await },
-        drain,
-    )));
-    let stop = serving_stop.clone();
-    servers.push(tokio::spawn(admin::serve(
-        admin_listener,
-        admin::router(readiness.clone(), routing.clone()),
-        async move { stop.cancelled().await },
-    )));
+    let stopped = |token: &CancellationToken| {
+        let token = token.clone();
+        async move { token.cancelled().await }
+    };
+    let servers: Vec<JoinHandle<()>> = vec![
+        tokio::spawn(server::serve_grpc(grpc_listener, Routes::new(dapr), stopped(&serving_stop), drain)),
+        tokio::spawn(server::serve_grpc(internal_listener, Routes::new(mesh), stopped(&serving_stop), drain)),
+        tokio::spawn(admin::serve(
+            admin_listener,
+            admin::router(readiness.clone(), routing.clone()),
+            stopped(&serving_stop),
+        )),
+    ];
 
     tracing::info!(
         app_id = %config.app_id,

@@ -10,10 +10,11 @@ use tokio::process::{Child, Command};
 use crate::{free_port, http};
 
 pub struct Etcd {
+    // Fields drop in order: the process is killed before its data dir is removed.
+    child: Option<Child>,
     dir: TempDir,
     client: SocketAddr,
     peer: SocketAddr,
-    child: Option<Child>,
 }
 
 impl Etcd {
@@ -25,7 +26,7 @@ impl Etcd {
             let dir = tempfile::Builder::new().prefix("tandem-etcd-").tempdir().expect("creating a temp dir");
             let client = SocketAddr::from(([127, 0, 0, 1], free_port()));
             let peer = SocketAddr::from(([127, 0, 0, 1], free_port()));
-            let mut etcd = Etcd { dir, client, peer, child: None };
+            let mut etcd = Etcd { child: None, dir, client, peer };
             match etcd.launch().await {
                 Ok(()) => return etcd,
                 Err(e) => last_error = e,
@@ -39,7 +40,7 @@ impl Etcd {
         let dir = tempfile::Builder::new().prefix("tandem-etcd-").tempdir().expect("creating a temp dir");
         let client = SocketAddr::from(([127, 0, 0, 1], client_port));
         let peer = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let mut etcd = Etcd { dir, client, peer, child: None };
+        let mut etcd = Etcd { child: None, dir, client, peer };
         if let Err(e) = etcd.launch().await {
             panic!("etcd did not start on port {client_port}: {e}");
         }

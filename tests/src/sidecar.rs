@@ -97,8 +97,10 @@ impl Sidecar {
         let (bound_tx, bound_rx) = oneshot::channel();
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
-        tokio::spawn(copy_log(stdout, log_path.clone(), Some(bound_tx)));
-        tokio::spawn(copy_log(stderr, dir.path().join("tandemd.stderr.log"), None));
+        let log_copiers = vec![
+            tokio::spawn(copy_log(stdout, log_path.clone(), Some(bound_tx))),
+            tokio::spawn(copy_log(stderr, dir.path().join("tandemd.stderr.log"), None)),
+        ];
 
         let addresses = match tokio::time::timeout(Duration::from_secs(20), bound_rx).await {
             Ok(Ok(addresses)) => addresses,
@@ -111,7 +113,7 @@ impl Sidecar {
                 );
             }
         };
-        RunningSidecar { app_id: self.app_id, dir, child: Some(child), addresses }
+        RunningSidecar { app_id: self.app_id, dir, child: Some(child), addresses, log_copiers }
     }
 }
 
@@ -185,6 +187,8 @@ pub struct RunningSidecar {
     dir: TempDir,
     child: Option<Child>,
     addresses: Addresses,
+    /// Copy the process's output into the log files; they end at the process's exit.
+    log_copiers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningSidecar {
@@ -270,14 +274,19 @@ impl RunningSidecar {
         self.wait_exit(child).await
     }
 
-    async fn wait_exit(&self, mut child: Child) -> ExitStatus {
-        match tokio::time::timeout(Duration::from_secs(20), child.wait()).await {
+    async fn wait_exit(&mut self, mut child: Child) -> ExitStatus {
+        let status = match tokio::time::timeout(Duration::from_secs(20), child.wait()).await {
             Ok(Ok(status)) => status,
             _ => {
                 let _ = child.kill().await;
                 panic!("tandemd '{}' did not exit within 20 s; log:\n{}", self.app_id, self.log_tail());
             }
+        };
+        // The log is complete once the copiers have read to the end of the output.
+        for copier in self.log_copiers.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), copier).await;
         }
+        status
     }
 
     /// Whether the process is still running.

@@ -97,6 +97,13 @@ async fn the_callers_deadline_reaches_the_callee_and_expiry_answers_deadline_exc
     assert!(message.contains("svc-b") && message.contains("slow"), "{message}");
     assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
 
+    // The SDK's client gives up at the deadline itself and says so in the standard code.
+    let status = client
+        .invoke_with("svc-b", "slow", Vec::new(), CallOptions::default().timeout(Duration::from_millis(300)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+
     // A malformed deadline is named, not ignored.
     let (code, message) = raw_invoke_with_timeout(caller.grpc_addr(), "svc-b", "timeout", "soon").await;
     assert_eq!(code, Code::InvalidArgument as i32, "{message}");

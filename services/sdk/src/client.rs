@@ -89,14 +89,14 @@ impl SidecarClient {
         let mut request = Request::new(InvokeServiceRequest { id: app_id.to_string(), message: Some(message) });
         apply_options(&mut request, &options)?;
         let mut client = self.inner.clone();
-        let call = client.invoke_service(request);
-        // Like every gRPC client, give up at the deadline even if the sidecar never answers.
-        let response = match options.timeout {
-            Some(timeout) => tokio::time::timeout(timeout, call).await.map_err(|_| {
+        // tonic's channel gives up at the deadline itself (like every gRPC client) but reports
+        // it as CANCELLED; callers get the standard DEADLINE_EXCEEDED instead.
+        let response = client.invoke_service(request).await.map_err(|status| match options.timeout {
+            Some(timeout) if is_local_timeout(&status) => {
                 Status::deadline_exceeded(format!("no answer from app-id '{app_id}' within {timeout:?}"))
-            })??,
-            None => call.await?,
-        };
+            }
+            _ => status,
+        })?;
         let metadata = response.metadata().clone();
         let response = response.into_inner();
         Ok(Response {
@@ -116,6 +116,18 @@ impl SidecarClient {
         self.inner.clone().shutdown(ShutdownRequest {}).await?;
         Ok(())
     }
+}
+
+/// Whether tonic's client-side `grpc-timeout` enforcement ended the call.
+fn is_local_timeout(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(err) = source {
+        if err.downcast_ref::<tonic::TimeoutExpired>().is_some() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 fn apply_options<T>(request: &mut Request<T>, options: &CallOptions) -> Result<(), Status> {
