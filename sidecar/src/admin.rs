@@ -13,9 +13,9 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::serve::ListenerExt;
 use axum::http::StatusCode;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::discovery::RoutingTable;

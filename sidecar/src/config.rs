@@ -8,7 +8,11 @@ use clap::Parser;
 
 /// Flags of `tandemd`. A port of 0 binds a free port; the bound address is logged.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "tandemd", version, about = "Tandem sidecar: discovery and service invocation over gRPC, Dapr-compatible")]
+#[command(
+    name = "tandemd",
+    version,
+    about = "Tandem sidecar: discovery and service invocation over gRPC, Dapr-compatible"
+)]
 pub struct Config {
     /// Id of the app this sidecar fronts (letters, digits, '.', '_', '-').
     #[arg(long, env = "TANDEM_APP_ID")]

@@ -45,12 +45,7 @@ pub enum MeshError {
 impl MeshError {
     /// True when the call provably did not reach an app, so another instance may take it.
     pub fn is_not_delivered(&self) -> bool {
-        matches!(
-            self,
-            MeshError::AppNotListening { .. }
-                | MeshError::AppHasNoPort { .. }
-                | MeshError::WrongApp { .. }
-        )
+        matches!(self, MeshError::AppNotListening { .. } | MeshError::AppHasNoPort { .. } | MeshError::WrongApp { .. })
     }
 }
 
@@ -102,7 +97,9 @@ mod tests {
         assert_eq!(s.code(), Code::Unavailable);
         assert!(!status_says_not_delivered(&s));
 
-        let s: Status = MeshError::AppNotListening { app_id: "b".into(), address: "127.0.0.1:1".into(), reason: "refused".into() }.into();
+        let s: Status =
+            MeshError::AppNotListening { app_id: "b".into(), address: "127.0.0.1:1".into(), reason: "refused".into() }
+                .into();
         assert_eq!(s.code(), Code::Unavailable);
         assert!(s.message().contains("not listening"));
         assert!(status_says_not_delivered(&s));

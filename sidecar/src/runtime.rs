@@ -107,7 +107,8 @@ pub async fn run(
     let serving_stop = CancellationToken::new();
     let background_stop = CancellationToken::new();
 
-    let invoker = Arc::new(Invoker::new(config.app_id.clone(), config.namespace.clone(), routing.clone(), peers.clone()));
+    let invoker =
+        Arc::new(Invoker::new(config.app_id.clone(), config.namespace.clone(), routing.clone(), peers.clone()));
     let dapr = DaprServer::new(DaprApi::new(info, invoker, api_shutdown.clone()))
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);

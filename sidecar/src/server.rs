@@ -27,7 +27,10 @@ where
 {
     let graceful = GracefulShutdown::new();
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    http2.timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(30))).keep_alive_timeout(Duration::from_secs(10));
+    http2
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
     let local = listener.local_addr().ok();
     tokio::pin!(shutdown);
     loop {

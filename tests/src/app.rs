@@ -59,7 +59,8 @@ impl TestApp {
                 echo_calls.fetch_add(1, Ordering::SeqCst);
                 async move {
                     let caller = call.caller_app_id.unwrap_or_default();
-                    Ok(Reply { data: call.data, content_type: call.content_type, metadata: vec![] }.header("caller", caller))
+                    Ok(Reply { data: call.data, content_type: call.content_type, metadata: vec![] }
+                        .header("caller", caller))
                 }
             });
         Self::start_counted(server, calls).await

@@ -26,7 +26,14 @@ pub struct Sidecar {
 
 impl Sidecar {
     pub fn new(app_id: &str) -> Self {
-        Sidecar { app_id: app_id.into(), etcd_endpoints: None, app_port: None, lease_ttl: 2, args: Vec::new(), env: Vec::new() }
+        Sidecar {
+            app_id: app_id.into(),
+            etcd_endpoints: None,
+            app_port: None,
+            lease_ttl: 2,
+            args: Vec::new(),
+            env: Vec::new(),
+        }
     }
 
     pub fn etcd(mut self, etcd: &Etcd) -> Self {
@@ -233,7 +240,11 @@ impl RunningSidecar {
         })
         .await;
         if ready.is_err() {
-            panic!("timed out waiting for {what}; /readyz: {:?}; log:\n{}", http::get(admin, "/readyz").await, self.log_tail());
+            panic!(
+                "timed out waiting for {what}; /readyz: {:?}; log:\n{}",
+                http::get(admin, "/readyz").await,
+                self.log_tail()
+            );
         }
     }
 
@@ -263,7 +274,11 @@ impl RunningSidecar {
     pub async fn signal(&mut self, signal: &str) -> ExitStatus {
         let child = self.child.take().expect("the sidecar is running");
         let pid = child.id().expect("a running child has a pid");
-        let sent = std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().expect("running kill");
+        let sent = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("running kill");
         assert!(sent.success(), "kill -{signal} {pid} failed");
         self.wait_exit(child).await
     }

@@ -35,7 +35,19 @@ async fn bad_settings_stop_tandemd_at_start_naming_the_problem() {
     // A port someone else holds.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();
-    let out = run_until_exit(&["--app-id", "ok", "--grpc-port", &port, "--internal-port", "0", "--admin-port", "0", "--data-dir", data_dir]).await;
+    let out = run_until_exit(&[
+        "--app-id",
+        "ok",
+        "--grpc-port",
+        &port,
+        "--internal-port",
+        "0",
+        "--admin-port",
+        "0",
+        "--data-dir",
+        data_dir,
+    ])
+    .await;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("gRPC API port") && stderr.contains(&port), "{stderr}");
@@ -43,7 +55,19 @@ async fn bad_settings_stop_tandemd_at_start_naming_the_problem() {
     // A data dir that cannot be created (a file is in the way).
     let file = data.path().join("not-a-dir");
     std::fs::write(&file, b"x").unwrap();
-    let out = run_until_exit(&["--app-id", "ok", "--grpc-port", "0", "--internal-port", "0", "--admin-port", "0", "--data-dir", file.join("sub").to_str().unwrap()]).await;
+    let out = run_until_exit(&[
+        "--app-id",
+        "ok",
+        "--grpc-port",
+        "0",
+        "--internal-port",
+        "0",
+        "--admin-port",
+        "0",
+        "--data-dir",
+        file.join("sub").to_str().unwrap(),
+    ])
+    .await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("data dir"), "{out:?}");
 }

@@ -15,40 +15,65 @@ struct DaprApp;
 
 #[tonic::async_trait]
 impl AppCallback for DaprApp {
-    async fn on_invoke(&self, request: Request<dapr_common::InvokeRequest>) -> Result<Response<dapr_common::InvokeResponse>, Status> {
-        let caller = request.metadata().get("dapr-caller-app-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    async fn on_invoke(
+        &self,
+        request: Request<dapr_common::InvokeRequest>,
+    ) -> Result<Response<dapr_common::InvokeResponse>, Status> {
+        let caller =
+            request.metadata().get("dapr-caller-app-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let message = request.into_inner();
         if message.method != "shout" {
             return Err(Status::unimplemented(format!("no method '{}'", message.method)));
         }
         let text = String::from_utf8(message.data.map(|d| d.value).unwrap_or_default()).unwrap();
         Ok(Response::new(dapr_common::InvokeResponse {
-            data: Some(Any { type_url: String::new(), value: format!("{} (from {caller})", text.to_uppercase()).into_bytes() }),
+            data: Some(Any {
+                type_url: String::new(),
+                value: format!("{} (from {caller})", text.to_uppercase()).into_bytes(),
+            }),
             content_type: "text/plain".into(),
         }))
     }
 
-    async fn list_topic_subscriptions(&self, _: Request<()>) -> Result<Response<dapr_runtime::ListTopicSubscriptionsResponse>, Status> {
+    async fn list_topic_subscriptions(
+        &self,
+        _: Request<()>,
+    ) -> Result<Response<dapr_runtime::ListTopicSubscriptionsResponse>, Status> {
         Ok(Response::new(Default::default()))
     }
 
-    async fn on_topic_event(&self, _: Request<dapr_runtime::TopicEventRequest>) -> Result<Response<dapr_runtime::TopicEventResponse>, Status> {
+    async fn on_topic_event(
+        &self,
+        _: Request<dapr_runtime::TopicEventRequest>,
+    ) -> Result<Response<dapr_runtime::TopicEventResponse>, Status> {
         Err(Status::unimplemented("no topics"))
     }
 
-    async fn list_input_bindings(&self, _: Request<()>) -> Result<Response<dapr_runtime::ListInputBindingsResponse>, Status> {
+    async fn list_input_bindings(
+        &self,
+        _: Request<()>,
+    ) -> Result<Response<dapr_runtime::ListInputBindingsResponse>, Status> {
         Ok(Response::new(Default::default()))
     }
 
-    async fn on_binding_event(&self, _: Request<dapr_runtime::BindingEventRequest>) -> Result<Response<dapr_runtime::BindingEventResponse>, Status> {
+    async fn on_binding_event(
+        &self,
+        _: Request<dapr_runtime::BindingEventRequest>,
+    ) -> Result<Response<dapr_runtime::BindingEventResponse>, Status> {
         Err(Status::unimplemented("no bindings"))
     }
 
-    async fn on_job_event(&self, _: Request<dapr_runtime::JobEventRequest>) -> Result<Response<dapr_runtime::JobEventResponse>, Status> {
+    async fn on_job_event(
+        &self,
+        _: Request<dapr_runtime::JobEventRequest>,
+    ) -> Result<Response<dapr_runtime::JobEventResponse>, Status> {
         Err(Status::unimplemented("no jobs"))
     }
 
-    async fn on_bulk_topic_event(&self, _: Request<dapr_runtime::TopicEventBulkRequest>) -> Result<Response<dapr_runtime::TopicEventBulkResponse>, Status> {
+    async fn on_bulk_topic_event(
+        &self,
+        _: Request<dapr_runtime::TopicEventBulkRequest>,
+    ) -> Result<Response<dapr_runtime::TopicEventBulkResponse>, Status> {
         Err(Status::unimplemented("no topics"))
     }
 }
@@ -68,9 +93,10 @@ async fn the_official_dapr_rust_sdk_talks_to_tandemd_unchanged() {
     callee.wait_ready().await;
     caller.wait_ready().await;
 
-    let mut client = dapr::Client::<TonicClientWithAuth>::connect_with_address(format!("http://{}", caller.grpc_addr()))
-        .await
-        .expect("the Dapr SDK connects to tandemd");
+    let mut client =
+        dapr::Client::<TonicClientWithAuth>::connect_with_address(format!("http://{}", caller.grpc_addr()))
+            .await
+            .expect("the Dapr SDK connects to tandemd");
 
     let metadata = client.get_metadata().await.unwrap();
     assert_eq!(metadata.id, "dapr-caller");

@@ -73,12 +73,13 @@ async fn an_error_from_the_app_reaches_the_caller_unchanged_and_is_never_retried
     let etcd = Etcd::start().await;
     let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let server = |name: &'static str, calls: std::sync::Arc<std::sync::atomic::AtomicUsize>| {
-        AppServer::new()
-            .handler("whoami", move |_| async move { Ok(tandem_sdk::Reply::text(name)) })
-            .handler("fail", move |_| {
+        AppServer::new().handler("whoami", move |_| async move { Ok(tandem_sdk::Reply::text(name)) }).handler(
+            "fail",
+            move |_| {
                 calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 async { Err(Status::unavailable("the model is still loading")) }
-            })
+            },
+        )
     };
     let b1 = TestApp::start(server("b-1", calls.clone())).await;
     let b2 = TestApp::start(server("b-2", calls.clone())).await;

@@ -79,7 +79,10 @@ async fn the_callers_deadline_reaches_the_callee_and_expiry_answers_deadline_exc
     .await;
 
     // The app sees what is left of the caller's 5 s, not more.
-    let reply = client.invoke_with("svc-b", "timeout", Vec::new(), CallOptions::default().timeout(Duration::from_secs(5))).await.unwrap();
+    let reply = client
+        .invoke_with("svc-b", "timeout", Vec::new(), CallOptions::default().timeout(Duration::from_secs(5)))
+        .await
+        .unwrap();
     let seen = tandem_sidecar::deadline::parse_timeout(std::str::from_utf8(&reply.data).unwrap()).unwrap();
     assert!(seen > Duration::from_secs(3) && seen < Duration::from_secs(5), "callee saw a timeout of {seen:?}");
     // Without a deadline none is invented.
@@ -113,10 +116,16 @@ async fn the_callers_deadline_reaches_the_callee_and_expiry_answers_deadline_exc
 /// InvokeService over a bare hyper HTTP/2 connection, so no client-side deadline gets in the
 /// way (tonic's `Channel` enforces `grpc-timeout` itself). Returns the status code and message
 /// the sidecar answered.
-async fn raw_invoke_with_timeout(sidecar: std::net::SocketAddr, app_id: &str, method: &str, grpc_timeout: &str) -> (i32, String) {
+async fn raw_invoke_with_timeout(
+    sidecar: std::net::SocketAddr,
+    app_id: &str,
+    method: &str,
+    grpc_timeout: &str,
+) -> (i32, String) {
     let stream = tokio::net::TcpStream::connect(sidecar).await.unwrap();
     let io = hyper_util::rt::TokioIo::new(stream);
-    let (sender, connection) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.unwrap();
     tokio::spawn(connection);
     let service = tower::service_fn(move |mut request: http::Request<tonic::body::Body>| {
         let mut sender = sender.clone();

@@ -60,17 +60,16 @@ async fn sigterm_sigint_and_the_shutdown_rpc_leave_discovery_at_once_and_exit_cl
 async fn a_call_in_flight_when_the_callee_sidecar_is_stopped_completes() {
     let etcd = Etcd::start().await;
     let (entered_tx, entered_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let app = TestApp::start(
-        AppServer::new()
-            .handler("whoami", |_| async { Ok(Reply::text("b-1")) })
-            .handler("slow", move |_| {
-                let _ = entered_tx.send(());
-                async {
-                    tokio::time::sleep(Duration::from_millis(1500)).await;
-                    Ok(Reply::text("done"))
-                }
-            }),
-    )
+    let app = TestApp::start(AppServer::new().handler("whoami", |_| async { Ok(Reply::text("b-1")) }).handler(
+        "slow",
+        move |_| {
+            let _ = entered_tx.send(());
+            async {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                Ok(Reply::text("done"))
+            }
+        },
+    ))
     .await;
     let mut callee = Sidecar::new("svc-b").etcd(&etcd).app_port(app.port()).spawn().await;
     let caller = Sidecar::new("svc-a").etcd(&etcd).spawn().await;

@@ -18,9 +18,9 @@ use std::sync::Arc;
 
 use tandem_proto::common::{InvokeRequest, InvokeResponse};
 use tandem_proto::prost_types::Any;
+use tandem_proto::runtime::HealthCheckResponse;
 use tandem_proto::runtime::app_callback_health_check_server::{AppCallbackHealthCheck, AppCallbackHealthCheckServer};
 use tandem_proto::runtime::app_callback_server::{AppCallback, AppCallbackServer};
-use tandem_proto::runtime::HealthCheckResponse;
 use tokio::net::TcpListener;
 use tonic::metadata::MetadataMap;
 use tonic::transport::server::TcpIncoming;
@@ -98,7 +98,11 @@ impl AppServer {
     }
 
     /// Serves on `listener` (TCP_NODELAY on) until `shutdown` resolves.
-    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), tonic::transport::Error> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), tonic::transport::Error> {
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let health = HealthService { check: self.health.clone() };
         tonic::transport::Server::builder()

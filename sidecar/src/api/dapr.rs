@@ -49,7 +49,9 @@ impl Dapr for DaprApi {
         let metadata = headers::outgoing(request.metadata());
         let InvokeServiceRequest { id, message } = request.into_inner();
         let message = message.ok_or_else(|| {
-            Status::from(MeshError::InvalidArgument(format!("the call to app-id '{id}' has no message (field 'message')")))
+            Status::from(MeshError::InvalidArgument(format!(
+                "the call to app-id '{id}' has no message (field 'message')"
+            )))
         })?;
         let reply = self
             .invoker

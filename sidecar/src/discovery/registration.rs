@@ -21,7 +21,13 @@ pub struct Registrar {
 }
 
 impl Registrar {
-    pub fn new(client: Client, namespace: String, record: InstanceRecord, ttl_seconds: i64, readiness: Arc<Readiness>) -> Self {
+    pub fn new(
+        client: Client,
+        namespace: String,
+        record: InstanceRecord,
+        ttl_seconds: i64,
+        readiness: Arc<Readiness>,
+    ) -> Self {
         Registrar { client, namespace, record, ttl_seconds, readiness }
     }
 
@@ -102,7 +108,9 @@ impl Registrar {
     async fn revoke(&mut self, lease_id: i64) {
         match tokio::time::timeout(Duration::from_secs(2), self.client.lease_revoke(lease_id)).await {
             Ok(Ok(_)) => tracing::info!(lease_id, "lease revoked; instance removed from discovery"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not revoke lease; peers drop this instance when it expires"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not revoke lease; peers drop this instance when it expires")
+            }
             Err(_) => tracing::warn!("revoking the lease timed out; peers drop this instance when it expires"),
         }
     }

@@ -100,11 +100,15 @@ impl RoutingWatcher {
         let Ok(key) = std::str::from_utf8(key) else { return };
         match keys::parse(&self.namespace, key) {
             Some(DiscoveryKey::App { app_id }) => builder.add_app(app_id),
-            Some(DiscoveryKey::Instance { app_id, instance_id }) => match serde_json::from_slice::<InstanceRecord>(value) {
-                Ok(record) if record.app_id == app_id && record.instance_id == instance_id => builder.add_instance(record),
-                Ok(_) => tracing::warn!(key, "instance record does not match its key; ignored"),
-                Err(e) => tracing::warn!(key, error = %e, "unreadable instance record; ignored"),
-            },
+            Some(DiscoveryKey::Instance { app_id, instance_id }) => {
+                match serde_json::from_slice::<InstanceRecord>(value) {
+                    Ok(record) if record.app_id == app_id && record.instance_id == instance_id => {
+                        builder.add_instance(record)
+                    }
+                    Ok(_) => tracing::warn!(key, "instance record does not match its key; ignored"),
+                    Err(e) => tracing::warn!(key, error = %e, "unreadable instance record; ignored"),
+                }
+            }
             None => {}
         }
     }

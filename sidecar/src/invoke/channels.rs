@@ -74,7 +74,10 @@ impl PeerChannels {
         while changes.changed().await.is_ok() {
             let snapshot = changes.borrow_and_update().clone();
             let live: std::collections::HashSet<&str> = snapshot.addresses().collect();
-            self.channels.lock().unwrap_or_else(|p| p.into_inner()).retain(|address, _| live.contains(address.as_str()));
+            self.channels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|address, _| live.contains(address.as_str()));
         }
     }
 }

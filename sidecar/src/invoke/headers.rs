@@ -55,7 +55,8 @@ pub fn apply(carried: &HashMap<String, String>, target: &mut MetadataMap) {
         if !travels(key) {
             continue;
         }
-        if let (Ok(key), Ok(value)) = (MetadataKey::from_bytes(key.as_bytes()), MetadataValue::try_from(value.as_str())) {
+        if let (Ok(key), Ok(value)) = (MetadataKey::from_bytes(key.as_bytes()), MetadataValue::try_from(value.as_str()))
+        {
             target.insert(key, value);
         }
     }

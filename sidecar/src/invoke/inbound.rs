@@ -31,13 +31,15 @@ impl MeshInbound {
             return Err(MeshError::WrongApp { local: self.app_id.clone(), requested: call.target_app_id });
         }
         let app = self.app.as_ref().ok_or_else(|| MeshError::AppHasNoPort { app_id: self.app_id.clone() })?;
-        let message = call.message.ok_or_else(|| MeshError::InvalidArgument("the invocation carries no message".into()))?;
+        let message =
+            call.message.ok_or_else(|| MeshError::InvalidArgument("the invocation carries no message".into()))?;
         let method = message.method.clone();
 
         let mut app_request = Request::new(message);
         headers::apply(&call.metadata, app_request.metadata_mut());
-        let caller = MetadataValue::try_from(call.caller_app_id.as_str())
-            .map_err(|_| MeshError::InvalidArgument(format!("caller app-id '{}' is not valid metadata", call.caller_app_id)))?;
+        let caller = MetadataValue::try_from(call.caller_app_id.as_str()).map_err(|_| {
+            MeshError::InvalidArgument(format!("caller app-id '{}' is not valid metadata", call.caller_app_id))
+        })?;
         app_request.metadata_mut().insert(CALLER_APP_ID, caller);
         if let Ok(callee) = MetadataValue::try_from(self.app_id.as_str()) {
             app_request.metadata_mut().insert(CALLEE_APP_ID, callee);
@@ -47,7 +49,8 @@ impl MeshInbound {
         }
 
         let describe = || (self.app_id.clone(), method.clone());
-        let result = within_deadline(deadline, describe, AppCallbackClient::new(app.channel()).on_invoke(app_request)).await?;
+        let result =
+            within_deadline(deadline, describe, AppCallbackClient::new(app.channel()).on_invoke(app_request)).await?;
         match result {
             Ok(response) => {
                 let metadata = headers::outgoing(response.metadata());
@@ -65,7 +68,10 @@ impl MeshInbound {
 
 #[tonic::async_trait]
 impl Mesh for MeshInbound {
-    async fn invoke(&self, request: Request<InternalInvokeRequest>) -> Result<Response<InternalInvokeResponse>, Status> {
+    async fn invoke(
+        &self,
+        request: Request<InternalInvokeRequest>,
+    ) -> Result<Response<InternalInvokeResponse>, Status> {
         self.deliver(request).await.map(Response::new).map_err(Status::from)
     }
 }
