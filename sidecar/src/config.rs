@@ -83,6 +83,9 @@ impl Config {
         if self.etcd_endpoints.iter().all(|e| e.trim().is_empty()) {
             return Err("--etcd-endpoints: at least one endpoint is needed".into());
         }
+        for endpoint in self.etcd_endpoints.iter().filter(|e| !e.trim().is_empty()) {
+            validate_endpoint(endpoint.trim())?;
+        }
         Ok(())
     }
 
@@ -109,6 +112,22 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), String> {
     }
     if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
         return Err(format!("{what} '{name}' contains '{c}'; use letters, digits, '.', '_' or '-'"));
+    }
+    Ok(())
+}
+
+/// An etcd endpoint is `http://host:port`, `https://host:port` or `host:port`.
+fn validate_endpoint(endpoint: &str) -> Result<(), String> {
+    let with_scheme =
+        if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
+    let bad = |why: &str| format!("--etcd-endpoints: '{endpoint}' {why} (want http://host:port)");
+    let uri: http::Uri = with_scheme.parse().map_err(|_| bad("is not a URL"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(bad("has a scheme other than http or https"));
+    }
+    let authority = uri.authority().ok_or_else(|| bad("has no host"))?;
+    if authority.host().is_empty() || authority.port_u16().is_none() {
+        return Err(bad("needs a host and a port"));
     }
     Ok(())
 }
@@ -154,6 +173,17 @@ mod tests {
         assert!(validate_name("app-id", "").unwrap_err().contains("empty"));
         assert!(validate_name("app-id", "a/b").unwrap_err().contains("'/'"));
         assert!(validate_name("app-id", "a b").is_err());
+    }
+
+    #[test]
+    fn etcd_endpoints_are_checked_at_start() {
+        for good in ["http://127.0.0.1:2379", "https://etcd.example:2379", "etcd-0.etcd:2379"] {
+            assert!(validate_endpoint(good).is_ok(), "{good}");
+        }
+        for bad in ["http://", "ftp://h:1", "h", "http://h", "not a url"] {
+            let err = validate_endpoint(bad).unwrap_err();
+            assert!(err.contains(&format!("'{bad}'")), "{err}");
+        }
     }
 
     #[test]
