@@ -26,14 +26,20 @@ pub fn free_port() -> u16 {
         .expect("binding an ephemeral loopback port")
 }
 
-/// Path of a workspace binary next to the running test executable (`target/<profile>/NAME`).
-pub fn workspace_binary(name: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("the test executable has a path");
+/// Where a workspace binary sits next to the running executable: `target/<profile>/NAME`,
+/// also for a test executable in `target/<profile>/deps/`.
+pub fn workspace_binary_path(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the running executable has a path");
     let mut dir = exe.parent().expect("the executable is in a directory").to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
-    let path = dir.join(name);
+    dir.join(name)
+}
+
+/// [`workspace_binary_path`], asserting that the binary was built.
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    let path = workspace_binary_path(name);
     assert!(
         path.exists(),
         "{} is missing: build it first (cargo build --workspace, or cargo test --workspace which builds it)",

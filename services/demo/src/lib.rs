@@ -45,7 +45,7 @@ pub struct Options {
     pub rounds: u32,
 
     /// Deadline of each call through the mesh (e.g. 500ms, 5s).
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = tandem_sidecar::config::parse_duration)]
     pub call_timeout: Duration,
 }
 
@@ -91,34 +91,9 @@ pub async fn run(options: &Options, interrupt: impl Future<Output = &'static str
     outcome
 }
 
-/// Parses `250ms`, `5s` or a bare number of seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, scale) = if let Some(ms) = text.strip_suffix("ms") {
-        (ms, 0.001)
-    } else if let Some(s) = text.strip_suffix('s') {
-        (s, 1.0)
-    } else {
-        (text, 1.0)
-    };
-    match number.parse::<f64>() {
-        Ok(value) if value.is_finite() && value > 0.0 => Ok(Duration::from_secs_f64(value * scale)),
-        _ => Err(format!("'{text}' is not a positive duration (try 500ms or 5s)")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("soon").is_err());
-    }
 
     #[test]
     fn rounds_default_to_ten_and_zero_is_refused() {

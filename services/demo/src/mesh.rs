@@ -5,16 +5,12 @@
 //! their handles are dropped; [`Mesh::stop`] also waits for them to exit.
 
 use std::io::Write as _;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use tandem_sdk::{AppServer, Invocation, Reply, SidecarClient};
-use tandem_tests::{Etcd, RunningSidecar, Sidecar};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use tandem_tests::{Etcd, RunningSidecar, Sidecar, TestApp};
 
 use crate::stats::millis;
 
@@ -35,7 +31,7 @@ pub fn check_prerequisites() -> anyhow::Result<()> {
             "etcd is not on PATH: install it (Debian: apt-get install etcd-server), or run scripts/demo.sh, which does"
         );
     }
-    let tandemd = tandemd_path()?;
+    let tandemd = tandem_tests::workspace_binary_path("tandemd");
     if !is_executable(&tandemd) {
         bail!(
             "{} is missing: build it first with `cargo build -p tandem-sidecar` in the same profile \
@@ -44,17 +40,6 @@ pub fn check_prerequisites() -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// Where the harness looks for tandemd: next to this executable (`target/<profile>/`, also
-/// for a test executable in `target/<profile>/deps/`).
-fn tandemd_path() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("finding the path of tandem-demo")?;
-    let mut dir = exe.parent().context("tandem-demo's path has no directory")?.to_path_buf();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    Ok(dir.join("tandemd"))
 }
 
 fn is_executable(path: &Path) -> bool {
@@ -121,15 +106,20 @@ impl Mesh {
 /// One app, served in this process, and its sidecar.
 pub struct Peer {
     pub name: &'static str,
-    app: InProcessApp,
+    app: TestApp,
     sidecar: RunningSidecar,
     client: SidecarClient,
 }
 
 impl Peer {
     async fn start(name: &'static str, etcd: &Etcd) -> anyhow::Result<Peer> {
-        let app = InProcessApp::serve(name).await?;
-        let sidecar = Sidecar::new(name).etcd(etcd).app_port(app.address.port()).spawn().await;
+        let app = TestApp::start(AppServer::new().handler(METHOD, move |call: Invocation| async move {
+            let caller = call.caller_app_id.as_deref().unwrap_or("an unknown caller");
+            let payload = String::from_utf8_lossy(&call.data);
+            Ok(Reply::text(expected_reply(name, &payload, caller)))
+        }))
+        .await;
+        let sidecar = Sidecar::new(name).etcd(etcd).app_port(app.port()).spawn().await;
         sidecar.wait_ready().await;
         let client = sidecar.client();
         Ok(Peer { name, app, sidecar, client })
@@ -144,43 +134,5 @@ impl Peer {
         let Peer { mut sidecar, app, .. } = self;
         sidecar.kill9().await;
         app.stop().await;
-    }
-}
-
-/// An app's callback server, running on a task of this process.
-struct InProcessApp {
-    address: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), tonic::transport::Error>>,
-}
-
-impl InProcessApp {
-    /// Serves [`METHOD`] for app `name` on a free loopback port.
-    async fn serve(name: &'static str) -> anyhow::Result<InProcessApp> {
-        let server = AppServer::new().handler(METHOD, move |call: Invocation| async move {
-            let caller = call.caller_app_id.as_deref().unwrap_or("an unknown caller");
-            let payload = String::from_utf8_lossy(&call.data);
-            Ok(Reply::text(expected_reply(name, &payload, caller)))
-        });
-        let listener = TcpListener::bind("127.0.0.1:0").await.context("binding a loopback port for an app")?;
-        let address = listener.local_addr()?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.serve(listener, async {
-            let _ = stopped.await;
-        }));
-        Ok(InProcessApp { address, stop: Some(stop), task })
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let _ = (&mut self.task).await;
-    }
-}
-
-impl Drop for InProcessApp {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
