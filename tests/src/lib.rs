@@ -4,17 +4,20 @@
 //! `tandemd` processes ([`Sidecar`]) and apps serving the callback API ([`TestApp`]), each on
 //! free loopback ports with its own temp dir, and all of it stopped when dropped.
 //!
-//! Modules: [`etcd`], [`sidecar`], [`app`], [`http`] (a tiny HTTP/1.1 GET for admin
-//! endpoints), [`poll`] (bounded waiting for a condition instead of sleeps).
+//! Modules: [`etcd`], [`sidecar`], [`app`], [`fixture`] (the usual cast of an invocation test),
+//! [`http`] (a tiny HTTP/1.1 GET for admin endpoints), [`poll`] (bounded waiting for a
+//! condition instead of sleeps).
 
 pub mod app;
 pub mod etcd;
+pub mod fixture;
 pub mod http;
 pub mod poll;
 pub mod sidecar;
 
 pub use app::{TestApp, wait_for_instances};
 pub use etcd::Etcd;
+pub use fixture::InvokeMesh;
 pub use poll::eventually;
 pub use sidecar::{RunningSidecar, Sidecar};
 

@@ -3,16 +3,12 @@
 use std::time::Duration;
 
 use tandem_sdk::{AppServer, Code, Status};
-use tandem_tests::{Etcd, Sidecar, TestApp, eventually, wait_for_instances};
+use tandem_tests::{Etcd, InvokeMesh, Sidecar, TestApp, eventually, wait_for_instances};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_targets_and_empty_fields_are_named_in_the_error() {
-    let etcd = Etcd::start().await;
-    let app = TestApp::named("b-1").await;
-    let mut callee = Sidecar::new("svc-b").etcd(&etcd).app_port(app.port()).spawn().await;
-    let caller = Sidecar::new("svc-a").etcd(&etcd).spawn().await;
-    let client = caller.client();
-    wait_for_instances(&client, "svc-b", &["b-1"]).await;
+    let mut mesh = InvokeMesh::start(1).await;
+    let client = mesh.client.clone();
 
     let unknown = client.invoke("no-such-app", "echo", Vec::new()).await.unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
@@ -31,7 +27,7 @@ async fn bad_targets_and_empty_fields_are_named_in_the_error() {
     assert!(bad_id.message().contains("'a/b'"), "{bad_id:?}");
 
     // The app-id stays known after its last instance leaves: UNAVAILABLE, not NOT_FOUND.
-    callee.terminate().await;
+    mesh.callees[0].terminate().await;
     eventually(Duration::from_secs(20), "svc-b without live instances", || {
         let client = client.clone();
         async move {
@@ -42,19 +38,15 @@ async fn bad_targets_and_empty_fields_are_named_in_the_error() {
     .await;
 
     // None of it hurt the sidecar.
-    assert!(matches!(caller.get("/healthz").await, Ok((200, _))));
+    assert!(matches!(mesh.caller.get("/healthz").await, Ok((200, _))));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_that_is_not_listening_answers_unavailable_saying_so() {
-    let etcd = Etcd::start().await;
-    let app = TestApp::named("b-1").await;
+    let mut mesh = InvokeMesh::start(1).await;
+    let (client, callee) = (&mesh.client, &mesh.callees[0]);
+    let app = mesh.apps.remove(0);
     let app_port = app.port();
-    let callee = Sidecar::new("svc-b").etcd(&etcd).app_port(app_port).spawn().await;
-    let caller = Sidecar::new("svc-a").etcd(&etcd).spawn().await;
-    let client = caller.client();
-    wait_for_instances(&client, "svc-b", &["b-1"]).await;
-
     app.stop().await;
     let status = client.invoke("svc-b", "echo", Vec::new()).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");

@@ -6,18 +6,12 @@ use std::time::{Duration, Instant};
 use tandem_proto::common::InvokeRequest;
 use tandem_proto::runtime::InvokeServiceRequest;
 use tandem_sdk::{AppServer, CallOptions, Code, Reply};
-use tandem_tests::{Etcd, Sidecar, TestApp, wait_for_instances};
+use tandem_tests::{Etcd, InvokeMesh, Sidecar, TestApp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_travels_app_to_sidecar_to_sidecar_to_app_and_back() {
-    let etcd = Etcd::start().await;
-    let app_b = TestApp::named("b-1").await;
-    let sidecar_b = Sidecar::new("svc-b").etcd(&etcd).app_port(app_b.port()).spawn().await;
-    let sidecar_a = Sidecar::new("svc-a").etcd(&etcd).spawn().await;
-    sidecar_a.wait_ready().await;
-    sidecar_b.wait_ready().await;
-    let client = sidecar_a.client();
-    wait_for_instances(&client, "svc-b", &["b-1"]).await;
+    let mesh = InvokeMesh::start(1).await;
+    let (client, app_b) = (&mesh.client, &mesh.apps[0]);
     let calls_before = app_b.calls();
 
     let options = CallOptions::default().content_type("application/json");
@@ -36,14 +30,8 @@ async fn a_call_travels_app_to_sidecar_to_sidecar_to_app_and_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_of_one_app_share_the_load() {
-    let etcd = Etcd::start().await;
-    let (b1, b2) = (TestApp::named("b-1").await, TestApp::named("b-2").await);
-    let _s1 = Sidecar::new("svc-b").etcd(&etcd).app_port(b1.port()).spawn().await;
-    let _s2 = Sidecar::new("svc-b").etcd(&etcd).app_port(b2.port()).spawn().await;
-    let caller = Sidecar::new("svc-a").etcd(&etcd).spawn().await;
-    let client = caller.client();
-    wait_for_instances(&client, "svc-b", &["b-1", "b-2"]).await;
-
+    let mesh = InvokeMesh::start(2).await;
+    let (client, b1, b2) = (&mesh.client, &mesh.apps[0], &mesh.apps[1]);
     let (before1, before2) = (b1.calls(), b2.calls());
     for _ in 0..40 {
         client.invoke("svc-b", "echo", b"x".to_vec()).await.unwrap();
@@ -161,13 +149,8 @@ fn connections_to(port: u16) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_to_a_peer_sidecar_share_one_http2_connection() {
-    let etcd = Etcd::start().await;
-    let app = TestApp::named("b-1").await;
-    let callee = Sidecar::new("svc-b").etcd(&etcd).app_port(app.port()).spawn().await;
-    let caller = Sidecar::new("svc-a").etcd(&etcd).spawn().await;
-    let client = caller.client();
-    wait_for_instances(&client, "svc-b", &["b-1"]).await;
-
+    let mesh = InvokeMesh::start(1).await;
+    let client = &mesh.client;
     let calls = (0..64).map(|_| {
         let client = client.clone();
         tokio::spawn(async move { client.invoke("svc-b", "echo", vec![7u8; 1024]).await })
@@ -175,5 +158,9 @@ async fn calls_to_a_peer_sidecar_share_one_http2_connection() {
     for call in calls {
         call.await.unwrap().unwrap();
     }
-    assert_eq!(connections_to(callee.internal_addr().port()), 1, "one pooled connection from the caller's sidecar");
+    assert_eq!(
+        connections_to(mesh.callees[0].internal_addr().port()),
+        1,
+        "one pooled connection from the caller's sidecar"
+    );
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use tandem_sdk::{AppServer, Reply};
-use tandem_tests::{Etcd, Sidecar, TestApp, eventually, free_port, wait_for_instances};
+use tandem_tests::{Etcd, InvokeMesh, Sidecar, TestApp, eventually, free_port, wait_for_instances};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_endpoints_answer_for_liveness_readiness_and_dapr_sdks() {
@@ -103,12 +103,8 @@ async fn a_sidecar_started_before_etcd_waits_unready_then_registers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_flow_while_etcd_is_down_and_registration_returns_with_it() {
-    let mut etcd = Etcd::start().await;
-    let app = TestApp::named("b-1").await;
-    let callee = Sidecar::new("svc-b").etcd(&etcd).app_port(app.port()).spawn().await;
-    let caller = Sidecar::new("svc-a").etcd(&etcd).spawn().await;
-    let client = caller.client();
-    wait_for_instances(&client, "svc-b", &["b-1"]).await;
+    let InvokeMesh { mut etcd, apps: _apps, callees, caller, client } = InvokeMesh::start(1).await;
+    let callee = &callees[0];
     callee.wait_ready().await;
 
     etcd.kill().await;
