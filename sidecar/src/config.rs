@@ -70,6 +70,11 @@ pub struct Config {
     #[arg(long, env = "TANDEM_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
+    /// Threads that run the sidecar. One suits a sidecar beside a busy app (less CPU per call,
+    /// no cross-thread wake-ups); raise it for a sidecar that must carry more than one core.
+    #[arg(long, env = "TANDEM_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub worker_threads: u16,
+
     /// Log filter (tracing's EnvFilter syntax, e.g. info or tandem_sidecar=debug).
     #[arg(long, env = "TANDEM_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -118,8 +123,7 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), String> {
 
 /// An etcd endpoint is `http://host:port`, `https://host:port` or `host:port`.
 fn validate_endpoint(endpoint: &str) -> Result<(), String> {
-    let with_scheme =
-        if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
+    let with_scheme = if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
     let bad = |why: &str| format!("--etcd-endpoints: '{endpoint}' {why} (want http://host:port)");
     let uri: http::Uri = with_scheme.parse().map_err(|_| bad("is not a URL"))?;
     if !matches!(uri.scheme_str(), Some("http" | "https")) {

@@ -5,9 +5,22 @@ use clap::Parser;
 use tandem_sidecar::Config;
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let config = Config::parse();
+    let runtime = match config.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(usize::from(n)).enable_all().build(),
+    };
+    match runtime {
+        Ok(runtime) => runtime.block_on(run(config)),
+        Err(e) => {
+            eprintln!("tandemd: cannot start the async runtime: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+async fn run(config: Config) {
     let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|e| {
         eprintln!("tandemd: --log-level '{}' is not a valid filter ({e}); using info", config.log_level);
         EnvFilter::new("info")

@@ -1,28 +1,13 @@
-//! gRPC channels to other sidecars and to the local app: one pooled HTTP/2 connection per
-//! address, TCP_NODELAY on, connected lazily, and a way to tell a call that never left this
-//! process from one that may have reached the other side.
+//! The pool of connections to peer sidecars (one HTTP/2 connection per address), and how to
+//! tell a call that never left this process from one that may have reached the other side.
 
 use std::collections::HashMap;
 use std::error::Error as _;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
 use tonic::Status;
-use tonic::transport::{Channel, Endpoint};
 
+use super::connection::GrpcConnection;
 use crate::discovery::RoutingTable;
-
-/// A lazily connected channel to `address` (host:port).
-pub fn lazy_channel(address: &str) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| format!("'{address}' is not a valid address: {e}"))?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(2))
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true);
-    Ok(endpoint.connect_lazy())
-}
 
 /// True when the call provably never reached the peer: the connection could not be made, or
 /// the request was still queued when its connection closed. Such a call may go elsewhere.
@@ -42,20 +27,20 @@ pub fn never_sent(status: &Status) -> bool {
     false
 }
 
-/// One channel per peer sidecar, shared by every call to it. Channels to peers that left the
-/// routing table are dropped, which closes their connections.
+/// One connection per peer sidecar, shared by every call to it. Connections to peers that left
+/// the routing table are dropped, which closes them.
 #[derive(Debug, Clone, Default)]
 pub struct PeerChannels {
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    channels: Arc<Mutex<HashMap<String, GrpcConnection>>>,
 }
 
 impl PeerChannels {
-    pub fn get(&self, address: &str) -> Result<Channel, String> {
+    pub fn get(&self, address: &str) -> Result<GrpcConnection, String> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(channel) = channels.get(address) {
             return Ok(channel.clone());
         }
-        let channel = lazy_channel(address)?;
+        let channel = GrpcConnection::new(address)?;
         channels.insert(address.to_string(), channel.clone());
         Ok(channel)
     }
@@ -92,8 +77,10 @@ mod tests {
     async fn a_refused_connection_counts_as_never_sent() {
         // Bind then drop: the port is closed, so connecting is refused.
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let channel = lazy_channel(&format!("127.0.0.1:{port}")).unwrap();
-        let status = MeshClient::new(channel).invoke(InternalInvokeRequest::default()).await.unwrap_err();
+        let connection = GrpcConnection::new(&format!("127.0.0.1:{port}")).unwrap();
+        let origin = connection.origin();
+        let status =
+            MeshClient::with_origin(connection, origin).invoke(InternalInvokeRequest::default()).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert!(never_sent(&status), "{status:?}");
     }

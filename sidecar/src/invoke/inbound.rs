@@ -3,7 +3,6 @@
 
 use tandem_proto::internal::mesh_server::Mesh;
 use tandem_proto::internal::{InternalInvokeRequest, InternalInvokeResponse};
-use tandem_proto::runtime::app_callback_client::AppCallbackClient;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
@@ -49,8 +48,7 @@ impl MeshInbound {
         }
 
         let describe = || (self.app_id.clone(), method.clone());
-        let result =
-            within_deadline(deadline, describe, AppCallbackClient::new(app.channel()).on_invoke(app_request)).await?;
+        let result = within_deadline(deadline, describe, app.callback_client().on_invoke(app_request)).await?;
         match result {
             Ok(response) => {
                 let metadata = headers::outgoing(response.metadata());

@@ -1,9 +1,11 @@
 //! Service invocation: app -> its sidecar ([`outbound`]) -> peer sidecar ([`inbound`]) -> peer app.
 //!
-//! - [`channels`]: one pooled HTTP/2 connection per peer sidecar and to the local app.
+//! - [`connection`]: a gRPC client connection over one HTTP/2 connection.
+//! - [`channels`]: the pool of connections to peer sidecars; which failures mean "never sent".
 //! - [`headers`]: which metadata travels between the apps.
 
 pub mod channels;
+pub mod connection;
 pub mod headers;
 pub mod inbound;
 pub mod outbound;

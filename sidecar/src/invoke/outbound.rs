@@ -78,8 +78,8 @@ impl Invoker {
         let mut message = Some(message);
         for attempt in 0..instances.len() {
             let instance = &instances[(start + attempt) % instances.len()];
-            let channel = match self.peers.get(&instance.internal_address) {
-                Ok(channel) => channel,
+            let connection = match self.peers.get(&instance.internal_address) {
+                Ok(connection) => connection,
                 Err(e) => {
                     last_error = e;
                     continue;
@@ -96,7 +96,11 @@ impl Invoker {
             if let Some(deadline) = deadline {
                 request.set_timeout(deadline::remaining(deadline));
             }
-            let result = within_deadline(deadline, describe, MeshClient::new(channel).invoke(request)).await?;
+            let origin = connection.origin();
+            let mut client = MeshClient::with_origin(connection, origin)
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX);
+            let result = within_deadline(deadline, describe, client.invoke(request)).await?;
             match result {
                 Ok(response) => {
                     let response = response.into_inner();
