@@ -16,8 +16,8 @@ pub struct RunContext {
     pub load_average: String,
     /// The git commit of the working directory, when it is a repository: which code was measured.
     pub commit: String,
-    /// tandemd's tokio worker threads: the number of CPUs unless `TOKIO_WORKER_THREADS`, which
-    /// the sidecars inherit from this process, says otherwise.
+    /// tandemd's runtime threads: its `--worker-threads` default of 1 unless
+    /// `TANDEM_WORKER_THREADS`, which the sidecars inherit from this process, says otherwise.
     pub tandemd_workers: String,
 }
 
@@ -34,9 +34,9 @@ impl RunContext {
             .ok()
             .and_then(|text| text.split_whitespace().next().map(String::from))
             .unwrap_or_else(|| "unknown".into());
-        let tandemd_workers = match std::env::var("TOKIO_WORKER_THREADS") {
-            Ok(n) => format!("{n}, from TOKIO_WORKER_THREADS"),
-            Err(_) => format!("{cpus}, tokio's default of one per CPU"),
+        let tandemd_workers = match std::env::var("TANDEM_WORKER_THREADS") {
+            Ok(n) => format!("{n}, from TANDEM_WORKER_THREADS"),
+            Err(_) => "1, tandemd's default".to_string(),
         };
         RunContext {
             cpus,

@@ -66,7 +66,7 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     // One worker per CPU, set here rather than left to tokio, which would read
-    // TOKIO_WORKER_THREADS: that variable is for the tandemd processes, which inherit it.
+    // TOKIO_WORKER_THREADS from the environment.
     let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()?;
     runtime.block_on(run(args))

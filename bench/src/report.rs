@@ -100,7 +100,7 @@ impl InvokeReport {
              - Call: app B's `echo` with a {payload} payload. **direct**: the caller calls B's \
              `AppCallback.OnInvoke` over gRPC. **mesh**: the same call through two sidecars \
              (`SidecarClient::invoke` -> tandemd A -> tandemd B -> app B).\n\
-             - Processes, all on this machine: etcd, tandemd A and B (tokio workers: {workers}), and one bench \
+             - Processes, all on this machine: etcd, tandemd A and B (runtime threads: {workers}), and one bench \
              process (tokio, {cpus} workers) that is both the caller and app B.\n\
              - Latency: {calls} sequential calls per route after {warmup} warm-up calls. Throughput: \
              {in_flight} calls in flight for {secs} s per route after a {warm_secs} s warm-up, one shared \
