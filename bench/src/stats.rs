@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use tandem_tests::stats::percentile;
+
 /// Latency of a series of sequential calls.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LatencySummary {
@@ -23,17 +25,6 @@ impl LatencySummary {
             p99: percentile(&samples, 99.0)?,
         })
     }
-}
-
-/// The `p`-th percentile of `sorted` (ascending) by the nearest-rank method: the smallest
-/// sample such that at least `p`% of the samples are less than or equal to it. No
-/// interpolation, so the answer is always a latency that was actually observed.
-pub fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
-    if sorted.is_empty() || !(0.0..=100.0).contains(&p) {
-        return None;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
 /// Calls completed over a measured span of time.
@@ -64,32 +55,7 @@ mod tests {
     }
 
     #[test]
-    fn nearest_rank_percentiles_of_one_to_a_hundred() {
-        let sorted = us(&(1..=100).collect::<Vec<_>>());
-        assert_eq!(percentile(&sorted, 50.0), Some(Duration::from_micros(50)));
-        assert_eq!(percentile(&sorted, 99.0), Some(Duration::from_micros(99)));
-        assert_eq!(percentile(&sorted, 100.0), Some(Duration::from_micros(100)));
-        assert_eq!(percentile(&sorted, 0.0), Some(Duration::from_micros(1)));
-        assert_eq!(percentile(&sorted, 0.5), Some(Duration::from_micros(1)));
-    }
-
-    #[test]
-    fn percentiles_of_small_and_odd_sample_counts() {
-        assert_eq!(percentile(&us(&[7]), 50.0), Some(Duration::from_micros(7)));
-        assert_eq!(percentile(&us(&[7]), 99.0), Some(Duration::from_micros(7)));
-        // 3 samples: rank ceil(1.5) = 2 for p50, ceil(2.97) = 3 for p99.
-        assert_eq!(percentile(&us(&[1, 2, 3]), 50.0), Some(Duration::from_micros(2)));
-        assert_eq!(percentile(&us(&[1, 2, 3]), 99.0), Some(Duration::from_micros(3)));
-        // 2000 samples: p99 is the 1980th, so the 20 slowest calls are above it.
-        let sorted = us(&(1..=2000).collect::<Vec<_>>());
-        assert_eq!(percentile(&sorted, 99.0), Some(Duration::from_micros(1980)));
-    }
-
-    #[test]
-    fn no_percentile_without_samples_or_outside_the_range() {
-        assert_eq!(percentile(&[], 50.0), None);
-        assert_eq!(percentile(&us(&[1]), 101.0), None);
-        assert_eq!(percentile(&us(&[1]), -1.0), None);
+    fn no_summary_without_samples() {
         assert_eq!(LatencySummary::from_samples(Vec::new()), None);
     }
 

@@ -18,8 +18,7 @@ impl Summary {
             return None;
         }
         sorted.sort_unstable();
-        // Nearest rank: the smallest value with at least half of the values at or below it.
-        let p50 = sorted[sorted.len().div_ceil(2) - 1];
+        let p50 = tandem_tests::stats::percentile(&sorted, 50.0)?;
         Some(Summary { count: sorted.len(), p50, max: sorted[sorted.len() - 1] })
     }
 }
