@@ -58,6 +58,16 @@ pub struct Config {
     #[arg(long, env = "TANDEM_DATA_DIR", default_value = "./tandem-data")]
     pub data_dir: PathBuf,
 
+    /// Directory of Dapr-format component files (state stores, ...). Without it, a sled state
+    /// store named `statestore` under --data-dir is there by default.
+    #[arg(long, env = "TANDEM_RESOURCES_PATH")]
+    pub resources_path: Option<PathBuf>,
+
+    /// Largest payload accepted in one request (a state value, an invocation body), e.g.
+    /// 16Mi, 512Ki or a number of bytes.
+    #[arg(long, env = "TANDEM_MAX_BODY_SIZE", default_value = "16Mi", value_parser = parse_size)]
+    pub max_body_size: usize,
+
     /// TTL of the discovery lease in seconds: a dead instance leaves routing within about this long.
     #[arg(long, env = "TANDEM_LEASE_TTL", default_value_t = 10, value_parser = clap::value_parser!(i64).range(1..=3600))]
     pub lease_ttl: i64,
@@ -136,6 +146,25 @@ fn validate_endpoint(endpoint: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Parses a size: a number of bytes, or with Ki, Mi or Gi (powers of 1024).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (number, factor) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => match &s[i..] {
+            "Ki" => (&s[..i], 1usize << 10),
+            "Mi" => (&s[..i], 1 << 20),
+            "Gi" => (&s[..i], 1 << 30),
+            unit => return Err(format!("'{s}': unknown unit '{unit}' (use Ki, Mi, Gi or a number of bytes)")),
+        },
+        None => (s, 1),
+    };
+    let value: usize = number.parse().map_err(|_| format!("'{s}' is not a size (try 16Mi)"))?;
+    value
+        .checked_mul(factor)
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("'{s}' must be a positive size that fits in memory"))
+}
+
 /// Parses `250ms`, `5s`, `2m` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -177,6 +206,16 @@ mod tests {
         assert!(validate_name("app-id", "").unwrap_err().contains("empty"));
         assert!(validate_name("app-id", "a/b").unwrap_err().contains("'/'"));
         assert!(validate_name("app-id", "a b").is_err());
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("16Mi").unwrap(), 16 << 20);
+        assert_eq!(parse_size("512Ki").unwrap(), 512 << 10);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert!(parse_size("16MB").unwrap_err().contains("unknown unit 'MB'"));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("Mi").is_err());
     }
 
     #[test]

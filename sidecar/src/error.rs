@@ -1,6 +1,9 @@
-//! The domain error of the invocation path and its one mapping to `tonic::Status`.
+//! The domain errors and their one mapping to `tonic::Status`: [`MeshError`] for the
+//! invocation path, [`StateError`] for the state stores.
 
 use tonic::{Code, Status};
+
+use crate::state::StateError;
 
 /// Response metadata a sidecar sets when it refused a call before it reached its app,
 /// so the calling sidecar may safely try another instance.
@@ -69,6 +72,20 @@ impl From<MeshError> for Status {
             status.metadata_mut().insert(NOT_DELIVERED_HEADER, tonic::metadata::MetadataValue::from_static("true"));
         }
         status
+    }
+}
+
+impl From<StateError> for Status {
+    fn from(err: StateError) -> Status {
+        let code = match &err {
+            // Dapr answers a failed ETag check with ABORTED.
+            StateError::EtagMismatch { .. } => Code::Aborted,
+            StateError::TooLarge(_) => Code::ResourceExhausted,
+            StateError::Unavailable(_) => Code::Unavailable,
+            StateError::Corrupt(_) => Code::DataLoss,
+            StateError::Internal(_) => Code::Internal,
+        };
+        Status::new(code, err.to_string())
     }
 }
 

@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod api;
 pub mod app_channel;
+pub mod components;
 pub mod config;
 pub mod deadline;
 pub mod discovery;
@@ -25,6 +26,7 @@ pub mod invoke;
 pub mod readiness;
 pub mod runtime;
 pub mod server;
+pub mod state;
 
 pub use config::Config;
 pub use runtime::{BoundAddresses, StartError, run};

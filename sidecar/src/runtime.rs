@@ -15,13 +15,15 @@ use tonic::service::Routes;
 
 use crate::api::DaprApi;
 use crate::api::dapr::{RUNTIME_VERSION, SidecarInfo};
+use crate::api::state::StateApi;
 use crate::app_channel::AppChannel;
 use crate::config::Config;
 use crate::discovery::{self, Backoff, InstanceRecord, Registrar, RoutingTable, RoutingWatcher};
 use crate::invoke::channels::PeerChannels;
 use crate::invoke::{Invoker, MeshInbound};
 use crate::readiness::Readiness;
-use crate::{admin, server};
+use crate::state::registry::{self, StoreContext};
+use crate::{admin, components, server};
 
 /// The addresses the sidecar actually bound (ports of 0 resolved).
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +42,8 @@ pub enum StartError {
     Bind { what: &'static str, address: SocketAddr, source: std::io::Error },
     #[error("cannot create the data dir {path}: {source}")]
     DataDir { path: String, source: std::io::Error },
+    #[error("components: {0}")]
+    Components(String),
 }
 
 async fn bind(what: &'static str, address: SocketAddr) -> Result<TcpListener, StartError> {
@@ -56,6 +60,19 @@ pub async fn run(
     config.validate().map_err(StartError::Config)?;
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|source| StartError::DataDir { path: config.data_dir.display().to_string(), source })?;
+
+    let specs = match &config.resources_path {
+        Some(dir) => components::load_dir(dir).map_err(StartError::Components)?,
+        None => Vec::new(),
+    };
+    let store_context = StoreContext {
+        app_id: &config.app_id,
+        namespace: &config.namespace,
+        data_dir: &config.data_dir,
+        etcd_endpoints: &config.etcd_endpoints,
+    };
+    let stores = registry::build_all(&specs, &store_context).await.map_err(StartError::Components)?;
+    let state = Arc::new(StateApi::new(stores, config.max_body_size));
 
     let grpc_listener = bind("gRPC API", config.grpc_addr()).await?;
     let internal_listener = bind("internal", config.internal_addr()).await?;
@@ -109,8 +126,11 @@ pub async fn run(
 
     let invoker =
         Arc::new(Invoker::new(config.app_id.clone(), config.namespace.clone(), routing.clone(), peers.clone()));
-    let dapr = DaprServer::new(DaprApi::new(info, invoker, api_shutdown.clone()))
-        .max_decoding_message_size(usize::MAX)
+    // Room for several values of --max-body-size plus keys and metadata in one request;
+    // each value is checked against the limit itself, with a clearer message.
+    let request_limit = config.max_body_size.saturating_mul(4);
+    let dapr = DaprServer::new(DaprApi::new(info, invoker, state, api_shutdown.clone()))
+        .max_decoding_message_size(request_limit)
         .max_encoding_message_size(usize::MAX);
     let mesh = MeshServer::new(MeshInbound::new(config.app_id.clone(), app.clone()))
         .max_decoding_message_size(usize::MAX)

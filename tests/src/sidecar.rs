@@ -22,6 +22,7 @@ pub struct Sidecar {
     lease_ttl: u32,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    data_dir: Option<std::path::PathBuf>,
 }
 
 impl Sidecar {
@@ -33,6 +34,7 @@ impl Sidecar {
             lease_ttl: 2,
             args: Vec::new(),
             env: Vec::new(),
+            data_dir: None,
         }
     }
 
@@ -63,6 +65,18 @@ impl Sidecar {
         self
     }
 
+    /// Keeps the sidecar's data in `dir` (to restart a sidecar on the same data); by default
+    /// each spawn gets a fresh temp dir.
+    pub fn data_dir(mut self, dir: &std::path::Path) -> Self {
+        self.data_dir = Some(dir.to_path_buf());
+        self
+    }
+
+    /// `--resources-path`: a directory of component files.
+    pub fn resources(self, dir: &std::path::Path) -> Self {
+        self.arg("--resources-path").arg(dir.to_string_lossy().into_owned())
+    }
+
     /// Sets an environment variable of the process. `DAPR_GRPC_PORT` replaces the default
     /// `--grpc-port 0` (a flag would win over the variable).
     pub fn env(mut self, key: &str, value: &str) -> Self {
@@ -80,7 +94,7 @@ impl Sidecar {
             .args(["--lease-ttl", &self.lease_ttl.to_string()])
             .args(["--app-health-probe-interval", "200ms", "--drain-timeout", "5s"])
             .arg("--data-dir")
-            .arg(dir.path().join("data"))
+            .arg(self.data_dir.clone().unwrap_or_else(|| dir.path().join("data")))
             .env("TANDEM_LOG_LEVEL", "info,tandem_sidecar=debug")
             .env_remove("DAPR_GRPC_PORT")
             .stdin(Stdio::null())

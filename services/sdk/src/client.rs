@@ -3,9 +3,13 @@
 use std::time::Duration;
 
 use tandem_proto::common::InvokeRequest;
+use tandem_proto::common::{Etag, StateItem};
 use tandem_proto::prost_types::Any;
 use tandem_proto::runtime::dapr_client::DaprClient;
-use tandem_proto::runtime::{GetMetadataRequest, GetMetadataResponse, InvokeServiceRequest, ShutdownRequest};
+use tandem_proto::runtime::{
+    DeleteStateRequest, GetMetadataRequest, GetMetadataResponse, GetStateRequest, InvokeServiceRequest,
+    SaveStateRequest, ShutdownRequest,
+};
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
@@ -41,6 +45,13 @@ pub struct Response {
     pub data: Vec<u8>,
     pub content_type: String,
     pub metadata: MetadataMap,
+}
+
+/// A stored value and its version (pass the ETag back to write only if nothing changed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateEntry {
+    pub value: Vec<u8>,
+    pub etag: String,
 }
 
 /// A client of the local sidecar. Cheap to clone: clones share one HTTP/2 connection.
@@ -104,6 +115,53 @@ impl SidecarClient {
             content_type: response.content_type,
             metadata,
         })
+    }
+
+    /// The value of `key` in `store` and its ETag; `None` when the key does not exist.
+    pub async fn get_state(&self, store: &str, key: &str) -> Result<Option<StateEntry>, Status> {
+        let request = GetStateRequest { store_name: store.into(), key: key.into(), ..Default::default() };
+        let found = self.inner.clone().get_state(request).await?.into_inner();
+        Ok((!found.etag.is_empty()).then_some(StateEntry { value: found.data, etag: found.etag }))
+    }
+
+    /// Saves `value` under `key` (last write wins).
+    pub async fn save_state(&self, store: &str, key: &str, value: impl Into<Vec<u8>>) -> Result<(), Status> {
+        self.save_state_with(store, key, value, None, None).await
+    }
+
+    /// Saves `value` under `key`, only if the key still has `etag` when one is given (ABORTED
+    /// otherwise), expiring after `ttl` when one is given.
+    pub async fn save_state_with(
+        &self,
+        store: &str,
+        key: &str,
+        value: impl Into<Vec<u8>>,
+        etag: Option<&str>,
+        ttl: Option<Duration>,
+    ) -> Result<(), Status> {
+        let metadata =
+            ttl.map(|ttl| [("ttlInSeconds".to_string(), ttl.as_secs().max(1).to_string())].into()).unwrap_or_default();
+        let item = StateItem {
+            key: key.into(),
+            value: value.into(),
+            etag: etag.map(|value| Etag { value: value.into() }),
+            metadata,
+            options: None,
+        };
+        self.inner.clone().save_state(SaveStateRequest { store_name: store.into(), states: vec![item] }).await?;
+        Ok(())
+    }
+
+    /// Deletes `key` (only if it still has `etag`, when one is given).
+    pub async fn delete_state(&self, store: &str, key: &str, etag: Option<&str>) -> Result<(), Status> {
+        let request = DeleteStateRequest {
+            store_name: store.into(),
+            key: key.into(),
+            etag: etag.map(|value| Etag { value: value.into() }),
+            ..Default::default()
+        };
+        self.inner.clone().delete_state(request).await?;
+        Ok(())
     }
 
     /// The sidecar's own description (app-id, runtime version, connection properties).

@@ -1,7 +1,7 @@
 //! tandem-sdk: what a Rust app needs to live beside `tandemd`.
 //!
 //! - [`client`]: [`SidecarClient`], a client for the local sidecar's Dapr-compatible API
-//!   (invoke other apps, read the sidecar's metadata, ask it to shut down).
+//!   (invoke other apps, keep state, read the sidecar's metadata, ask it to shut down).
 //! - [`app`]: [`AppServer`], which serves the app-callback API (`AppCallback.OnInvoke`,
 //!   `AppCallbackHealthCheck.HealthCheck`) from plain async handler functions.
 //!
@@ -12,7 +12,7 @@ pub mod app;
 pub mod client;
 
 pub use app::{AppServer, Invocation, Reply};
-pub use client::{CallOptions, SidecarClient};
+pub use client::{CallOptions, SidecarClient, StateEntry};
 pub use tandem_proto as proto;
 pub use tonic::{Code, Status};
 

@@ -1,4 +1,5 @@
-//! `dapr.proto.runtime.v1.Dapr`: InvokeService, GetMetadata and Shutdown. Methods of Dapr's
+//! `dapr.proto.runtime.v1.Dapr`: InvokeService, the state API (see [`super::state`]),
+//! GetMetadata and Shutdown. Methods of Dapr's
 //! service that Tandem does not implement are absent from its proto and answer UNIMPLEMENTED.
 
 use std::collections::HashMap;
@@ -7,11 +8,14 @@ use std::sync::Arc;
 use tandem_proto::common::InvokeResponse;
 use tandem_proto::runtime::dapr_server::Dapr;
 use tandem_proto::runtime::{
-    AppConnectionProperties, GetMetadataRequest, GetMetadataResponse, InvokeServiceRequest, ShutdownRequest,
+    AppConnectionProperties, DeleteBulkStateRequest, DeleteStateRequest, ExecuteStateTransactionRequest,
+    GetBulkStateRequest, GetBulkStateResponse, GetMetadataRequest, GetMetadataResponse, GetStateRequest,
+    GetStateResponse, InvokeServiceRequest, SaveStateRequest, ShutdownRequest,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use super::state::StateApi;
 use crate::deadline;
 use crate::error::MeshError;
 use crate::invoke::{Invocation, Invoker, headers};
@@ -30,13 +34,14 @@ pub struct SidecarInfo {
 pub struct DaprApi {
     info: SidecarInfo,
     invoker: Arc<Invoker>,
+    state: Arc<StateApi>,
     shutdown: CancellationToken,
 }
 
 impl DaprApi {
     /// `shutdown` is cancelled by the Shutdown RPC; the runtime then drains and exits.
-    pub fn new(info: SidecarInfo, invoker: Arc<Invoker>, shutdown: CancellationToken) -> Self {
-        DaprApi { info, invoker, shutdown }
+    pub fn new(info: SidecarInfo, invoker: Arc<Invoker>, state: Arc<StateApi>, shutdown: CancellationToken) -> Self {
+        DaprApi { info, invoker, state, shutdown }
     }
 }
 
@@ -74,6 +79,7 @@ impl Dapr for DaprApi {
             id: info.app_id.clone(),
             runtime_version: RUNTIME_VERSION.to_string(),
             extended_metadata,
+            registered_components: self.state.registered_components(),
             app_connection_properties: Some(AppConnectionProperties {
                 port: info.app_port.map(i32::from).unwrap_or(0),
                 protocol: "grpc".into(),
@@ -82,6 +88,36 @@ impl Dapr for DaprApi {
             }),
             ..Default::default()
         }))
+    }
+
+    async fn get_state(&self, request: Request<GetStateRequest>) -> Result<Response<GetStateResponse>, Status> {
+        self.state.get_state(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn get_bulk_state(
+        &self,
+        request: Request<GetBulkStateRequest>,
+    ) -> Result<Response<GetBulkStateResponse>, Status> {
+        self.state.get_bulk_state(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn save_state(&self, request: Request<SaveStateRequest>) -> Result<Response<()>, Status> {
+        self.state.save_state(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn delete_state(&self, request: Request<DeleteStateRequest>) -> Result<Response<()>, Status> {
+        self.state.delete_state(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn delete_bulk_state(&self, request: Request<DeleteBulkStateRequest>) -> Result<Response<()>, Status> {
+        self.state.delete_bulk_state(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn execute_state_transaction(
+        &self,
+        request: Request<ExecuteStateTransactionRequest>,
+    ) -> Result<Response<()>, Status> {
+        self.state.execute_state_transaction(request.into_inner()).await.map(Response::new)
     }
 
     async fn shutdown(&self, _: Request<ShutdownRequest>) -> Result<Response<()>, Status> {

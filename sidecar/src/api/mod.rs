@@ -2,5 +2,6 @@
 //! protos into domain calls and domain errors into gRPC statuses.
 
 pub mod dapr;
+pub mod state;
 
 pub use dapr::DaprApi;

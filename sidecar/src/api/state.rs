@@ -1,0 +1,280 @@
+//! Dapr's state API on top of the [`StateStore`]s: request validation, key prefixes, ETag
+//! and concurrency options, TTL metadata, and the answers Dapr gives.
+//!
+//! Writes of one request (a bulk save, a bulk delete, a transaction) are one atomic batch:
+//! either every ETag check holds and all are written, or the request fails with ABORTED
+//! naming the key and nothing is written.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, SystemTime};
+
+use tandem_proto::common::state_options::StateConcurrency;
+use tandem_proto::common::{StateItem, StateOptions};
+use tandem_proto::runtime::{
+    BulkStateItem, DeleteBulkStateRequest, DeleteStateRequest, ExecuteStateTransactionRequest, GetBulkStateRequest,
+    GetBulkStateResponse, GetStateRequest, GetStateResponse, RegisteredComponents, SaveStateRequest,
+};
+use tonic::Status;
+
+use crate::state::registry::NamedStore;
+use crate::state::{Operation, Precondition, StateValue};
+
+/// Dapr's metadata key for a per-write TTL.
+pub const TTL_IN_SECONDS: &str = "ttlInSeconds";
+/// Dapr's response metadata key for when a key expires (RFC 3339, UTC).
+pub const TTL_EXPIRE_TIME: &str = "ttlExpireTime";
+
+pub struct StateApi {
+    stores: BTreeMap<String, NamedStore>,
+    max_value_bytes: usize,
+}
+
+impl StateApi {
+    pub fn new(stores: BTreeMap<String, NamedStore>, max_value_bytes: usize) -> Self {
+        StateApi { stores, max_value_bytes }
+    }
+
+    /// The stores, as GetMetadata lists them.
+    pub fn registered_components(&self) -> Vec<RegisteredComponents> {
+        self.stores
+            .values()
+            .map(|store| RegisteredComponents {
+                name: store.name.clone(),
+                r#type: store.kind.to_string(),
+                version: "v1".into(),
+                capabilities: vec!["ETAG".into(), "TRANSACTIONAL".into(), "TTL".into()],
+            })
+            .collect()
+    }
+
+    fn store(&self, name: &str) -> Result<&NamedStore, Status> {
+        if name.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "the state store name is empty; stores here: {}",
+                self.store_names()
+            )));
+        }
+        self.stores.get(name).ok_or_else(|| {
+            Status::invalid_argument(format!("state store '{name}' is not found; stores here: {}", self.store_names()))
+        })
+    }
+
+    fn store_names(&self) -> String {
+        self.stores.keys().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ")
+    }
+
+    pub async fn get_state(&self, request: GetStateRequest) -> Result<GetStateResponse, Status> {
+        let store = self.store(&request.store_name)?;
+        let key = store_key(store, &request.key)?;
+        let found = store.store.get(&key).await.map_err(Status::from)?;
+        Ok(match found {
+            Some(value) => {
+                GetStateResponse { metadata: response_metadata(&value), data: value.value, etag: value.etag }
+            }
+            None => GetStateResponse::default(),
+        })
+    }
+
+    /// Answers per key: a key that cannot be read carries its error, the others their data.
+    pub async fn get_bulk_state(&self, request: GetBulkStateRequest) -> Result<GetBulkStateResponse, Status> {
+        let store = self.store(&request.store_name)?;
+        let mut items = Vec::with_capacity(request.keys.len());
+        for key in request.keys {
+            let read = match store_key(store, &key) {
+                Ok(store_key) => store.store.get(&store_key).await.map_err(|e| e.to_string()),
+                Err(status) => Err(status.message().to_string()),
+            };
+            items.push(match read {
+                Ok(Some(value)) => BulkStateItem {
+                    key,
+                    metadata: response_metadata(&value),
+                    data: value.value,
+                    etag: value.etag,
+                    error: String::new(),
+                },
+                Ok(None) => BulkStateItem { key, ..Default::default() },
+                Err(error) => BulkStateItem { key, error, ..Default::default() },
+            });
+        }
+        Ok(GetBulkStateResponse { items })
+    }
+
+    pub async fn save_state(&self, request: SaveStateRequest) -> Result<(), Status> {
+        let store = self.store(&request.store_name)?;
+        let operations =
+            request.states.into_iter().map(|item| self.set_operation(store, item)).collect::<Result<Vec<_>, _>>()?;
+        apply(store, operations).await
+    }
+
+    pub async fn delete_state(&self, request: DeleteStateRequest) -> Result<(), Status> {
+        let store = self.store(&request.store_name)?;
+        let key = store_key(store, &request.key)?;
+        let precondition = delete_precondition(request.etag.map(|e| e.value));
+        apply(store, vec![Operation::Delete { key, precondition }]).await
+    }
+
+    pub async fn delete_bulk_state(&self, request: DeleteBulkStateRequest) -> Result<(), Status> {
+        let store = self.store(&request.store_name)?;
+        let operations = request
+            .states
+            .into_iter()
+            .map(|item| {
+                let key = store_key(store, &item.key)?;
+                Ok(Operation::Delete { key, precondition: delete_precondition(item.etag.map(|e| e.value)) })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        apply(store, operations).await
+    }
+
+    pub async fn execute_state_transaction(&self, request: ExecuteStateTransactionRequest) -> Result<(), Status> {
+        let store = self.store(&request.store_name)?;
+        let mut operations = Vec::with_capacity(request.operations.len());
+        for (index, operation) in request.operations.into_iter().enumerate() {
+            let item = operation
+                .request
+                .ok_or_else(|| Status::invalid_argument(format!("transaction operation {index} has no request")))?;
+            operations.push(match operation.operation_type.as_str() {
+                "upsert" => self.set_operation(store, item)?,
+                "delete" => Operation::Delete {
+                    key: store_key(store, &item.key)?,
+                    precondition: delete_precondition(item.etag.map(|e| e.value)),
+                },
+                other => {
+                    return Err(Status::invalid_argument(format!(
+                        "transaction operation {index}: operationType '{other}' is not supported (use 'upsert' or 'delete')"
+                    )));
+                }
+            });
+        }
+        apply(store, operations).await
+    }
+
+    fn set_operation(&self, store: &NamedStore, item: StateItem) -> Result<Operation, Status> {
+        let key = store_key(store, &item.key)?;
+        if item.value.len() > self.max_value_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "the value of key '{}' is {} bytes, over the limit of {} bytes (--max-body-size)",
+                item.key,
+                item.value.len(),
+                self.max_value_bytes
+            )));
+        }
+        let ttl = parse_ttl(&item.key, &item.metadata)?;
+        let precondition = set_precondition(item.etag.map(|e| e.value), item.options.as_ref());
+        Ok(Operation::Set { key, value: item.value, precondition, ttl })
+    }
+}
+
+async fn apply(store: &NamedStore, operations: Vec<Operation>) -> Result<(), Status> {
+    if operations.is_empty() {
+        return Ok(());
+    }
+    store.store.apply(operations).await.map_err(Status::from)
+}
+
+/// The key as the store keeps it; empty keys and keys with `||` (the prefix separator) are refused.
+fn store_key(store: &NamedStore, key: &str) -> Result<String, Status> {
+    if key.is_empty() {
+        return Err(Status::invalid_argument("the state key is empty"));
+    }
+    if key.contains("||") {
+        return Err(Status::invalid_argument(format!(
+            "the state key '{key}' contains '||', which separates key prefixes"
+        )));
+    }
+    Ok(store.key_prefix.apply(key))
+}
+
+/// With an ETag, the write must match it (first-write-wins through ETags). Without one,
+/// `CONCURRENCY_FIRST_WRITE` means "only if the key does not exist yet"; otherwise the last
+/// write wins.
+fn set_precondition(etag: Option<String>, options: Option<&StateOptions>) -> Precondition {
+    match etag.filter(|e| !e.is_empty()) {
+        Some(etag) => Precondition::EtagMatches(etag),
+        None if options.is_some_and(|o| o.concurrency == StateConcurrency::ConcurrencyFirstWrite as i32) => {
+            Precondition::Absent
+        }
+        None => Precondition::None,
+    }
+}
+
+fn delete_precondition(etag: Option<String>) -> Precondition {
+    match etag.filter(|e| !e.is_empty()) {
+        Some(etag) => Precondition::EtagMatches(etag),
+        None => Precondition::None,
+    }
+}
+
+/// `ttlInSeconds`: a positive number of seconds, or -1 (never expires, as without it).
+fn parse_ttl(key: &str, metadata: &HashMap<String, String>) -> Result<Option<Duration>, Status> {
+    let Some(text) = metadata.get(TTL_IN_SECONDS) else { return Ok(None) };
+    match text.trim().parse::<i64>() {
+        Ok(-1) => Ok(None),
+        Ok(seconds) if seconds > 0 => Ok(Some(Duration::from_secs(seconds as u64))),
+        _ => Err(Status::invalid_argument(format!(
+            "metadata {TTL_IN_SECONDS} '{text}' of key '{key}' is invalid: use a positive number of seconds, or -1 for none"
+        ))),
+    }
+}
+
+fn response_metadata(value: &StateValue) -> HashMap<String, String> {
+    value.expires_at.map(|at| HashMap::from([(TTL_EXPIRE_TIME.to_string(), rfc3339(at))])).unwrap_or_default()
+}
+
+/// `2026-11-25T20:30:00Z` (UTC, whole seconds).
+pub fn rfc3339(at: SystemTime) -> String {
+    let seconds = at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rest) = (seconds / 86_400, seconds % 86_400);
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rest / 3600, rest % 3600 / 60, rest % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_638_645);
+        assert_eq!(rfc3339(at), "2026-11-25T20:30:45Z");
+        let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_825_600);
+        assert_eq!(rfc3339(leap), "2000-02-29T12:00:00Z");
+    }
+
+    #[test]
+    fn ttl_metadata_is_validated() {
+        let meta = |v: &str| HashMap::from([(TTL_IN_SECONDS.to_string(), v.to_string())]);
+        assert_eq!(parse_ttl("k", &HashMap::new()).unwrap(), None);
+        assert_eq!(parse_ttl("k", &meta("-1")).unwrap(), None);
+        assert_eq!(parse_ttl("k", &meta("5")).unwrap(), Some(Duration::from_secs(5)));
+        for bad in ["foo", "0", "-2", "1.5", ""] {
+            let err = parse_ttl("k", &meta(bad)).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().contains(&format!("'{bad}'")), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn etags_and_concurrency_become_preconditions() {
+        let first = StateOptions { concurrency: StateConcurrency::ConcurrencyFirstWrite as i32, consistency: 0 };
+        let last = StateOptions { concurrency: StateConcurrency::ConcurrencyLastWrite as i32, consistency: 0 };
+        assert_eq!(set_precondition(Some("7".into()), Some(&last)), Precondition::EtagMatches("7".into()));
+        assert_eq!(set_precondition(Some("7".into()), Some(&first)), Precondition::EtagMatches("7".into()));
+        assert_eq!(set_precondition(None, Some(&first)), Precondition::Absent);
+        assert_eq!(set_precondition(Some(String::new()), Some(&first)), Precondition::Absent);
+        assert_eq!(set_precondition(None, Some(&last)), Precondition::None);
+        assert_eq!(set_precondition(None, None), Precondition::None);
+        assert_eq!(delete_precondition(Some(String::new())), Precondition::None);
+        assert_eq!(delete_precondition(Some("3".into())), Precondition::EtagMatches("3".into()));
+    }
+}
