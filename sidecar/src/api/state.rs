@@ -1,4 +1,4 @@
-//! Dapr's state API on top of the [`StateStore`]s: request validation, key prefixes, ETag
+//! Dapr's state API on top of the [`StateStore`](crate::state::StateStore)s: request validation, key prefixes, ETag
 //! and concurrency options, TTL metadata, and the answers Dapr gives.
 //!
 //! Writes of one request (a bulk save, a bulk delete, a transaction) are one atomic batch:
