@@ -12,4 +12,4 @@ install_deps
 # The integration tests run the tandemd binary from target/<profile>/, which `cargo test` does
 # not necessarily (re)build: build every target of the workspace first.
 cargo build --workspace --all-targets --locked
-cargo test --workspace --locked "$@"
+cargo test --workspace --locked --no-fail-fast "$@"
