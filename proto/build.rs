@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dapr/proto/runtime/v1/dapr.proto",
         "dapr/proto/runtime/v1/appcallback.proto",
         "tandem/internal/v1/mesh.proto",
+        "tandem/internal/v1/pubsub.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

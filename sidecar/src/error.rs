@@ -1,8 +1,9 @@
 //! The domain errors and their one mapping to `tonic::Status`: [`MeshError`] for the
-//! invocation path, [`StateError`] for the state stores.
+//! invocation path, [`StateError`] for the state stores, [`PubSubError`] for pub/sub.
 
 use tonic::{Code, Status};
 
+use crate::pubsub::PubSubError;
 use crate::state::StateError;
 
 /// Response metadata a sidecar sets when it refused a call before it reached its app,
@@ -86,6 +87,16 @@ impl From<StateError> for Status {
             StateError::Internal(_) => Code::Internal,
         };
         Status::new(code, err.to_string())
+    }
+}
+
+impl From<PubSubError> for Status {
+    fn from(err: PubSubError) -> Status {
+        match &err {
+            PubSubError::BacklogFull { .. } => Status::resource_exhausted(err.to_string()),
+            PubSubError::RoutingNotReady => Status::unavailable(err.to_string()),
+            PubSubError::Storage(_) => Status::internal(err.to_string()),
+        }
     }
 }
 

@@ -7,6 +7,9 @@
 //! - [`api`]: the app-facing Dapr gRPC API (proto <-> domain).
 //! - [`invoke`]: service invocation, outbound (routing, balancing, failover) and inbound (to the app).
 //! - [`discovery`]: registration in etcd under a lease and the routing table watched from etcd.
+//! - [`state`]: the state stores (`state.sled`, `state.etcd`) behind one trait.
+//! - [`pubsub`]: `pubsub.embedded`, durable at-least-once delivery between sidecars.
+//! - [`components`]: Dapr-format component files.
 //! - [`app_channel`]: the connection to the local app and its health probe.
 //! - [`admin`]: /healthz, /readyz and Dapr's health paths.
 //! - [`server`]: serving gRPC on a bound listener with TCP_NODELAY and a graceful drain.
@@ -23,6 +26,7 @@ pub mod deadline;
 pub mod discovery;
 pub mod error;
 pub mod invoke;
+pub mod pubsub;
 pub mod readiness;
 pub mod runtime;
 pub mod server;

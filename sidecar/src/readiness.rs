@@ -37,6 +37,11 @@ impl Readiness {
         *self.app_problem.lock().unwrap_or_else(|p| p.into_inner()) = problem;
     }
 
+    /// Whether the app's last health probe passed (true for a sidecar without an app).
+    pub fn app_is_healthy(&self) -> bool {
+        self.app_problem.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+    }
+
     /// `Ok` when ready; otherwise every reason it is not.
     pub fn check(&self) -> Result<(), Vec<String>> {
         let mut reasons = Vec::new();

@@ -1,6 +1,7 @@
 //! Builds a sidecar from its [`Config`], runs it, and shuts it down in order: stop being
 //! ready, revoke the etcd lease (peers stop routing here), drain in-flight calls, exit.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,15 +16,18 @@ use tonic::service::Routes;
 
 use crate::api::DaprApi;
 use crate::api::dapr::{RUNTIME_VERSION, SidecarInfo};
+use crate::api::pubsub::PubSubApi;
 use crate::api::state::StateApi;
 use crate::app_channel::AppChannel;
 use crate::config::Config;
 use crate::discovery::{self, Backoff, InstanceRecord, Registrar, RoutingTable, RoutingWatcher};
 use crate::invoke::channels::PeerChannels;
 use crate::invoke::{Invoker, MeshInbound};
+use crate::pubsub::delivery;
+use crate::pubsub::subscriptions::SubscriptionRegistrar;
 use crate::readiness::Readiness;
 use crate::state::registry::{self, StoreContext};
-use crate::{admin, components, server};
+use crate::{admin, components, pubsub, server};
 
 /// The addresses the sidecar actually bound (ports of 0 resolved).
 #[derive(Debug, Clone, Copy)]
@@ -97,6 +101,8 @@ pub async fn run(
     let instance_id = uuid::Uuid::new_v4().simple().to_string();
     let readiness = Arc::new(Readiness::new(config.app_port.is_some()));
     let routing = RoutingTable::new();
+    let pubsubs = pubsub::build_all(&specs, &config.data_dir, &routing).map_err(StartError::Components)?;
+    let pubsub_api = Arc::new(PubSubApi::new(config.app_id.clone(), pubsubs.clone(), config.max_body_size));
     let peers = PeerChannels::default();
     let app = match config.app_port {
         Some(port) => Some(AppChannel::new(&config.app_host, port).map_err(StartError::Config)?),
@@ -129,7 +135,7 @@ pub async fn run(
     // Room for several values of --max-body-size plus keys and metadata in one request;
     // each value is checked against the limit itself, with a clearer message.
     let request_limit = config.max_body_size.saturating_mul(4);
-    let dapr = DaprServer::new(DaprApi::new(info, invoker, state, api_shutdown.clone()))
+    let dapr = DaprServer::new(DaprApi::new(info, invoker.clone(), state, pubsub_api, api_shutdown.clone()))
         .max_decoding_message_size(request_limit)
         .max_encoding_message_size(usize::MAX);
     let mesh = MeshServer::new(MeshInbound::new(config.app_id.clone(), app.clone()))
@@ -161,18 +167,24 @@ pub async fn run(
     );
     on_bound(bound);
 
-    if let Some(app) = app {
+    if let Some(app) = app.clone() {
         tokio::spawn(app.probe_health(readiness.clone(), config.app_health_probe_interval, background_stop.clone()));
     }
     tokio::spawn(peers.prune_on_routing_changes(routing.clone()));
-    let discovery = tokio::spawn(run_discovery(
-        config.clone(),
-        record,
-        routing,
-        readiness.clone(),
-        registration_stop.clone(),
-        background_stop.clone(),
-    ));
+    for pubsub in pubsubs.values() {
+        tokio::spawn(delivery::run(pubsub.clone(), invoker.clone(), background_stop.clone()));
+    }
+    let discovery = tokio::spawn(
+        Discovery {
+            config: config.clone(),
+            record,
+            routing,
+            readiness: readiness.clone(),
+            app: app.clone(),
+            pubsub_names: pubsubs.keys().cloned().collect(),
+        }
+        .run(registration_stop.clone(), background_stop.clone()),
+    );
 
     tokio::select! {
         _ = shutdown => tracing::info!("shutdown signal received"),
@@ -195,32 +207,50 @@ pub async fn run(
     Ok(())
 }
 
-/// Connects to etcd (retrying with backoff while it is unreachable), then keeps the routing
-/// table and this instance's registration until stopped. Returns once the lease is revoked.
-async fn run_discovery(
+/// What the sidecar needs from etcd once it can reach it.
+struct Discovery {
     config: Config,
     record: InstanceRecord,
     routing: RoutingTable,
     readiness: Arc<Readiness>,
-    registration_stop: CancellationToken,
-    watch_stop: CancellationToken,
-) {
-    let mut backoff = Backoff::new();
-    let client = loop {
-        let attempt = tokio::select! {
-            _ = registration_stop.cancelled() => return,
-            attempt = discovery::etcd_client(&config.etcd_endpoints) => attempt,
+    app: Option<AppChannel>,
+    pubsub_names: BTreeSet<String>,
+}
+
+impl Discovery {
+    /// Connects to etcd (retrying with backoff while it is unreachable), then keeps the
+    /// routing table, this instance's registration and the app's subscriptions until stopped.
+    /// Returns once the lease is revoked.
+    async fn run(self, registration_stop: CancellationToken, background_stop: CancellationToken) {
+        let Discovery { config, record, routing, readiness, app, pubsub_names } = self;
+        let mut backoff = Backoff::new();
+        let client = loop {
+            let attempt = tokio::select! {
+                _ = registration_stop.cancelled() => return,
+                attempt = discovery::etcd_client(&config.etcd_endpoints) => attempt,
+            };
+            match attempt {
+                Ok(client) => break client,
+                Err(e) => tracing::warn!(error = %e, endpoints = ?config.etcd_endpoints, "cannot reach etcd; retrying"),
+            }
+            tokio::select! {
+                _ = registration_stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff.step()) => {}
+            }
         };
-        match attempt {
-            Ok(client) => break client,
-            Err(e) => tracing::warn!(error = %e, endpoints = ?config.etcd_endpoints, "cannot reach etcd; retrying"),
+        let watcher = RoutingWatcher::new(client.clone(), config.namespace.clone(), routing);
+        tokio::spawn(watcher.run(background_stop.clone()));
+        if let Some(app) = app {
+            let subscriptions = SubscriptionRegistrar {
+                client: client.clone(),
+                namespace: config.namespace.clone(),
+                app_id: config.app_id.clone(),
+                app,
+                pubsubs: pubsub_names,
+                readiness: readiness.clone(),
+            };
+            tokio::spawn(subscriptions.run(background_stop));
         }
-        tokio::select! {
-            _ = registration_stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff.step()) => {}
-        }
-    };
-    let watcher = RoutingWatcher::new(client.clone(), config.namespace.clone(), routing);
-    tokio::spawn(watcher.run(watch_stop));
-    Registrar::new(client, config.namespace, record, config.lease_ttl, readiness).run(registration_stop).await;
+        Registrar::new(client, config.namespace, record, config.lease_ttl, readiness).run(registration_stop).await;
+    }
 }

@@ -35,9 +35,11 @@ pub struct ResourcesDir {
     dir: TempDir,
 }
 
+/// A component to declare: (name, type, metadata as (name, value) pairs).
+pub type ComponentDecl<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+
 impl ResourcesDir {
-    /// `components`: (name, type, metadata).
-    pub fn new(components: &[(&str, &str, &[(&str, &str)])]) -> ResourcesDir {
+    pub fn new(components: &[ComponentDecl<'_>]) -> ResourcesDir {
         let dir = tempfile::Builder::new().prefix("tandem-resources-").tempdir().expect("temp dir");
         for (name, kind, metadata) in components {
             std::fs::write(dir.path().join(format!("{name}.yaml")), component_yaml(name, kind, metadata))
@@ -80,7 +82,7 @@ impl Write {
             metadata: self.metadata.iter().cloned().collect(),
             options: self
                 .first_write
-                .then(|| StateOptions { concurrency: StateConcurrency::ConcurrencyFirstWrite as i32, consistency: 0 }),
+                .then_some(StateOptions { concurrency: StateConcurrency::ConcurrencyFirstWrite as i32, consistency: 0 }),
         }
     }
 }

@@ -119,6 +119,6 @@ async fn the_official_dapr_rust_sdk_talks_to_tandemd_unchanged() {
     assert!(text.contains("NotFound") && text.contains("nobody"), "{text}");
 
     // Methods of Dapr's API that Tandem does not implement answer UNIMPLEMENTED.
-    let err = client.publish_event("pubsub", "topic", "text/plain", b"x".to_vec(), None).await.unwrap_err();
+    let err = client.get_secret("secrets", "k").await.unwrap_err();
     assert!(format!("{err:?}").contains("Unimplemented"), "{err:?}");
 }

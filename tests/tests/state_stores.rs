@@ -8,13 +8,16 @@ use tandem_tests::state::{ResourcesDir, StateClient, Write};
 use tandem_tests::{Etcd, Sidecar};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_components_a_sled_store_named_statestore_is_there() {
+async fn without_components_a_sled_store_and_an_embedded_pubsub_are_there() {
     let etcd = Etcd::start().await;
     let sidecar = Sidecar::new("svc-a").etcd(&etcd).spawn().await;
     let metadata = sidecar.client().metadata().await.unwrap();
     let stores: Vec<(String, String)> =
         metadata.registered_components.iter().map(|c| (c.name.clone(), c.r#type.clone())).collect();
-    assert_eq!(stores, [("statestore".to_string(), "state.sled".to_string())]);
+    assert_eq!(
+        stores,
+        [("statestore".to_string(), "state.sled".to_string()), ("pubsub".to_string(), "pubsub.embedded".to_string())]
+    );
     // Through tandem-sdk's state calls.
     let client = sidecar.client();
     assert_eq!(client.get_state("statestore", "k").await.unwrap(), None);

@@ -18,9 +18,13 @@ use std::sync::Arc;
 
 use tandem_proto::common::{InvokeRequest, InvokeResponse};
 use tandem_proto::prost_types::Any;
-use tandem_proto::runtime::HealthCheckResponse;
 use tandem_proto::runtime::app_callback_health_check_server::{AppCallbackHealthCheck, AppCallbackHealthCheckServer};
 use tandem_proto::runtime::app_callback_server::{AppCallback, AppCallbackServer};
+use tandem_proto::runtime::topic_event_response::TopicEventResponseStatus;
+use tandem_proto::runtime::{
+    HealthCheckResponse, ListTopicSubscriptionsResponse, TopicEventRequest, TopicEventResponse, TopicRoutes,
+    TopicSubscription,
+};
 use tokio::net::TcpListener;
 use tonic::metadata::MetadataMap;
 use tonic::transport::server::TcpIncoming;
@@ -61,14 +65,45 @@ impl Reply {
     }
 }
 
+/// One pub/sub event delivered to the app.
+#[derive(Debug, Clone)]
+pub struct TopicEvent {
+    pub id: String,
+    pub source: String,
+    pub kind: String,
+    pub pubsub_name: String,
+    pub topic: String,
+    pub data: Vec<u8>,
+    pub data_content_type: String,
+}
+
+/// What the app did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventOutcome {
+    /// Processed; not delivered again.
+    Success,
+    /// Deliver it again later.
+    Retry,
+    /// Not processed, and not to be delivered again.
+    Drop,
+}
+
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 type Handler = Arc<dyn Fn(Invocation) -> BoxFuture<Result<Reply, Status>> + Send + Sync>;
 type HealthCheck = Arc<dyn Fn() -> BoxFuture<Result<(), Status>> + Send + Sync>;
+type EventHandler = Arc<dyn Fn(TopicEvent) -> BoxFuture<EventOutcome> + Send + Sync>;
 
-/// The app's callback server: a handler per method and an optional health check.
+struct Subscription {
+    dead_letter_topic: String,
+    handler: EventHandler,
+}
+
+/// The app's callback server: a handler per method, a handler per subscribed topic and an
+/// optional health check.
 #[derive(Clone, Default)]
 pub struct AppServer {
     handlers: HashMap<String, Handler>,
+    subscriptions: HashMap<(String, String), Arc<Subscription>>,
     health: Option<HealthCheck>,
 }
 
@@ -84,6 +119,34 @@ impl AppServer {
         Fut: Future<Output = Result<Reply, Status>> + Send + 'static,
     {
         self.handlers.insert(method.to_string(), Arc::new(move |call| Box::pin(handler(call))));
+        self
+    }
+
+    /// Subscribes to `topic` of pub/sub component `pubsub`; `handler` decides each event's fate.
+    pub fn subscribe<F, Fut>(self, pubsub: &str, topic: &str, handler: F) -> Self
+    where
+        F: Fn(TopicEvent) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = EventOutcome> + Send + 'static,
+    {
+        self.subscribe_with_dead_letter(pubsub, topic, "", handler)
+    }
+
+    /// Like [`AppServer::subscribe`]; events that exhaust their deliveries go to
+    /// `dead_letter_topic` (of the same component) instead of being dropped.
+    pub fn subscribe_with_dead_letter<F, Fut>(
+        mut self,
+        pubsub: &str,
+        topic: &str,
+        dead_letter_topic: &str,
+        handler: F,
+    ) -> Self
+    where
+        F: Fn(TopicEvent) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = EventOutcome> + Send + 'static,
+    {
+        let handler: EventHandler = Arc::new(move |event| Box::pin(handler(event)));
+        let subscription = Subscription { dead_letter_topic: dead_letter_topic.to_string(), handler };
+        self.subscriptions.insert((pubsub.to_string(), topic.to_string()), Arc::new(subscription));
         self
     }
 
@@ -148,6 +211,52 @@ impl AppCallback for AppServer {
             response.metadata_mut().insert(key, value);
         }
         Ok(response)
+    }
+
+    async fn list_topic_subscriptions(
+        &self,
+        _: Request<()>,
+    ) -> Result<Response<ListTopicSubscriptionsResponse>, Status> {
+        let mut subscriptions: Vec<TopicSubscription> = self
+            .subscriptions
+            .iter()
+            .map(|((pubsub, topic), subscription)| TopicSubscription {
+                pubsub_name: pubsub.clone(),
+                topic: topic.clone(),
+                metadata: HashMap::new(),
+                routes: Some(TopicRoutes { rules: Vec::new(), default: String::new() }),
+                dead_letter_topic: subscription.dead_letter_topic.clone(),
+            })
+            .collect();
+        subscriptions.sort_by(|a, b| (&a.pubsub_name, &a.topic).cmp(&(&b.pubsub_name, &b.topic)));
+        Ok(Response::new(ListTopicSubscriptionsResponse { subscriptions }))
+    }
+
+    async fn on_topic_event(
+        &self,
+        request: Request<TopicEventRequest>,
+    ) -> Result<Response<TopicEventResponse>, Status> {
+        let event = request.into_inner();
+        let Some(subscription) = self.subscriptions.get(&(event.pubsub_name.clone(), event.topic.clone())) else {
+            tracing::warn!(pubsub = %event.pubsub_name, topic = %event.topic, "event for a topic this app does not subscribe to; dropped");
+            return Ok(Response::new(TopicEventResponse { status: TopicEventResponseStatus::Drop as i32 }));
+        };
+        let outcome = (subscription.handler)(TopicEvent {
+            id: event.id,
+            source: event.source,
+            kind: event.r#type,
+            pubsub_name: event.pubsub_name,
+            topic: event.topic,
+            data: event.data,
+            data_content_type: event.data_content_type,
+        })
+        .await;
+        let status = match outcome {
+            EventOutcome::Success => TopicEventResponseStatus::Success,
+            EventOutcome::Retry => TopicEventResponseStatus::Retry,
+            EventOutcome::Drop => TopicEventResponseStatus::Drop,
+        };
+        Ok(Response::new(TopicEventResponse { status: status as i32 }))
     }
 }
 

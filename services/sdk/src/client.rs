@@ -8,7 +8,7 @@ use tandem_proto::prost_types::Any;
 use tandem_proto::runtime::dapr_client::DaprClient;
 use tandem_proto::runtime::{
     DeleteStateRequest, GetMetadataRequest, GetMetadataResponse, GetStateRequest, InvokeServiceRequest,
-    SaveStateRequest, ShutdownRequest,
+    PublishEventRequest, SaveStateRequest, ShutdownRequest,
 };
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
@@ -115,6 +115,26 @@ impl SidecarClient {
             content_type: response.content_type,
             metadata,
         })
+    }
+
+    /// Publishes `data` to `topic` of pub/sub component `pubsub`; returns once the event is
+    /// stored durably (delivery happens after).
+    pub async fn publish(
+        &self,
+        pubsub: &str,
+        topic: &str,
+        data: impl Into<Vec<u8>>,
+        content_type: &str,
+    ) -> Result<(), Status> {
+        let request = PublishEventRequest {
+            pubsub_name: pubsub.into(),
+            topic: topic.into(),
+            data: data.into(),
+            data_content_type: content_type.into(),
+            metadata: Default::default(),
+        };
+        self.inner.clone().publish_event(request).await?;
+        Ok(())
     }
 
     /// The value of `key` in `store` and its ETag; `None` when the key does not exist.

@@ -3,7 +3,8 @@
 //! - [`client`]: [`SidecarClient`], a client for the local sidecar's Dapr-compatible API
 //!   (invoke other apps, keep state, read the sidecar's metadata, ask it to shut down).
 //! - [`app`]: [`AppServer`], which serves the app-callback API (`AppCallback.OnInvoke`,
-//!   `AppCallbackHealthCheck.HealthCheck`) from plain async handler functions.
+//!   `ListTopicSubscriptions`, `OnTopicEvent`, `AppCallbackHealthCheck.HealthCheck`) from plain
+//!   async handler functions.
 //!
 //! Payloads are bytes with a content type, carried in Dapr's `google.protobuf.Any` the way
 //! Dapr SDKs carry them, so Tandem apps and Dapr apps can call each other.
@@ -11,7 +12,7 @@
 pub mod app;
 pub mod client;
 
-pub use app::{AppServer, Invocation, Reply};
+pub use app::{AppServer, EventOutcome, Invocation, Reply, TopicEvent};
 pub use client::{CallOptions, SidecarClient, StateEntry};
 pub use tandem_proto as proto;
 pub use tonic::{Code, Status};

@@ -1,4 +1,5 @@
 //! `dapr.proto.runtime.v1.Dapr`: InvokeService, the state API (see [`super::state`]),
+//! PublishEvent (see [`super::pubsub`]),
 //! GetMetadata and Shutdown. Methods of Dapr's
 //! service that Tandem does not implement are absent from its proto and answer UNIMPLEMENTED.
 
@@ -10,11 +11,12 @@ use tandem_proto::runtime::dapr_server::Dapr;
 use tandem_proto::runtime::{
     AppConnectionProperties, DeleteBulkStateRequest, DeleteStateRequest, ExecuteStateTransactionRequest,
     GetBulkStateRequest, GetBulkStateResponse, GetMetadataRequest, GetMetadataResponse, GetStateRequest,
-    GetStateResponse, InvokeServiceRequest, SaveStateRequest, ShutdownRequest,
+    GetStateResponse, InvokeServiceRequest, PublishEventRequest, SaveStateRequest, ShutdownRequest,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use super::pubsub::PubSubApi;
 use super::state::StateApi;
 use crate::deadline;
 use crate::error::MeshError;
@@ -35,13 +37,20 @@ pub struct DaprApi {
     info: SidecarInfo,
     invoker: Arc<Invoker>,
     state: Arc<StateApi>,
+    pubsub: Arc<PubSubApi>,
     shutdown: CancellationToken,
 }
 
 impl DaprApi {
     /// `shutdown` is cancelled by the Shutdown RPC; the runtime then drains and exits.
-    pub fn new(info: SidecarInfo, invoker: Arc<Invoker>, state: Arc<StateApi>, shutdown: CancellationToken) -> Self {
-        DaprApi { info, invoker, state, shutdown }
+    pub fn new(
+        info: SidecarInfo,
+        invoker: Arc<Invoker>,
+        state: Arc<StateApi>,
+        pubsub: Arc<PubSubApi>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        DaprApi { info, invoker, state, pubsub, shutdown }
     }
 }
 
@@ -79,7 +88,7 @@ impl Dapr for DaprApi {
             id: info.app_id.clone(),
             runtime_version: RUNTIME_VERSION.to_string(),
             extended_metadata,
-            registered_components: self.state.registered_components(),
+            registered_components: [self.state.registered_components(), self.pubsub.registered_components()].concat(),
             app_connection_properties: Some(AppConnectionProperties {
                 port: info.app_port.map(i32::from).unwrap_or(0),
                 protocol: "grpc".into(),
@@ -118,6 +127,10 @@ impl Dapr for DaprApi {
         request: Request<ExecuteStateTransactionRequest>,
     ) -> Result<Response<()>, Status> {
         self.state.execute_state_transaction(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn publish_event(&self, request: Request<PublishEventRequest>) -> Result<Response<()>, Status> {
+        self.pubsub.publish_event(request.into_inner()).await.map(Response::new)
     }
 
     async fn shutdown(&self, _: Request<ShutdownRequest>) -> Result<Response<()>, Status> {

@@ -2,6 +2,7 @@
 //! protos into domain calls and domain errors into gRPC statuses.
 
 pub mod dapr;
+pub mod pubsub;
 pub mod state;
 
 pub use dapr::DaprApi;

@@ -22,11 +22,27 @@ pub fn instances_prefix(namespace: &str, app_id: &str) -> String {
     format!("{ROOT}/{namespace}/instances/{app_id}/")
 }
 
+/// An app-id's subscription to a topic; written without a lease, so events keep being
+/// kept for a subscriber while all its instances are down.
+pub fn subscription_key(namespace: &str, pubsub: &str, topic: &str, app_id: &str) -> String {
+    format!("{ROOT}/{namespace}/subscriptions/{pubsub}/{}/{app_id}", encode_segment(topic))
+}
+
+/// Topics may contain '/', which would break the key's segments: '%' and '/' are escaped.
+fn encode_segment(text: &str) -> String {
+    text.replace('%', "%25").replace('/', "%2F")
+}
+
+fn decode_segment(text: &str) -> String {
+    text.replace("%2F", "/").replace("%25", "%")
+}
+
 /// What a key under the namespace prefix stands for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum DiscoveryKey<'a> {
     App { app_id: &'a str },
     Instance { app_id: &'a str, instance_id: &'a str },
+    Subscription { pubsub: &'a str, topic: String, app_id: &'a str },
 }
 
 /// Parses a key under [`namespace_prefix`]; `None` for keys discovery does not own.
@@ -38,6 +54,11 @@ pub fn parse<'a>(namespace: &str, key: &'a str) -> Option<DiscoveryKey<'a>> {
         (Some("apps"), Some(app_id), None, None) if !app_id.is_empty() => Some(DiscoveryKey::App { app_id }),
         (Some("instances"), Some(app_id), Some(instance_id), None) if !app_id.is_empty() && !instance_id.is_empty() => {
             Some(DiscoveryKey::Instance { app_id, instance_id })
+        }
+        (Some("subscriptions"), Some(pubsub), Some(topic), Some(app_id))
+            if parts.next().is_none() && !pubsub.is_empty() && !topic.is_empty() && !app_id.is_empty() =>
+        {
+            Some(DiscoveryKey::Subscription { pubsub, topic: decode_segment(topic), app_id })
         }
         _ => None,
     }
@@ -53,6 +74,18 @@ mod tests {
         assert_eq!(parse("ns", &k), Some(DiscoveryKey::Instance { app_id: "svc", instance_id: "i-1" }));
         let k = app_key("ns", "svc");
         assert_eq!(parse("ns", &k), Some(DiscoveryKey::App { app_id: "svc" }));
+    }
+
+    #[test]
+    fn subscription_keys_round_trip_even_with_slashes_in_topics() {
+        for topic in ["orders", "orders/created", "50%/off", "%2F"] {
+            let k = subscription_key("ns", "pubsub", topic, "svc");
+            assert_eq!(
+                parse("ns", &k),
+                Some(DiscoveryKey::Subscription { pubsub: "pubsub", topic: topic.to_string(), app_id: "svc" })
+            );
+        }
+        assert_eq!(parse("ns", "/tandem/v1/ns/subscriptions/p/t/a/extra"), None);
     }
 
     #[test]

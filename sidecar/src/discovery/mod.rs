@@ -4,7 +4,8 @@
 //! Key layout (see [`keys`]): `/tandem/v1/{namespace}/apps/{app_id}` marks an app as known
 //! (no lease: it outlives its instances, so "no live instance" differs from "unknown app"),
 //! `/tandem/v1/{namespace}/instances/{app_id}/{instance_id}` holds an [`InstanceRecord`] under
-//! the instance's lease.
+//! the instance's lease, and `/tandem/v1/{namespace}/subscriptions/{pubsub}/{topic}/{app_id}` a
+//! [`Subscriber`] (no lease: events are kept for subscribers whose instances are all down).
 
 pub mod keys;
 pub mod registration;
@@ -14,7 +15,7 @@ pub mod watcher;
 use std::time::Duration;
 
 pub use registration::Registrar;
-pub use routing::{Instance, RoutingSnapshot, RoutingTable};
+pub use routing::{Instance, RoutingSnapshot, RoutingTable, Subscriber};
 pub use watcher::RoutingWatcher;
 
 use serde::{Deserialize, Serialize};

@@ -18,6 +18,15 @@ pub struct Instance {
     pub internal_address: String,
 }
 
+/// An app-id's subscription to a topic, as published events find it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Subscriber {
+    pub app_id: String,
+    /// Where events that exhaust their deliveries go (same component); empty: dropped.
+    #[serde(default)]
+    pub dead_letter_topic: String,
+}
+
 /// An immutable view of the namespace.
 #[derive(Debug, Default, Clone)]
 pub struct RoutingSnapshot {
@@ -25,6 +34,8 @@ pub struct RoutingSnapshot {
     pub synced: bool,
     /// Known app-ids and their live instances (sorted by instance id; possibly none).
     apps: BTreeMap<String, Vec<Instance>>,
+    /// (pubsub, topic) -> the app-ids subscribed to it, sorted by app-id.
+    subscriptions: BTreeMap<(String, String), Vec<Subscriber>>,
 }
 
 impl RoutingSnapshot {
@@ -37,6 +48,11 @@ impl RoutingSnapshot {
         self.apps.iter().map(|(k, v)| (k.as_str(), v.as_slice()))
     }
 
+    /// The subscribers of `topic` of component `pubsub` (none when nobody subscribes).
+    pub fn subscribers(&self, pubsub: &str, topic: &str) -> &[Subscriber] {
+        self.subscriptions.get(&(pubsub.to_string(), topic.to_string())).map(Vec::as_slice).unwrap_or_default()
+    }
+
     pub fn addresses(&self) -> impl Iterator<Item = &str> {
         self.apps.values().flatten().map(|i| i.internal_address.as_str())
     }
@@ -47,12 +63,23 @@ impl RoutingSnapshot {
 pub struct RoutingBuilder {
     known: std::collections::BTreeSet<String>,
     instances: BTreeMap<(String, String), InstanceRecord>,
+    /// (pubsub, topic, app-id) -> subscriber.
+    subscriptions: BTreeMap<(String, String, String), Subscriber>,
 }
 
 impl RoutingBuilder {
     pub fn clear(&mut self) {
         self.known.clear();
         self.instances.clear();
+        self.subscriptions.clear();
+    }
+
+    pub fn add_subscription(&mut self, pubsub: &str, topic: &str, subscriber: Subscriber) {
+        self.subscriptions.insert((pubsub.to_string(), topic.to_string(), subscriber.app_id.clone()), subscriber);
+    }
+
+    pub fn remove_subscription(&mut self, pubsub: &str, topic: &str, app_id: &str) {
+        self.subscriptions.remove(&(pubsub.to_string(), topic.to_string(), app_id.to_string()));
     }
 
     pub fn add_app(&mut self, app_id: &str) {
@@ -83,7 +110,11 @@ impl RoutingBuilder {
                 internal_address: record.internal_address.clone(),
             });
         }
-        RoutingSnapshot { synced: true, apps }
+        let mut subscriptions: BTreeMap<(String, String), Vec<Subscriber>> = BTreeMap::new();
+        for ((pubsub, topic, _), subscriber) in &self.subscriptions {
+            subscriptions.entry((pubsub.clone(), topic.clone())).or_default().push(subscriber.clone());
+        }
+        RoutingSnapshot { synced: true, apps, subscriptions }
     }
 }
 
@@ -155,6 +186,22 @@ mod tests {
         let mut b = RoutingBuilder::default();
         b.add_instance(record("caller", "a", false));
         assert_eq!(b.snapshot().instances("caller").unwrap().len(), 0);
+    }
+
+    #[test]
+    fn subscriptions_are_listed_per_topic() {
+        let mut b = RoutingBuilder::default();
+        let sub = |app: &str| Subscriber { app_id: app.into(), dead_letter_topic: String::new() };
+        b.add_subscription("pubsub", "raw", sub("prep"));
+        b.add_subscription("pubsub", "raw", sub("audit"));
+        b.add_subscription("pubsub", "features", sub("train"));
+        let s = b.snapshot();
+        let apps: Vec<&str> = s.subscribers("pubsub", "raw").iter().map(|s| s.app_id.as_str()).collect();
+        assert_eq!(apps, ["audit", "prep"]);
+        assert!(s.subscribers("pubsub", "nothing").is_empty());
+        assert!(s.subscribers("other", "raw").is_empty());
+        b.remove_subscription("pubsub", "raw", "audit");
+        assert_eq!(b.snapshot().subscribers("pubsub", "raw").len(), 1);
     }
 
     #[test]

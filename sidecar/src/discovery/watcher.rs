@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::keys::{self, DiscoveryKey};
 use super::routing::RoutingBuilder;
+use super::routing::Subscriber;
 use super::{Backoff, InstanceRecord, RoutingTable};
 
 pub struct RoutingWatcher {
@@ -109,6 +110,15 @@ impl RoutingWatcher {
                     Err(e) => tracing::warn!(key, error = %e, "unreadable instance record; ignored"),
                 }
             }
+            Some(DiscoveryKey::Subscription { pubsub, topic, app_id }) => {
+                match serde_json::from_slice::<Subscriber>(value) {
+                    Ok(subscriber) if subscriber.app_id == app_id => {
+                        builder.add_subscription(pubsub, &topic, subscriber)
+                    }
+                    Ok(_) => tracing::warn!(key, "subscription does not match its key; ignored"),
+                    Err(e) => tracing::warn!(key, error = %e, "unreadable subscription; ignored"),
+                }
+            }
             None => {}
         }
     }
@@ -118,6 +128,9 @@ impl RoutingWatcher {
         match keys::parse(&self.namespace, key) {
             Some(DiscoveryKey::App { app_id }) => builder.remove_app(app_id),
             Some(DiscoveryKey::Instance { app_id, instance_id }) => builder.remove_instance(app_id, instance_id),
+            Some(DiscoveryKey::Subscription { pubsub, topic, app_id }) => {
+                builder.remove_subscription(pubsub, &topic, app_id)
+            }
             None => {}
         }
     }

@@ -2,7 +2,9 @@
 //! call to the app this sidecar fronts.
 
 use tandem_proto::internal::mesh_server::Mesh;
-use tandem_proto::internal::{InternalInvokeRequest, InternalInvokeResponse};
+use tandem_proto::internal::{
+    DeliverEventRequest, DeliverEventResponse, InternalInvokeRequest, InternalInvokeResponse,
+};
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
@@ -62,10 +64,44 @@ impl MeshInbound {
             Err(status) => Err(MeshError::Remote(status)),
         }
     }
+
+    /// Hands a pub/sub event to the app's `OnTopicEvent`; the app's answer goes back as is.
+    async fn deliver_event(&self, request: Request<DeliverEventRequest>) -> Result<DeliverEventResponse, MeshError> {
+        let deadline = deadline::from_metadata(request.metadata()).map_err(MeshError::InvalidArgument)?;
+        let call = request.into_inner();
+        if call.target_app_id != self.app_id {
+            return Err(MeshError::WrongApp { local: self.app_id.clone(), requested: call.target_app_id });
+        }
+        let app = self.app.as_ref().ok_or_else(|| MeshError::AppHasNoPort { app_id: self.app_id.clone() })?;
+        let event = call.event.ok_or_else(|| MeshError::InvalidArgument("the delivery carries no event".into()))?;
+        let topic = event.topic.clone();
+        let mut app_request = Request::new(event);
+        if let Some(deadline) = deadline {
+            app_request.set_timeout(deadline::remaining(deadline));
+        }
+        let describe = || (self.app_id.clone(), format!("OnTopicEvent({topic})"));
+        let result = within_deadline(deadline, describe, app.callback_client().on_topic_event(app_request)).await?;
+        match result {
+            Ok(response) => Ok(DeliverEventResponse { response: Some(response.into_inner()) }),
+            Err(status) if never_sent(&status) => Err(MeshError::AppNotListening {
+                app_id: self.app_id.clone(),
+                address: app.address().to_string(),
+                reason: status.message().to_string(),
+            }),
+            Err(status) => Err(MeshError::Remote(status)),
+        }
+    }
 }
 
 #[tonic::async_trait]
 impl Mesh for MeshInbound {
+    async fn deliver_event(
+        &self,
+        request: Request<DeliverEventRequest>,
+    ) -> Result<Response<DeliverEventResponse>, Status> {
+        MeshInbound::deliver_event(self, request).await.map(Response::new).map_err(Status::from)
+    }
+
     async fn invoke(
         &self,
         request: Request<InternalInvokeRequest>,

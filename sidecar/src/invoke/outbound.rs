@@ -5,16 +5,22 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use std::time::Duration;
 use tandem_proto::common::{InvokeRequest, InvokeResponse};
-use tandem_proto::internal::InternalInvokeRequest;
+
 use tandem_proto::internal::mesh_client::MeshClient;
+use tandem_proto::internal::{DeliverEventRequest, InternalInvokeRequest};
+use tandem_proto::runtime::TopicEventRequest;
+use tandem_proto::runtime::topic_event_response::TopicEventResponseStatus;
 
 use super::channels::{PeerChannels, never_sent};
+use super::connection::GrpcConnection;
 use super::within_deadline;
 use crate::config::validate_name;
 use crate::deadline;
-use crate::discovery::RoutingTable;
+use crate::discovery::{Instance, RoutingTable};
 use crate::error::{MeshError, status_says_not_delivered, strip_not_delivered};
+use crate::pubsub::delivery::{Deliver, DeliveryError};
 
 /// One call an app asked its sidecar to make.
 #[derive(Debug, Clone)]
@@ -59,27 +65,14 @@ impl Invoker {
             )));
         }
 
-        let routing = self.routing.current();
-        if !routing.synced {
-            return Err(MeshError::DiscoveryNotReady);
-        }
-        let instances = routing.instances(&target_app_id).ok_or_else(|| MeshError::AppNotFound {
-            app_id: target_app_id.clone(),
-            namespace: self.namespace.clone(),
-        })?;
-        if instances.is_empty() {
-            return Err(MeshError::NoLiveInstance { app_id: target_app_id });
-        }
-
+        let instances = self.candidates(&target_app_id)?;
         let method = message.method.clone();
         let describe = || (target_app_id.clone(), method.clone());
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut last_error = String::new();
         let mut message = Some(message);
-        for attempt in 0..instances.len() {
-            let instance = &instances[(start + attempt) % instances.len()];
-            let connection = match self.peers.get(&instance.internal_address) {
-                Ok(connection) => connection,
+        for (attempt, instance) in instances.iter().enumerate() {
+            let mut client = match self.mesh_client(&instance.internal_address) {
+                Ok(client) => client,
                 Err(e) => {
                     last_error = e;
                     continue;
@@ -96,10 +89,6 @@ impl Invoker {
             if let Some(deadline) = deadline {
                 request.set_timeout(deadline::remaining(deadline));
             }
-            let origin = connection.origin();
-            let mut client = MeshClient::with_origin(connection, origin)
-                .max_decoding_message_size(usize::MAX)
-                .max_encoding_message_size(usize::MAX);
             let result = within_deadline(deadline, describe, client.invoke(request)).await?;
             match result {
                 Ok(response) => {
@@ -117,5 +106,83 @@ impl Invoker {
             }
         }
         Err(MeshError::PeersUnreachable { app_id: target_app_id, tried: instances.len(), last_error })
+    }
+
+    /// The live instances of `app_id`, starting with the next one in round-robin order.
+    fn candidates(&self, app_id: &str) -> Result<Vec<Instance>, MeshError> {
+        let routing = self.routing.current();
+        if !routing.synced {
+            return Err(MeshError::DiscoveryNotReady);
+        }
+        let instances = routing
+            .instances(app_id)
+            .ok_or_else(|| MeshError::AppNotFound { app_id: app_id.to_string(), namespace: self.namespace.clone() })?;
+        if instances.is_empty() {
+            return Err(MeshError::NoLiveInstance { app_id: app_id.to_string() });
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % instances.len();
+        Ok(instances[start..].iter().chain(&instances[..start]).cloned().collect())
+    }
+
+    fn mesh_client(&self, address: &str) -> Result<MeshClient<GrpcConnection>, String> {
+        let connection = self.peers.get(address)?;
+        let origin = connection.origin();
+        Ok(MeshClient::with_origin(connection, origin)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX))
+    }
+}
+
+#[tonic::async_trait]
+impl Deliver for Invoker {
+    /// Like an invocation: to one live instance, moving on only when the event provably did
+    /// not reach an app.
+    async fn deliver(
+        &self,
+        app_id: &str,
+        event: TopicEventRequest,
+        timeout: Duration,
+    ) -> Result<TopicEventResponseStatus, DeliveryError> {
+        let instances = self.candidates(app_id).map_err(|e| DeliveryError::SubscriberAway(e.to_string()))?;
+        let mut last_error = String::new();
+        for instance in &instances {
+            let mut client = match self.mesh_client(&instance.internal_address) {
+                Ok(client) => client,
+                Err(e) => {
+                    last_error = e;
+                    continue;
+                }
+            };
+            let mut request = tonic::Request::new(DeliverEventRequest {
+                target_app_id: app_id.to_string(),
+                event: Some(event.clone()),
+            });
+            request.set_timeout(timeout);
+            match tokio::time::timeout(timeout, client.deliver_event(request)).await {
+                Err(_) => {
+                    return Err(DeliveryError::Failed(format!("no answer from app-id '{app_id}' within {timeout:?}")));
+                }
+                Ok(Ok(response)) => {
+                    let status = response.into_inner().response.map(|r| r.status).unwrap_or_default();
+                    return TopicEventResponseStatus::try_from(status).map_err(|_| {
+                        DeliveryError::Failed(format!("app-id '{app_id}' answered an unknown event status {status}"))
+                    });
+                }
+                Ok(Err(status)) if never_sent(&status) || status_says_not_delivered(&status) => {
+                    last_error = format!("{}: {}", instance.internal_address, status.message());
+                }
+                Ok(Err(status)) => {
+                    return Err(DeliveryError::Failed(format!(
+                        "app-id '{app_id}': {:?}: {}",
+                        status.code(),
+                        status.message()
+                    )));
+                }
+            }
+        }
+        Err(DeliveryError::SubscriberAway(format!(
+            "no instance of app-id '{app_id}' could take the event ({} tried): {last_error}",
+            instances.len()
+        )))
     }
 }

@@ -122,7 +122,10 @@ async fn build(spec: &ComponentSpec, ctx: &StoreContext<'_>) -> Result<NamedStor
             ("state.etcd", Arc::new(EtcdStore::new(client, prefix)))
         }
         other => {
-            return Err(format!("spec.type '{other}' is not a state store tandemd knows (known: {})", KINDS.join(", ")));
+            return Err(format!(
+                "spec.type '{other}' is not a state store tandemd knows (known: {})",
+                KINDS.join(", ")
+            ));
         }
     };
     Ok(NamedStore { name: spec.name.clone(), kind, key_prefix, store })

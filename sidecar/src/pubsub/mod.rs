@@ -1,0 +1,251 @@
+//! The pub/sub building block, `pubsub.embedded`: durable at-least-once delivery between
+//! sidecars, with no broker.
+//!
+//! - The publishing sidecar looks up the topic's subscribers (app-ids, from etcd through the
+//!   routing table), stores the event with one pending delivery per subscriber in its
+//!   [`outbox`], flushes, and only then acknowledges the publish.
+//! - Its [`delivery`] loop hands each pending delivery to one live instance of the subscriber
+//!   app (replicas compete for events) through the subscriber's sidecar, which calls the app's
+//!   `OnTopicEvent`. SUCCESS and DROP end the delivery; RETRY, errors and timeouts retry it with
+//!   exponential backoff until `maxDeliveryAttempts`, then the event goes to the subscription's
+//!   dead-letter topic, or is dropped and logged.
+//! - [`subscriptions`]: each subscriber's sidecar asks its app for its subscriptions
+//!   (`ListTopicSubscriptions`) and records them in etcd, without a lease, so events are kept for
+//!   a subscriber whose instances are all down and delivered when one comes back.
+
+pub mod delivery;
+pub mod outbox;
+pub mod subscriptions;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_proto::internal::{OutboxRecord, PendingDelivery};
+use tandem_proto::runtime::TopicEventRequest;
+use tokio::sync::Notify;
+
+use crate::components::ComponentSpec;
+use crate::config::parse_duration;
+use crate::discovery::RoutingTable;
+use outbox::Outbox;
+
+/// The component type of the embedded pub/sub.
+pub const EMBEDDED: &str = "pubsub.embedded";
+/// The component that exists when no file declares a pub/sub.
+pub const DEFAULT_PUBSUB: &str = "pubsub";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PubSubError {
+    #[error(
+        "the backlog is full: {waiting} events wait for delivery (maxBacklog {max}); a subscriber is too slow or down"
+    )]
+    BacklogFull { waiting: usize, max: usize },
+    #[error("the routing table is not loaded from etcd yet, so the topic's subscribers are unknown")]
+    RoutingNotReady,
+    #[error("{0}")]
+    Storage(String),
+}
+
+/// How deliveries are retried (component metadata).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryPolicy {
+    /// Attempts per event and subscriber before dead-lettering or dropping it.
+    pub max_attempts: u32,
+    pub initial_retry_delay: Duration,
+    pub max_retry_delay: Duration,
+    /// How long one delivery may take before it counts as failed.
+    pub timeout: Duration,
+    /// Deliveries in flight at once, over all subscribers.
+    pub max_in_flight: usize,
+    /// Events kept waiting at most; publishing beyond answers RESOURCE_EXHAUSTED.
+    pub max_backlog: usize,
+}
+
+impl Default for DeliveryPolicy {
+    fn default() -> Self {
+        DeliveryPolicy {
+            max_attempts: 10,
+            initial_retry_delay: Duration::from_millis(100),
+            max_retry_delay: Duration::from_secs(10),
+            timeout: Duration::from_secs(30),
+            max_in_flight: 64,
+            max_backlog: 100_000,
+        }
+    }
+}
+
+impl DeliveryPolicy {
+    /// Reads the policy from a component's metadata; unknown keys are left to the caller.
+    pub fn from_component(spec: &ComponentSpec) -> Result<DeliveryPolicy, String> {
+        let mut policy = DeliveryPolicy::default();
+        let number = |key: &str| -> Result<Option<u64>, String> {
+            spec.metadata(key)
+                .map(|v| {
+                    v.trim()
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| format!("metadata '{key}' '{v}' is not a positive number"))
+                })
+                .transpose()
+        };
+        let duration = |key: &str| -> Result<Option<Duration>, String> {
+            spec.metadata(key).map(|v| parse_duration(v).map_err(|e| format!("metadata '{key}': {e}"))).transpose()
+        };
+        if let Some(n) = number("maxDeliveryAttempts")? {
+            policy.max_attempts =
+                u32::try_from(n).map_err(|_| format!("metadata 'maxDeliveryAttempts' {n} is too large"))?;
+        }
+        if let Some(n) = number("maxInFlight")? {
+            policy.max_in_flight = n as usize;
+        }
+        if let Some(n) = number("maxBacklog")? {
+            policy.max_backlog = n as usize;
+        }
+        if let Some(d) = duration("initialRetryDelay")? {
+            policy.initial_retry_delay = d;
+        }
+        if let Some(d) = duration("maxRetryDelay")? {
+            policy.max_retry_delay = d;
+        }
+        if let Some(d) = duration("deliveryTimeout")? {
+            policy.timeout = d;
+        }
+        Ok(policy)
+    }
+
+    /// The wait before attempt `attempts + 1`: doubling from the initial delay, capped.
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempts.saturating_sub(1));
+        self.initial_retry_delay.saturating_mul(factor).min(self.max_retry_delay)
+    }
+}
+
+/// One `pubsub.embedded` component of this sidecar.
+pub struct EmbeddedPubSub {
+    pub name: String,
+    outbox: Arc<Outbox>,
+    routing: RoutingTable,
+    wake: Arc<Notify>,
+    pub policy: DeliveryPolicy,
+    pub counters: delivery::DeliveryCounters,
+}
+
+impl EmbeddedPubSub {
+    /// Opens the component's outbox at `path`.
+    pub fn open(name: &str, path: &Path, routing: RoutingTable, policy: DeliveryPolicy) -> Result<Self, PubSubError> {
+        let outbox = Arc::new(Outbox::open(path, policy.max_backlog)?);
+        Ok(EmbeddedPubSub {
+            name: name.to_string(),
+            outbox,
+            routing,
+            wake: Arc::new(Notify::new()),
+            policy,
+            counters: Default::default(),
+        })
+    }
+
+    /// Stores `event` for every current subscriber of its topic; returns once it is durable.
+    /// A topic without subscribers takes the event and keeps nothing, as in Dapr.
+    pub async fn publish(&self, event: TopicEventRequest) -> Result<usize, PubSubError> {
+        let routing = self.routing.current();
+        if !routing.synced {
+            return Err(PubSubError::RoutingNotReady);
+        }
+        let subscribers = routing.subscribers(&self.name, &event.topic);
+        if subscribers.is_empty() {
+            tracing::debug!(pubsub = %self.name, topic = %event.topic, "no subscribers; event not kept");
+            return Ok(0);
+        }
+        let now = delivery::now_ms();
+        let deliveries = subscribers
+            .iter()
+            .map(|s| PendingDelivery {
+                app_id: s.app_id.clone(),
+                attempts: 0,
+                next_attempt_unix_ms: now,
+                dead_letter_topic: s.dead_letter_topic.clone(),
+            })
+            .collect::<Vec<_>>();
+        let count = deliveries.len();
+        self.outbox.push(&OutboxRecord { event: Some(event), deliveries }).await?;
+        self.wake.notify_one();
+        Ok(count)
+    }
+
+    /// Events waiting for at least one subscriber.
+    pub fn backlog(&self) -> usize {
+        self.outbox.len()
+    }
+}
+
+/// The pub/sub components of this sidecar, by name.
+pub type PubSubs = BTreeMap<String, Arc<EmbeddedPubSub>>;
+
+/// Builds every pub/sub component in `specs` (other building blocks are skipped); with none,
+/// `pubsub` of type `pubsub.embedded`. Errors name the component's file.
+pub fn build_all(specs: &[ComponentSpec], data_dir: &Path, routing: &RoutingTable) -> Result<PubSubs, String> {
+    let mut built = PubSubs::new();
+    for spec in specs.iter().filter(|s| s.block() == "pubsub") {
+        let at = |e: String| format!("{}: component '{}': {e}", spec.file.display(), spec.name);
+        if spec.kind != EMBEDDED {
+            return Err(at(format!("spec.type '{}' is not a pub/sub tandemd knows (known: {EMBEDDED})", spec.kind)));
+        }
+        let policy = DeliveryPolicy::from_component(spec).map_err(at)?;
+        let path = data_dir.join("pubsub").join(&spec.name);
+        let pubsub = EmbeddedPubSub::open(&spec.name, &path, routing.clone(), policy).map_err(|e| at(e.to_string()))?;
+        built.insert(spec.name.clone(), Arc::new(pubsub));
+    }
+    if built.is_empty() {
+        let path = data_dir.join("pubsub").join(DEFAULT_PUBSUB);
+        let pubsub = EmbeddedPubSub::open(DEFAULT_PUBSUB, &path, routing.clone(), DeliveryPolicy::default())
+            .map_err(|e| e.to_string())?;
+        built.insert(DEFAULT_PUBSUB.to_string(), Arc::new(pubsub));
+    }
+    Ok(built)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn spec(metadata: &[(&str, &str)]) -> ComponentSpec {
+        ComponentSpec {
+            name: "events".into(),
+            kind: EMBEDDED.into(),
+            version: "v1".into(),
+            metadata: metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>(),
+            file: "c.yaml".into(),
+        }
+    }
+
+    #[test]
+    fn the_policy_comes_from_component_metadata() {
+        let p = DeliveryPolicy::from_component(&spec(&[("maxDeliveryAttempts", "3"), ("initialRetryDelay", "50ms")]))
+            .unwrap();
+        assert_eq!(p.max_attempts, 3);
+        assert_eq!(p.initial_retry_delay, Duration::from_millis(50));
+        assert_eq!(p.max_backlog, DeliveryPolicy::default().max_backlog);
+        let err = DeliveryPolicy::from_component(&spec(&[("maxDeliveryAttempts", "many")])).unwrap_err();
+        assert!(err.contains("maxDeliveryAttempts") && err.contains("'many'"), "{err}");
+        assert!(DeliveryPolicy::from_component(&spec(&[("maxBacklog", "0")])).is_err());
+        assert!(DeliveryPolicy::from_component(&spec(&[("deliveryTimeout", "soon")])).is_err());
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let p = DeliveryPolicy {
+            initial_retry_delay: Duration::from_millis(100),
+            max_retry_delay: Duration::from_secs(1),
+            ..Default::default()
+        };
+        assert_eq!(p.backoff(1), Duration::from_millis(100));
+        assert_eq!(p.backoff(2), Duration::from_millis(200));
+        assert_eq!(p.backoff(4), Duration::from_millis(800));
+        assert_eq!(p.backoff(5), Duration::from_secs(1));
+        assert_eq!(p.backoff(60), Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,113 @@
+//! The subscriber side: asks the app which topics it subscribes to and records them in etcd,
+//! where every publisher's routing table finds them. Done whenever the app becomes healthy
+//! (so an app restarted with other subscriptions is picked up); subscriptions the app no
+//! longer lists are removed.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, GetOptions};
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+use crate::app_channel::AppChannel;
+use crate::discovery::{Backoff, Subscriber, keys};
+use crate::readiness::Readiness;
+
+pub struct SubscriptionRegistrar {
+    pub client: Client,
+    pub namespace: String,
+    pub app_id: String,
+    pub app: AppChannel,
+    /// The pub/sub components of this sidecar; subscriptions to others are refused (logged).
+    pub pubsubs: BTreeSet<String>,
+    pub readiness: Arc<Readiness>,
+}
+
+impl SubscriptionRegistrar {
+    /// Registers the app's subscriptions each time it becomes healthy, until `stop`.
+    pub async fn run(mut self, stop: CancellationToken) {
+        let poll = Duration::from_millis(200);
+        loop {
+            // Wait for a healthy app.
+            while !self.readiness.app_is_healthy() {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(poll) => {}
+                }
+            }
+            let mut backoff = Backoff::new();
+            loop {
+                match self.register().await {
+                    Ok(count) => {
+                        tracing::info!(subscriptions = count, "app subscriptions registered");
+                        break;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot register the app's subscriptions; retrying"),
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff.step()) => {}
+                }
+            }
+            // Wait until the app goes away, then start over when it is back.
+            while self.readiness.app_is_healthy() {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(poll) => {}
+                }
+            }
+        }
+    }
+
+    async fn register(&mut self) -> Result<usize, String> {
+        let listed = match self.app.callback_client().list_topic_subscriptions(()).await {
+            Ok(response) => response.into_inner().subscriptions,
+            // An app that subscribes to nothing need not serve the method.
+            Err(status) if status.code() == Code::Unimplemented => Vec::new(),
+            Err(status) => return Err(format!("ListTopicSubscriptions: {}", status.message())),
+        };
+        let mut wanted = BTreeSet::new();
+        for subscription in listed {
+            if !self.pubsubs.contains(&subscription.pubsub_name) {
+                tracing::error!(
+                    pubsub = %subscription.pubsub_name,
+                    topic = %subscription.topic,
+                    known = ?self.pubsubs,
+                    "the app subscribes to a pub/sub component this sidecar does not have; ignored"
+                );
+                continue;
+            }
+            if subscription.topic.is_empty() {
+                tracing::error!(pubsub = %subscription.pubsub_name, "the app lists a subscription without a topic; ignored");
+                continue;
+            }
+            let key =
+                keys::subscription_key(&self.namespace, &subscription.pubsub_name, &subscription.topic, &self.app_id);
+            let value = serde_json::to_vec(&Subscriber {
+                app_id: self.app_id.clone(),
+                dead_letter_topic: subscription.dead_letter_topic.clone(),
+            })
+            .map_err(|e| e.to_string())?;
+            self.client.put(key.as_str(), value, None).await.map_err(|e| format!("writing {key}: {e}"))?;
+            wanted.insert(key);
+        }
+        // Remove this app's subscriptions that the app no longer lists.
+        let prefix = format!("{}subscriptions/", keys::namespace_prefix(&self.namespace));
+        let existing = self
+            .client
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix().with_keys_only()))
+            .await
+            .map_err(|e| format!("listing {prefix}: {e}"))?;
+        for kv in existing.kvs() {
+            let Ok(key) = std::str::from_utf8(kv.key()) else { continue };
+            let ours = matches!(keys::parse(&self.namespace, key), Some(keys::DiscoveryKey::Subscription { app_id, .. }) if app_id == self.app_id);
+            if ours && !wanted.contains(key) {
+                self.client.delete(key, None).await.map_err(|e| format!("removing {key}: {e}"))?;
+                tracing::info!(key, "removed a subscription the app no longer lists");
+            }
+        }
+        Ok(wanted.len())
+    }
+}

@@ -1,0 +1,277 @@
+//! `pubsub.embedded` through real sidecars: delivery across sidecars, competing replicas,
+//! RETRY and DROP, dead letters, delivery resuming after restarts, and bad input.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tandem_sdk::{AppServer, Code, EventOutcome, SidecarClient, TopicEvent};
+use tandem_tests::state::ResourcesDir;
+use tandem_tests::{Etcd, RunningSidecar, Sidecar, TestApp, eventually};
+
+/// Every event an app received, in arrival order, keyed by its payload.
+#[derive(Clone, Default)]
+struct Inbox {
+    events: Arc<Mutex<Vec<TopicEvent>>>,
+}
+
+impl Inbox {
+    fn push(&self, event: TopicEvent) {
+        self.events.lock().unwrap().push(event);
+    }
+
+    fn payloads(&self) -> Vec<String> {
+        self.events.lock().unwrap().iter().map(|e| String::from_utf8_lossy(&e.data).into_owned()).collect()
+    }
+
+    fn count(&self, payload: &str) -> usize {
+        self.payloads().iter().filter(|p| *p == payload).count()
+    }
+
+    fn has(&self, payload: &str) -> bool {
+        self.count(payload) > 0
+    }
+}
+
+/// An app subscribed to `topic` of `pubsub` that records every event and answers `outcome`.
+async fn subscriber(topic: &str, inbox: &Inbox) -> TestApp {
+    let inbox = inbox.clone();
+    TestApp::start(AppServer::new().subscribe("pubsub", topic, move |event| {
+        let inbox = inbox.clone();
+        async move {
+            inbox.push(event);
+            EventOutcome::Success
+        }
+    }))
+    .await
+}
+
+/// Publishes probes until one reaches `inbox`: the publisher's routing then knows the subscription.
+async fn wait_until_subscribed(publisher: &SidecarClient, topic: &str, inbox: &Inbox) {
+    let mut n = 0;
+    eventually(Duration::from_secs(20), &format!("a subscription to '{topic}'"), || {
+        n += 1;
+        let probe = format!("probe-{n}");
+        let publisher = publisher.clone();
+        let inbox = inbox.clone();
+        let topic = topic.to_string();
+        async move {
+            // Until the publisher's routing table is loaded it answers UNAVAILABLE: try again.
+            if publisher.publish("pubsub", &topic, probe.as_bytes().to_vec(), "text/plain").await.is_err() {
+                return false;
+            }
+            // A delivered probe shows up quickly; give this one a short bounded chance.
+            for _ in 0..10 {
+                if inbox.payloads().iter().any(|p| p.starts_with("probe-")) {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            false
+        }
+    })
+    .await;
+}
+
+fn resources(metadata: &[(&str, &str)]) -> ResourcesDir {
+    ResourcesDir::new(&[("pubsub", "pubsub.embedded", metadata)])
+}
+
+async fn sidecar(app_id: &str, etcd: &Etcd, resources: &ResourcesDir, app: Option<&TestApp>) -> RunningSidecar {
+    let mut sidecar = Sidecar::new(app_id).etcd(etcd).resources(resources.path());
+    if let Some(app) = app {
+        sidecar = sidecar.app_port(app.port());
+    }
+    sidecar.spawn().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_travel_from_publisher_to_subscriber_as_cloudevents() {
+    let etcd = Etcd::start().await;
+    let res = resources(&[]);
+    let inbox = Inbox::default();
+    let app = subscriber("orders", &inbox).await;
+    let _sub = sidecar("shop", &etcd, &res, Some(&app)).await;
+    let publisher = sidecar("checkout", &etcd, &res, None).await;
+    let client = publisher.client();
+    wait_until_subscribed(&client, "orders", &inbox).await;
+
+    for i in 0..20 {
+        client.publish("pubsub", "orders", format!(r#"{{"order":{i}}}"#).into_bytes(), "").await.unwrap();
+    }
+    eventually(Duration::from_secs(20), "20 orders delivered", || async {
+        (0..20).all(|i| inbox.has(&format!(r#"{{"order":{i}}}"#)))
+    })
+    .await;
+    // Nothing failed, so nothing came twice.
+    for i in 0..20 {
+        assert_eq!(inbox.count(&format!(r#"{{"order":{i}}}"#)), 1);
+    }
+    let events = inbox.events.lock().unwrap().clone();
+    let event = events.iter().find(|e| e.data == br#"{"order":0}"#).unwrap();
+    assert_eq!(event.source, "checkout");
+    assert_eq!(event.kind, "com.dapr.event.sent");
+    assert_eq!(event.pubsub_name, "pubsub");
+    assert_eq!(event.topic, "orders");
+    assert_eq!(event.data_content_type, "application/json");
+    assert!(!event.id.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_of_a_subscriber_compete_for_events() {
+    let etcd = Etcd::start().await;
+    let res = resources(&[]);
+    let (inbox_1, inbox_2) = (Inbox::default(), Inbox::default());
+    let (app_1, app_2) = (subscriber("raw", &inbox_1).await, subscriber("raw", &inbox_2).await);
+    let _s1 = sidecar("prep", &etcd, &res, Some(&app_1)).await;
+    let _s2 = sidecar("prep", &etcd, &res, Some(&app_2)).await;
+    let publisher = sidecar("ingest", &etcd, &res, None).await;
+    let client = publisher.client();
+    let both = Inbox { events: inbox_1.events.clone() };
+    wait_until_subscribed(&client, "raw", &both).await;
+    // Both replicas must be routable before counting: wait until each has taken a probe.
+    eventually(Duration::from_secs(20), "both replicas taking events", || {
+        let client = client.clone();
+        let (a, b) = (inbox_1.clone(), inbox_2.clone());
+        async move {
+            client.publish("pubsub", "raw", b"probe-x".to_vec(), "text/plain").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            a.has("probe-x") && b.has("probe-x")
+        }
+    })
+    .await;
+
+    for i in 0..40 {
+        client.publish("pubsub", "raw", format!("batch-{i}").into_bytes(), "text/plain").await.unwrap();
+    }
+    let all = |i: usize| format!("batch-{i}");
+    eventually(Duration::from_secs(20), "40 batches delivered", || async {
+        (0..40).all(|i| inbox_1.has(&all(i)) || inbox_2.has(&all(i)))
+    })
+    .await;
+    for i in 0..40 {
+        let total = inbox_1.count(&all(i)) + inbox_2.count(&all(i));
+        assert_eq!(total, 1, "batch-{i} went to exactly one replica");
+    }
+    let (n1, n2) =
+        ((0..40).filter(|i| inbox_1.has(&all(*i))).count(), (0..40).filter(|i| inbox_2.has(&all(*i))).count());
+    assert!(n1 > 0 && n2 > 0, "both replicas share the work: {n1} and {n2}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_redelivers_drop_drops_and_exhausted_events_go_to_the_dead_letter_topic() {
+    let etcd = Etcd::start().await;
+    let res = resources(&[("maxDeliveryAttempts", "3"), ("initialRetryDelay", "20ms"), ("maxRetryDelay", "100ms")]);
+    let inbox = Inbox::default();
+    let dead = Inbox::default();
+    let attempts: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let (inbox_c, dead_c, attempts_c) = (inbox.clone(), dead.clone(), attempts.clone());
+    let app = TestApp::start(
+        AppServer::new()
+            .subscribe_with_dead_letter("pubsub", "jobs", "jobs-dead", move |event| {
+                let (inbox, attempts) = (inbox_c.clone(), attempts_c.clone());
+                async move {
+                    let payload = String::from_utf8_lossy(&event.data).into_owned();
+                    inbox.push(event);
+                    let n = {
+                        let mut attempts = attempts.lock().unwrap();
+                        let n = attempts.entry(payload.clone()).or_default();
+                        *n += 1;
+                        *n
+                    };
+                    match payload.as_str() {
+                        "flaky" if n < 3 => EventOutcome::Retry,
+                        "poison" => EventOutcome::Retry,
+                        "bad" => EventOutcome::Drop,
+                        _ => EventOutcome::Success,
+                    }
+                }
+            })
+            .subscribe("pubsub", "jobs-dead", move |event| {
+                let dead = dead_c.clone();
+                async move {
+                    dead.push(event);
+                    EventOutcome::Success
+                }
+            }),
+    )
+    .await;
+    let _sub = sidecar("worker", &etcd, &res, Some(&app)).await;
+    let publisher = sidecar("boss", &etcd, &res, None).await;
+    let client = publisher.client();
+    wait_until_subscribed(&client, "jobs", &inbox).await;
+
+    for payload in ["flaky", "bad", "poison", "fine"] {
+        client.publish("pubsub", "jobs", payload.as_bytes().to_vec(), "text/plain").await.unwrap();
+    }
+    eventually(Duration::from_secs(20), "the poison event in the dead-letter topic", || async { dead.has("poison") })
+        .await;
+    eventually(Duration::from_secs(20), "the flaky event's third attempt", || async { inbox.count("flaky") == 3 })
+        .await;
+    // RETRY redelivered "flaky" until it succeeded on the 3rd try; "poison" used its 3 attempts.
+    assert_eq!(inbox.count("poison"), 3);
+    assert_eq!(inbox.count("fine"), 1);
+    assert_eq!(dead.count("poison"), 1);
+    assert!(!dead.has("flaky") && !dead.has("bad"));
+    // DROP ended "bad" at once: after everything else settled it was seen exactly once.
+    assert_eq!(inbox.count("bad"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_wait_for_a_subscriber_that_is_down_and_survive_the_publishers_kill_9() {
+    let etcd = Etcd::start().await;
+    let res = resources(&[("initialRetryDelay", "50ms"), ("maxRetryDelay", "200ms")]);
+    let inbox = Inbox::default();
+    let app = subscriber("models", &inbox).await;
+    let mut sub = sidecar("serve", &etcd, &res, Some(&app)).await;
+    let publisher_data = tempfile::tempdir().unwrap();
+    let start_publisher =
+        || Sidecar::new("train").etcd(&etcd).resources(res.path()).data_dir(publisher_data.path()).spawn();
+    let mut publisher = start_publisher().await;
+    wait_until_subscribed(&publisher.client(), "models", &inbox).await;
+
+    // The subscriber's sidecar dies; events published now wait in the publisher's outbox.
+    sub.kill9().await;
+    for i in 0..10 {
+        publisher.client().publish("pubsub", "models", format!("v{i}").into_bytes(), "text/plain").await.unwrap();
+    }
+    // The publisher's sidecar dies too, right after acknowledging.
+    publisher.kill9().await;
+
+    let _publisher = start_publisher().await;
+    let _sub = sidecar("serve", &etcd, &res, Some(&app)).await;
+    eventually(Duration::from_secs(30), "all 10 events delivered after both restarts", || async {
+        (0..10).all(|i| inbox.has(&format!("v{i}")))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_publishes_are_refused_with_the_reason() {
+    let etcd = Etcd::start().await;
+    let res = resources(&[]);
+    let publisher = Sidecar::new("p").etcd(&etcd).resources(res.path()).arg("--max-body-size").arg("1Ki").spawn().await;
+    let client = publisher.client();
+    let err = client.publish("nope", "t", b"x".to_vec(), "").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("'nope'") && err.message().contains("'pubsub'"), "{err:?}");
+    let err = client.publish("pubsub", "", b"x".to_vec(), "").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("topic"), "{err:?}");
+    let err = client.publish("pubsub", "t", vec![0u8; 2048], "").await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.message().contains("2048"), "{err:?}");
+    // A topic without subscribers takes the event (and keeps nothing), as in Dapr.
+    client.publish("pubsub", "t", b"x".to_vec(), "").await.unwrap();
+
+    // The official Dapr SDK publishes too.
+    let mut dapr = dapr::Client::<dapr::client::TonicClientWithAuth>::connect_with_address(format!(
+        "http://{}",
+        publisher.grpc_addr()
+    ))
+    .await
+    .unwrap();
+    dapr.publish_event("pubsub", "t", "application/json", br#"{"from":"dapr"}"#.to_vec(), None).await.unwrap();
+    let err = dapr.publish_event("nope", "t", "text/plain", b"x".to_vec(), None).await.unwrap_err();
+    assert!(format!("{err:?}").contains("InvalidArgument"), "{err:?}");
+}
