@@ -10,6 +10,7 @@
 //! - [`state`]: the state stores (`state.sled`, `state.etcd`) behind one trait.
 //! - [`pubsub`]: `pubsub.embedded`, durable at-least-once delivery between sidecars.
 //! - [`components`]: Dapr-format component files.
+//! - [`durability`]: group commit, so concurrent durable writes share one flush.
 //! - [`app_channel`]: the connection to the local app and its health probe.
 //! - [`admin`]: /healthz, /readyz and Dapr's health paths.
 //! - [`server`]: serving gRPC on a bound listener with TCP_NODELAY and a graceful drain.
@@ -24,6 +25,7 @@ pub mod components;
 pub mod config;
 pub mod deadline;
 pub mod discovery;
+pub mod durability;
 pub mod error;
 pub mod invoke;
 pub mod pubsub;

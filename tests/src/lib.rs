@@ -6,13 +6,16 @@
 //!
 //! Modules: [`etcd`], [`sidecar`], [`app`], [`fixture`] (the usual cast of an invocation test),
 //! [`http`] (a tiny HTTP/1.1 GET for admin endpoints), [`poll`] (bounded waiting for a
-//! condition instead of sleeps), [`state`] (component files and a state API client), [`stats`] (latency percentiles for the benchmark and the demo).
+//! condition instead of sleeps), [`pubsub`] (an inbox of received events, waiting for a
+//! subscription), [`state`] (component files and a state API client), [`stats`] (latency
+//! percentiles for the benchmark and the demo).
 
 pub mod app;
 pub mod etcd;
 pub mod fixture;
 pub mod http;
 pub mod poll;
+pub mod pubsub;
 pub mod sidecar;
 pub mod state;
 pub mod stats;

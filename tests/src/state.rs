@@ -80,9 +80,10 @@ impl Write {
             value: value.to_vec(),
             etag: self.etag.clone().map(|value| Etag { value }),
             metadata: self.metadata.iter().cloned().collect(),
-            options: self
-                .first_write
-                .then_some(StateOptions { concurrency: StateConcurrency::ConcurrencyFirstWrite as i32, consistency: 0 }),
+            options: self.first_write.then_some(StateOptions {
+                concurrency: StateConcurrency::ConcurrencyFirstWrite as i32,
+                consistency: 0,
+            }),
         }
     }
 }

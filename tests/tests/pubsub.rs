@@ -5,73 +5,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tandem_sdk::{AppServer, Code, EventOutcome, SidecarClient, TopicEvent};
+use tandem_sdk::{AppServer, Code, EventOutcome};
+use tandem_tests::pubsub::{Inbox, subscriber, wait_until_subscribed};
 use tandem_tests::state::ResourcesDir;
 use tandem_tests::{Etcd, RunningSidecar, Sidecar, TestApp, eventually};
-
-/// Every event an app received, in arrival order, keyed by its payload.
-#[derive(Clone, Default)]
-struct Inbox {
-    events: Arc<Mutex<Vec<TopicEvent>>>,
-}
-
-impl Inbox {
-    fn push(&self, event: TopicEvent) {
-        self.events.lock().unwrap().push(event);
-    }
-
-    fn payloads(&self) -> Vec<String> {
-        self.events.lock().unwrap().iter().map(|e| String::from_utf8_lossy(&e.data).into_owned()).collect()
-    }
-
-    fn count(&self, payload: &str) -> usize {
-        self.payloads().iter().filter(|p| *p == payload).count()
-    }
-
-    fn has(&self, payload: &str) -> bool {
-        self.count(payload) > 0
-    }
-}
-
-/// An app subscribed to `topic` of `pubsub` that records every event and answers `outcome`.
-async fn subscriber(topic: &str, inbox: &Inbox) -> TestApp {
-    let inbox = inbox.clone();
-    TestApp::start(AppServer::new().subscribe("pubsub", topic, move |event| {
-        let inbox = inbox.clone();
-        async move {
-            inbox.push(event);
-            EventOutcome::Success
-        }
-    }))
-    .await
-}
-
-/// Publishes probes until one reaches `inbox`: the publisher's routing then knows the subscription.
-async fn wait_until_subscribed(publisher: &SidecarClient, topic: &str, inbox: &Inbox) {
-    let mut n = 0;
-    eventually(Duration::from_secs(20), &format!("a subscription to '{topic}'"), || {
-        n += 1;
-        let probe = format!("probe-{n}");
-        let publisher = publisher.clone();
-        let inbox = inbox.clone();
-        let topic = topic.to_string();
-        async move {
-            // Until the publisher's routing table is loaded it answers UNAVAILABLE: try again.
-            if publisher.publish("pubsub", &topic, probe.as_bytes().to_vec(), "text/plain").await.is_err() {
-                return false;
-            }
-            // A delivered probe shows up quickly; give this one a short bounded chance.
-            for _ in 0..10 {
-                if inbox.payloads().iter().any(|p| p.starts_with("probe-")) {
-                    return true;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            false
-        }
-    })
-    .await;
-}
 
 fn resources(metadata: &[(&str, &str)]) -> ResourcesDir {
     ResourcesDir::new(&[("pubsub", "pubsub.embedded", metadata)])
@@ -107,7 +44,7 @@ async fn events_travel_from_publisher_to_subscriber_as_cloudevents() {
     for i in 0..20 {
         assert_eq!(inbox.count(&format!(r#"{{"order":{i}}}"#)), 1);
     }
-    let events = inbox.events.lock().unwrap().clone();
+    let events = inbox.events();
     let event = events.iter().find(|e| e.data == br#"{"order":0}"#).unwrap();
     assert_eq!(event.source, "checkout");
     assert_eq!(event.kind, "com.dapr.event.sent");
@@ -127,8 +64,7 @@ async fn replicas_of_a_subscriber_compete_for_events() {
     let _s2 = sidecar("prep", &etcd, &res, Some(&app_2)).await;
     let publisher = sidecar("ingest", &etcd, &res, None).await;
     let client = publisher.client();
-    let both = Inbox { events: inbox_1.events.clone() };
-    wait_until_subscribed(&client, "raw", &both).await;
+    wait_until_subscribed(&client, "raw", &inbox_1).await;
     // Both replicas must be routable before counting: wait until each has taken a probe.
     eventually(Duration::from_secs(20), "both replicas taking events", || {
         let client = client.clone();

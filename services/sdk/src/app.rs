@@ -75,6 +75,20 @@ pub struct TopicEvent {
     pub topic: String,
     pub data: Vec<u8>,
     pub data_content_type: String,
+    /// The route of the subscription that took the event ([`SubscriptionOptions::route`]);
+    /// empty when it has none.
+    pub path: String,
+}
+
+/// How to subscribe: what happens to events that exhaust their deliveries, and their route.
+#[derive(Debug, Clone, Default)]
+pub struct SubscriptionOptions {
+    /// Where events that exhaust their deliveries go (a topic of the same component); empty:
+    /// they are dropped.
+    pub dead_letter_topic: String,
+    /// The subscription's default route (Dapr's `routes.default`), handed back with every
+    /// event as [`TopicEvent::path`]. Dapr's `match` rules are not supported by tandemd.
+    pub route: String,
 }
 
 /// What the app did with an event.
@@ -94,7 +108,7 @@ type HealthCheck = Arc<dyn Fn() -> BoxFuture<Result<(), Status>> + Send + Sync>;
 type EventHandler = Arc<dyn Fn(TopicEvent) -> BoxFuture<EventOutcome> + Send + Sync>;
 
 struct Subscription {
-    dead_letter_topic: String,
+    options: SubscriptionOptions,
     handler: EventHandler,
 }
 
@@ -134,7 +148,7 @@ impl AppServer {
     /// Like [`AppServer::subscribe`]; events that exhaust their deliveries go to
     /// `dead_letter_topic` (of the same component) instead of being dropped.
     pub fn subscribe_with_dead_letter<F, Fut>(
-        mut self,
+        self,
         pubsub: &str,
         topic: &str,
         dead_letter_topic: &str,
@@ -144,8 +158,19 @@ impl AppServer {
         F: Fn(TopicEvent) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = EventOutcome> + Send + 'static,
     {
+        let options = SubscriptionOptions { dead_letter_topic: dead_letter_topic.to_string(), ..Default::default() };
+        self.subscribe_with(pubsub, topic, options, handler)
+    }
+
+    /// Like [`AppServer::subscribe`], with a dead-letter topic and a route (see
+    /// [`SubscriptionOptions`]).
+    pub fn subscribe_with<F, Fut>(mut self, pubsub: &str, topic: &str, options: SubscriptionOptions, handler: F) -> Self
+    where
+        F: Fn(TopicEvent) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = EventOutcome> + Send + 'static,
+    {
         let handler: EventHandler = Arc::new(move |event| Box::pin(handler(event)));
-        let subscription = Subscription { dead_letter_topic: dead_letter_topic.to_string(), handler };
+        let subscription = Subscription { options, handler };
         self.subscriptions.insert((pubsub.to_string(), topic.to_string()), Arc::new(subscription));
         self
     }
@@ -224,8 +249,8 @@ impl AppCallback for AppServer {
                 pubsub_name: pubsub.clone(),
                 topic: topic.clone(),
                 metadata: HashMap::new(),
-                routes: Some(TopicRoutes { rules: Vec::new(), default: String::new() }),
-                dead_letter_topic: subscription.dead_letter_topic.clone(),
+                routes: Some(TopicRoutes { rules: Vec::new(), default: subscription.options.route.clone() }),
+                dead_letter_topic: subscription.options.dead_letter_topic.clone(),
             })
             .collect();
         subscriptions.sort_by(|a, b| (&a.pubsub_name, &a.topic).cmp(&(&b.pubsub_name, &b.topic)));
@@ -249,6 +274,7 @@ impl AppCallback for AppServer {
             topic: event.topic,
             data: event.data,
             data_content_type: event.data_content_type,
+            path: event.path,
         })
         .await;
         let status = match outcome {

@@ -7,8 +7,8 @@ use tandem_proto::common::{Etag, StateItem};
 use tandem_proto::prost_types::Any;
 use tandem_proto::runtime::dapr_client::DaprClient;
 use tandem_proto::runtime::{
-    DeleteStateRequest, GetMetadataRequest, GetMetadataResponse, GetStateRequest, InvokeServiceRequest,
-    PublishEventRequest, SaveStateRequest, ShutdownRequest,
+    BulkPublishRequest, BulkPublishRequestEntry, DeleteStateRequest, GetMetadataRequest, GetMetadataResponse,
+    GetStateRequest, InvokeServiceRequest, PublishEventRequest, SaveStateRequest, ShutdownRequest,
 };
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
@@ -52,6 +52,28 @@ pub struct Response {
 pub struct StateEntry {
     pub value: Vec<u8>,
     pub etag: String,
+}
+
+/// One event of a bulk publish; `entry_id` (unique in the request) names it if it fails.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BulkEntry {
+    pub entry_id: String,
+    pub data: Vec<u8>,
+    /// Empty: JSON when the data parses as JSON, bytes otherwise.
+    pub content_type: String,
+}
+
+impl BulkEntry {
+    pub fn new(entry_id: impl Into<String>, data: impl Into<Vec<u8>>, content_type: &str) -> Self {
+        BulkEntry { entry_id: entry_id.into(), data: data.into(), content_type: content_type.into() }
+    }
+}
+
+/// An entry of a bulk publish that was not published, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BulkFailure {
+    pub entry_id: String,
+    pub error: String,
 }
 
 /// A client of the local sidecar. Cheap to clone: clones share one HTTP/2 connection.
@@ -135,6 +157,34 @@ impl SidecarClient {
         };
         self.inner.clone().publish_event(request).await?;
         Ok(())
+    }
+
+    /// Publishes each of `entries` to `topic` as its own event; returns once those published
+    /// are stored durably. The entries that were not published come back with the reason
+    /// (none when all were); the call itself fails only for a bad request (an unknown
+    /// pub/sub, an empty topic, a missing or repeated entry id).
+    pub async fn bulk_publish(
+        &self,
+        pubsub: &str,
+        topic: &str,
+        entries: Vec<BulkEntry>,
+    ) -> Result<Vec<BulkFailure>, Status> {
+        let request = BulkPublishRequest {
+            pubsub_name: pubsub.into(),
+            topic: topic.into(),
+            entries: entries
+                .into_iter()
+                .map(|e| BulkPublishRequestEntry {
+                    entry_id: e.entry_id,
+                    event: e.data,
+                    content_type: e.content_type,
+                    metadata: Default::default(),
+                })
+                .collect(),
+            metadata: Default::default(),
+        };
+        let response = self.inner.clone().bulk_publish_event(request).await?.into_inner();
+        Ok(response.failed_entries.into_iter().map(|f| BulkFailure { entry_id: f.entry_id, error: f.error }).collect())
     }
 
     /// The value of `key` in `store` and its ETag; `None` when the key does not exist.

@@ -1,7 +1,8 @@
 //! tandem-sdk: what a Rust app needs to live beside `tandemd`.
 //!
 //! - [`client`]: [`SidecarClient`], a client for the local sidecar's Dapr-compatible API
-//!   (invoke other apps, keep state, read the sidecar's metadata, ask it to shut down).
+//!   (invoke other apps, keep state, publish events one at a time or in bulk, read the
+//!   sidecar's metadata, ask it to shut down).
 //! - [`app`]: [`AppServer`], which serves the app-callback API (`AppCallback.OnInvoke`,
 //!   `ListTopicSubscriptions`, `OnTopicEvent`, `AppCallbackHealthCheck.HealthCheck`) from plain
 //!   async handler functions.
@@ -12,8 +13,8 @@
 pub mod app;
 pub mod client;
 
-pub use app::{AppServer, EventOutcome, Invocation, Reply, TopicEvent};
-pub use client::{CallOptions, SidecarClient, StateEntry};
+pub use app::{AppServer, EventOutcome, Invocation, Reply, SubscriptionOptions, TopicEvent};
+pub use client::{BulkEntry, BulkFailure, CallOptions, SidecarClient, StateEntry};
 pub use tandem_proto as proto;
 pub use tonic::{Code, Status};
 

@@ -1,7 +1,7 @@
 //! `dapr.proto.runtime.v1.Dapr`: InvokeService, the state API (see [`super::state`]),
-//! PublishEvent (see [`super::pubsub`]),
-//! GetMetadata and Shutdown. Methods of Dapr's
-//! service that Tandem does not implement are absent from its proto and answer UNIMPLEMENTED.
+//! PublishEvent and BulkPublishEvent (see [`super::pubsub`]), GetMetadata and Shutdown.
+//! Methods of Dapr's service that Tandem does not implement are absent from its proto and
+//! answer UNIMPLEMENTED.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,9 +9,9 @@ use std::sync::Arc;
 use tandem_proto::common::InvokeResponse;
 use tandem_proto::runtime::dapr_server::Dapr;
 use tandem_proto::runtime::{
-    AppConnectionProperties, DeleteBulkStateRequest, DeleteStateRequest, ExecuteStateTransactionRequest,
-    GetBulkStateRequest, GetBulkStateResponse, GetMetadataRequest, GetMetadataResponse, GetStateRequest,
-    GetStateResponse, InvokeServiceRequest, PublishEventRequest, SaveStateRequest, ShutdownRequest,
+    AppConnectionProperties, BulkPublishRequest, BulkPublishResponse, DeleteBulkStateRequest, DeleteStateRequest,
+    ExecuteStateTransactionRequest, GetBulkStateRequest, GetBulkStateResponse, GetMetadataRequest, GetMetadataResponse,
+    GetStateRequest, GetStateResponse, InvokeServiceRequest, PublishEventRequest, SaveStateRequest, ShutdownRequest,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -131,6 +131,20 @@ impl Dapr for DaprApi {
 
     async fn publish_event(&self, request: Request<PublishEventRequest>) -> Result<Response<()>, Status> {
         self.pubsub.publish_event(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn bulk_publish_event_alpha1(
+        &self,
+        request: Request<BulkPublishRequest>,
+    ) -> Result<Response<BulkPublishResponse>, Status> {
+        self.pubsub.bulk_publish_event(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn bulk_publish_event(
+        &self,
+        request: Request<BulkPublishRequest>,
+    ) -> Result<Response<BulkPublishResponse>, Status> {
+        self.pubsub.bulk_publish_event(request.into_inner()).await.map(Response::new)
     }
 
     async fn shutdown(&self, _: Request<ShutdownRequest>) -> Result<Response<()>, Status> {

@@ -1,10 +1,16 @@
-//! Dapr's PublishEvent on top of the pub/sub components: validation, and the CloudEvent 1.0
-//! attributes the subscriber receives.
+//! Dapr's PublishEvent and BulkPublishEvent on top of the pub/sub components: validation,
+//! and the CloudEvent 1.0 attributes the subscriber receives.
 
-use tandem_proto::runtime::{PublishEventRequest, RegisteredComponents, TopicEventRequest};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use tandem_proto::runtime::{
+    BulkPublishRequest, BulkPublishResponse, BulkPublishResponseFailedEntry, PublishEventRequest, RegisteredComponents,
+    TopicEventRequest,
+};
 use tonic::Status;
 
-use crate::pubsub::{EMBEDDED, PubSubs};
+use crate::pubsub::{EMBEDDED, EmbeddedPubSub, PubSubs};
 
 /// The CloudEvent `type` of events published through the API (Dapr's).
 pub const EVENT_TYPE: &str = "com.dapr.event.sent";
@@ -33,43 +39,98 @@ impl PubSubApi {
     }
 
     pub async fn publish_event(&self, request: PublishEventRequest) -> Result<(), Status> {
-        let names = || self.pubsubs.keys().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ");
-        let pubsub = self.pubsubs.get(&request.pubsub_name).ok_or_else(|| {
-            Status::invalid_argument(format!(
-                "pub/sub '{}' is not found; pub/subs here: {}",
-                request.pubsub_name,
-                names()
-            ))
+        let pubsub = self.target(&request.pubsub_name, &request.topic)?;
+        self.check_size(&request.topic, request.data.len()).map_err(Status::resource_exhausted)?;
+        let event = self.cloud_event(&request.pubsub_name, &request.topic, request.data, request.data_content_type);
+        pubsub.publish(event).await.map(|_| ()).map_err(Status::from)
+    }
+
+    /// BulkPublishEvent (and its Alpha1 name): the request is checked as a whole like
+    /// PublishEvent, plus its entry ids; each entry is then published as its own CloudEvent.
+    /// Entries that are too large or cannot be stored are listed in the answer, with why.
+    pub async fn bulk_publish_event(&self, request: BulkPublishRequest) -> Result<BulkPublishResponse, Status> {
+        let pubsub = self.target(&request.pubsub_name, &request.topic)?;
+        let mut ids = HashSet::with_capacity(request.entries.len());
+        for (index, entry) in request.entries.iter().enumerate() {
+            if entry.entry_id.is_empty() {
+                return Err(Status::invalid_argument(format!(
+                    "entry {index} of the bulk publish to topic '{}' has an empty entry_id; every entry needs one",
+                    request.topic
+                )));
+            }
+            if !ids.insert(entry.entry_id.as_str()) {
+                return Err(Status::invalid_argument(format!(
+                    "entry_id '{}' appears more than once in the bulk publish to topic '{}'; entry ids must be unique",
+                    entry.entry_id, request.topic
+                )));
+            }
+        }
+        // (position in the request, entry id, why it failed), sorted back into request order.
+        let mut failed = Vec::new();
+        let mut accepted = Vec::with_capacity(request.entries.len());
+        let mut events = Vec::with_capacity(request.entries.len());
+        for (index, entry) in request.entries.into_iter().enumerate() {
+            if let Err(error) = self.check_size(&request.topic, entry.event.len()) {
+                failed.push((index, entry.entry_id, error));
+                continue;
+            }
+            events.push(self.cloud_event(&request.pubsub_name, &request.topic, entry.event, entry.content_type));
+            accepted.push((index, entry.entry_id));
+        }
+        let outcomes = pubsub.publish_all(events).await;
+        for ((index, entry_id), outcome) in accepted.into_iter().zip(outcomes) {
+            if let Err(e) = outcome {
+                failed.push((index, entry_id, e.to_string()));
+            }
+        }
+        failed.sort_by_key(|(index, ..)| *index);
+        if !failed.is_empty() {
+            tracing::warn!(pubsub = %request.pubsub_name, topic = %request.topic, failed = failed.len(), first_error = %failed[0].2, "bulk publish: some entries failed");
+        }
+        let failed_entries =
+            failed.into_iter().map(|(_, entry_id, error)| BulkPublishResponseFailedEntry { entry_id, error }).collect();
+        Ok(BulkPublishResponse { failed_entries })
+    }
+
+    /// The component a publish names, once the pub/sub and topic are known to be valid.
+    fn target(&self, pubsub_name: &str, topic: &str) -> Result<&Arc<EmbeddedPubSub>, Status> {
+        let pubsub = self.pubsubs.get(pubsub_name).ok_or_else(|| {
+            let names = self.pubsubs.keys().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ");
+            Status::invalid_argument(format!("pub/sub '{pubsub_name}' is not found; pub/subs here: {names}"))
         })?;
-        if request.topic.is_empty() {
-            return Err(Status::invalid_argument(format!("the topic is empty (pub/sub '{}')", request.pubsub_name)));
+        if topic.is_empty() {
+            return Err(Status::invalid_argument(format!("the topic is empty (pub/sub '{pubsub_name}')")));
         }
-        if request.data.len() > self.max_event_bytes {
-            return Err(Status::resource_exhausted(format!(
-                "the event for topic '{}' is {} bytes, over the limit of {} bytes (--max-body-size)",
-                request.topic,
-                request.data.len(),
+        Ok(pubsub)
+    }
+
+    /// Why an event of `bytes` bytes cannot be published, if it is over --max-body-size.
+    fn check_size(&self, topic: &str, bytes: usize) -> Result<(), String> {
+        if bytes > self.max_event_bytes {
+            return Err(format!(
+                "the event for topic '{topic}' is {bytes} bytes, over the limit of {} bytes (--max-body-size)",
                 self.max_event_bytes
-            )));
+            ));
         }
-        let data_content_type = if request.data_content_type.is_empty() {
-            default_content_type(&request.data).to_string()
-        } else {
-            request.data_content_type
-        };
-        let event = TopicEventRequest {
+        Ok(())
+    }
+
+    /// A new CloudEvent (with a new id) carrying `data`, sent by this app.
+    fn cloud_event(&self, pubsub_name: &str, topic: &str, data: Vec<u8>, content_type: String) -> TopicEventRequest {
+        let data_content_type =
+            if content_type.is_empty() { default_content_type(&data).to_string() } else { content_type };
+        TopicEventRequest {
             id: uuid::Uuid::new_v4().to_string(),
             source: self.app_id.clone(),
             r#type: EVENT_TYPE.into(),
             spec_version: "1.0".into(),
             data_content_type,
-            topic: request.topic,
-            data: request.data,
-            pubsub_name: request.pubsub_name,
+            topic: topic.to_string(),
+            data,
+            pubsub_name: pubsub_name.to_string(),
             path: String::new(),
             extensions: None,
-        };
-        pubsub.publish(event).await.map(|_| ()).map_err(Status::from)
+        }
     }
 }
 

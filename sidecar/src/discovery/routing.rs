@@ -25,6 +25,10 @@ pub struct Subscriber {
     /// Where events that exhaust their deliveries go (same component); empty: dropped.
     #[serde(default)]
     pub dead_letter_topic: String,
+    /// The subscription's route (`routes.default`), sent to the app as the event's `path`;
+    /// empty when it has none (and in records written before routes existed).
+    #[serde(default)]
+    pub path: String,
 }
 
 /// An immutable view of the namespace.
@@ -191,7 +195,7 @@ mod tests {
     #[test]
     fn subscriptions_are_listed_per_topic() {
         let mut b = RoutingBuilder::default();
-        let sub = |app: &str| Subscriber { app_id: app.into(), dead_letter_topic: String::new() };
+        let sub = |app: &str| Subscriber { app_id: app.into(), dead_letter_topic: String::new(), path: String::new() };
         b.add_subscription("pubsub", "raw", sub("prep"));
         b.add_subscription("pubsub", "raw", sub("audit"));
         b.add_subscription("pubsub", "features", sub("train"));
@@ -202,6 +206,16 @@ mod tests {
         assert!(s.subscribers("other", "raw").is_empty());
         b.remove_subscription("pubsub", "raw", "audit");
         assert_eq!(b.snapshot().subscribers("pubsub", "raw").len(), 1);
+    }
+
+    #[test]
+    fn subscriber_records_without_a_path_still_parse() {
+        let old: Subscriber = serde_json::from_str(r#"{"app_id":"prep","dead_letter_topic":"dead"}"#).unwrap();
+        assert_eq!(old.path, "");
+        assert_eq!(old.dead_letter_topic, "dead");
+        let new = Subscriber { path: "/orders".into(), ..old };
+        let back: Subscriber = serde_json::from_slice(&serde_json::to_vec(&new).unwrap()).unwrap();
+        assert_eq!(back, new);
     }
 
     #[test]

@@ -90,8 +90,9 @@ pub async fn run(pubsub: Arc<EmbeddedPubSub>, deliverer: Arc<dyn Deliver>, stop:
                         _ = stop.cancelled() => return,
                         permit = permits.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
                     };
-                    let (pubsub, deliverer, in_flight, event) =
-                        (pubsub.clone(), deliverer.clone(), in_flight.clone(), event.clone());
+                    let (pubsub, deliverer, in_flight) = (pubsub.clone(), deliverer.clone(), in_flight.clone());
+                    // The route is the subscriber's, so it is set per delivery, not stored in the event.
+                    let event = TopicEventRequest { path: pending.path.clone(), ..event.clone() };
                     tokio::spawn(async move {
                         attempt(&pubsub, deliverer.as_ref(), seq, &key.1, event).await;
                         in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);

@@ -12,6 +12,10 @@
 //! - [`subscriptions`]: each subscriber's sidecar asks its app for its subscriptions
 //!   (`ListTopicSubscriptions`) and records them in etcd, without a lease, so events are kept for
 //!   a subscriber whose instances are all down and delivered when one comes back.
+//! - Routes: a subscription's `routes.default` is recorded with it, kept in each pending
+//!   delivery and sent to the app as the event's `path`. Routing rules with a `match`
+//!   expression (CEL in Dapr) are not supported: they are logged as a warning when the
+//!   subscription is registered, and their events take `routes.default`.
 
 pub mod delivery;
 pub mod outbox;
@@ -150,29 +154,52 @@ impl EmbeddedPubSub {
     /// Stores `event` for every current subscriber of its topic; returns once it is durable.
     /// A topic without subscribers takes the event and keeps nothing, as in Dapr.
     pub async fn publish(&self, event: TopicEventRequest) -> Result<usize, PubSubError> {
+        self.publish_all(vec![event]).await.pop().expect("one outcome per event")
+    }
+
+    /// [`EmbeddedPubSub::publish`] for several events (a bulk publish): one outcome per event,
+    /// in order, each the number of subscribers it was stored for. One flush makes them all
+    /// durable, which is what makes a bulk publish cheaper than one publish per event.
+    pub async fn publish_all(&self, events: Vec<TopicEventRequest>) -> Vec<Result<usize, PubSubError>> {
         let routing = self.routing.current();
         if !routing.synced {
-            return Err(PubSubError::RoutingNotReady);
-        }
-        let subscribers = routing.subscribers(&self.name, &event.topic);
-        if subscribers.is_empty() {
-            tracing::debug!(pubsub = %self.name, topic = %event.topic, "no subscribers; event not kept");
-            return Ok(0);
+            return events.iter().map(|_| Err(PubSubError::RoutingNotReady)).collect();
         }
         let now = delivery::now_ms();
-        let deliveries = subscribers
-            .iter()
-            .map(|s| PendingDelivery {
-                app_id: s.app_id.clone(),
-                attempts: 0,
-                next_attempt_unix_ms: now,
-                dead_letter_topic: s.dead_letter_topic.clone(),
-            })
-            .collect::<Vec<_>>();
-        let count = deliveries.len();
-        self.outbox.push(&OutboxRecord { event: Some(event), deliveries }).await?;
+        let mut outcomes = Vec::with_capacity(events.len());
+        // The records to store, each with the index of its event's outcome.
+        let mut records = Vec::with_capacity(events.len());
+        for event in events {
+            let subscribers = routing.subscribers(&self.name, &event.topic);
+            if subscribers.is_empty() {
+                tracing::debug!(pubsub = %self.name, topic = %event.topic, "no subscribers; event not kept");
+                outcomes.push(Ok(0));
+                continue;
+            }
+            let deliveries = subscribers
+                .iter()
+                .map(|s| PendingDelivery {
+                    app_id: s.app_id.clone(),
+                    attempts: 0,
+                    next_attempt_unix_ms: now,
+                    dead_letter_topic: s.dead_letter_topic.clone(),
+                    path: s.path.clone(),
+                })
+                .collect::<Vec<_>>();
+            outcomes.push(Ok(deliveries.len()));
+            records.push((outcomes.len() - 1, OutboxRecord { event: Some(event), deliveries }));
+        }
+        if records.is_empty() {
+            return outcomes;
+        }
+        let stored = self.outbox.push_all(records.iter().map(|(_, record)| record)).await;
+        for ((index, _), result) in records.iter().zip(stored) {
+            if let Err(e) = result {
+                outcomes[*index] = Err(e);
+            }
+        }
         self.wake.notify_one();
-        Ok(count)
+        outcomes
     }
 
     /// Events waiting for at least one subscriber.

@@ -10,9 +10,11 @@ use prost::Message;
 use tandem_proto::internal::OutboxRecord;
 
 use super::PubSubError;
+use crate::durability::GroupFlusher;
 
 pub struct Outbox {
     db: sled::Db,
+    flusher: GroupFlusher,
     records: sled::Tree,
     /// Records on disk, for the backlog limit.
     len: AtomicUsize,
@@ -41,7 +43,8 @@ impl Outbox {
         let records =
             db.open_tree("tandem_outbox").map_err(|e| PubSubError::Storage(format!("outbox {shown}: {e}")))?;
         let len = AtomicUsize::new(records.len());
-        Ok(Outbox { db, records, len, max_backlog, path: shown, updating: Mutex::new(()) })
+        let flusher = GroupFlusher::new();
+        Ok(Outbox { db, flusher, records, len, max_backlog, path: shown, updating: Mutex::new(()) })
     }
 
     fn storage(&self, what: &str, e: impl std::fmt::Display) -> PubSubError {
@@ -50,6 +53,31 @@ impl Outbox {
 
     /// Stores `record` durably; refused when the backlog is full.
     pub async fn push(&self, record: &OutboxRecord) -> Result<u64, PubSubError> {
+        self.push_all([record]).await.pop().expect("one outcome per record")
+    }
+
+    /// Stores each of `records` (refused one by one once the backlog is full) and makes them
+    /// durable with a single flush: one outcome per record, in order.
+    pub async fn push_all<'a>(
+        &self,
+        records: impl IntoIterator<Item = &'a OutboxRecord>,
+    ) -> Vec<Result<u64, PubSubError>> {
+        let mut outcomes: Vec<_> = records.into_iter().map(|record| self.insert(record)).collect();
+        if outcomes.iter().any(Result::is_ok)
+            && let Err(e) = self.flusher.flush(&self.db).await
+        {
+            // Stored but maybe not durable: not acknowledged. Should it survive anyway, it is
+            // delivered, which at-least-once allows.
+            let e = e.to_string();
+            for outcome in outcomes.iter_mut().filter(|o| o.is_ok()) {
+                *outcome = Err(self.storage("flushing", &e));
+            }
+        }
+        outcomes
+    }
+
+    /// Writes `record` under a new sequence number, not flushed.
+    fn insert(&self, record: &OutboxRecord) -> Result<u64, PubSubError> {
         let waiting = self.len.load(Ordering::Relaxed);
         if waiting >= self.max_backlog {
             return Err(PubSubError::BacklogFull { waiting, max: self.max_backlog });
@@ -59,7 +87,6 @@ impl Outbox {
             .insert(seq.to_be_bytes(), record.encode_to_vec())
             .map_err(|e| self.storage("storing an event", e))?;
         self.len.fetch_add(1, Ordering::Relaxed);
-        self.db.flush_async().await.map_err(|e| self.storage("flushing", e))?;
         Ok(seq)
     }
 
@@ -172,6 +199,18 @@ mod tests {
         outbox.push(&record("2", &["a"])).await.unwrap();
         let err = outbox.push(&record("3", &["a"])).await.unwrap_err();
         assert!(matches!(err, PubSubError::BacklogFull { waiting: 2, max: 2 }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn push_all_stores_until_the_backlog_is_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(&dir.path().join("o"), 2).unwrap();
+        let records = [record("1", &["a"]), record("2", &["a"]), record("3", &["a"])];
+        let outcomes = outbox.push_all(&records).await;
+        assert!(outcomes[0].is_ok() && outcomes[1].is_ok());
+        assert!(matches!(outcomes[2], Err(PubSubError::BacklogFull { waiting: 2, max: 2 })), "{:?}", outcomes[2]);
+        let ids: Vec<String> = outbox.records_after(None, 10).into_iter().map(|(_, r)| r.event.unwrap().id).collect();
+        assert_eq!(ids, ["1", "2"]);
     }
 
     #[test]

@@ -2,12 +2,18 @@
 //! where every publisher's routing table finds them. Done whenever the app becomes healthy
 //! (so an app restarted with other subscriptions is picked up); subscriptions the app no
 //! longer lists are removed.
+//!
+//! Routes: a subscription's `routes.default` is recorded with it and reaches the app as each
+//! event's `path`. Routing rules with a `match` expression (CEL in Dapr) are not supported:
+//! each is logged as a warning when the subscription is registered, and its events take
+//! `routes.default` (or the first rule without a `match`, which Dapr takes for every event).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, GetOptions};
+use tandem_proto::runtime::TopicSubscription;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
@@ -88,6 +94,7 @@ impl SubscriptionRegistrar {
             let value = serde_json::to_vec(&Subscriber {
                 app_id: self.app_id.clone(),
                 dead_letter_topic: subscription.dead_letter_topic.clone(),
+                path: route_of(&subscription),
             })
             .map_err(|e| e.to_string())?;
             self.client.put(key.as_str(), value, None).await.map_err(|e| format!("writing {key}: {e}"))?;
@@ -109,5 +116,47 @@ impl SubscriptionRegistrar {
             }
         }
         Ok(wanted.len())
+    }
+}
+
+/// The route events of `subscription` take. As in Dapr, rules are tried in order and
+/// `routes.default` comes last; a rule without a `match` always matches. Rules with a `match`
+/// are never taken (no CEL here); each is reported so the app's author knows why.
+fn route_of(subscription: &TopicSubscription) -> String {
+    let Some(routes) = &subscription.routes else { return String::new() };
+    for rule in routes.rules.iter().filter(|r| !r.r#match.is_empty()) {
+        tracing::warn!(
+            pubsub = %subscription.pubsub_name,
+            topic = %subscription.topic,
+            rule_match = %rule.r#match,
+            rule_path = %rule.path,
+            default = %routes.default,
+            "routing rules with a match expression are not supported; the rule is ignored and its events take routes.default"
+        );
+    }
+    match routes.rules.iter().find(|r| r.r#match.is_empty()) {
+        Some(catch_all) => catch_all.path.clone(),
+        None => routes.default.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_proto::runtime::{TopicRoutes, TopicRule};
+
+    #[test]
+    fn match_rules_are_ignored_and_the_default_route_is_used() {
+        let mut subscription =
+            TopicSubscription { pubsub_name: "pubsub".into(), topic: "orders".into(), ..Default::default() };
+        assert_eq!(route_of(&subscription), "");
+        subscription.routes = Some(TopicRoutes {
+            rules: vec![TopicRule { r#match: "event.type == \"big\"".into(), path: "/big".into() }],
+            default: "/orders".into(),
+        });
+        assert_eq!(route_of(&subscription), "/orders");
+        // A rule without a match takes every event, before the default.
+        subscription.routes.as_mut().unwrap().rules.push(TopicRule { r#match: String::new(), path: "/all".into() });
+        assert_eq!(route_of(&subscription), "/all");
     }
 }

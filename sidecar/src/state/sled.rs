@@ -14,7 +14,7 @@
 //!   only costs one look-up when its time comes.
 //!
 //! Every [`StateStore::apply`] is one sled transaction over the state and expiry trees, then an
-//! fsync through `flush_async` before it returns. Transactions and reads run on tokio's blocking
+//! fsync (a group commit shared with concurrent writers, see [`crate::durability`]) before it returns. Transactions and reads run on tokio's blocking
 //! pool: sled serializes them with a process-wide lock that can be held across an fsync, and the
 //! sidecar may run a single runtime thread.
 //! Expired records are invisible at once and deleted later by [`SledStore::spawn_purger`].
@@ -28,6 +28,7 @@ use sled::transaction::{
 };
 
 use super::{Operation, Precondition, StateError, StateStore, StateValue};
+use crate::durability::GroupFlusher;
 
 /// The on-disk format this code reads and writes: the marker in the meta tree and the first
 /// byte of every record.
@@ -57,6 +58,8 @@ pub struct SledStore {
 struct Inner {
     /// Kept so the database is flushed as a whole; the trees below live in it.
     db: sled::Db,
+    /// Concurrent writers share one flush (group commit).
+    flusher: GroupFlusher,
     state: sled::Tree,
     expiry: sled::Tree,
     path: PathBuf,
@@ -174,7 +177,8 @@ impl SledStore {
 
         let state = db.open_tree(STATE_TREE).map_err(open_error)?;
         let expiry = db.open_tree(EXPIRY_TREE).map_err(open_error)?;
-        Ok(SledStore { inner: Arc::new(Inner { db, state, expiry, path: path.to_path_buf() }) })
+        let flusher = GroupFlusher::new();
+        Ok(SledStore { inner: Arc::new(Inner { db, flusher, state, expiry, path: path.to_path_buf() }) })
     }
 
     /// Deletes every record whose expiry has passed, returning how many it deleted.
@@ -244,7 +248,11 @@ impl StateStore for SledStore {
         tokio::task::spawn_blocking(move || inner.apply_blocking(&operations, now_ms())).await.map_err(|e| {
             StateError::Internal(format!("state transaction in {} failed: {e}", self.inner.path.display()))
         })??;
-        self.inner.db.flush_async().await.map_err(|e| self.inner.storage_error("flushing", "", e))?;
+        self.inner
+            .flusher
+            .flush(&self.inner.db)
+            .await
+            .map_err(|e| StateError::Internal(format!("flushing state store {}: {e}", self.inner.path.display())))?;
         Ok(())
     }
 }
