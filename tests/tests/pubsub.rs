@@ -211,3 +211,40 @@ async fn bad_publishes_are_refused_with_the_reason() {
     let err = dapr.publish_event("nope", "t", "text/plain", b"x".to_vec(), None).await.unwrap_err();
     assert!(format!("{err:?}").contains("InvalidArgument"), "{err:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_that_asks_for_order_gets_events_in_publish_order() {
+    let etcd = Etcd::start().await;
+    let res = resources(&[("initialRetryDelay", "20ms"), ("maxRetryDelay", "50ms")]);
+    let inbox = Inbox::default();
+    let retried_once: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
+    let (inbox_c, retried_c) = (inbox.clone(), retried_once.clone());
+    let options = tandem_sdk::SubscriptionOptions { ordered: true, ..Default::default() };
+    let app = TestApp::start(AppServer::new().subscribe_with("pubsub", "steps", options, move |event| {
+        let (inbox, retried) = (inbox_c.clone(), retried_c.clone());
+        async move {
+            let payload = String::from_utf8_lossy(&event.data).into_owned();
+            // Every 7th step fails once: in order, the steps after it must wait for it.
+            let number: usize = payload.trim_start_matches("step-").parse().unwrap_or(0);
+            if number % 7 == 3 && retried.lock().unwrap().insert(payload.clone()) {
+                return EventOutcome::Retry;
+            }
+            inbox.push(event);
+            EventOutcome::Success
+        }
+    }))
+    .await;
+    let _sub = sidecar("trainer", &etcd, &res, Some(&app)).await;
+    let publisher = sidecar("feeder", &etcd, &res, None).await;
+    let client = publisher.client();
+    wait_until_subscribed(&client, "steps", &inbox).await;
+
+    for i in 0..40 {
+        client.publish("pubsub", "steps", format!("step-{i}").into_bytes(), "text/plain").await.unwrap();
+    }
+    eventually(Duration::from_secs(30), "40 steps delivered", || async { inbox.has("step-39") && inbox.has("step-3") })
+        .await;
+    let steps: Vec<String> = inbox.payloads().into_iter().filter(|p| p.starts_with("step-")).collect();
+    let expected: Vec<String> = (0..40).map(|i| format!("step-{i}")).collect();
+    assert_eq!(steps, expected, "in publish order, each once, the retried ones in their place");
+}

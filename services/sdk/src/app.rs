@@ -89,6 +89,9 @@ pub struct SubscriptionOptions {
     /// The subscription's default route (Dapr's `routes.default`), handed back with every
     /// event as [`TopicEvent::path`]. Dapr's `match` rules are not supported by tandemd.
     pub route: String,
+    /// Receive this topic's events in publish order (per publisher), one at a time; a
+    /// retried event holds back the ones after it.
+    pub ordered: bool,
 }
 
 /// What the app did with an event.
@@ -248,7 +251,11 @@ impl AppCallback for AppServer {
             .map(|((pubsub, topic), subscription)| TopicSubscription {
                 pubsub_name: pubsub.clone(),
                 topic: topic.clone(),
-                metadata: HashMap::new(),
+                metadata: if subscription.options.ordered {
+                    HashMap::from([("tandem.ordered".to_string(), "true".to_string())])
+                } else {
+                    HashMap::new()
+                },
                 routes: Some(TopicRoutes { rules: Vec::new(), default: subscription.options.route.clone() }),
                 dead_letter_topic: subscription.options.dead_letter_topic.clone(),
             })

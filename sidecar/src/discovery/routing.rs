@@ -29,6 +29,9 @@ pub struct Subscriber {
     /// empty when it has none (and in records written before routes existed).
     #[serde(default)]
     pub path: String,
+    /// Whether the subscriber wants this topic's events in publish order (per publisher).
+    #[serde(default)]
+    pub ordered: bool,
 }
 
 /// An immutable view of the namespace.
@@ -195,7 +198,12 @@ mod tests {
     #[test]
     fn subscriptions_are_listed_per_topic() {
         let mut b = RoutingBuilder::default();
-        let sub = |app: &str| Subscriber { app_id: app.into(), dead_letter_topic: String::new(), path: String::new() };
+        let sub = |app: &str| Subscriber {
+            app_id: app.into(),
+            dead_letter_topic: String::new(),
+            path: String::new(),
+            ordered: false,
+        };
         b.add_subscription("pubsub", "raw", sub("prep"));
         b.add_subscription("pubsub", "raw", sub("audit"));
         b.add_subscription("pubsub", "features", sub("train"));

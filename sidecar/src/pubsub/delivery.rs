@@ -1,6 +1,10 @@
 //! The delivery loop of one `pubsub.embedded` component: scans the outbox for due
 //! deliveries, hands each to the subscriber through a [`Deliver`], and settles the outcome in
 //! the outbox (done, retry later, or dead-letter/drop after the last attempt).
+//!
+//! The outbox is scanned oldest first, so for a subscription that asks for order
+//! (`tandem.ordered`) only its oldest unsettled event of a topic is ever in flight: events
+//! reach it in publish order (per publisher), one at a time.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -70,6 +74,9 @@ pub async fn run(pubsub: Arc<EmbeddedPubSub>, deliverer: Arc<dyn Deliver>, stop:
         let now = now_ms();
         let mut next_due = now + IDLE_SCAN.as_millis() as u64;
         let mut after = None;
+        // Ordered subscriptions whose oldest pending event this scan has met: their later
+        // events wait until that one is settled, whatever state it is in.
+        let mut ordered_heads: HashSet<(String, String)> = HashSet::new();
         loop {
             let chunk = pubsub.outbox.records_after(after, SCAN_CHUNK);
             let Some((last, _)) = chunk.last() else { break };
@@ -77,6 +84,9 @@ pub async fn run(pubsub: Arc<EmbeddedPubSub>, deliverer: Arc<dyn Deliver>, stop:
             for (seq, record) in chunk {
                 let Some(event) = record.event else { continue };
                 for pending in record.deliveries {
+                    if pending.ordered && !ordered_heads.insert((pending.app_id.clone(), event.topic.clone())) {
+                        continue;
+                    }
                     if pending.next_attempt_unix_ms > now {
                         next_due = next_due.min(pending.next_attempt_unix_ms);
                         continue;

@@ -184,6 +184,7 @@ impl EmbeddedPubSub {
                     next_attempt_unix_ms: now,
                     dead_letter_topic: s.dead_letter_topic.clone(),
                     path: s.path.clone(),
+                    ordered: s.ordered,
                 })
                 .collect::<Vec<_>>();
             outcomes.push(Ok(deliveries.len()));

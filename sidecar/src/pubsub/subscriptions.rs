@@ -95,6 +95,7 @@ impl SubscriptionRegistrar {
                 app_id: self.app_id.clone(),
                 dead_letter_topic: subscription.dead_letter_topic.clone(),
                 path: route_of(&subscription),
+                ordered: wants_order(&subscription.metadata),
             })
             .map_err(|e| e.to_string())?;
             self.client.put(key.as_str(), value, None).await.map_err(|e| format!("writing {key}: {e}"))?;
@@ -159,4 +160,11 @@ mod tests {
         subscription.routes.as_mut().unwrap().rules.push(TopicRule { r#match: String::new(), path: "/all".into() });
         assert_eq!(route_of(&subscription), "/all");
     }
+}
+
+/// The subscription metadata key that asks for events in publish order.
+pub const ORDERED: &str = "tandem.ordered";
+
+fn wants_order(metadata: &std::collections::HashMap<String, String>) -> bool {
+    metadata.get(ORDERED).is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
 }
