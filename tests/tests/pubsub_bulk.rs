@@ -188,16 +188,7 @@ impl AppCallback for RoutedApp {
         request: Request<TopicEventRequest>,
     ) -> Result<Response<TopicEventResponse>, Status> {
         let event = request.into_inner();
-        self.inbox.push(TopicEvent {
-            id: event.id,
-            source: event.source,
-            kind: event.r#type,
-            pubsub_name: event.pubsub_name,
-            topic: event.topic,
-            data: event.data,
-            data_content_type: event.data_content_type,
-            path: event.path,
-        });
+        self.inbox.push(TopicEvent::from(event));
         Ok(Response::new(TopicEventResponse { status: TopicEventResponseStatus::Success as i32 }))
     }
 }

@@ -94,6 +94,21 @@ pub struct SubscriptionOptions {
     pub ordered: bool,
 }
 
+impl From<TopicEventRequest> for TopicEvent {
+    fn from(event: TopicEventRequest) -> TopicEvent {
+        TopicEvent {
+            id: event.id,
+            source: event.source,
+            kind: event.r#type,
+            pubsub_name: event.pubsub_name,
+            topic: event.topic,
+            data: event.data,
+            data_content_type: event.data_content_type,
+            path: event.path,
+        }
+    }
+}
+
 /// What the app did with an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventOutcome {
@@ -273,17 +288,7 @@ impl AppCallback for AppServer {
             tracing::warn!(pubsub = %event.pubsub_name, topic = %event.topic, "event for a topic this app does not subscribe to; dropped");
             return Ok(Response::new(TopicEventResponse { status: TopicEventResponseStatus::Drop as i32 }));
         };
-        let outcome = (subscription.handler)(TopicEvent {
-            id: event.id,
-            source: event.source,
-            kind: event.r#type,
-            pubsub_name: event.pubsub_name,
-            topic: event.topic,
-            data: event.data,
-            data_content_type: event.data_content_type,
-            path: event.path,
-        })
-        .await;
+        let outcome = (subscription.handler)(TopicEvent::from(event)).await;
         let status = match outcome {
             EventOutcome::Success => TopicEventResponseStatus::Success,
             EventOutcome::Retry => TopicEventResponseStatus::Retry,

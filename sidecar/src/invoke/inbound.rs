@@ -25,13 +25,32 @@ impl MeshInbound {
         MeshInbound { app_id, app }
     }
 
+    /// The app this sidecar fronts, when `target` names it and it can be called.
+    fn local_app(&self, target: String) -> Result<&AppChannel, MeshError> {
+        if target != self.app_id {
+            return Err(MeshError::WrongApp { local: self.app_id.clone(), requested: target });
+        }
+        self.app.as_ref().ok_or_else(|| MeshError::AppHasNoPort { app_id: self.app_id.clone() })
+    }
+
+    /// A failed call to the app: never sent means it is not listening (and the caller may try
+    /// another instance); anything else is the app's own answer.
+    fn app_failure(&self, app: &AppChannel, status: Status) -> MeshError {
+        if never_sent(&status) {
+            MeshError::AppNotListening {
+                app_id: self.app_id.clone(),
+                address: app.address().to_string(),
+                reason: status.message().to_string(),
+            }
+        } else {
+            MeshError::Remote(status)
+        }
+    }
+
     async fn deliver(&self, request: Request<InternalInvokeRequest>) -> Result<InternalInvokeResponse, MeshError> {
         let deadline = deadline::from_metadata(request.metadata()).map_err(MeshError::InvalidArgument)?;
         let call = request.into_inner();
-        if call.target_app_id != self.app_id {
-            return Err(MeshError::WrongApp { local: self.app_id.clone(), requested: call.target_app_id });
-        }
-        let app = self.app.as_ref().ok_or_else(|| MeshError::AppHasNoPort { app_id: self.app_id.clone() })?;
+        let app = self.local_app(call.target_app_id)?;
         let message =
             call.message.ok_or_else(|| MeshError::InvalidArgument("the invocation carries no message".into()))?;
         let method = message.method.clone();
@@ -56,12 +75,7 @@ impl MeshInbound {
                 let metadata = headers::outgoing(response.metadata());
                 Ok(InternalInvokeResponse { message: Some(response.into_inner()), metadata })
             }
-            Err(status) if never_sent(&status) => Err(MeshError::AppNotListening {
-                app_id: self.app_id.clone(),
-                address: app.address().to_string(),
-                reason: status.message().to_string(),
-            }),
-            Err(status) => Err(MeshError::Remote(status)),
+            Err(status) => Err(self.app_failure(app, status)),
         }
     }
 
@@ -69,10 +83,7 @@ impl MeshInbound {
     async fn deliver_event(&self, request: Request<DeliverEventRequest>) -> Result<DeliverEventResponse, MeshError> {
         let deadline = deadline::from_metadata(request.metadata()).map_err(MeshError::InvalidArgument)?;
         let call = request.into_inner();
-        if call.target_app_id != self.app_id {
-            return Err(MeshError::WrongApp { local: self.app_id.clone(), requested: call.target_app_id });
-        }
-        let app = self.app.as_ref().ok_or_else(|| MeshError::AppHasNoPort { app_id: self.app_id.clone() })?;
+        let app = self.local_app(call.target_app_id)?;
         let event = call.event.ok_or_else(|| MeshError::InvalidArgument("the delivery carries no event".into()))?;
         let topic = event.topic.clone();
         let mut app_request = Request::new(event);
@@ -83,12 +94,7 @@ impl MeshInbound {
         let result = within_deadline(deadline, describe, app.callback_client().on_topic_event(app_request)).await?;
         match result {
             Ok(response) => Ok(DeliverEventResponse { response: Some(response.into_inner()) }),
-            Err(status) if never_sent(&status) => Err(MeshError::AppNotListening {
-                app_id: self.app_id.clone(),
-                address: app.address().to_string(),
-                reason: status.message().to_string(),
-            }),
-            Err(status) => Err(MeshError::Remote(status)),
+            Err(status) => Err(self.app_failure(app, status)),
         }
     }
 }
