@@ -32,6 +32,10 @@ pub mod tandem {
     }
 }
 
+/// Subscription metadata (`TopicSubscription.metadata`) by which an app asks tandemd to deliver
+/// a topic's events in publish order; the value is `"true"`.
+pub const SUBSCRIPTION_ORDERED: &str = "tandem.ordered";
+
 pub use dapr::proto::common::v1 as common;
 pub use dapr::proto::runtime::v1 as runtime;
 pub use prost_types;

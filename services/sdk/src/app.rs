@@ -267,7 +267,7 @@ impl AppCallback for AppServer {
                 pubsub_name: pubsub.clone(),
                 topic: topic.clone(),
                 metadata: if subscription.options.ordered {
-                    HashMap::from([("tandem.ordered".to_string(), "true".to_string())])
+                    HashMap::from([(tandem_proto::SUBSCRIPTION_ORDERED.to_string(), "true".to_string())])
                 } else {
                     HashMap::new()
                 },

@@ -141,6 +141,11 @@ fn route_of(subscription: &TopicSubscription) -> String {
     }
 }
 
+/// Whether the subscription asks for events in publish order.
+fn wants_order(metadata: &std::collections::HashMap<String, String>) -> bool {
+    metadata.get(tandem_proto::SUBSCRIPTION_ORDERED).is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,11 +165,4 @@ mod tests {
         subscription.routes.as_mut().unwrap().rules.push(TopicRule { r#match: String::new(), path: "/all".into() });
         assert_eq!(route_of(&subscription), "/all");
     }
-}
-
-/// The subscription metadata key that asks for events in publish order.
-pub const ORDERED: &str = "tandem.ordered";
-
-fn wants_order(metadata: &std::collections::HashMap<String, String>) -> bool {
-    metadata.get(ORDERED).is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
 }
