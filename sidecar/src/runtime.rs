@@ -24,6 +24,7 @@ use crate::discovery::{self, Backoff, InstanceRecord, Registrar, RoutingTable, R
 use crate::invoke::channels::PeerChannels;
 use crate::invoke::{Invoker, MeshInbound};
 use crate::pubsub::delivery;
+use crate::pubsub::streams::StreamSubscriptions;
 use crate::pubsub::subscriptions::SubscriptionRegistrar;
 use crate::readiness::Readiness;
 use crate::state::registry::{self, StoreContext};
@@ -102,7 +103,9 @@ pub async fn run(
     let readiness = Arc::new(Readiness::new(config.app_port.is_some()));
     let routing = RoutingTable::new();
     let pubsubs = pubsub::build_all(&specs, &config.data_dir, &routing).map_err(StartError::Components)?;
-    let pubsub_api = Arc::new(PubSubApi::new(config.app_id.clone(), pubsubs.clone(), config.max_body_size));
+    let streams = Arc::new(StreamSubscriptions::default());
+    let pubsub_api =
+        Arc::new(PubSubApi::new(config.app_id.clone(), pubsubs.clone(), config.max_body_size, streams.clone()));
     let peers = PeerChannels::default();
     let app = match config.app_port {
         Some(port) => Some(AppChannel::new(&config.app_host, port).map_err(StartError::Config)?),
@@ -138,7 +141,7 @@ pub async fn run(
     let dapr = DaprServer::new(DaprApi::new(info, invoker.clone(), state, pubsub_api, api_shutdown.clone()))
         .max_decoding_message_size(request_limit)
         .max_encoding_message_size(usize::MAX);
-    let mesh = MeshServer::new(MeshInbound::new(config.app_id.clone(), app.clone()))
+    let mesh = MeshServer::new(MeshInbound::new(config.app_id.clone(), app.clone(), streams.clone()))
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
 
@@ -182,6 +185,7 @@ pub async fn run(
             readiness: readiness.clone(),
             app: app.clone(),
             pubsub_names: pubsubs.keys().cloned().collect(),
+            streams,
         }
         .run(registration_stop.clone(), background_stop.clone()),
     );
@@ -215,6 +219,7 @@ struct Discovery {
     readiness: Arc<Readiness>,
     app: Option<AppChannel>,
     pubsub_names: BTreeSet<String>,
+    streams: Arc<StreamSubscriptions>,
 }
 
 impl Discovery {
@@ -222,7 +227,7 @@ impl Discovery {
     /// routing table, this instance's registration and the app's subscriptions until stopped.
     /// Returns once the lease is revoked.
     async fn run(self, registration_stop: CancellationToken, background_stop: CancellationToken) {
-        let Discovery { config, record, routing, readiness, app, pubsub_names } = self;
+        let Discovery { config, record, routing, readiness, app, pubsub_names, streams } = self;
         let mut backoff = Backoff::new();
         let client = loop {
             let attempt = tokio::select! {
@@ -238,6 +243,7 @@ impl Discovery {
                 _ = tokio::time::sleep(backoff.step()) => {}
             }
         };
+        streams.set_registry(client.clone(), config.namespace.clone(), config.app_id.clone());
         let watcher = RoutingWatcher::new(client.clone(), config.namespace.clone(), routing);
         tokio::spawn(watcher.run(background_stop.clone()));
         if let Some(app) = app {

@@ -248,3 +248,94 @@ async fn a_subscription_that_asks_for_order_gets_events_in_publish_order() {
     let expected: Vec<String> = (0..40).map(|i| format!("step-{i}")).collect();
     assert_eq!(steps, expected, "in publish order, each once, the retried ones in their place");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_subscription_receives_events_and_answers_on_the_stream() {
+    use tandem_proto::runtime::dapr_client::DaprClient;
+    use tandem_proto::runtime::subscribe_topic_events_request_alpha1::SubscribeTopicEventsRequestType as Req;
+    use tandem_proto::runtime::subscribe_topic_events_response_alpha1::SubscribeTopicEventsResponseType as Resp;
+    use tandem_proto::runtime::topic_event_response::TopicEventResponseStatus;
+    use tandem_proto::runtime::{
+        SubscribeTopicEventsRequestAlpha1, SubscribeTopicEventsRequestInitialAlpha1,
+        SubscribeTopicEventsRequestProcessedAlpha1, TopicEventResponse,
+    };
+
+    let etcd = Etcd::start().await;
+    let res = resources(&[("initialRetryDelay", "20ms")]);
+    // The subscriber serves no callback API at all: it only holds a stream open.
+    let sub = sidecar("streamer", &etcd, &res, None).await;
+    let publisher = sidecar("feeder", &etcd, &res, None).await;
+    let mut raw = DaprClient::connect(format!("http://{}", sub.grpc_addr())).await.unwrap();
+    let initial = |pubsub: &str, topic: &str| SubscribeTopicEventsRequestAlpha1 {
+        subscribe_topic_events_request_type: Some(Req::InitialRequest(SubscribeTopicEventsRequestInitialAlpha1 {
+            pubsub_name: pubsub.into(),
+            topic: topic.into(),
+            ..Default::default()
+        })),
+    };
+
+    // Bad first messages are refused, naming the problem.
+    let err = raw.subscribe_topic_events_alpha1(tokio_stream::iter(vec![initial("nope", "t")])).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("'nope'"), "{err:?}");
+    let answer_first = SubscribeTopicEventsRequestAlpha1 {
+        subscribe_topic_events_request_type: Some(Req::EventProcessed(
+            SubscribeTopicEventsRequestProcessedAlpha1::default(),
+        )),
+    };
+    let err = raw.subscribe_topic_events_alpha1(tokio_stream::iter(vec![answer_first])).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let (requests, outgoing) = tokio::sync::mpsc::channel(16);
+    requests.send(initial("pubsub", "ticks")).await.unwrap();
+    let mut incoming = raw
+        .subscribe_topic_events_alpha1(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = incoming.message().await.unwrap().unwrap();
+    assert!(matches!(first.subscribe_topic_events_response_type, Some(Resp::InitialResponse(_))));
+
+    // The app side: record each event; answer RETRY to "tick-3" the first time.
+    let inbox = Inbox::default();
+    let reader_inbox = inbox.clone();
+    tokio::spawn(async move {
+        let mut retried = false;
+        while let Ok(Some(message)) = incoming.message().await {
+            let Some(Resp::EventMessage(event)) = message.subscribe_topic_events_response_type else { continue };
+            let status = if event.data == b"tick-3" && !retried {
+                retried = true;
+                TopicEventResponseStatus::Retry
+            } else {
+                TopicEventResponseStatus::Success
+            };
+            let id = event.id.clone();
+            reader_inbox.push(tandem_sdk::TopicEvent::from(event));
+            let processed = SubscribeTopicEventsRequestProcessedAlpha1 {
+                id,
+                status: Some(TopicEventResponse { status: status as i32 }),
+            };
+            let answer = SubscribeTopicEventsRequestAlpha1 {
+                subscribe_topic_events_request_type: Some(Req::EventProcessed(processed)),
+            };
+            if requests.send(answer).await.is_err() {
+                return;
+            }
+        }
+    });
+
+    let client = publisher.client();
+    wait_until_subscribed(&client, "ticks", &inbox).await;
+    for i in 0..10 {
+        client.publish("pubsub", "ticks", format!("tick-{i}").into_bytes(), "text/plain").await.unwrap();
+    }
+    eventually(Duration::from_secs(20), "10 ticks on the stream", || async {
+        (0..10).all(|i| inbox.has(&format!("tick-{i}")))
+    })
+    .await;
+    eventually(Duration::from_secs(20), "tick-3 redelivered after RETRY", || async { inbox.count("tick-3") == 2 })
+        .await;
+    for i in (0..10).filter(|i| *i != 3) {
+        assert_eq!(inbox.count(&format!("tick-{i}")), 1, "tick-{i}");
+    }
+}

@@ -12,11 +12,12 @@ use tandem_proto::runtime::{
     AppConnectionProperties, BulkPublishRequest, BulkPublishResponse, DeleteBulkStateRequest, DeleteStateRequest,
     ExecuteStateTransactionRequest, GetBulkStateRequest, GetBulkStateResponse, GetMetadataRequest, GetMetadataResponse,
     GetStateRequest, GetStateResponse, InvokeServiceRequest, PublishEventRequest, SaveStateRequest, ShutdownRequest,
+    SubscribeTopicEventsRequestAlpha1,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::pubsub::PubSubApi;
+use super::pubsub::{EventStream, PubSubApi};
 use super::state::StateApi;
 use crate::deadline;
 use crate::error::MeshError;
@@ -127,6 +128,15 @@ impl Dapr for DaprApi {
         request: Request<ExecuteStateTransactionRequest>,
     ) -> Result<Response<()>, Status> {
         self.state.execute_state_transaction(request.into_inner()).await.map(Response::new)
+    }
+
+    type SubscribeTopicEventsAlpha1Stream = EventStream;
+
+    async fn subscribe_topic_events_alpha1(
+        &self,
+        request: Request<tonic::Streaming<SubscribeTopicEventsRequestAlpha1>>,
+    ) -> Result<Response<EventStream>, Status> {
+        self.pubsub.subscribe(request.into_inner()).await.map(Response::new)
     }
 
     async fn publish_event(&self, request: Request<PublishEventRequest>) -> Result<Response<()>, Status> {

@@ -4,11 +4,21 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use std::pin::Pin;
+
+use crate::pubsub::streams::StreamSubscriptions;
+use tandem_proto::runtime::subscribe_topic_events_request_alpha1::SubscribeTopicEventsRequestType as RequestType;
+use tandem_proto::runtime::subscribe_topic_events_response_alpha1::SubscribeTopicEventsResponseType as ResponseType;
+use tandem_proto::runtime::topic_event_response::TopicEventResponseStatus;
 use tandem_proto::runtime::{
     BulkPublishRequest, BulkPublishResponse, BulkPublishResponseFailedEntry, PublishEventRequest, RegisteredComponents,
     TopicEventRequest,
 };
+use tandem_proto::runtime::{SubscribeTopicEventsRequestAlpha1, SubscribeTopicEventsResponseAlpha1};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
+use tonic::Streaming;
 
 use crate::pubsub::{EMBEDDED, EmbeddedPubSub, PubSubs};
 
@@ -19,11 +29,71 @@ pub struct PubSubApi {
     app_id: String,
     pubsubs: PubSubs,
     max_event_bytes: usize,
+    streams: Arc<StreamSubscriptions>,
 }
 
+/// The events of a streaming subscription, as tonic sends them.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<SubscribeTopicEventsResponseAlpha1, Status>> + Send>>;
+
 impl PubSubApi {
-    pub fn new(app_id: String, pubsubs: PubSubs, max_event_bytes: usize) -> Self {
-        PubSubApi { app_id, pubsubs, max_event_bytes }
+    pub fn new(app_id: String, pubsubs: PubSubs, max_event_bytes: usize, streams: Arc<StreamSubscriptions>) -> Self {
+        PubSubApi { app_id, pubsubs, max_event_bytes, streams }
+    }
+
+    /// `SubscribeTopicEventsAlpha1`: the first message names the subscription; events then flow
+    /// to the app and its answers back, until either side closes the stream.
+    pub async fn subscribe(
+        &self,
+        mut incoming: Streaming<SubscribeTopicEventsRequestAlpha1>,
+    ) -> Result<EventStream, Status> {
+        let first = incoming
+            .message()
+            .await?
+            .and_then(|m| m.subscribe_topic_events_request_type)
+            .ok_or_else(|| Status::invalid_argument("the stream's first message must be the initial request"))?;
+        let RequestType::InitialRequest(initial) = first else {
+            return Err(Status::invalid_argument(
+                "the stream's first message must be the initial request, not an answer",
+            ));
+        };
+        self.target(&initial.pubsub_name, &initial.topic)?;
+        let ordered = initial
+            .metadata
+            .get(tandem_proto::SUBSCRIPTION_ORDERED)
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        let dead_letter_topic = initial.dead_letter_topic.unwrap_or_default();
+        let (handle, events) = self
+            .streams
+            .open(&initial.pubsub_name, &initial.topic, &dead_letter_topic, ordered)
+            .await
+            .map_err(Status::unavailable)?;
+        tracing::info!(pubsub = %initial.pubsub_name, topic = %initial.topic, "streaming subscription opened");
+        // The app's answers: read until the app closes its side; the handle (and with it the
+        // stream's registration) goes when both directions are done.
+        let handle = Arc::new(handle);
+        let answers = handle.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = incoming.message().await {
+                if let Some(RequestType::EventProcessed(processed)) = message.subscribe_topic_events_request_type {
+                    let status = processed
+                        .status
+                        .and_then(|s| TopicEventResponseStatus::try_from(s.status).ok())
+                        .unwrap_or(TopicEventResponseStatus::Retry);
+                    answers.answer(&processed.id, status);
+                }
+            }
+        });
+        let initial = SubscribeTopicEventsResponseAlpha1 {
+            subscribe_topic_events_response_type: Some(ResponseType::InitialResponse(Default::default())),
+        };
+        let events = ReceiverStream::new(events).map(move |event| {
+            // Holding the handle here keeps the stream registered while the app can still receive.
+            let _open = &handle;
+            Ok(SubscribeTopicEventsResponseAlpha1 {
+                subscribe_topic_events_response_type: Some(ResponseType::EventMessage(event)),
+            })
+        });
+        Ok(Box::pin(tokio_stream::once(Ok(initial)).chain(events)))
     }
 
     pub fn registered_components(&self) -> Vec<RegisteredComponents> {

@@ -16,6 +16,9 @@ use super::InstanceRecord;
 pub struct Instance {
     pub instance_id: String,
     pub internal_address: String,
+    /// Whether an app behind it serves the callback API (invocations need one; events can
+    /// also go to a sidecar whose app holds a streaming subscription).
+    pub has_app: bool,
 }
 
 /// An app-id's subscription to a topic, as published events find it.
@@ -109,12 +112,10 @@ impl RoutingBuilder {
     pub fn snapshot(&self) -> RoutingSnapshot {
         let mut apps: BTreeMap<String, Vec<Instance>> = self.known.iter().map(|a| (a.clone(), Vec::new())).collect();
         for ((app_id, _), record) in &self.instances {
-            if !record.has_app {
-                continue;
-            }
             apps.entry(app_id.clone()).or_default().push(Instance {
                 instance_id: record.instance_id.clone(),
                 internal_address: record.internal_address.clone(),
+                has_app: record.has_app,
             });
         }
         let mut subscriptions: BTreeMap<(String, String), Vec<Subscriber>> = BTreeMap::new();
@@ -189,10 +190,13 @@ mod tests {
     }
 
     #[test]
-    fn instances_without_an_app_are_not_routed_to() {
+    fn instances_say_whether_an_app_is_behind_them() {
         let mut b = RoutingBuilder::default();
         b.add_instance(record("caller", "a", false));
-        assert_eq!(b.snapshot().instances("caller").unwrap().len(), 0);
+        b.add_instance(record("caller", "b", true));
+        let s = b.snapshot();
+        let flags: Vec<bool> = s.instances("caller").unwrap().iter().map(|i| i.has_app).collect();
+        assert_eq!(flags, [false, true]);
     }
 
     #[test]

@@ -1,10 +1,14 @@
 //! The receiving side: `tandem.internal.v1.Mesh` served on the internal port, delivering each
 //! call to the app this sidecar fronts.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use tandem_proto::internal::mesh_server::Mesh;
 use tandem_proto::internal::{
     DeliverEventRequest, DeliverEventResponse, InternalInvokeRequest, InternalInvokeResponse,
 };
+use tandem_proto::runtime::TopicEventResponse;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
@@ -14,15 +18,20 @@ use super::within_deadline;
 use crate::app_channel::AppChannel;
 use crate::deadline;
 use crate::error::MeshError;
+use crate::pubsub::streams::StreamSubscriptions;
 
 pub struct MeshInbound {
     app_id: String,
     app: Option<AppChannel>,
+    streams: Arc<StreamSubscriptions>,
 }
 
+/// How long an event waits for the app's answer on a subscription stream without a deadline.
+const STREAM_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl MeshInbound {
-    pub fn new(app_id: String, app: Option<AppChannel>) -> Self {
-        MeshInbound { app_id, app }
+    pub fn new(app_id: String, app: Option<AppChannel>, streams: Arc<StreamSubscriptions>) -> Self {
+        MeshInbound { app_id, app, streams }
     }
 
     /// The app this sidecar fronts, when `target` names it and it can be called.
@@ -83,8 +92,19 @@ impl MeshInbound {
     async fn deliver_event(&self, request: Request<DeliverEventRequest>) -> Result<DeliverEventResponse, MeshError> {
         let deadline = deadline::from_metadata(request.metadata()).map_err(MeshError::InvalidArgument)?;
         let call = request.into_inner();
-        let app = self.local_app(call.target_app_id)?;
+        if call.target_app_id != self.app_id {
+            return Err(MeshError::WrongApp { local: self.app_id.clone(), requested: call.target_app_id });
+        }
         let event = call.event.ok_or_else(|| MeshError::InvalidArgument("the delivery carries no event".into()))?;
+        // A streaming subscription of the app takes the event before OnTopicEvent would.
+        let wait = deadline.map(deadline::remaining).unwrap_or(STREAM_ANSWER_TIMEOUT);
+        if let Some(answer) = self.streams.deliver(event.clone(), wait).await {
+            return match answer {
+                Ok(status) => Ok(DeliverEventResponse { response: Some(TopicEventResponse { status: status as i32 }) }),
+                Err(reason) => Err(MeshError::Remote(Status::unavailable(reason))),
+            };
+        }
+        let app = self.local_app(call.target_app_id)?;
         let topic = event.topic.clone();
         let mut app_request = Request::new(event);
         if let Some(deadline) = deadline {

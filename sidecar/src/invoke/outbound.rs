@@ -65,7 +65,7 @@ impl Invoker {
             )));
         }
 
-        let instances = self.candidates(&target_app_id)?;
+        let instances = self.candidates(&target_app_id, true)?;
         let method = message.method.clone();
         let describe = || (target_app_id.clone(), method.clone());
         let mut last_error = String::new();
@@ -108,20 +108,24 @@ impl Invoker {
         Err(MeshError::PeersUnreachable { app_id: target_app_id, tried: instances.len(), last_error })
     }
 
-    /// The live instances of `app_id`, starting with the next one in round-robin order.
-    fn candidates(&self, app_id: &str) -> Result<Vec<Instance>, MeshError> {
+    /// The live instances of `app_id` (only those with an app behind them when `need_app`),
+    /// starting with the next one in round-robin order.
+    fn candidates(&self, app_id: &str, need_app: bool) -> Result<Vec<Instance>, MeshError> {
         let routing = self.routing.current();
         if !routing.synced {
             return Err(MeshError::DiscoveryNotReady);
         }
-        let instances = routing
+        let instances: Vec<&Instance> = routing
             .instances(app_id)
-            .ok_or_else(|| MeshError::AppNotFound { app_id: app_id.to_string(), namespace: self.namespace.clone() })?;
+            .ok_or_else(|| MeshError::AppNotFound { app_id: app_id.to_string(), namespace: self.namespace.clone() })?
+            .iter()
+            .filter(|i| i.has_app || !need_app)
+            .collect();
         if instances.is_empty() {
             return Err(MeshError::NoLiveInstance { app_id: app_id.to_string() });
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed) % instances.len();
-        Ok(instances[start..].iter().chain(&instances[..start]).cloned().collect())
+        Ok(instances[start..].iter().chain(&instances[..start]).map(|i| (*i).clone()).collect())
     }
 
     fn mesh_client(&self, address: &str) -> Result<MeshClient<GrpcConnection>, String> {
@@ -143,7 +147,7 @@ impl Deliver for Invoker {
         event: TopicEventRequest,
         timeout: Duration,
     ) -> Result<TopicEventResponseStatus, DeliveryError> {
-        let instances = self.candidates(app_id).map_err(|e| DeliveryError::SubscriberAway(e.to_string()))?;
+        let instances = self.candidates(app_id, false).map_err(|e| DeliveryError::SubscriberAway(e.to_string()))?;
         let mut last_error = String::new();
         for instance in &instances {
             let mut client = match self.mesh_client(&instance.internal_address) {

@@ -12,6 +12,8 @@
 //! - [`subscriptions`]: each subscriber's sidecar asks its app for its subscriptions
 //!   (`ListTopicSubscriptions`) and records them in etcd, without a lease, so events are kept for
 //!   a subscriber whose instances are all down and delivered when one comes back.
+//! - [`streams`]: streaming subscriptions (`SubscribeTopicEventsAlpha1`), an alternative to
+//!   `OnTopicEvent` for apps that would rather not serve the callback API.
 //! - Routes: a subscription's `routes.default` is recorded with it, kept in each pending
 //!   delivery and sent to the app as the event's `path`. Routing rules with a `match`
 //!   expression (CEL in Dapr) are not supported: they are logged as a warning when the
@@ -19,6 +21,7 @@
 
 pub mod delivery;
 pub mod outbox;
+pub mod streams;
 pub mod subscriptions;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,148 @@
+//! Streaming subscriptions (`SubscribeTopicEventsAlpha1`): an app subscribes over a
+//! bidirectional stream instead of serving `OnTopicEvent`. The sidecar records the
+//! subscription in etcd like any other (so publishers keep events for it), and hands events
+//! that reach this sidecar for the topic to one of the app's open streams, waiting for the
+//! app's answer on the same stream. A subscription stays registered when its stream closes:
+//! events wait for the next stream, as they wait for a subscriber that is down.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use etcd_client::Client;
+use tandem_proto::runtime::TopicEventRequest;
+use tandem_proto::runtime::topic_event_response::TopicEventResponseStatus;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::discovery::{Subscriber, keys};
+
+/// Events queued per stream before delivery waits.
+const STREAM_BUFFER: usize = 64;
+
+type Answer = oneshot::Sender<TopicEventResponseStatus>;
+
+struct OpenStream {
+    id: u64,
+    events: mpsc::Sender<TopicEventRequest>,
+    /// Events sent and not answered yet, by event id.
+    waiting: Mutex<HashMap<String, Answer>>,
+}
+
+/// Where subscriptions are written: set once the sidecar reaches etcd.
+struct Registry {
+    client: Client,
+    namespace: String,
+    app_id: String,
+}
+
+/// (pubsub, topic) -> the streams open for it.
+type OpenStreams = HashMap<(String, String), Vec<Arc<OpenStream>>>;
+
+/// The open streams of this sidecar, by (pubsub, topic).
+#[derive(Default)]
+pub struct StreamSubscriptions {
+    streams: Mutex<OpenStreams>,
+    next_id: AtomicU64,
+    round_robin: AtomicUsize,
+    registry: OnceLock<Registry>,
+}
+
+/// One open stream, as the API holds it; closes the stream when dropped.
+pub struct StreamHandle {
+    owner: Arc<StreamSubscriptions>,
+    key: (String, String),
+    stream: Arc<OpenStream>,
+}
+
+impl StreamHandle {
+    /// The app's answer to event `id`.
+    pub fn answer(&self, id: &str, status: TopicEventResponseStatus) {
+        if let Some(waiter) = self.stream.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(id) {
+            let _ = waiter.send(status);
+        }
+    }
+}
+
+impl Drop for StreamHandle {
+    fn drop(&mut self) {
+        let mut streams = self.owner.streams.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(open) = streams.get_mut(&self.key) {
+            open.retain(|s| s.id != self.stream.id);
+            if open.is_empty() {
+                streams.remove(&self.key);
+            }
+        }
+        // Dropping the waiters tells deliveries in flight that no answer will come.
+        self.stream.waiting.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+impl StreamSubscriptions {
+    /// Called once etcd is reachable; until then opening a stream answers UNAVAILABLE.
+    pub fn set_registry(&self, client: Client, namespace: String, app_id: String) {
+        let _ = self.registry.set(Registry { client, namespace, app_id });
+    }
+
+    /// Records the subscription in etcd and opens a stream for it.
+    pub async fn open(
+        self: &Arc<Self>,
+        pubsub: &str,
+        topic: &str,
+        dead_letter_topic: &str,
+        ordered: bool,
+    ) -> Result<(StreamHandle, mpsc::Receiver<TopicEventRequest>), String> {
+        let registry = self.registry.get().ok_or("the sidecar has not reached etcd yet; subscribe again shortly")?;
+        let key = keys::subscription_key(&registry.namespace, pubsub, topic, &registry.app_id);
+        let subscriber = Subscriber {
+            app_id: registry.app_id.clone(),
+            dead_letter_topic: dead_letter_topic.to_string(),
+            path: String::new(),
+            ordered,
+        };
+        let value = serde_json::to_vec(&subscriber).map_err(|e| e.to_string())?;
+        registry
+            .client
+            .clone()
+            .put(key.as_str(), value, None)
+            .await
+            .map_err(|e| format!("recording the subscription in etcd: {e}"))?;
+
+        let (events, receiver) = mpsc::channel(STREAM_BUFFER);
+        let stream = Arc::new(OpenStream {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            events,
+            waiting: Mutex::default(),
+        });
+        let key = (pubsub.to_string(), topic.to_string());
+        self.streams.lock().unwrap_or_else(|p| p.into_inner()).entry(key.clone()).or_default().push(stream.clone());
+        Ok((StreamHandle { owner: self.clone(), key, stream }, receiver))
+    }
+
+    /// Hands `event` to one open stream of its topic and waits for the app's answer; `None`
+    /// when no stream is open for it here.
+    pub async fn deliver(
+        &self,
+        event: TopicEventRequest,
+        timeout: Duration,
+    ) -> Option<Result<TopicEventResponseStatus, String>> {
+        let stream = {
+            let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+            let open = streams.get(&(event.pubsub_name.clone(), event.topic.clone()))?;
+            open[self.round_robin.fetch_add(1, Ordering::Relaxed) % open.len()].clone()
+        };
+        let (answer, answered) = oneshot::channel();
+        let id = event.id.clone();
+        stream.waiting.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), answer);
+        let outcome = async {
+            stream.events.send(event).await.map_err(|_| "the subscription stream closed".to_string())?;
+            answered.await.map_err(|_| "the subscription stream closed before the app answered".to_string())
+        };
+        let result = match tokio::time::timeout(timeout, outcome).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("no answer on the subscription stream within {timeout:?}")),
+        };
+        stream.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        Some(result)
+    }
+}
