@@ -19,21 +19,35 @@ use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::discovery::RoutingTable;
+use crate::metrics::Metrics;
+use crate::pubsub::PubSubs;
 use crate::readiness::Readiness;
 
 #[derive(Clone)]
 struct AdminState {
     readiness: Arc<Readiness>,
     routing: RoutingTable,
+    metrics: Arc<Metrics>,
+    pubsubs: PubSubs,
 }
 
-pub fn router(readiness: Arc<Readiness>, routing: RoutingTable) -> Router {
+pub fn router(readiness: Arc<Readiness>, routing: RoutingTable, metrics: Arc<Metrics>, pubsubs: PubSubs) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/v1.0/healthz", get(dapr_healthz))
         .route("/v1.0/healthz/outbound", get(dapr_outbound))
-        .with_state(AdminState { readiness, routing })
+        .route("/metrics", get(metrics_text))
+        .with_state(AdminState { readiness, routing, metrics, pubsubs })
+}
+
+async fn metrics_text(State(state): State<AdminState>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    let routing = state.routing.current();
+    let live: Vec<(String, usize)> =
+        routing.apps().map(|(app, instances)| (app.to_string(), instances.len())).collect();
+    let backlogs: Vec<(String, usize)> = state.pubsubs.iter().map(|(name, p)| (name.clone(), p.backlog())).collect();
+    let text = state.metrics.render(&live, &backlogs);
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
 }
 
 pub async fn serve(listener: TcpListener, router: Router, shutdown: impl Future<Output = ()> + Send + 'static) {

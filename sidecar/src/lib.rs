@@ -12,7 +12,8 @@
 //! - [`components`]: Dapr-format component files.
 //! - [`durability`]: group commit, so concurrent durable writes share one flush.
 //! - [`app_channel`]: the connection to the local app and its health probe.
-//! - [`admin`]: /healthz, /readyz and Dapr's health paths.
+//! - [`admin`]: /healthz, /readyz, Dapr's health paths and /metrics.
+//! - [`metrics`]: the Prometheus metrics.
 //! - [`server`]: serving gRPC on a bound listener with TCP_NODELAY and a graceful drain.
 //! - [`deadline`]: the caller's deadline, carried hop to hop.
 //! - [`error`]: the domain error and its one mapping to `tonic::Status`.
@@ -28,6 +29,7 @@ pub mod discovery;
 pub mod durability;
 pub mod error;
 pub mod invoke;
+pub mod metrics;
 pub mod pubsub;
 pub mod readiness;
 pub mod runtime;

@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::discovery::{self, Backoff, InstanceRecord, Registrar, RoutingTable, RoutingWatcher};
 use crate::invoke::channels::PeerChannels;
 use crate::invoke::{Invoker, MeshInbound};
+use crate::metrics::Metrics;
 use crate::pubsub::delivery;
 use crate::pubsub::streams::StreamSubscriptions;
 use crate::pubsub::subscriptions::SubscriptionRegistrar;
@@ -77,7 +78,8 @@ pub async fn run(
         etcd_endpoints: &config.etcd_endpoints,
     };
     let stores = registry::build_all(&specs, &store_context).await.map_err(StartError::Components)?;
-    let state = Arc::new(StateApi::new(stores, config.max_body_size));
+    let metrics = Arc::new(Metrics::new());
+    let state = Arc::new(StateApi::new(stores, config.max_body_size, metrics.clone()));
 
     let grpc_listener = bind("gRPC API", config.grpc_addr()).await?;
     let internal_listener = bind("internal", config.internal_addr()).await?;
@@ -102,7 +104,7 @@ pub async fn run(
     let instance_id = uuid::Uuid::new_v4().simple().to_string();
     let readiness = Arc::new(Readiness::new(config.app_port.is_some()));
     let routing = RoutingTable::new();
-    let pubsubs = pubsub::build_all(&specs, &config.data_dir, &routing).map_err(StartError::Components)?;
+    let pubsubs = pubsub::build_all(&specs, &config.data_dir, &routing, &metrics).map_err(StartError::Components)?;
     let streams = Arc::new(StreamSubscriptions::default());
     let pubsub_api =
         Arc::new(PubSubApi::new(config.app_id.clone(), pubsubs.clone(), config.max_body_size, streams.clone()));
@@ -138,9 +140,10 @@ pub async fn run(
     // Room for several values of --max-body-size plus keys and metadata in one request;
     // each value is checked against the limit itself, with a clearer message.
     let request_limit = config.max_body_size.saturating_mul(4);
-    let dapr = DaprServer::new(DaprApi::new(info, invoker.clone(), state, pubsub_api, api_shutdown.clone()))
-        .max_decoding_message_size(request_limit)
-        .max_encoding_message_size(usize::MAX);
+    let dapr =
+        DaprServer::new(DaprApi::new(info, invoker.clone(), state, pubsub_api, metrics.clone(), api_shutdown.clone()))
+            .max_decoding_message_size(request_limit)
+            .max_encoding_message_size(usize::MAX);
     let mesh = MeshServer::new(MeshInbound::new(config.app_id.clone(), app.clone(), streams.clone()))
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
@@ -155,7 +158,7 @@ pub async fn run(
         tokio::spawn(server::serve_grpc(internal_listener, Routes::new(mesh), stopped(&serving_stop), drain)),
         tokio::spawn(admin::serve(
             admin_listener,
-            admin::router(readiness.clone(), routing.clone()),
+            admin::router(readiness.clone(), routing.clone(), metrics.clone(), pubsubs.clone()),
             stopped(&serving_stop),
         )),
     ];

@@ -22,6 +22,7 @@ use super::state::StateApi;
 use crate::deadline;
 use crate::error::MeshError;
 use crate::invoke::{Invocation, Invoker, headers};
+use crate::metrics::Metrics;
 
 /// What GetMetadata reports about this sidecar.
 #[derive(Debug, Clone)]
@@ -39,6 +40,7 @@ pub struct DaprApi {
     invoker: Arc<Invoker>,
     state: Arc<StateApi>,
     pubsub: Arc<PubSubApi>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 }
 
@@ -49,17 +51,13 @@ impl DaprApi {
         invoker: Arc<Invoker>,
         state: Arc<StateApi>,
         pubsub: Arc<PubSubApi>,
+        metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Self {
-        DaprApi { info, invoker, state, pubsub, shutdown }
+        DaprApi { info, invoker, state, pubsub, metrics, shutdown }
     }
-}
 
-pub const RUNTIME_VERSION: &str = concat!("tandem-", env!("CARGO_PKG_VERSION"));
-
-#[tonic::async_trait]
-impl Dapr for DaprApi {
-    async fn invoke_service(&self, request: Request<InvokeServiceRequest>) -> Result<Response<InvokeResponse>, Status> {
+    async fn invoke(&self, request: Request<InvokeServiceRequest>) -> Result<Response<InvokeResponse>, Status> {
         let deadline = deadline::from_metadata(request.metadata()).map_err(Status::invalid_argument)?;
         let metadata = headers::outgoing(request.metadata());
         let InvokeServiceRequest { id, message } = request.into_inner();
@@ -68,24 +66,28 @@ impl Dapr for DaprApi {
                 "the call to app-id '{id}' has no message (field 'message')"
             )))
         })?;
+        let target = id.clone();
         let reply = self
             .invoker
             .invoke(Invocation { target_app_id: id, message, metadata, deadline })
             .await
-            .map_err(Status::from)?;
+            .map_err(Status::from);
+        self.metrics.invocation(&target, &reply);
+        let reply = reply?;
         let mut response = Response::new(reply.message);
         headers::apply(&reply.metadata, response.metadata_mut());
         Ok(response)
     }
 
-    async fn get_metadata(&self, _: Request<GetMetadataRequest>) -> Result<Response<GetMetadataResponse>, Status> {
+    /// What GetMetadata answers.
+    fn metadata(&self) -> GetMetadataResponse {
         let info = &self.info;
         let extended_metadata = HashMap::from([
             ("tandem.namespace".to_string(), info.namespace.clone()),
             ("tandem.instance-id".to_string(), info.instance_id.clone()),
             ("tandem.internal-address".to_string(), info.internal_address.clone()),
         ]);
-        Ok(Response::new(GetMetadataResponse {
+        GetMetadataResponse {
             id: info.app_id.clone(),
             runtime_version: RUNTIME_VERSION.to_string(),
             extended_metadata,
@@ -97,37 +99,65 @@ impl Dapr for DaprApi {
                 ..Default::default()
             }),
             ..Default::default()
-        }))
+        }
+    }
+}
+
+pub const RUNTIME_VERSION: &str = concat!("tandem-", env!("CARGO_PKG_VERSION"));
+
+#[tonic::async_trait]
+impl Dapr for DaprApi {
+    async fn invoke_service(&self, request: Request<InvokeServiceRequest>) -> Result<Response<InvokeResponse>, Status> {
+        self.metrics.observe_api("InvokeService", self.invoke(request)).await
+    }
+
+    async fn get_metadata(&self, _: Request<GetMetadataRequest>) -> Result<Response<GetMetadataResponse>, Status> {
+        self.metrics.observe_api("GetMetadata", async { Ok(self.metadata()) }).await.map(Response::new)
+    }
+
+    async fn shutdown(&self, _: Request<ShutdownRequest>) -> Result<Response<()>, Status> {
+        tracing::info!("shutdown requested through the API");
+        self.shutdown.cancel();
+        self.metrics.observe_api("Shutdown", async { Ok(()) }).await.map(Response::new)
     }
 
     async fn get_state(&self, request: Request<GetStateRequest>) -> Result<Response<GetStateResponse>, Status> {
-        self.state.get_state(request.into_inner()).await.map(Response::new)
+        self.metrics.observe_api("GetState", self.state.get_state(request.into_inner())).await.map(Response::new)
     }
 
     async fn get_bulk_state(
         &self,
         request: Request<GetBulkStateRequest>,
     ) -> Result<Response<GetBulkStateResponse>, Status> {
-        self.state.get_bulk_state(request.into_inner()).await.map(Response::new)
+        self.metrics
+            .observe_api("GetBulkState", self.state.get_bulk_state(request.into_inner()))
+            .await
+            .map(Response::new)
     }
 
     async fn save_state(&self, request: Request<SaveStateRequest>) -> Result<Response<()>, Status> {
-        self.state.save_state(request.into_inner()).await.map(Response::new)
+        self.metrics.observe_api("SaveState", self.state.save_state(request.into_inner())).await.map(Response::new)
     }
 
     async fn delete_state(&self, request: Request<DeleteStateRequest>) -> Result<Response<()>, Status> {
-        self.state.delete_state(request.into_inner()).await.map(Response::new)
+        self.metrics.observe_api("DeleteState", self.state.delete_state(request.into_inner())).await.map(Response::new)
     }
 
     async fn delete_bulk_state(&self, request: Request<DeleteBulkStateRequest>) -> Result<Response<()>, Status> {
-        self.state.delete_bulk_state(request.into_inner()).await.map(Response::new)
+        self.metrics
+            .observe_api("DeleteBulkState", self.state.delete_bulk_state(request.into_inner()))
+            .await
+            .map(Response::new)
     }
 
     async fn execute_state_transaction(
         &self,
         request: Request<ExecuteStateTransactionRequest>,
     ) -> Result<Response<()>, Status> {
-        self.state.execute_state_transaction(request.into_inner()).await.map(Response::new)
+        self.metrics
+            .observe_api("ExecuteStateTransaction", self.state.execute_state_transaction(request.into_inner()))
+            .await
+            .map(Response::new)
     }
 
     type SubscribeTopicEventsAlpha1Stream = EventStream;
@@ -136,30 +166,32 @@ impl Dapr for DaprApi {
         &self,
         request: Request<tonic::Streaming<SubscribeTopicEventsRequestAlpha1>>,
     ) -> Result<Response<EventStream>, Status> {
-        self.pubsub.subscribe(request.into_inner()).await.map(Response::new)
+        self.metrics
+            .observe_api("SubscribeTopicEventsAlpha1", self.pubsub.subscribe(request.into_inner()))
+            .await
+            .map(Response::new)
     }
 
     async fn publish_event(&self, request: Request<PublishEventRequest>) -> Result<Response<()>, Status> {
-        self.pubsub.publish_event(request.into_inner()).await.map(Response::new)
+        self.metrics
+            .observe_api("PublishEvent", self.pubsub.publish_event(request.into_inner()))
+            .await
+            .map(Response::new)
     }
 
     async fn bulk_publish_event_alpha1(
         &self,
         request: Request<BulkPublishRequest>,
     ) -> Result<Response<BulkPublishResponse>, Status> {
-        self.pubsub.bulk_publish_event(request.into_inner()).await.map(Response::new)
+        let call = self.pubsub.bulk_publish_event(request.into_inner());
+        self.metrics.observe_api("BulkPublishEventAlpha1", call).await.map(Response::new)
     }
 
     async fn bulk_publish_event(
         &self,
         request: Request<BulkPublishRequest>,
     ) -> Result<Response<BulkPublishResponse>, Status> {
-        self.pubsub.bulk_publish_event(request.into_inner()).await.map(Response::new)
-    }
-
-    async fn shutdown(&self, _: Request<ShutdownRequest>) -> Result<Response<()>, Status> {
-        tracing::info!("shutdown requested through the API");
-        self.shutdown.cancel();
-        Ok(Response::new(()))
+        let call = self.pubsub.bulk_publish_event(request.into_inner());
+        self.metrics.observe_api("BulkPublishEvent", call).await.map(Response::new)
     }
 }

@@ -16,6 +16,9 @@ use tandem_proto::runtime::{
 };
 use tonic::Status;
 
+use std::sync::Arc;
+
+use crate::metrics::Metrics;
 use crate::state::registry::NamedStore;
 use crate::state::{Operation, Precondition, StateValue};
 
@@ -27,11 +30,12 @@ pub const TTL_EXPIRE_TIME: &str = "ttlExpireTime";
 pub struct StateApi {
     stores: BTreeMap<String, NamedStore>,
     max_value_bytes: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl StateApi {
-    pub fn new(stores: BTreeMap<String, NamedStore>, max_value_bytes: usize) -> Self {
-        StateApi { stores, max_value_bytes }
+    pub fn new(stores: BTreeMap<String, NamedStore>, max_value_bytes: usize, metrics: Arc<Metrics>) -> Self {
+        StateApi { stores, max_value_bytes, metrics }
     }
 
     /// The stores, as GetMetadata lists them.
@@ -66,7 +70,9 @@ impl StateApi {
     pub async fn get_state(&self, request: GetStateRequest) -> Result<GetStateResponse, Status> {
         let store = self.store(&request.store_name)?;
         let key = store_key(store, &request.key)?;
-        let found = store.store.get(&key).await.map_err(Status::from)?;
+        let found = store.store.get(&key).await;
+        self.metrics.state_operation(&store.name, "get", found.is_ok());
+        let found = found.map_err(Status::from)?;
         Ok(match found {
             Some(value) => {
                 GetStateResponse { metadata: response_metadata(&value), data: value.value, etag: value.etag }
@@ -81,7 +87,11 @@ impl StateApi {
         let mut items = Vec::with_capacity(request.keys.len());
         for key in request.keys {
             let read = match store_key(store, &key) {
-                Ok(store_key) => store.store.get(&store_key).await.map_err(|e| e.to_string()),
+                Ok(store_key) => {
+                    let read = store.store.get(&store_key).await;
+                    self.metrics.state_operation(&store.name, "get", read.is_ok());
+                    read.map_err(|e| e.to_string())
+                }
                 Err(status) => Err(status.message().to_string()),
             };
             items.push(match read {
@@ -103,14 +113,14 @@ impl StateApi {
         let store = self.store(&request.store_name)?;
         let operations =
             request.states.into_iter().map(|item| self.set_operation(store, item)).collect::<Result<Vec<_>, _>>()?;
-        apply(store, operations).await
+        self.apply(store, operations).await
     }
 
     pub async fn delete_state(&self, request: DeleteStateRequest) -> Result<(), Status> {
         let store = self.store(&request.store_name)?;
         let key = store_key(store, &request.key)?;
         let precondition = delete_precondition(request.etag.map(|e| e.value));
-        apply(store, vec![Operation::Delete { key, precondition }]).await
+        self.apply(store, vec![Operation::Delete { key, precondition }]).await
     }
 
     pub async fn delete_bulk_state(&self, request: DeleteBulkStateRequest) -> Result<(), Status> {
@@ -123,7 +133,7 @@ impl StateApi {
                 Ok(Operation::Delete { key, precondition: delete_precondition(item.etag.map(|e| e.value)) })
             })
             .collect::<Result<Vec<_>, Status>>()?;
-        apply(store, operations).await
+        self.apply(store, operations).await
     }
 
     pub async fn execute_state_transaction(&self, request: ExecuteStateTransactionRequest) -> Result<(), Status> {
@@ -146,7 +156,7 @@ impl StateApi {
                 }
             });
         }
-        apply(store, operations).await
+        self.apply(store, operations).await
     }
 
     fn set_operation(&self, store: &NamedStore, item: StateItem) -> Result<Operation, Status> {
@@ -165,11 +175,16 @@ impl StateApi {
     }
 }
 
-async fn apply(store: &NamedStore, operations: Vec<Operation>) -> Result<(), Status> {
-    if operations.is_empty() {
-        return Ok(());
+impl StateApi {
+    /// Applies one request's writes as one batch, counted as one `apply` of the store.
+    async fn apply(&self, store: &NamedStore, operations: Vec<Operation>) -> Result<(), Status> {
+        if operations.is_empty() {
+            return Ok(());
+        }
+        let applied = store.store.apply(operations).await;
+        self.metrics.state_operation(&store.name, "apply", applied.is_ok());
+        applied.map_err(Status::from)
     }
-    store.store.apply(operations).await.map_err(Status::from)
 }
 
 /// The key as the store keeps it; empty keys and keys with `||` (the prefix separator) are refused.

@@ -7,7 +7,6 @@
 //! reach it in publish order (per publisher), one at a time.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -47,15 +46,6 @@ pub trait Deliver: Send + Sync + 'static {
         event: TopicEventRequest,
         timeout: Duration,
     ) -> Result<TopicEventResponseStatus, DeliveryError>;
-}
-
-/// What happened to deliveries, for logs and metrics.
-#[derive(Debug, Default)]
-pub struct DeliveryCounters {
-    pub delivered: AtomicU64,
-    pub retried: AtomicU64,
-    pub dropped: AtomicU64,
-    pub dead_lettered: AtomicU64,
 }
 
 enum Settled {
@@ -156,18 +146,17 @@ async fn attempt(pubsub: &EmbeddedPubSub, deliverer: &dyn Deliver, seq: u64, app
             }
         })
     });
-    let counters = &pubsub.counters;
     let (topic, id) = (event.topic.as_str(), event.id.as_str());
     match settled {
         Ok(Some(Some(Settled::Done))) => {
-            counters.delivered.fetch_add(1, Ordering::Relaxed);
+            pubsub.metrics.pubsub_event(&pubsub.name, topic, "delivered");
         }
         Ok(Some(Some(Settled::Dropped))) => {
-            counters.dropped.fetch_add(1, Ordering::Relaxed);
+            pubsub.metrics.pubsub_event(&pubsub.name, topic, "dropped");
             tracing::warn!(pubsub = %pubsub.name, topic, id, app_id, "the subscriber dropped the event");
         }
         Ok(Some(Some(Settled::Retrying(attempts)))) => {
-            counters.retried.fetch_add(1, Ordering::Relaxed);
+            pubsub.metrics.pubsub_event(&pubsub.name, topic, "retried");
             let reason = reason(&outcome);
             tracing::debug!(pubsub = %pubsub.name, topic, id, app_id, attempts, reason, "delivery will be retried");
         }
@@ -195,18 +184,18 @@ fn reason(outcome: &Result<TopicEventResponseStatus, DeliveryError>) -> String {
 async fn dead_letter(pubsub: &EmbeddedPubSub, mut event: TopicEventRequest, app_id: &str, topic: &str, reason: &str) {
     let (original, id, attempts) = (event.topic.clone(), event.id.clone(), pubsub.policy.max_attempts);
     if topic.is_empty() {
-        pubsub.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        pubsub.metrics.pubsub_event(&pubsub.name, &original, "dropped");
         tracing::error!(pubsub = %pubsub.name, topic = %original, id, app_id, attempts, reason, "event dropped after its last delivery attempt (no dead-letter topic)");
         return;
     }
     event.topic = topic.to_string();
     match pubsub.publish(event).await {
         Ok(subscribers) => {
-            pubsub.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            pubsub.metrics.pubsub_event(&pubsub.name, &original, "dead_lettered");
             tracing::warn!(pubsub = %pubsub.name, topic = %original, dead_letter_topic = topic, id, app_id, attempts, subscribers, reason, "event dead-lettered");
         }
         Err(e) => {
-            pubsub.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            pubsub.metrics.pubsub_event(&pubsub.name, &original, "dropped");
             tracing::error!(pubsub = %pubsub.name, topic = %original, dead_letter_topic = topic, id, app_id, error = %e, "event dropped: it could not be dead-lettered");
         }
     }

@@ -36,6 +36,7 @@ use tokio::sync::Notify;
 use crate::components::ComponentSpec;
 use crate::config::parse_duration;
 use crate::discovery::RoutingTable;
+use crate::metrics::Metrics;
 use outbox::Outbox;
 
 /// The component type of the embedded pub/sub.
@@ -137,21 +138,20 @@ pub struct EmbeddedPubSub {
     routing: RoutingTable,
     wake: Arc<Notify>,
     pub policy: DeliveryPolicy,
-    pub counters: delivery::DeliveryCounters,
+    metrics: Arc<Metrics>,
 }
 
 impl EmbeddedPubSub {
     /// Opens the component's outbox at `path`.
-    pub fn open(name: &str, path: &Path, routing: RoutingTable, policy: DeliveryPolicy) -> Result<Self, PubSubError> {
+    pub fn open(
+        name: &str,
+        path: &Path,
+        routing: RoutingTable,
+        policy: DeliveryPolicy,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, PubSubError> {
         let outbox = Arc::new(Outbox::open(path, policy.max_backlog)?);
-        Ok(EmbeddedPubSub {
-            name: name.to_string(),
-            outbox,
-            routing,
-            wake: Arc::new(Notify::new()),
-            policy,
-            counters: Default::default(),
-        })
+        Ok(EmbeddedPubSub { name: name.to_string(), outbox, routing, wake: Arc::new(Notify::new()), policy, metrics })
     }
 
     /// Stores `event` for every current subscriber of its topic; returns once it is durable.
@@ -172,6 +172,7 @@ impl EmbeddedPubSub {
         let mut outcomes = Vec::with_capacity(events.len());
         // The records to store, each with the index of its event's outcome.
         let mut records = Vec::with_capacity(events.len());
+        let topics: Vec<String> = events.iter().map(|e| e.topic.clone()).collect();
         for event in events {
             let subscribers = routing.subscribers(&self.name, &event.topic);
             if subscribers.is_empty() {
@@ -193,16 +194,20 @@ impl EmbeddedPubSub {
             outcomes.push(Ok(deliveries.len()));
             records.push((outcomes.len() - 1, OutboxRecord { event: Some(event), deliveries }));
         }
-        if records.is_empty() {
-            return outcomes;
+        if !records.is_empty() {
+            let stored = self.outbox.push_all(records.iter().map(|(_, record)| record)).await;
+            for ((index, _), result) in records.iter().zip(stored) {
+                if let Err(e) = result {
+                    outcomes[*index] = Err(e);
+                }
+            }
+            self.wake.notify_one();
         }
-        let stored = self.outbox.push_all(records.iter().map(|(_, record)| record)).await;
-        for ((index, _), result) in records.iter().zip(stored) {
-            if let Err(e) = result {
-                outcomes[*index] = Err(e);
+        for (topic, outcome) in topics.iter().zip(&outcomes) {
+            if outcome.is_ok() {
+                self.metrics.pubsub_event(&self.name, topic, "published");
             }
         }
-        self.wake.notify_one();
         outcomes
     }
 
@@ -217,7 +222,12 @@ pub type PubSubs = BTreeMap<String, Arc<EmbeddedPubSub>>;
 
 /// Builds every pub/sub component in `specs` (other building blocks are skipped); with none,
 /// `pubsub` of type `pubsub.embedded`. Errors name the component's file.
-pub fn build_all(specs: &[ComponentSpec], data_dir: &Path, routing: &RoutingTable) -> Result<PubSubs, String> {
+pub fn build_all(
+    specs: &[ComponentSpec],
+    data_dir: &Path,
+    routing: &RoutingTable,
+    metrics: &Arc<Metrics>,
+) -> Result<PubSubs, String> {
     let mut built = PubSubs::new();
     for spec in specs.iter().filter(|s| s.block() == "pubsub") {
         let at = |e: String| format!("{}: component '{}': {e}", spec.file.display(), spec.name);
@@ -226,13 +236,15 @@ pub fn build_all(specs: &[ComponentSpec], data_dir: &Path, routing: &RoutingTabl
         }
         let policy = DeliveryPolicy::from_component(spec).map_err(at)?;
         let path = data_dir.join("pubsub").join(&spec.name);
-        let pubsub = EmbeddedPubSub::open(&spec.name, &path, routing.clone(), policy).map_err(|e| at(e.to_string()))?;
+        let pubsub = EmbeddedPubSub::open(&spec.name, &path, routing.clone(), policy, metrics.clone())
+            .map_err(|e| at(e.to_string()))?;
         built.insert(spec.name.clone(), Arc::new(pubsub));
     }
     if built.is_empty() {
         let path = data_dir.join("pubsub").join(DEFAULT_PUBSUB);
-        let pubsub = EmbeddedPubSub::open(DEFAULT_PUBSUB, &path, routing.clone(), DeliveryPolicy::default())
-            .map_err(|e| e.to_string())?;
+        let pubsub =
+            EmbeddedPubSub::open(DEFAULT_PUBSUB, &path, routing.clone(), DeliveryPolicy::default(), metrics.clone())
+                .map_err(|e| e.to_string())?;
         built.insert(DEFAULT_PUBSUB.to_string(), Arc::new(pubsub));
     }
     Ok(built)

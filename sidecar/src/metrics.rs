@@ -1,0 +1,218 @@
+//! Prometheus metrics, served as text on the admin port's `/metrics`.
+//!
+//! - `tandem_api_requests_total` and `tandem_api_request_duration_seconds`: every call of the
+//!   app-facing API, by method and gRPC code.
+//! - `tandem_invocations_total`: service invocations by target app-id and code.
+//! - `tandem_state_operations_total`: state operations by store, operation and outcome.
+//! - `tandem_pubsub_events_total`: pub/sub events by component, topic and what happened
+//!   (`published`, `delivered`, `retried`, `dead_lettered`, `dropped`);
+//!   `tandem_pubsub_backlog`: events waiting in a component's outbox.
+//! - `tandem_live_instances`: live instances per app-id, from discovery.
+//! - `process_resident_memory_bytes`, `process_cpu_seconds_total`: this process.
+//!
+//! Gauges that mirror other state (instances, backlog, process) are refreshed at each scrape.
+
+use std::future::Future;
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tonic::Status;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    pub method: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InvocationLabels {
+    pub target_app: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub store: String,
+    pub operation: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PubSubLabels {
+    pub pubsub: String,
+    pub topic: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ComponentLabels {
+    pub pubsub: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppLabels {
+    pub app_id: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs to about 26 s.
+    Histogram::new(exponential_buckets(0.00005, 2.0, 20))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    api_requests: Family<ApiLabels, Counter>,
+    api_latency: Family<ApiLabels, Histogram, fn() -> Histogram>,
+    invocations: Family<InvocationLabels, Counter>,
+    state_operations: Family<StateLabels, Counter>,
+    pubsub_events: Family<PubSubLabels, Counter>,
+    pubsub_backlog: Family<ComponentLabels, Gauge>,
+    live_instances: Family<AppLabels, Gauge>,
+    resident_memory: Gauge,
+    cpu_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let api_requests = Family::<ApiLabels, Counter>::default();
+        let api_latency = Family::<ApiLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        let invocations = Family::<InvocationLabels, Counter>::default();
+        let state_operations = Family::<StateLabels, Counter>::default();
+        let pubsub_events = Family::<PubSubLabels, Counter>::default();
+        let pubsub_backlog = Family::<ComponentLabels, Gauge>::default();
+        let live_instances = Family::<AppLabels, Gauge>::default();
+        let resident_memory = Gauge::default();
+        let cpu_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register("tandem_api_requests", "Calls of the app-facing API", api_requests.clone());
+        registry.register("tandem_api_request_duration_seconds", "Latency of the app-facing API", api_latency.clone());
+        registry.register("tandem_invocations", "Service invocations by target app", invocations.clone());
+        registry.register("tandem_state_operations", "State operations by store", state_operations.clone());
+        registry.register("tandem_pubsub_events", "Pub/sub events by topic and outcome", pubsub_events.clone());
+        registry.register("tandem_pubsub_backlog", "Events waiting in a pub/sub outbox", pubsub_backlog.clone());
+        registry.register("tandem_live_instances", "Live instances per app-id", live_instances.clone());
+        registry.register("process_resident_memory_bytes", "Resident memory of this process", resident_memory.clone());
+        registry.register("process_cpu_seconds_total", "CPU time of this process (user + system)", cpu_seconds.clone());
+        Metrics {
+            registry,
+            api_requests,
+            api_latency,
+            invocations,
+            state_operations,
+            pubsub_events,
+            pubsub_backlog,
+            live_instances,
+            resident_memory,
+            cpu_seconds,
+        }
+    }
+
+    /// Runs one API call, counting it and its latency by method and answer.
+    pub async fn observe_api<T>(
+        &self,
+        method: &str,
+        call: impl Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let started = Instant::now();
+        let result = call.await;
+        let labels = ApiLabels { method: method.to_string(), code: code_of(&result) };
+        self.api_latency.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+        self.api_requests.get_or_create(&labels).inc();
+        result
+    }
+
+    pub fn invocation<T>(&self, target_app: &str, result: &Result<T, Status>) {
+        self.invocations
+            .get_or_create(&InvocationLabels { target_app: target_app.to_string(), code: code_of(result) })
+            .inc();
+    }
+
+    pub fn state_operation(&self, store: &str, operation: &str, ok: bool) {
+        let labels = StateLabels {
+            store: store.to_string(),
+            operation: operation.to_string(),
+            outcome: if ok { "ok" } else { "error" }.to_string(),
+        };
+        self.state_operations.get_or_create(&labels).inc();
+    }
+
+    pub fn pubsub_event(&self, pubsub: &str, topic: &str, outcome: &str) {
+        let labels =
+            PubSubLabels { pubsub: pubsub.to_string(), topic: topic.to_string(), outcome: outcome.to_string() };
+        self.pubsub_events.get_or_create(&labels).inc();
+    }
+
+    /// Refreshes the gauges that mirror other state, then renders everything as Prometheus text.
+    pub fn render(&self, live_instances: &[(String, usize)], backlogs: &[(String, usize)]) -> String {
+        self.live_instances.clear();
+        for (app_id, count) in live_instances {
+            self.live_instances.get_or_create(&AppLabels { app_id: app_id.clone() }).set(*count as i64);
+        }
+        for (pubsub, waiting) in backlogs {
+            self.pubsub_backlog.get_or_create(&ComponentLabels { pubsub: pubsub.clone() }).set(*waiting as i64);
+        }
+        if let Some((rss, cpu)) = process_usage() {
+            self.resident_memory.set(rss as i64);
+            self.cpu_seconds.set(cpu);
+        }
+        let mut text = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        text
+    }
+}
+
+fn code_of<T>(result: &Result<T, Status>) -> String {
+    match result {
+        Ok(_) => "OK".to_string(),
+        Err(status) => format!("{:?}", status.code()),
+    }
+}
+
+/// Resident bytes and CPU seconds of this process, from /proc.
+fn process_usage() -> Option<(u64, f64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let rss_kib: u64 =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()?;
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may contain spaces) start at ") ".
+    let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split_whitespace().collect();
+    let (utime, stime): (f64, f64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
+    // Linux reports in clock ticks of 1/100 s (USER_HZ) on every architecture Tandem runs on.
+    Some((rss_kib * 1024, (utime + stime) / 100.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn calls_are_counted_by_method_and_code() {
+        let m = Metrics::new();
+        let _ = m.observe_api("GetState", async { Ok::<_, Status>(()) }).await;
+        let _ = m.observe_api("GetState", async { Err::<(), _>(Status::not_found("x")) }).await;
+        m.state_operation("statestore", "get", true);
+        m.pubsub_event("pubsub", "orders", "delivered");
+        let text = m.render(&[("svc-b".into(), 2)], &[("pubsub".into(), 5)]);
+        assert!(text.contains(r#"tandem_api_requests_total{method="GetState",code="OK"} 1"#), "{text}");
+        assert!(text.contains(r#"tandem_api_requests_total{method="GetState",code="NotFound"} 1"#), "{text}");
+        assert!(text.contains(r#"tandem_state_operations_total{store="statestore",operation="get",outcome="ok"} 1"#));
+        assert!(text.contains(r#"tandem_pubsub_events_total{pubsub="pubsub",topic="orders",outcome="delivered"} 1"#));
+        assert!(text.contains(r#"tandem_live_instances{app_id="svc-b"} 2"#), "{text}");
+        assert!(text.contains(r#"tandem_pubsub_backlog{pubsub="pubsub"} 5"#), "{text}");
+        assert!(text.contains("process_resident_memory_bytes "), "{text}");
+        assert!(text.contains("tandem_api_request_duration_seconds_bucket"), "{text}");
+    }
+}
