@@ -1,48 +1,75 @@
-//! `tandem-bench`: what the mesh costs. It starts a real etcd, an app B serving the
-//! callback API, tandemd for B and tandemd for a caller A, then calls B's `echo` with a
-//! 1 KiB payload two ways, directly over gRPC and through both sidecars, and compares:
-//! sequential latency (p50, p99), throughput with many calls in flight, and tandemd's
-//! resident memory idle and at its peak. It prints a markdown report with the targets
-//! (PASS/MISS) and, with `--write BENCHMARKS.md`, keeps that file up to date.
+//! `tandem-bench`: what the mesh and the state API cost, measured on real processes, printed
+//! as a markdown report with the targets (PASS/MISS) and, with `--write BENCHMARKS.md`, kept
+//! in that file, each benchmark between its own markers.
+//!
+//! - `invoke`: starts a real etcd, an app B serving the callback API, tandemd for B and
+//!   tandemd for a caller A, then calls B's `echo` with a 1 KiB payload two ways, directly
+//!   over gRPC and through both sidecars, and compares sequential latency (p50, p99),
+//!   throughput with many calls in flight, and tandemd's resident memory idle and at its peak.
+//! - `state`: starts a real etcd and one tandemd with two state stores (`state.sled` and
+//!   `state.etcd`), and times GetState and durable SaveState of 1 KiB in each against
+//!   GetMetadata, a sidecar round trip that touches no store.
+//! - `all` (the default): both, one after the other.
 //!
 //! Build tandemd into the same target directory first: the harness runs the `tandemd` that
 //! sits next to this executable.
 //!
 //! ```text
 //! cargo build --release -p tandem-bench -p tandem-sidecar
-//! target/release/tandem-bench --write BENCHMARKS.md
+//! target/release/tandem-bench --write BENCHMARKS.md          # both
+//! target/release/tandem-bench state --write BENCHMARKS.md    # only the state benchmark
 //! ```
 //!
 //! Modules, one per concern:
-//! - [`invoke`]: the scenario: the processes, the two routes, the load, CPU use meanwhile.
+//! - [`invoke`]: the invocation scenario: the processes and the two routes.
+//! - [`state`]: the state scenario: the processes, the operations, and its report.
+//! - [`load`]: the load both apply: warm-up, sequential calls, calls in flight, rounds that
+//!   take the routes in turn, CPU use meanwhile.
 //! - [`stats`]: percentiles (nearest rank), throughput, ratios.
 //! - [`procfs`]: resident memory and CPU time from `/proc/<pid>/{status,stat}`, and how busy
 //!   the machine was from `/proc/stat`.
 //! - [`machine`]: where and when: CPUs, load, build profile, date, commit, tandemd's workers.
-//! - [`report`]: the markdown tables, the targets, and the marker-delimited section of
-//!   BENCHMARKS.md.
+//! - [`report`]: the invocation report, the shared number formats, and the marker-delimited
+//!   sections of BENCHMARKS.md.
 
 mod invoke;
+mod load;
 mod machine;
 mod procfs;
 mod report;
+mod state;
 mod stats;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 
-use crate::invoke::{CALLEE, CALLER, Mesh, Settings};
+use crate::invoke::{CALLEE, CALLER, Mesh};
+use crate::load::{CpuWindow, RouteFigures, Settings};
 use crate::machine::RunContext;
-use crate::report::{InvokeReport, SidecarMemory};
+use crate::report::{INVOKE_SECTION, InvokeReport, STATE_SECTION, Section, SidecarMemory};
 
-/// Direct gRPC against the same call through two tandemd sidecars.
+/// Which benchmarks to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Which {
+    /// Direct gRPC against the same call through two sidecars.
+    Invoke,
+    /// GetState and SaveState in a sled and an etcd store against GetMetadata.
+    State,
+    /// Both, invoke first.
+    All,
+}
+
+/// What the mesh and the state API cost, against direct calls and a bare sidecar round trip.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Sequential calls timed for the latency percentiles, per route.
+    /// Which benchmark(s) to run.
+    #[arg(value_enum, default_value_t = Which::All)]
+    which: Which,
+    /// Sequential calls timed for the latency percentiles, per route (or state operation).
     #[arg(long, default_value_t = 2000)]
     calls: usize,
     /// Sequential warm-up calls before timing, per route.
@@ -57,8 +84,8 @@ struct Args {
     /// Rounds both phases are split into, taking the routes in turn.
     #[arg(long, default_value_t = 10)]
     rounds: usize,
-    /// Also write the report into this markdown file (BENCHMARKS.md), replacing only this
-    /// benchmark's section.
+    /// Also write the report into this markdown file (BENCHMARKS.md), replacing only the
+    /// sections of the benchmarks that ran.
     #[arg(long, value_name = "FILE")]
     write: Option<PathBuf>,
 }
@@ -87,11 +114,35 @@ async fn run(args: Args) -> Result<()> {
         duration,
         rounds: args.rounds,
     };
+    if matches!(args.which, Which::Invoke | Which::All) {
+        let block = run_invoke(&settings).await?;
+        println!("{block}");
+        write_section(args.write.as_deref(), &INVOKE_SECTION, &block)?;
+    }
+    if matches!(args.which, Which::State | Which::All) {
+        let context = detect_context();
+        let report = state::run(&settings, context).await?;
+        warn_if_busy(report.cpu_windows(), report.context.cpus);
+        let block = report.to_markdown();
+        println!("{block}");
+        write_section(args.write.as_deref(), &STATE_SECTION, &block)?;
+    }
+    Ok(())
+}
+
+/// Where and when, taken as a benchmark starts (the load average then is its own).
+fn detect_context() -> RunContext {
     let context = RunContext::detect();
     if context.profile != "release" {
         eprintln!("warning: a {} build; figures from it say little about a release build", context.profile);
     }
+    context
+}
 
+/// The invocation benchmark; returns its markdown.
+async fn run_invoke(settings: &Settings) -> Result<String> {
+    let context = detect_context();
+    let duration = settings.duration;
     eprintln!("starting etcd, app {CALLEE}, tandemd {CALLEE} and tandemd {CALLER} ...");
     let mesh = Mesh::start().await?;
     let idle = mesh.sidecar_memory()?;
@@ -107,7 +158,12 @@ async fn run(args: Args) -> Result<()> {
         settings.rounds, settings.calls, settings.in_flight, duration
     );
     let direct = mesh.direct_route().await?;
-    let figures = invoke::measure(&[&direct, &mesh.mesh_route()], &settings, &watched).await?;
+    let figures: Vec<RouteFigures> = load::measure(&[&direct, &mesh.mesh_route()], settings, &watched)
+        .await?
+        .into_iter()
+        .zip(["direct", "mesh"])
+        .map(|(measured, route)| measured.into_figures().with_context(|| format!("the {route} route")))
+        .collect::<Result<_>>()?;
     let [direct, through_mesh]: [_; 2] = figures.try_into().expect("one set of figures per route");
     let after_load = mesh.sidecar_memory()?;
     drop(mesh);
@@ -122,32 +178,37 @@ async fn run(args: Args) -> Result<()> {
             after_load,
         })
         .collect();
-    let report = InvokeReport { context, settings, direct, mesh: through_mesh, memory };
-    let others = [&report.direct, &report.mesh]
-        .iter()
-        .flat_map(|f| [f.latency_cpu.others_cores(), f.throughput_cpu.others_cores()])
-        .fold(0.0, f64::max);
+    let report = InvokeReport { context, settings: *settings, direct, mesh: through_mesh, memory };
+    warn_if_busy(
+        [&report.direct, &report.mesh].into_iter().flat_map(|f| [&f.latency_cpu, &f.throughput_cpu]),
+        report.context.cpus,
+    );
+    Ok(report.to_markdown())
+}
+
+/// Warns when other processes took a noticeable share of the machine during the measurements.
+fn warn_if_busy<'a>(windows: impl IntoIterator<Item = &'a CpuWindow>, cpus: usize) {
+    let others = windows.into_iter().map(CpuWindow::others_cores).fold(0.0, f64::max);
     if others > 0.25 {
         eprintln!(
-            "warning: other processes kept up to {others:.2} of {} cores busy during the measurements; \
-             the figures are pessimistic and the ratios noisier than on a quiet machine",
-            report.context.cpus
+            "warning: other processes kept up to {others:.2} of {cpus} cores busy during the measurements; \
+             the figures are pessimistic and the ratios noisier than on a quiet machine"
         );
     }
-    let block = report.to_markdown();
-    println!("{block}");
+}
 
-    if let Some(path) = &args.write {
-        let existing = match std::fs::read_to_string(path) {
-            Ok(text) => Some(text),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        };
-        let text = report::splice(existing.as_deref(), &block)
-            .map_err(anyhow::Error::msg)
-            .with_context(|| format!("updating {}", path.display()))?;
-        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
-    }
+/// With `--write`, puts `block` between `section`'s markers in that file.
+fn write_section(path: Option<&Path>, section: &Section, block: &str) -> Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    let existing = match std::fs::read_to_string(path) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let text = report::splice(existing.as_deref(), section, block)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("updating {}", path.display()))?;
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("wrote {} ({})", path.display(), section.start_marker);
     Ok(())
 }

@@ -72,6 +72,35 @@ pub fn parse_stat_cpu(text: &str) -> Result<Duration> {
     Ok(Duration::from_millis(ticks * 1000 / TICKS_PER_SECOND))
 }
 
+/// The pids of this machine's processes whose parent is `parent` and whose name (`comm`,
+/// at most 15 bytes) is `name`: how the benchmark finds the etcd it started, whose pid the
+/// harness keeps to itself.
+pub fn children_named(parent: u32, name: &str) -> Result<Vec<u32>> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").context("reading /proc")? {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        // A process may exit between the listing and the read.
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        if parse_stat_name_and_parent(&text).is_some_and(|(comm, ppid)| ppid == parent && comm == name) {
+            pids.push(pid);
+        }
+    }
+    pids.sort_unstable();
+    Ok(pids)
+}
+
+/// The process name (field 2, without its parentheses) and the parent pid (field 4) from
+/// the text of `/proc/<pid>/stat`.
+pub fn parse_stat_name_and_parent(text: &str) -> Option<(&str, u32)> {
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let name = text.get(open + 1..close)?;
+    // After the name: field 3 (state), then field 4 (ppid).
+    let ppid = text[close + 1..].split_whitespace().nth(1)?.parse().ok()?;
+    Some((name, ppid))
+}
+
 /// CPU time the whole machine spent busy so far, summed over all CPUs: user, nice, system,
 /// irq and softirq (guest time is part of user). Idle, iowait and steal are not busy.
 pub fn machine_busy() -> Result<Duration> {
@@ -137,6 +166,16 @@ mod tests {
     }
 
     #[test]
+    fn name_and_parent_come_from_around_the_last_parenthesis() {
+        let stat = "4242 (etcd) S 77 4242 4242 0 -1 4194560 900 0 0 0 250 50 0 0 20 0 3 0 73770";
+        assert_eq!(parse_stat_name_and_parent(stat), Some(("etcd", 77)));
+        let stat = "7 (odd) name (x)) R 1 7 7 0 -1 0 0 0 0 0 12 3 0 0 20 0 1 0 5 100 10";
+        assert_eq!(parse_stat_name_and_parent(stat), Some(("odd) name (x)", 1)));
+        assert_eq!(parse_stat_name_and_parent("7 (short) R"), None);
+        assert_eq!(parse_stat_name_and_parent("no name here"), None);
+    }
+
+    #[test]
     fn machine_busy_time_leaves_out_idle_iowait_and_steal() {
         let stat = "cpu  300 20 100 5000 40 5 25 900 0 0\ncpu0 150 10 50 2500 20 2 12 450 0 0\nintr 1 2 3\n";
         assert_eq!(parse_machine_busy(stat).unwrap(), Duration::from_millis(4500));
@@ -153,5 +192,7 @@ mod tests {
         assert!(memory.rss > 0 && memory.peak >= memory.rss);
         cpu_time(pid).unwrap();
         machine_busy().unwrap();
+        // This test process started no process of that name.
+        assert_eq!(children_named(pid, "no-such-child").unwrap(), Vec::<u32>::new());
     }
 }

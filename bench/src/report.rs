@@ -4,13 +4,27 @@
 
 use std::time::Duration;
 
-use crate::invoke::{CpuWindow, RouteFigures, Settings};
+use crate::load::{CpuWindow, RouteFigures, Settings};
 use crate::machine::RunContext;
 use crate::procfs::Memory;
 use crate::stats::ratio;
 
-pub const START_MARKER: &str = "<!-- bench:invoke:start -->";
-pub const END_MARKER: &str = "<!-- bench:invoke:end -->";
+/// One benchmark's part of BENCHMARKS.md: its heading and the markers around the generated text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Section {
+    pub heading: &'static str,
+    pub start_marker: &'static str,
+    pub end_marker: &'static str,
+}
+
+pub const INVOKE_SECTION: Section = Section {
+    heading: "## Service invocation: direct gRPC against two sidecars",
+    start_marker: "<!-- bench:invoke:start -->",
+    end_marker: "<!-- bench:invoke:end -->",
+};
+
+pub const STATE_SECTION: Section =
+    Section { heading: "## State", start_marker: "<!-- bench:state:start -->", end_marker: "<!-- bench:state:end -->" };
 
 /// Mesh p50 may be at most this many times direct p50.
 pub const MAX_P50_RATIO: f64 = 3.3;
@@ -172,10 +186,7 @@ impl InvokeReport {
              processes above, and with everything else (etcd, and whatever else the machine was doing).\n\n",
         );
         out.push_str("| CPU | direct | mesh |\n|---|---:|---:|\n");
-        let per_call = |figures: &RouteFigures, cpu: Duration| {
-            let calls = figures.throughput.calls.max(1) as f64;
-            format!("{:.1} µs/call", cpu.as_secs_f64() * 1e6 / calls)
-        };
+        let per_call = |figures: &RouteFigures, cpu: Duration| per_call(cpu, figures.throughput.calls);
         for ((label, direct_cpu), (_, mesh_cpu)) in
             direct.throughput_cpu.processes.iter().zip(&mesh.throughput_cpu.processes)
         {
@@ -186,11 +197,10 @@ impl InvokeReport {
             per_call(direct, direct.throughput_cpu.watched()),
             per_call(mesh, mesh.throughput_cpu.watched())
         ));
-        let cores = |cpu: &CpuWindow| format!("{:.2}", cpu.watched().as_secs_f64() / cpu.wall.as_secs_f64().max(1e-9));
         out.push_str(&format!(
             "| cores busy with the above, throughput runs | {} | {} |\n",
-            cores(&direct.throughput_cpu),
-            cores(&mesh.throughput_cpu)
+            cores_busy(&direct.throughput_cpu),
+            cores_busy(&mesh.throughput_cpu)
         ));
         out.push_str(&format!(
             "| cores busy with everything else, throughput runs | {:.2} | {:.2} |\n",
@@ -206,22 +216,23 @@ impl InvokeReport {
     }
 }
 
-/// The file's text with `block` between this benchmark's markers: the markers' content is
+/// The file's text with `block` between `section`'s markers: the markers' content is
 /// replaced when both are there, a new section is appended when neither is, and a file with
 /// only one of them (or both in the wrong order) is refused rather than guessed at.
-pub fn splice(existing: Option<&str>, block: &str) -> Result<String, String> {
+pub fn splice(existing: Option<&str>, section: &Section, block: &str) -> Result<String, String> {
+    let Section { start_marker, end_marker, .. } = *section;
     let text = match existing {
         Some(text) if !text.trim().is_empty() => text,
-        _ => return Ok(format!("{}{}", FILE_HEADER, new_section(block))),
+        _ => return Ok(format!("{}{}", FILE_HEADER, new_section(section, block))),
     };
-    match (text.find(START_MARKER), text.find(END_MARKER)) {
+    match (text.find(start_marker), text.find(end_marker)) {
         (Some(start), Some(end)) if start < end => {
-            let head = &text[..start + START_MARKER.len()];
+            let head = &text[..start + start_marker.len()];
             Ok(format!("{head}\n{}\n{}", block.trim_end(), &text[end..]))
         }
-        (None, None) => Ok(format!("{}\n\n{}", text.trim_end(), new_section(block))),
+        (None, None) => Ok(format!("{}\n\n{}", text.trim_end(), new_section(section, block))),
         _ => Err(format!(
-            "the file has {START_MARKER} and {END_MARKER} out of order or only one of them; fix it by hand"
+            "the file has {start_marker} and {end_marker} out of order or only one of them; fix it by hand"
         )),
     }
 }
@@ -231,26 +242,39 @@ const FILE_HEADER: &str = "# Tandem benchmarks\n\n\
     `target/release/tandem-bench --write BENCHMARKS.md`). Each benchmark rewrites only the part between \
     its markers; the analysis around it is written by hand.\n\n";
 
-fn new_section(block: &str) -> String {
+fn new_section(section: &Section, block: &str) -> String {
     format!(
-        "## Service invocation: direct gRPC against two sidecars\n\n{START_MARKER}\n{}\n{END_MARKER}\n\n\
+        "{}\n\n{}\n{}\n{}\n\n\
          ### What limits it\n\n_Not written yet: read the figures above and explain them here._\n",
-        block.trim_end()
+        section.heading,
+        section.start_marker,
+        block.trim_end(),
+        section.end_marker
     )
 }
 
-fn nanos(d: Duration) -> f64 {
+pub fn nanos(d: Duration) -> f64 {
     d.as_nanos() as f64
 }
 
-fn times(ratio: Option<f64>) -> String {
+pub fn times(ratio: Option<f64>) -> String {
     ratio.map(|r| format!("{r:.2}x")).unwrap_or_else(|| "n/a".into())
 }
 
 /// Three decimals, so that a ratio just on the wrong side of a target does not print as
 /// the target itself.
-fn precise_times(ratio: Option<f64>) -> String {
+pub fn precise_times(ratio: Option<f64>) -> String {
     ratio.map(|r| format!("{r:.3}x")).unwrap_or_else(|| "n/a".into())
+}
+
+/// CPU time per call, e.g. `42.0 µs/call`.
+pub fn per_call(cpu: Duration, calls: u64) -> String {
+    format!("{:.1} µs/call", cpu.as_secs_f64() * 1e6 / calls.max(1) as f64)
+}
+
+/// How many cores the watched processes kept busy on average, e.g. `1.58`.
+pub fn cores_busy(cpu: &CpuWindow) -> String {
+    format!("{:.2}", cpu.watched().as_secs_f64() / cpu.wall.as_secs_f64().max(1e-9))
 }
 
 /// A latency in µs below 10 ms, with one decimal below 100 µs.
@@ -269,7 +293,7 @@ pub fn megabytes(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
-fn bytes(n: usize) -> String {
+pub fn bytes(n: usize) -> String {
     if n > 0 && n.is_multiple_of(1024) { format!("{} KiB", n / 1024) } else { format!("{n} B") }
 }
 
@@ -292,11 +316,13 @@ mod tests {
     use crate::stats::{LatencySummary, Throughput};
 
     const BLOCK: &str = "| a | b |\n|---|---|\n| 1 | 2 |\n";
+    const START_MARKER: &str = INVOKE_SECTION.start_marker;
+    const END_MARKER: &str = INVOKE_SECTION.end_marker;
 
     #[test]
     fn a_missing_or_empty_file_gets_a_header_a_section_and_markers() {
         for existing in [None, Some(""), Some("\n  \n")] {
-            let text = splice(existing, BLOCK).unwrap();
+            let text = splice(existing, &INVOKE_SECTION, BLOCK).unwrap();
             assert!(text.starts_with("# Tandem benchmarks"), "{text}");
             assert!(text.contains(&format!("{START_MARKER}\n{BLOCK}{END_MARKER}\n")), "{text}");
             assert!(text.contains("### What limits it"), "{text}");
@@ -310,7 +336,7 @@ mod tests {
              ### What limits it\n\nHand-written analysis.\n\n## Another benchmark\n\n\
              <!-- bench:other:start -->\nother\n<!-- bench:other:end -->\n"
         );
-        let text = splice(Some(&existing), BLOCK).unwrap();
+        let text = splice(Some(&existing), &INVOKE_SECTION, BLOCK).unwrap();
         assert_eq!(
             text,
             format!(
@@ -320,21 +346,42 @@ mod tests {
             )
         );
         // Splicing twice gives the same file.
-        assert_eq!(splice(Some(&text), BLOCK).unwrap(), text);
+        assert_eq!(splice(Some(&text), &INVOKE_SECTION, BLOCK).unwrap(), text);
     }
 
     #[test]
     fn a_file_without_markers_gets_the_section_appended() {
-        let text = splice(Some("# Benchmarks\n\nSomeone else's section.\n\n\n"), BLOCK).unwrap();
+        let text = splice(Some("# Benchmarks\n\nSomeone else's section.\n\n\n"), &INVOKE_SECTION, BLOCK).unwrap();
         assert!(text.starts_with("# Benchmarks\n\nSomeone else's section.\n\n## Service invocation"), "{text}");
         assert!(text.contains(&format!("{START_MARKER}\n{BLOCK}{END_MARKER}")), "{text}");
     }
 
     #[test]
     fn a_file_with_broken_markers_is_refused() {
-        assert!(splice(Some(&format!("x\n{START_MARKER}\ny\n")), BLOCK).is_err());
-        assert!(splice(Some(&format!("x\n{END_MARKER}\ny\n")), BLOCK).is_err());
-        assert!(splice(Some(&format!("{END_MARKER}\n{START_MARKER}\n")), BLOCK).is_err());
+        assert!(splice(Some(&format!("x\n{START_MARKER}\ny\n")), &INVOKE_SECTION, BLOCK).is_err());
+        assert!(splice(Some(&format!("x\n{END_MARKER}\ny\n")), &INVOKE_SECTION, BLOCK).is_err());
+        assert!(splice(Some(&format!("{END_MARKER}\n{START_MARKER}\n")), &INVOKE_SECTION, BLOCK).is_err());
+    }
+
+    #[test]
+    fn the_state_section_goes_after_the_invoke_section_and_leaves_it_alone() {
+        let invoke_only = splice(None, &INVOKE_SECTION, BLOCK).unwrap();
+        let both = splice(Some(&invoke_only), &STATE_SECTION, "state figures\n").unwrap();
+        assert!(both.starts_with(invoke_only.trim_end()), "{both}");
+        assert!(
+            both.ends_with(
+                "\n\n## State\n\n<!-- bench:state:start -->\nstate figures\n<!-- bench:state:end -->\n\n\
+                 ### What limits it\n\n_Not written yet: read the figures above and explain them here._\n"
+            ),
+            "{both}"
+        );
+        // A rerun of either benchmark replaces only its own figures.
+        let rerun = splice(Some(&both), &STATE_SECTION, "new state figures\n").unwrap();
+        assert_eq!(rerun, both.replace("\nstate figures\n", "\nnew state figures\n"));
+        let rerun = splice(Some(&rerun), &INVOKE_SECTION, "new invoke figures\n").unwrap();
+        assert!(rerun.contains("<!-- bench:invoke:start -->\nnew invoke figures\n<!-- bench:invoke:end -->"));
+        assert!(rerun.contains("<!-- bench:state:start -->\nnew state figures\n<!-- bench:state:end -->"));
+        assert!(!rerun.contains("| 1 | 2 |"), "{rerun}");
     }
 
     #[test]

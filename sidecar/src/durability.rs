@@ -16,6 +16,19 @@ type Waiter = oneshot::Sender<Result<(), String>>;
 /// none while idle and a dropped store closes at once) and who waits for it.
 type Request = (sled::Db, Waiter);
 
+/// sled page caches are sized small: a sidecar keeps its hot data in memory through the
+/// OS page cache, and sled's default (1 GiB) would let a sidecar grow far past its budget.
+pub const SLED_CACHE_BYTES: u64 = 8 << 20;
+
+/// Opens a sled database the way every Tandem store does.
+pub fn sled_config(path: &std::path::Path) -> sled::Config {
+    sled::Config::new().path(path).cache_capacity(SLED_CACHE_BYTES)
+}
+
+/// Flushes of all databases in the process, one at a time: sled 0.34 can deadlock when two
+/// flushes run at once under write load (sled issue #1308), and the process shares its I/O lock.
+static ONE_FLUSH_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// One per database. The flusher task starts with the first flush (so a store can be opened
 /// outside a runtime) and stops when the `GroupFlusher` is dropped.
 #[derive(Debug, Default)]
@@ -46,7 +59,10 @@ fn spawn_flusher() -> mpsc::UnboundedSender<Request> {
             while let Ok((_, waiter)) = queue.try_recv() {
                 waiters.push(waiter);
             }
-            let result = db.flush_async().await.map(|_| ()).map_err(|e| e.to_string());
+            let result = {
+                let _only_flush = ONE_FLUSH_AT_A_TIME.lock().await;
+                db.flush_async().await.map(|_| ()).map_err(|e| e.to_string())
+            };
             drop(db);
             for waiter in waiters {
                 let _ = waiter.send(result.clone());

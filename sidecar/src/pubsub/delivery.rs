@@ -68,7 +68,11 @@ pub async fn run(pubsub: Arc<EmbeddedPubSub>, deliverer: Arc<dyn Deliver>, stop:
         // events wait until that one is settled, whatever state it is in.
         let mut ordered_heads: HashSet<(String, String)> = HashSet::new();
         loop {
-            let chunk = pubsub.outbox.records_after(after, SCAN_CHUNK);
+            // Off the runtime thread: a sled read can wait on sled's process-wide lock.
+            let outbox = pubsub.outbox.clone();
+            let Ok(chunk) = tokio::task::spawn_blocking(move || outbox.records_after(after, SCAN_CHUNK)).await else {
+                break;
+            };
             let Some((last, _)) = chunk.last() else { break };
             after = Some(*last);
             for (seq, record) in chunk {
@@ -94,7 +98,12 @@ pub async fn run(pubsub: Arc<EmbeddedPubSub>, deliverer: Arc<dyn Deliver>, stop:
                     // The route is the subscriber's, so it is set per delivery, not stored in the event.
                     let event = TopicEventRequest { path: pending.path.clone(), ..event.clone() };
                     tokio::spawn(async move {
-                        attempt(&pubsub, deliverer.as_ref(), seq, &key.1, event).await;
+                        // The scan read a snapshot; an attempt that ended since then may have
+                        // settled or rescheduled this delivery. Attempts settle the record before
+                        // they leave `in_flight`, so this read sees their outcome.
+                        if pubsub.outbox.is_due(seq, &key.1, now_ms()) {
+                            attempt(&pubsub, deliverer.as_ref(), seq, &key.1, event).await;
+                        }
                         in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
                         drop(permit);
                         pubsub.wake.notify_one();

@@ -39,7 +39,9 @@ impl Outbox {
                 "{shown} holds files that are not a Tandem outbox; refusing to use it"
             )));
         }
-        let db = sled::open(path).map_err(|e| PubSubError::Storage(format!("opening outbox {shown}: {e}")))?;
+        let db = crate::durability::sled_config(path)
+            .open()
+            .map_err(|e| PubSubError::Storage(format!("opening outbox {shown}: {e}")))?;
         let records =
             db.open_tree("tandem_outbox").map_err(|e| PubSubError::Storage(format!("outbox {shown}: {e}")))?;
         let len = AtomicUsize::new(records.len());
@@ -111,6 +113,13 @@ impl Outbox {
             }
         }
         out
+    }
+
+    /// Whether `app_id` still waits for record `seq` and its next attempt is due at `now`.
+    pub fn is_due(&self, seq: u64, app_id: &str, now_ms: u64) -> bool {
+        let Ok(Some(bytes)) = self.records.get(seq.to_be_bytes()) else { return false };
+        let Ok(record) = OutboxRecord::decode(bytes.as_ref()) else { return false };
+        record.deliveries.iter().any(|d| d.app_id == app_id && d.next_attempt_unix_ms <= now_ms)
     }
 
     /// Changes record `seq` with `change` (which returns what the caller needs to know) and

@@ -119,7 +119,7 @@ impl SledStore {
 
         // sled may panic on damaged files instead of returning an error; a damaged store must
         // still be an error naming the path.
-        let opened = std::panic::catch_unwind(|| sled::Config::new().path(path).open());
+        let opened = std::panic::catch_unwind(|| crate::durability::sled_config(path).open());
         let db = match opened {
             Ok(Ok(db)) => db,
             Ok(Err(sled::Error::Io(e))) if e.to_string().contains("could not acquire lock") => {
