@@ -14,9 +14,10 @@
 //!   only costs one look-up when its time comes.
 //!
 //! Every [`StateStore::apply`] is one sled transaction over the state and expiry trees, then an
-//! fsync (a group commit shared with concurrent writers, see [`crate::durability`]) before it returns. Transactions and reads run on tokio's blocking
-//! pool: sled serializes them with a process-wide lock that can be held across an fsync, and the
-//! sidecar may run a single runtime thread.
+//! fsync (a group commit shared with concurrent writers, see [`crate::durability`]) before it
+//! returns. Transactions run on tokio's blocking pool (sled serializes them with a process-wide
+//! lock and the sidecar may run a single runtime thread); reads are in-memory look-ups done
+//! inline: measured, the hand-off to the pool cost more than the read (BENCHMARKS.md).
 //! Expired records are invisible at once and deleted later by [`SledStore::spawn_purger`].
 
 use std::path::{Path, PathBuf};
@@ -229,13 +230,10 @@ impl StateStore for SledStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<StateValue>, StateError> {
-        let inner = Arc::clone(&self.inner);
-        let key = key.to_string();
-        // Off the runtime thread: a sled read waits on sled's process-wide lock behind any
-        // queued transaction, and a transaction can wait behind a flush (an fsync).
-        tokio::task::spawn_blocking(move || inner.get_blocking(&key, now_ms()))
-            .await
-            .map_err(|e| StateError::Internal(format!("state read in {} failed: {e}", self.inner.path.display())))?
+        // Inline: a read is an in-memory lookup. It can wait behind a transaction being applied
+        // (sled's process-wide lock), which is short, but never on a flush: flushes run on
+        // sled's own threads and transactions are applied on the blocking pool.
+        self.inner.get_blocking(key, now_ms())
     }
 
     async fn apply(&self, operations: Vec<Operation>) -> Result<(), StateError> {
