@@ -1,7 +1,7 @@
 //! The machine a run happened on, and when: CPU count and model, load, build profile, UTC
 //! date, git commit, tandemd's worker threads.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 /// Where and when the figures were taken.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,7 +28,6 @@ impl RunContext {
             .ok()
             .and_then(|text| cpu_model(&text))
             .unwrap_or_else(|| "unknown CPU".into());
-        let days = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() / 86_400).unwrap_or(0);
         let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
         let load_average = std::fs::read_to_string("/proc/loadavg")
             .ok()
@@ -42,7 +41,8 @@ impl RunContext {
             cpus,
             cpu_model,
             profile,
-            date: civil_date(days as i64),
+            // The date part of the sidecar's own RFC 3339 rendering (UTC).
+            date: tandem_sidecar::api::state::rfc3339(SystemTime::now())[..10].to_string(),
             load_average,
             commit: git_commit().unwrap_or_else(|| "unknown".into()),
             tandemd_workers,
@@ -69,35 +69,9 @@ pub fn cpu_model(cpuinfo: &str) -> Option<String> {
     })
 }
 
-/// `YYYY-MM-DD` of the day `days` after 1970-01-01 (proleptic Gregorian calendar; Howard
-/// Hinnant's `civil_from_days`).
-pub fn civil_date(days: i64) -> String {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let mp = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dates_from_days_since_the_epoch() {
-        assert_eq!(civil_date(0), "1970-01-01");
-        assert_eq!(civil_date(59), "1970-03-01");
-        assert_eq!(civil_date(10_957), "2000-01-01");
-        assert_eq!(civil_date(11_016), "2000-02-29");
-        assert_eq!(civil_date(19_782), "2024-02-29");
-        assert_eq!(civil_date(20_454), "2026-01-01");
-        assert_eq!(civil_date(-1), "1969-12-31");
-    }
 
     #[test]
     fn the_first_model_name_is_the_cpu_model() {
