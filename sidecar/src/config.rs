@@ -88,6 +88,17 @@ pub struct Config {
     /// Log filter (tracing's EnvFilter syntax, e.g. info or tandem_sidecar=debug).
     #[arg(long, env = "TANDEM_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+
+    /// Log lines as human-readable text or as one JSON object per line.
+    #[arg(long, env = "TANDEM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How tandemd writes its logs (stdout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 impl Config {

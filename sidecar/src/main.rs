@@ -3,6 +3,7 @@
 
 use clap::Parser;
 use tandem_sidecar::Config;
+use tandem_sidecar::config::LogFormat;
 use tracing_subscriber::EnvFilter;
 
 fn main() {
@@ -25,7 +26,10 @@ async fn run(config: Config) {
         eprintln!("tandemd: --log-level '{}' is not a valid filter ({e}); using info", config.log_level);
         EnvFilter::new("info")
     });
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).init();
+    match config.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).init(),
+        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
+    }
 
     if let Err(e) = tandem_sidecar::run(config, shutdown_signal(), |_| {}).await {
         tracing::error!("{e}");

@@ -160,10 +160,16 @@ pub struct Addresses {
     pub admin: SocketAddr,
 }
 
-/// Parses tandemd's "tandemd listening" line (`grpc=… internal=… admin=…`).
+/// Parses tandemd's "tandemd listening" line (`grpc=… internal=… admin=…`), in the text or
+/// the JSON log format.
 pub fn parse_listening_line(line: &str) -> Option<Addresses> {
     if !line.contains("tandemd listening") {
         return None;
+    }
+    if line.starts_with('{') {
+        let json: serde_json::Value = serde_json::from_str(line).ok()?;
+        let field = |name: &str| json["fields"][name].as_str()?.parse().ok();
+        return Some(Addresses { grpc: field("grpc")?, internal: field("internal")?, admin: field("admin")? });
     }
     let field = |name: &str| -> Option<SocketAddr> {
         let start = line.find(&format!(" {name}="))? + name.len() + 2;
@@ -358,5 +364,7 @@ mod tests {
         assert_eq!(a.internal.port(), 2);
         assert_eq!(a.admin.port(), 3);
         assert!(parse_listening_line("something else grpc=127.0.0.1:1").is_none());
+        let json = r#"{"level":"INFO","fields":{"message":"tandemd listening","grpc":"127.0.0.1:4","internal":"127.0.0.1:5","admin":"127.0.0.1:6"}}"#;
+        assert_eq!(parse_listening_line(json).unwrap().admin.port(), 6);
     }
 }

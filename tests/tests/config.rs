@@ -71,3 +71,24 @@ async fn bad_settings_stop_tandemd_at_start_naming_the_problem() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("data dir"), "{out:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let etcd = Etcd::start().await;
+    let sidecar = Sidecar::new("svc-json").etcd(&etcd).arg("--log-format").arg("json").spawn().await;
+    sidecar.wait_ready().await;
+    sidecar.wait_for_log("registered in etcd").await;
+    let log = sidecar.log();
+    let mut messages = Vec::new();
+    for line in log.lines() {
+        let json: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(json["level"].is_string() && json["timestamp"].is_string(), "{line}");
+        messages.push(json["fields"]["message"].as_str().unwrap_or_default().to_string());
+    }
+    assert!(messages.iter().any(|m| m == "tandemd listening"), "{messages:?}");
+    assert!(messages.iter().any(|m| m == "registered in etcd"), "{messages:?}");
+
+    let out = run_until_exit(&["--app-id", "x", "--log-format", "yaml"]).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--log-format"), "{out:?}");
+}
