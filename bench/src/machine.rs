@@ -22,6 +22,14 @@ pub struct RunContext {
 }
 
 impl RunContext {
+    /// The first line of every benchmark section: when, where, which build.
+    pub fn measured_line(&self) -> String {
+        format!(
+            "Measured {} on {} x {}, {} build of {}; load average {} at the start.\n\n",
+            self.date, self.cpus, self.cpu_model, self.profile, self.commit, self.load_average
+        )
+    }
+
     pub fn detect() -> RunContext {
         let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let cpu_model = std::fs::read_to_string("/proc/cpuinfo")

@@ -108,10 +108,9 @@ impl InvokeReport {
     pub fn to_markdown(&self) -> String {
         let (c, s) = (&self.context, &self.settings);
         let (direct, mesh) = (&self.direct, &self.mesh);
-        let mut out = String::new();
+        let mut out = c.measured_line();
         out.push_str(&format!(
-            "Measured {date} on {cpus} x {model}, {profile} build of {commit}; load average {load} at the start.\n\n\
-             - Call: app B's `echo` with a {payload} payload. **direct**: the caller calls B's \
+            "- Call: app B's `echo` with a {payload} payload. **direct**: the caller calls B's \
              `AppCallback.OnInvoke` over gRPC. **mesh**: the same call through two sidecars \
              (`SidecarClient::invoke` -> tandemd A -> tandemd B -> app B).\n\
              - Processes, all on this machine: etcd, tandemd A and B (runtime threads: {workers}), and one bench \
@@ -120,12 +119,7 @@ impl InvokeReport {
              {in_flight} calls in flight for {secs} s per route after a {warm_secs} s warm-up, one shared \
              HTTP/2 connection per hop. Both are split into {rounds} rounds that take the routes in turn, \
              so load from elsewhere falls on both alike.\n\n",
-            date = c.date,
             cpus = c.cpus,
-            model = c.cpu_model,
-            profile = c.profile,
-            load = c.load_average,
-            commit = c.commit,
             workers = c.tandemd_workers,
             payload = bytes(s.payload_bytes),
             calls = thousands(s.calls as u64),

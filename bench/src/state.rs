@@ -333,9 +333,9 @@ impl StateReport {
     /// The markdown that goes between the state markers.
     pub fn to_markdown(&self) -> String {
         let (c, s) = (&self.context, &self.settings);
-        let mut out = format!(
-            "Measured {date} on {cpus} x {model}, {profile} build of {commit}; load average {load} at the start.\n\n\
-             - Calls to one tandemd's gRPC API (`dapr.proto.runtime.v1.Dapr`, tonic client, one HTTP/2 connection, \
+        let mut out = c.measured_line();
+        out.push_str(&format!(
+            "- Calls to one tandemd's gRPC API (`dapr.proto.runtime.v1.Dapr`, tonic client, one HTTP/2 connection, \
              TCP_NODELAY). **GetMetadata**, the baseline: a sidecar round trip that reads no store. **GetState**: \
              one key holding {payload}. **SaveState**: one item of {payload}, no ETag (last write wins), keys \
              rotating over {keys}; tandemd answers once the write is durable.\n\
@@ -346,12 +346,7 @@ impl StateReport {
              - Latency: {calls} sequential calls per operation after {warmup} warm-up calls. Throughput: \
              {in_flight} calls in flight for {secs} s per operation after a {warm_secs} s warm-up. Both are split \
              into {rounds} rounds that take the operations in turn, so load from elsewhere falls on all alike.\n\n",
-            date = c.date,
             cpus = c.cpus,
-            model = c.cpu_model,
-            profile = c.profile,
-            load = c.load_average,
-            commit = c.commit,
             workers = c.tandemd_workers,
             payload = bytes(s.payload_bytes),
             keys = SAVE_KEYS,
@@ -361,7 +356,7 @@ impl StateReport {
             secs = s.duration.as_secs_f64(),
             warm_secs = s.warmup_duration.as_secs_f64(),
             rounds = s.rounds,
-        );
+        ));
 
         out.push_str(&format!(
             "| operation | latency p50 | latency p99 | p50 / GetMetadata | throughput, {} in flight | \
