@@ -14,6 +14,8 @@
 //! - [`app_channel`]: the connection to the local app and its health probe.
 //! - [`admin`]: /healthz, /readyz, Dapr's health paths and /metrics.
 //! - [`metrics`]: the Prometheus metrics.
+//! - [`telemetry`]: spans for every call and delivery, W3C trace context across hops, OTLP
+//!   export, and the log set-up (log lines inside a call carry its trace id).
 //! - [`server`]: serving gRPC on a bound listener with TCP_NODELAY and a graceful drain.
 //! - [`deadline`]: the caller's deadline, carried hop to hop.
 //! - [`error`]: the domain error and its one mapping to `tonic::Status`.
@@ -35,6 +37,7 @@ pub mod readiness;
 pub mod runtime;
 pub mod server;
 pub mod state;
+pub mod telemetry;
 
 pub use config::Config;
 pub use runtime::{BoundAddresses, StartError, run};

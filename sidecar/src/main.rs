@@ -1,10 +1,14 @@
-//! `tandemd`: parse flags, set up logging, run the sidecar until SIGTERM, Ctrl-C or the
-//! Shutdown RPC, then leave discovery and drain.
+//! `tandemd`: parse flags, set up logging and tracing, run the sidecar until SIGTERM, Ctrl-C or
+//! the Shutdown RPC, then leave discovery, drain, and send the spans still queued.
+
+use std::time::Duration;
 
 use clap::Parser;
 use tandem_sidecar::Config;
-use tandem_sidecar::config::LogFormat;
-use tracing_subscriber::EnvFilter;
+use tandem_sidecar::telemetry::{self, TraceSettings};
+
+/// How long the exit waits for the collector to take the spans still queued.
+const SPAN_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn main() {
     let config = Config::parse();
@@ -22,16 +26,20 @@ fn main() {
 }
 
 async fn run(config: Config) {
-    let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|e| {
-        eprintln!("tandemd: --log-level '{}' is not a valid filter ({e}); using info", config.log_level);
-        EnvFilter::new("info")
-    });
-    match config.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).init(),
-        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
-    }
+    let telemetry = TraceSettings::from_vars(&config.app_id, |name| std::env::var(name).ok())
+        .and_then(|settings| telemetry::init(&config.log_level, config.log_format, &settings));
+    let telemetry = match telemetry {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("tandemd: {e}");
+            std::process::exit(2);
+        }
+    };
 
-    if let Err(e) = tandem_sidecar::run(config, shutdown_signal(), |_| {}).await {
+    let result = tandem_sidecar::run(config, shutdown_signal(), |_| {}).await;
+    // Off the runtime thread: the export thread may need a moment to reach the collector.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown(SPAN_FLUSH_TIMEOUT)).await;
+    if let Err(e) = result {
         tracing::error!("{e}");
         eprintln!("tandemd: {e}");
         std::process::exit(2);

@@ -9,6 +9,10 @@
 //!   `tandem_pubsub_backlog`: events waiting in a component's outbox.
 //! - `tandem_live_instances`: live instances per app-id, from discovery.
 //! - `process_resident_memory_bytes`, `process_cpu_seconds_total`: this process.
+//! - `tandem_trace_context_invalid_total`: malformed `traceparent` values (ignored: a new trace
+//!   started); `tandem_trace_spans_exported_total` and `tandem_trace_spans_dropped_total`:
+//!   spans the OTLP collector took, and spans dropped (export queue full, or export failed).
+//!   These are process-wide (see [`crate::telemetry::counters`]).
 //!
 //! Gauges that mirror other state (instances, backlog, process) are refreshed at each scrape.
 
@@ -104,6 +108,22 @@ impl Metrics {
         registry.register("tandem_live_instances", "Live instances per app-id", live_instances.clone());
         registry.register("process_resident_memory_bytes", "Resident memory of this process", resident_memory.clone());
         registry.register("process_cpu_seconds_total", "CPU time of this process (user + system)", cpu_seconds.clone());
+        let trace = crate::telemetry::counters();
+        registry.register(
+            "tandem_trace_context_invalid",
+            "Malformed traceparent values, ignored (a new trace started)",
+            trace.invalid_trace_context.clone(),
+        );
+        registry.register(
+            "tandem_trace_spans_exported",
+            "Spans taken by the OTLP collector",
+            trace.spans_exported.clone(),
+        );
+        registry.register(
+            "tandem_trace_spans_dropped",
+            "Spans not exported: the export queue was full or the export failed",
+            trace.spans_dropped.clone(),
+        );
         Metrics {
             registry,
             api_requests,

@@ -29,7 +29,9 @@ use crate::pubsub::streams::StreamSubscriptions;
 use crate::pubsub::subscriptions::SubscriptionRegistrar;
 use crate::readiness::Readiness;
 use crate::state::registry::{self, StoreContext};
+use crate::telemetry::TraceLayer;
 use crate::{admin, components, pubsub, server};
+use tower::Layer;
 
 /// The addresses the sidecar actually bound (ports of 0 resolved).
 #[derive(Debug, Clone, Copy)]
@@ -154,8 +156,18 @@ pub async fn run(
         async move { token.cancelled().await }
     };
     let servers: Vec<JoinHandle<()>> = vec![
-        tokio::spawn(server::serve_grpc(grpc_listener, Routes::new(dapr), stopped(&serving_stop), drain)),
-        tokio::spawn(server::serve_grpc(internal_listener, Routes::new(mesh), stopped(&serving_stop), drain)),
+        tokio::spawn(server::serve_grpc(
+            grpc_listener,
+            TraceLayer.layer(Routes::new(dapr)),
+            stopped(&serving_stop),
+            drain,
+        )),
+        tokio::spawn(server::serve_grpc(
+            internal_listener,
+            TraceLayer.layer(Routes::new(mesh)),
+            stopped(&serving_stop),
+            drain,
+        )),
         tokio::spawn(admin::serve(
             admin_listener,
             admin::router(readiness.clone(), routing.clone(), metrics.clone(), pubsubs.clone()),

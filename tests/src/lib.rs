@@ -8,12 +8,14 @@
 //! [`http`] (a tiny HTTP/1.1 GET for admin endpoints), [`poll`] (bounded waiting for a
 //! condition instead of sleeps), [`pubsub`] (an inbox of received events, waiting for a
 //! subscription), [`state`] (component files and a state API client), [`stats`] (latency
-//! percentiles for the benchmark and the demo).
+//! percentiles for the benchmark and the demo), [`otlp`] (an OTLP trace collector in the test
+//! process, and tracers for test apps that export to it).
 
 pub mod app;
 pub mod etcd;
 pub mod fixture;
 pub mod http;
+pub mod otlp;
 pub mod poll;
 pub mod pubsub;
 pub mod sidecar;

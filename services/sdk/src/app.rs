@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use tandem_proto::common::{InvokeRequest, InvokeResponse};
 use tandem_proto::prost_types::Any;
+use tandem_proto::prost_types::value::Kind;
 use tandem_proto::runtime::app_callback_health_check_server::{AppCallbackHealthCheck, AppCallbackHealthCheckServer};
 use tandem_proto::runtime::app_callback_server::{AppCallback, AppCallbackServer};
 use tandem_proto::runtime::topic_event_response::TopicEventResponseStatus;
@@ -30,6 +31,8 @@ use tonic::metadata::MetadataMap;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
+use crate::TraceContext;
+
 /// One call delivered to the app.
 #[derive(Debug, Clone)]
 pub struct Invocation {
@@ -39,6 +42,8 @@ pub struct Invocation {
     /// The caller's app-id, set by the sidecars (never by the caller itself).
     pub caller_app_id: Option<String>,
     pub metadata: MetadataMap,
+    /// The span of the sidecar that delivered the call: the parent of the handler's spans.
+    pub trace: Option<TraceContext>,
 }
 
 /// A handler's answer.
@@ -78,6 +83,10 @@ pub struct TopicEvent {
     /// The route of the subscription that took the event ([`SubscriptionOptions::route`]);
     /// empty when it has none.
     pub path: String,
+    /// The trace the event belongs to: the span of the sidecar that delivered it when the
+    /// delivery carried one, else the publisher's span from the CloudEvent's `traceparent`
+    /// extension.
+    pub trace: Option<TraceContext>,
 }
 
 /// How to subscribe: what happens to events that exhaust their deliveries, and their route.
@@ -96,7 +105,14 @@ pub struct SubscriptionOptions {
 
 impl From<TopicEventRequest> for TopicEvent {
     fn from(event: TopicEventRequest) -> TopicEvent {
+        let extension = |name: &str| match event.extensions.as_ref()?.fields.get(name)?.kind.as_ref()? {
+            Kind::StringValue(value) => Some(value.as_str()),
+            _ => None,
+        };
+        let trace = extension(crate::trace::TRACEPARENT)
+            .and_then(|traceparent| TraceContext::parse(traceparent, extension(crate::trace::TRACESTATE)));
         TopicEvent {
+            trace,
             id: event.id,
             source: event.source,
             kind: event.r#type,
@@ -238,6 +254,7 @@ impl AppCallback for AppServer {
             data: message.data.map(|any| any.value).unwrap_or_default(),
             content_type: message.content_type,
             caller_app_id,
+            trace: TraceContext::from_metadata(&metadata),
             metadata,
         };
         let reply = handler(call).await?;
@@ -283,12 +300,17 @@ impl AppCallback for AppServer {
         &self,
         request: Request<TopicEventRequest>,
     ) -> Result<Response<TopicEventResponse>, Status> {
+        let hop = TraceContext::from_metadata(request.metadata());
         let event = request.into_inner();
         let Some(subscription) = self.subscriptions.get(&(event.pubsub_name.clone(), event.topic.clone())) else {
             tracing::warn!(pubsub = %event.pubsub_name, topic = %event.topic, "event for a topic this app does not subscribe to; dropped");
             return Ok(Response::new(TopicEventResponse { status: TopicEventResponseStatus::Drop as i32 }));
         };
-        let outcome = (subscription.handler)(TopicEvent::from(event)).await;
+        let mut event = TopicEvent::from(event);
+        if hop.is_some() {
+            event.trace = hop;
+        }
+        let outcome = (subscription.handler)(event).await;
         let status = match outcome {
             EventOutcome::Success => TopicEventResponseStatus::Success,
             EventOutcome::Retry => TopicEventResponseStatus::Retry,

@@ -14,12 +14,17 @@ use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
-/// Options of one call: deadline and extra metadata.
+use crate::TraceContext;
+
+/// Options of one call: deadline, extra metadata and the trace it belongs to.
 #[derive(Debug, Clone, Default)]
 pub struct CallOptions {
     pub timeout: Option<Duration>,
     pub metadata: Vec<(String, String)>,
     pub content_type: Option<String>,
+    /// The span the call continues (its parent); `None`: the span of
+    /// `opentelemetry::Context::current()`, if there is one.
+    pub trace: Option<TraceContext>,
 }
 
 impl CallOptions {
@@ -35,6 +40,12 @@ impl CallOptions {
 
     pub fn content_type(mut self, content_type: impl Into<String>) -> Self {
         self.content_type = Some(content_type.into());
+        self
+    }
+
+    /// Makes the call continue `trace` (e.g. the app's own span); `None` keeps the default.
+    pub fn trace_context(mut self, trace: Option<TraceContext>) -> Self {
+        self.trace = trace;
         self
     }
 }
@@ -148,13 +159,27 @@ impl SidecarClient {
         data: impl Into<Vec<u8>>,
         content_type: &str,
     ) -> Result<(), Status> {
-        let request = PublishEventRequest {
+        self.publish_with(pubsub, topic, data, content_type, CallOptions::default()).await
+    }
+
+    /// Like [`SidecarClient::publish`], with a deadline, metadata and the trace the event
+    /// belongs to (its deliveries continue it) given in `options`.
+    pub async fn publish_with(
+        &self,
+        pubsub: &str,
+        topic: &str,
+        data: impl Into<Vec<u8>>,
+        content_type: &str,
+        options: CallOptions,
+    ) -> Result<(), Status> {
+        let mut request = Request::new(PublishEventRequest {
             pubsub_name: pubsub.into(),
             topic: topic.into(),
             data: data.into(),
             data_content_type: content_type.into(),
             metadata: Default::default(),
-        };
+        });
+        apply_options(&mut request, &options)?;
         self.inner.clone().publish_event(request).await?;
         Ok(())
     }
@@ -268,6 +293,9 @@ fn apply_options<T>(request: &mut Request<T>, options: &CallOptions) -> Result<(
         let value = MetadataValue::try_from(value.as_str())
             .map_err(|_| Status::invalid_argument(format!("the value of metadata '{key}' is not valid ASCII")))?;
         request.metadata_mut().insert(name, value);
+    }
+    if let Some(trace) = options.trace.clone().or_else(TraceContext::current) {
+        trace.inject(request.metadata_mut());
     }
     Ok(())
 }

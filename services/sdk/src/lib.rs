@@ -6,17 +6,21 @@
 //! - [`app`]: [`AppServer`], which serves the app-callback API (`AppCallback.OnInvoke`,
 //!   `ListTopicSubscriptions`, `OnTopicEvent`, `AppCallbackHealthCheck.HealthCheck`) from plain
 //!   async handler functions.
+//! - [`trace`]: [`TraceContext`], the W3C trace context that handlers receive with each call
+//!   and event and that calls can carry, so app code continues the trace in its own spans.
 //!
 //! Payloads are bytes with a content type, carried in Dapr's `google.protobuf.Any` the way
 //! Dapr SDKs carry them, so Tandem apps and Dapr apps can call each other.
 
 pub mod app;
 pub mod client;
+pub mod trace;
 
 pub use app::{AppServer, EventOutcome, Invocation, Reply, SubscriptionOptions, TopicEvent};
 pub use client::{BulkEntry, BulkFailure, CallOptions, SidecarClient, StateEntry};
 pub use tandem_proto as proto;
 pub use tonic::{Code, Status};
+pub use trace::TraceContext;
 
 /// The metadata key under which the callee sees the caller's app-id.
 pub const CALLER_APP_ID: &str = "dapr-caller-app-id";

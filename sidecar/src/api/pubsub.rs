@@ -189,6 +189,9 @@ impl PubSubApi {
     fn cloud_event(&self, pubsub_name: &str, topic: &str, data: Vec<u8>, content_type: String) -> TopicEventRequest {
         let data_content_type =
             if content_type.is_empty() { default_content_type(&data).to_string() } else { content_type };
+        // The publish call's span is the parent of every delivery of the event (as Dapr does).
+        let mut extensions = None;
+        crate::telemetry::context::inject_extensions(&crate::telemetry::current(), &mut extensions);
         TopicEventRequest {
             id: uuid::Uuid::new_v4().to_string(),
             source: self.app_id.clone(),
@@ -199,7 +202,7 @@ impl PubSubApi {
             data,
             pubsub_name: pubsub_name.to_string(),
             path: String::new(),
-            extensions: None,
+            extensions,
         }
     }
 }

@@ -27,6 +27,9 @@ const HOP_HEADERS: &[&str] = &[
     "dapr-api-token",
     CALLER_APP_ID,
     CALLEE_APP_ID,
+    // Trace context is per hop too: each sidecar sends its own span as the parent.
+    crate::telemetry::context::TRACEPARENT,
+    crate::telemetry::context::TRACESTATE,
 ];
 
 fn travels(key: &str) -> bool {
@@ -74,6 +77,7 @@ mod tests {
         md.insert("dapr-app-id", "b".parse().unwrap());
         md.insert(CALLER_APP_ID, "spoofed".parse().unwrap());
         md.insert("tandem-not-delivered", "true".parse().unwrap());
+        md.insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap());
         md.insert_bin("trace-bin", tonic::metadata::MetadataValue::from_bytes(b"\x01"));
         let out = outgoing(&md);
         assert_eq!(out.len(), 1, "{out:?}");

@@ -76,6 +76,8 @@ impl MeshInbound {
         if let Some(deadline) = deadline {
             app_request.set_timeout(deadline::remaining(deadline));
         }
+        // The app continues the trace from this sidecar's span.
+        crate::telemetry::inject_current(app_request.metadata_mut());
 
         let describe = || (self.app_id.clone(), method.clone());
         let result = within_deadline(deadline, describe, app.callback_client().on_invoke(app_request)).await?;
@@ -110,6 +112,8 @@ impl MeshInbound {
         if let Some(deadline) = deadline {
             app_request.set_timeout(deadline::remaining(deadline));
         }
+        // The hop's parent in the metadata; the event's extensions keep the publisher's.
+        crate::telemetry::inject_current(app_request.metadata_mut());
         let describe = || (self.app_id.clone(), format!("OnTopicEvent({topic})"));
         let result = within_deadline(deadline, describe, app.callback_client().on_topic_event(app_request)).await?;
         match result {

@@ -21,6 +21,8 @@ use crate::deadline;
 use crate::discovery::{Instance, RoutingTable};
 use crate::error::{MeshError, status_says_not_delivered, strip_not_delivered};
 use crate::pubsub::delivery::{Deliver, DeliveryError};
+use crate::telemetry;
+use tracing::Instrument;
 
 /// One call an app asked its sidecar to make.
 #[derive(Debug, Clone)]
@@ -89,7 +91,14 @@ impl Invoker {
             if let Some(deadline) = deadline {
                 request.set_timeout(deadline::remaining(deadline));
             }
-            let result = within_deadline(deadline, describe, client.invoke(request)).await?;
+            // One span per attempt; the peer's server span is its child.
+            let span = telemetry::invoke_span(&target_app_id, &method);
+            telemetry::context::inject_metadata(&telemetry::context::of_span(&span), request.metadata_mut());
+            let result = within_deadline(deadline, describe, client.invoke(request)).instrument(span.clone()).await;
+            if !matches!(result, Ok(Ok(_))) {
+                telemetry::record_error(&span);
+            }
+            let result = result?;
             match result {
                 Ok(response) => {
                     let response = response.into_inner();
@@ -162,6 +171,8 @@ impl Deliver for Invoker {
                 event: Some(event.clone()),
             });
             request.set_timeout(timeout);
+            // The delivery attempt's span (made by the delivery loop) is the subscriber side's parent.
+            telemetry::inject_current(request.metadata_mut());
             match tokio::time::timeout(timeout, client.deliver_event(request)).await {
                 Err(_) => {
                     return Err(DeliveryError::Failed(format!("no answer from app-id '{app_id}' within {timeout:?}")));

@@ -14,6 +14,7 @@ use tandem_proto::runtime::TopicEventRequest;
 use tandem_proto::runtime::topic_event_response::TopicEventResponseStatus;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::EmbeddedPubSub;
 
@@ -123,7 +124,12 @@ pub async fn run(pubsub: Arc<EmbeddedPubSub>, deliverer: Arc<dyn Deliver>, stop:
 /// One delivery attempt and its outcome, settled in the outbox.
 async fn attempt(pubsub: &EmbeddedPubSub, deliverer: &dyn Deliver, seq: u64, app_id: &str, event: TopicEventRequest) {
     let policy = &pubsub.policy;
-    let outcome = deliverer.deliver(app_id, event.clone(), policy.timeout).await;
+    // A span per attempt, child of the publish call (its context travels in the event).
+    let span = crate::telemetry::delivery_span(&pubsub.name, &event, app_id);
+    let outcome = deliverer.deliver(app_id, event.clone(), policy.timeout).instrument(span.clone()).await;
+    if !matches!(outcome, Ok(TopicEventResponseStatus::Success)) {
+        crate::telemetry::record_error(&span);
+    }
     let settled = pubsub.outbox.modify(seq, |record| {
         let index = record.deliveries.iter().position(|d| d.app_id == app_id)?;
         Some(match &outcome {

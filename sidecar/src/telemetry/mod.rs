@@ -1,0 +1,285 @@
+//! Traces and logs: tandemd's spans, W3C trace context carried across every hop, export over
+//! OTLP/gRPC, and log lines that carry the trace id of the call they belong to.
+//!
+//! - [`context`]: `traceparent`/`tracestate` read from and written to gRPC metadata and
+//!   CloudEvent extensions.
+//! - [`layer`]: [`TraceLayer`], the tower layer that gives every call of the app-facing API
+//!   and of the internal API a server span.
+//! - [`export`]: the bounded export queue and its thread; spans it drops are counted.
+//!
+//! Spans are `tracing` spans (target [`SPAN_TARGET`]) turned into OpenTelemetry spans by
+//! `tracing-opentelemetry`, so a log line written inside a call shows the call's span and its
+//! `trace_id` field. Which spans there are, per hop:
+//!
+//! | where | span | kind | parent |
+//! |---|---|---|---|
+//! | every API call (invoke, state, publish, ...) | `dapr.proto.runtime.v1.Dapr/<Method>` | server | the app's `traceparent`, or a new trace |
+//! | each attempt to reach a peer sidecar | `invoke <app-id>/<method>` | client | the API call |
+//! | the callee's sidecar | `tandem.internal.v1.Mesh/Invoke` | server | the attempt |
+//! | a pub/sub delivery attempt (publisher's sidecar) | `deliver <topic> to <app-id>` | producer | the publish call (from the CloudEvent) |
+//! | the subscriber's sidecar | `tandem.internal.v1.Mesh/DeliverEvent` | server | the delivery attempt |
+//!
+//! Configuration is OpenTelemetry's standard environment: `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`; unset: nothing is exported, spans are still made so
+//! that trace context flows), `OTEL_SERVICE_NAME` (default: the app-id),
+//! `OTEL_TRACES_SAMPLER`/`OTEL_TRACES_SAMPLER_ARG` (default `parentbased_always_on`),
+//! `OTEL_BSP_*` for the export queue and `OTEL_EXPORTER_OTLP_TIMEOUT`.
+
+pub mod context;
+pub mod export;
+pub mod layer;
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use prometheus_client::metrics::counter::Counter;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{Layer, fmt};
+
+pub use context::Incoming;
+pub use export::QueueSettings;
+pub use layer::TraceLayer;
+
+use crate::config::LogFormat;
+
+/// The `tracing` target of tandemd's spans: these, and only these, become OpenTelemetry spans.
+pub const SPAN_TARGET: &str = "tandem::trace";
+
+/// Counters of what happened to trace context and spans, shown on /metrics. Process-wide,
+/// like the tracing subscriber they belong to.
+pub struct TraceCounters {
+    /// `traceparent` values that were not W3C trace context (ignored; a new trace started).
+    pub invalid_trace_context: Counter,
+    /// Spans not exported: the export queue was full, or their export failed.
+    pub spans_dropped: Counter,
+    /// Spans the collector took.
+    pub spans_exported: Counter,
+}
+
+static COUNTERS: LazyLock<TraceCounters> = LazyLock::new(|| TraceCounters {
+    invalid_trace_context: Counter::default(),
+    spans_dropped: Counter::default(),
+    spans_exported: Counter::default(),
+});
+
+pub fn counters() -> &'static TraceCounters {
+    &COUNTERS
+}
+
+/// Where and how spans are exported, from the OpenTelemetry environment variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceSettings {
+    /// The OTLP/gRPC collector; `None`: no export.
+    pub endpoint: Option<String>,
+    pub service_name: String,
+    pub queue: QueueSettings,
+}
+
+impl TraceSettings {
+    /// Reads the standard variables through `var` (`std::env::var` in tandemd); the service
+    /// name defaults to `app_id`.
+    pub fn from_vars(app_id: &str, var: impl Fn(&str) -> Option<String>) -> Result<TraceSettings, String> {
+        let set = |name: &str| var(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let endpoint = set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| set("OTEL_EXPORTER_OTLP_ENDPOINT"));
+        if let Some(endpoint) = &endpoint {
+            let uri: http::Uri = endpoint.parse().map_err(|_| {
+                format!("OTEL_EXPORTER_OTLP_ENDPOINT '{endpoint}' is not a URL (want http://host:4317)")
+            })?;
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+                return Err(format!("OTEL_EXPORTER_OTLP_ENDPOINT '{endpoint}' needs http:// or https:// and a host"));
+            }
+        }
+        let service_name = set("OTEL_SERVICE_NAME").unwrap_or_else(|| app_id.to_string());
+        Ok(TraceSettings { endpoint, service_name, queue: QueueSettings::from_vars(&var)? })
+    }
+}
+
+/// The installed tracing set-up; [`Telemetry::shutdown`] sends the spans still queued.
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+    exporting: bool,
+}
+
+impl Telemetry {
+    pub fn is_exporting(&self) -> bool {
+        self.exporting
+    }
+
+    /// Exports what is queued, waiting at most `timeout` for the collector.
+    pub fn shutdown(self, timeout: Duration) {
+        if self.exporting
+            && let Err(e) = self.provider.shutdown_with_timeout(timeout)
+        {
+            tracing::warn!(error = %e, "spans still queued at exit may be lost");
+        }
+    }
+}
+
+/// Installs the process's tracing subscriber: log lines in `format` filtered by `log_level`
+/// (EnvFilter syntax; an invalid one falls back to `info` with a warning), and tandemd's spans
+/// exported as [`TraceSettings`] say. Fails only for an exporter that cannot be built.
+pub fn init(log_level: &str, format: LogFormat, settings: &TraceSettings) -> Result<Telemetry, String> {
+    let (log_filter, bad_filter) = match EnvFilter::try_new(log_level) {
+        Ok(filter) => (filter, None),
+        Err(e) => (EnvFilter::new("info"), Some(e.to_string())),
+    };
+    // Request spans pass the log filter whatever the level, so every line logged inside a
+    // call shows the call's trace id.
+    let log_filter = log_filter.or(filter_fn(|meta| meta.is_span() && meta.target() == SPAN_TARGET));
+    let log_layer = match format {
+        LogFormat::Text => fmt::layer().with_ansi(false).boxed(),
+        LogFormat::Json => fmt::layer().json().boxed(),
+    };
+
+    let resource = Resource::builder()
+        .with_service_name(settings.service_name.clone())
+        .with_attribute(KeyValue::new("tandem.component", "tandemd"))
+        .build();
+    let mut provider = SdkTracerProvider::builder().with_resource(resource.clone());
+    if let Some(endpoint) = &settings.endpoint {
+        provider = provider.with_span_processor(export::ExportQueue::start(
+            endpoint.clone(),
+            resource,
+            settings.queue.clone(),
+        )?);
+    }
+    let provider = provider.build();
+    let span_layer = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("tandemd"))
+        .with_location(false)
+        .with_threads(false)
+        .with_level(false)
+        .with_target(false)
+        .with_tracked_inactivity(false)
+        .with_context_activation(false)
+        .with_filter(filter_fn(|meta| {
+            // Tandemd's spans, and its warnings and errors as events of the span they happen in.
+            if meta.is_span() {
+                meta.target() == SPAN_TARGET
+            } else {
+                *meta.level() <= tracing::Level::WARN && meta.target().starts_with("tandem_sidecar")
+            }
+        }));
+    tracing_subscriber::registry()
+        .with(log_layer.with_filter(log_filter))
+        .with(span_layer)
+        .try_init()
+        .map_err(|e| format!("cannot install the tracing subscriber: {e}"))?;
+    if let Some(bad) = bad_filter {
+        tracing::warn!("--log-level '{log_level}' is not a valid filter ({bad}); using info");
+    }
+    match &settings.endpoint {
+        Some(endpoint) => {
+            tracing::info!(endpoint, service_name = %settings.service_name, "exporting spans over OTLP/gRPC")
+        }
+        None => tracing::debug!("OTEL_EXPORTER_OTLP_ENDPOINT is not set; spans are not exported"),
+    }
+    Ok(Telemetry { provider, exporting: settings.endpoint.is_some() })
+}
+
+/// Makes `span` a child of `incoming` (counting a malformed one) and records its trace id as
+/// the `trace_id` field, which log lines inside it show. `what` names the call in the log.
+pub(crate) fn start_span(span: &tracing::Span, incoming: Incoming, what: &str) {
+    match incoming {
+        Incoming::Absent => {}
+        Incoming::Malformed => {
+            counters().invalid_trace_context.inc();
+            tracing::debug!(call = what, "malformed traceparent ignored; the call starts a new trace");
+        }
+        Incoming::Parent(parent) => {
+            let _ = span.set_parent(Incoming::Parent(parent).into_context());
+        }
+    }
+    if span.is_disabled() {
+        return;
+    }
+    let started = context::of_span(span);
+    if started.is_valid() {
+        span.record("trace_id", tracing::field::display(started.trace_id()));
+    }
+}
+
+/// The span of one attempt to reach a peer sidecar with an invocation (inside the API call's span).
+pub fn invoke_span(target_app_id: &str, method: &str) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: SPAN_TARGET,
+        "invoke",
+        otel.name = %format_args!("invoke {target_app_id}/{method}"),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    start_span(&span, Incoming::Absent, "invoke");
+    span
+}
+
+/// The span of one delivery attempt of a pub/sub event to a subscriber app, child of the
+/// publish call whose context the event carries in its extensions.
+pub fn delivery_span(pubsub: &str, event: &tandem_proto::runtime::TopicEventRequest, app_id: &str) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: SPAN_TARGET,
+        parent: None,
+        "deliver",
+        otel.name = %format_args!("deliver {} to {app_id}", event.topic),
+        otel.kind = "producer",
+        otel.status_code = tracing::field::Empty,
+        pubsub,
+        event_id = %event.id,
+        trace_id = tracing::field::Empty,
+    );
+    start_span(&span, context::from_extensions(event.extensions.as_ref()), "delivery");
+    span
+}
+
+/// Marks the current span as failed (for the OpenTelemetry status).
+pub fn record_error(span: &tracing::Span) {
+    span.record("otel.status_code", "error");
+}
+
+/// The span context of the current span: what the next hop gets as its parent.
+pub fn current() -> opentelemetry::trace::SpanContext {
+    context::of_span(&tracing::Span::current())
+}
+
+/// Writes the current span as the parent into outgoing gRPC metadata.
+pub fn inject_current(metadata: &mut tonic::metadata::MetadataMap) {
+    context::inject_metadata(&current(), metadata);
+}
+
+/// The trace id of the current span, as hex (for tests and logs); `None` outside a span.
+pub fn current_trace_id() -> Option<String> {
+    let span = tracing::Span::current();
+    let context = span.context();
+    use opentelemetry::trace::TraceContextExt;
+    let id = context.span().span_context().trace_id();
+    (id != opentelemetry::trace::TraceId::INVALID).then(|| id.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn settings_come_from_the_standard_variables() {
+        let vars: HashMap<&str, &str> =
+            [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"), ("OTEL_SERVICE_NAME", "orders")].into();
+        let settings = TraceSettings::from_vars("svc-a", |k| vars.get(k).map(|v| v.to_string())).unwrap();
+        assert_eq!(settings.endpoint.as_deref(), Some("http://127.0.0.1:4317"));
+        assert_eq!(settings.service_name, "orders");
+
+        let settings = TraceSettings::from_vars("svc-a", |_| None).unwrap();
+        assert_eq!(settings.endpoint, None, "no endpoint, no export");
+        assert_eq!(settings.service_name, "svc-a");
+
+        let err = TraceSettings::from_vars("a", |k| (k == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "localhost".into()));
+        assert!(err.unwrap_err().contains("'localhost'"));
+    }
+}

@@ -1,0 +1,234 @@
+//! Traces: an OTLP collector in this process receives the spans of sidecars and apps, and a
+//! chain of invocations and pub/sub hops is one trace with the right parent links; a malformed
+//! `traceparent` starts a new trace and is counted; an unreachable collector changes nothing
+//! for the calls and its dropped spans are counted.
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use opentelemetry::trace::{Span as _, Tracer as _, TracerProvider as _};
+use tandem_sdk::{AppServer, CallOptions, EventOutcome, Reply, SidecarClient, Status, TraceContext};
+use tandem_tests::otlp::{self, Collector, by_name};
+use tandem_tests::pubsub::{Inbox, wait_until_subscribed};
+use tandem_tests::{Etcd, RunningSidecar, Sidecar, TestApp, eventually};
+
+const SERVER: i32 = 2;
+const CLIENT: i32 = 3;
+const PRODUCER: i32 = 4;
+
+/// The value of the sample `series` (name with labels, exactly as exposed), 0 when absent.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|value| value.trim().parse().expect("a numeric sample"))
+        .unwrap_or(0.0)
+}
+
+async fn metric(sidecar: &RunningSidecar, series: &str) -> f64 {
+    let (code, body) = sidecar.get("/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    sample(&body, series)
+}
+
+/// A sidecar exporting its spans to `collector` soon after they end.
+fn traced(app_id: &str, etcd: &Etcd, collector_endpoint: &str) -> Sidecar {
+    Sidecar::new(app_id)
+        .etcd(etcd)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector_endpoint)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+}
+
+/// Calls `client` until app-id `target` answers `method` (its sidecar is routed to).
+async fn wait_until_routed(client: &SidecarClient, target: &str, method: &str) {
+    eventually(Duration::from_secs(30), &format!("app-id '{target}' routable"), || {
+        let client = client.clone();
+        let (target, method) = (target.to_string(), method.to_string());
+        async move { client.invoke(&target, &method, b"ping".to_vec()).await.is_ok() }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_invocation_and_pub_sub_is_one_trace() {
+    let collector = Collector::start().await;
+    let endpoint = collector.endpoint();
+    let etcd = Etcd::start().await;
+
+    // App C consumes topic `chain`, continuing the event's trace in its own span.
+    let c_tracer = otlp::app_tracer_provider("app-c", &endpoint);
+    let inbox = Inbox::default();
+    let c_app = {
+        let (inbox, tracer) = (inbox.clone(), c_tracer.tracer("app-c"));
+        TestApp::start(AppServer::new().subscribe("pubsub", "chain", move |event| {
+            let parent = event.trace.as_ref().map(TraceContext::to_context).unwrap_or_default();
+            let mut span = tracer.start_with_context("c.consume", &parent);
+            span.end();
+            inbox.push(event);
+            async { EventOutcome::Success }
+        }))
+        .await
+    };
+    let c_sidecar = traced("trace-c", &etcd, &endpoint).app_port(c_app.port()).spawn().await;
+
+    // App B serves `work`: a span of its own, then a publish that continues it.
+    let b_tracer = otlp::app_tracer_provider("app-b", &endpoint);
+    let b_client: Arc<OnceLock<SidecarClient>> = Arc::default();
+    let b_app = {
+        let (client, tracer) = (b_client.clone(), b_tracer.tracer("app-b"));
+        TestApp::start(AppServer::new().handler("ping", |_| async { Ok(Reply::text("pong")) }).handler(
+            "work",
+            move |call| {
+                let parent = call.trace.as_ref().map(TraceContext::to_context).unwrap_or_default();
+                let span = tracer.start_with_context("b.work", &parent);
+                let mine = TraceContext::from_span_context(span.span_context().clone());
+                let client = client.get().expect("B's sidecar client is set before calls arrive").clone();
+                async move {
+                    let mut span = span;
+                    let options = CallOptions::default().trace_context(mine);
+                    let published = client.publish_with("pubsub", "chain", call.data, "text/plain", options).await;
+                    span.end();
+                    published.map(|_| Reply::text("published"))
+                }
+            },
+        ))
+        .await
+    };
+    // Trace level: the line each call ends with, which carries the call's trace id.
+    let b_sidecar = traced("trace-b", &etcd, &endpoint)
+        .app_port(b_app.port())
+        .arg("--log-level")
+        .arg("info,tandem_sidecar=trace")
+        .spawn()
+        .await;
+    b_client.set(b_sidecar.client()).ok().expect("set once");
+    let a_sidecar = traced("trace-a", &etcd, &endpoint).spawn().await;
+    let a_client = a_sidecar.client();
+    for sidecar in [&a_sidecar, &b_sidecar, &c_sidecar] {
+        sidecar.wait_ready().await;
+    }
+    wait_until_routed(&a_client, "trace-b", "ping").await;
+    wait_until_subscribed(&b_sidecar.client(), "chain", &inbox).await;
+
+    // App A: its own root span, and the call that continues it.
+    let a_tracer = otlp::app_tracer_provider("app-a", &endpoint);
+    let mut root = a_tracer.tracer("app-a").start("a.request");
+    let trace = TraceContext::from_span_context(root.span_context().clone()).expect("a sampled root span");
+    let reply = a_client
+        .invoke_with(
+            "trace-b",
+            "work",
+            b"the-chain".to_vec(),
+            CallOptions::default().trace_context(Some(trace.clone())),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.data, b"published");
+    root.end();
+    eventually(Duration::from_secs(20), "the chained event at app C", || {
+        let has = inbox.has("the-chain");
+        async move { has }
+    })
+    .await;
+    for provider in [&a_tracer, &b_tracer, &c_tracer] {
+        otlp::flush(provider).await;
+    }
+
+    let spans = collector.wait_for_trace(&trace.trace_id(), 9).await;
+    let named = by_name(&spans);
+    let span = |name: &str| *named.get(name).unwrap_or_else(|| panic!("no span '{name}' in trace: {spans:#?}"));
+    let check = |name: &str, service: &str, kind: i32, parent: &str| {
+        let s = span(name);
+        assert_eq!(s.service, service, "service of {name}");
+        assert_eq!(s.kind, kind, "kind of {name}");
+        assert_eq!(s.parent_span_id, span(parent).span_id, "parent of {name}: {spans:#?}");
+    };
+    assert_eq!(span("a.request").parent_span_id, "", "app A's span starts the trace");
+    check("dapr.proto.runtime.v1.Dapr/InvokeService", "trace-a", SERVER, "a.request");
+    check("invoke trace-b/work", "trace-a", CLIENT, "dapr.proto.runtime.v1.Dapr/InvokeService");
+    check("tandem.internal.v1.Mesh/Invoke", "trace-b", SERVER, "invoke trace-b/work");
+    check("b.work", "app-b", 1, "tandem.internal.v1.Mesh/Invoke");
+    check("dapr.proto.runtime.v1.Dapr/PublishEvent", "trace-b", SERVER, "b.work");
+    // The delivery's parent is the publish call: its context travelled in the CloudEvent.
+    check("deliver chain to trace-c", "trace-b", PRODUCER, "dapr.proto.runtime.v1.Dapr/PublishEvent");
+    check("tandem.internal.v1.Mesh/DeliverEvent", "trace-c", SERVER, "deliver chain to trace-c");
+    check("c.consume", "app-c", 1, "tandem.internal.v1.Mesh/DeliverEvent");
+    assert_eq!(spans.len(), 9, "one span per hop: {spans:#?}");
+
+    // The log lines of a call carry its trace id.
+    b_sidecar.wait_for_log(&format!("trace_id={}", trace.trace_id())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_traceparent_starts_a_new_trace_and_is_counted() {
+    let collector = Collector::start().await;
+    let endpoint = collector.endpoint();
+    let etcd = Etcd::start().await;
+    let seen: Arc<Mutex<Vec<Option<TraceContext>>>> = Arc::default();
+    let app = {
+        let seen = seen.clone();
+        TestApp::start(AppServer::new().handler("echo", move |call| {
+            seen.lock().unwrap().push(call.trace.clone());
+            async move { Ok::<_, Status>(Reply::bytes(call.data)) }
+        }))
+        .await
+    };
+    let _callee = traced("mal-b", &etcd, &endpoint).app_port(app.port()).spawn().await;
+    let caller = traced("mal-a", &etcd, &endpoint).spawn().await;
+    let client = caller.client();
+    wait_until_routed(&client, "mal-b", "echo").await;
+    let invalid = "tandem_trace_context_invalid_total";
+    let before = metric(&caller, invalid).await;
+
+    let reply = client
+        .invoke_with("mal-b", "echo", b"x".to_vec(), CallOptions::default().header("traceparent", "00-not-a-trace-01"))
+        .await
+        .expect("a malformed traceparent is never an error to the caller");
+    assert_eq!(reply.data, b"x");
+    assert_eq!(metric(&caller, invalid).await - before, 1.0);
+
+    // The callee got a fresh, valid trace: the caller's sidecar started it.
+    let trace = seen.lock().unwrap().last().cloned().flatten().expect("the app got a trace context");
+    let spans = collector.wait_for_trace(&trace.trace_id(), 3).await;
+    let named = by_name(&spans);
+    let api = named["dapr.proto.runtime.v1.Dapr/InvokeService"];
+    assert_eq!(api.service, "mal-a");
+    assert_eq!(api.parent_span_id, "", "the API span is a root: the malformed parent was ignored");
+    assert_eq!(named["tandem.internal.v1.Mesh/Invoke"].span_id, trace.span_id(), "the app's parent is B's span");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_collector_changes_nothing_for_calls_and_drops_are_counted() {
+    // Nothing listens here.
+    let closed = format!("http://127.0.0.1:{}", tandem_tests::free_port());
+    let etcd = Etcd::start().await;
+    let app = TestApp::named("b-1").await;
+    let down = |app_id: &str| {
+        Sidecar::new(app_id)
+            .etcd(&etcd)
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &closed)
+            .env("OTEL_BSP_SCHEDULE_DELAY", "50")
+            .env("OTEL_BSP_MAX_QUEUE_SIZE", "16")
+            .env("OTEL_BSP_EXPORT_TIMEOUT", "300")
+    };
+    let callee = down("down-b").app_port(app.port()).spawn().await;
+    let caller = down("down-a").spawn().await;
+    let client = caller.client();
+    wait_until_routed(&client, "down-b", "echo").await;
+
+    // Every call answers, within a deadline far below what an export attempt may take.
+    for i in 0..100 {
+        let payload = format!("call-{i}");
+        let options = CallOptions::default().timeout(Duration::from_secs(2));
+        let reply = client.invoke_with("down-b", "echo", payload.clone().into_bytes(), options).await.unwrap();
+        assert_eq!(reply.data, payload.as_bytes());
+    }
+    for sidecar in [&caller, &callee] {
+        let what = format!("dropped spans counted by {}", sidecar.app_id);
+        eventually(Duration::from_secs(20), &what, || async {
+            metric(sidecar, "tandem_trace_spans_dropped_total").await >= 100.0
+        })
+        .await;
+        assert_eq!(metric(sidecar, "tandem_trace_spans_exported_total").await, 0.0);
+    }
+    caller.wait_for_log("cannot export spans").await;
+}
