@@ -37,11 +37,22 @@ pub struct Mesh {
 impl Mesh {
     /// Starts etcd, app B, tandemd for B and for A, and waits until a call from A reaches B.
     pub async fn start() -> Result<Mesh> {
+        Self::start_with_env(&[]).await
+    }
+
+    /// Like [`Mesh::start`], with environment variables `env` set for both sidecars.
+    pub async fn start_with_env(env: &[(&str, &str)]) -> Result<Mesh> {
         let etcd = Etcd::start().await;
         let app =
             TestApp::start(AppServer::new().handler(METHOD, |call| async move { Ok(Reply::bytes(call.data)) })).await;
-        let callee = Sidecar::new(CALLEE).etcd(&etcd).app_port(app.port()).spawn().await;
-        let caller = Sidecar::new(CALLER).etcd(&etcd).spawn().await;
+        let with_env = |mut sidecar: Sidecar| {
+            for (key, value) in env {
+                sidecar = sidecar.env(key, value);
+            }
+            sidecar
+        };
+        let callee = with_env(Sidecar::new(CALLEE)).etcd(&etcd).app_port(app.port()).spawn().await;
+        let caller = with_env(Sidecar::new(CALLER)).etcd(&etcd).spawn().await;
         callee.wait_ready().await;
         caller.wait_ready().await;
         let mesh = Mesh { caller, callee, app, _etcd: etcd };
@@ -95,6 +106,20 @@ impl Mesh {
         let pid =
             |sidecar: &RunningSidecar| sidecar.pid().with_context(|| format!("tandemd {} has exited", sidecar.app_id));
         Ok([(CALLER, pid(&self.caller)?), (CALLEE, pid(&self.callee)?)])
+    }
+
+    /// `/metrics` of both sidecars, caller first.
+    pub async fn sidecar_metrics(&self) -> Result<[String; 2]> {
+        let scrape = |sidecar: &RunningSidecar| {
+            let admin = sidecar.admin_addr();
+            async move {
+                match tandem_tests::http::get(admin, "/metrics").await {
+                    Ok((200, text)) => Ok(text),
+                    other => bail!("GET /metrics of {admin}: {other:?}"),
+                }
+            }
+        };
+        Ok([scrape(&self.caller).await?, scrape(&self.callee).await?])
     }
 
     /// Resident memory of both sidecars now, caller first.

@@ -78,6 +78,16 @@ pub struct RouteFigures {
     pub throughput_cpu: CpuWindow,
 }
 
+impl RouteFigures {
+    /// The same figures with only the watched processes at `indices`, in that order.
+    pub fn only_processes(mut self, indices: &[usize]) -> RouteFigures {
+        for window in [&mut self.latency_cpu, &mut self.throughput_cpu] {
+            window.processes = indices.iter().filter_map(|&i| window.processes.get(i).cloned()).collect();
+        }
+        self
+    }
+}
+
 /// No call may take longer than this: a route (or a store) that stops answering fails
 /// instead of stalling the whole benchmark.
 pub const CALL_DEADLINE: Duration = Duration::from_secs(10);

@@ -9,7 +9,10 @@
 //! - `state`: starts a real etcd and one tandemd with two state stores (`state.sled` and
 //!   `state.etcd`), and times GetState and durable SaveState of 1 KiB in each against
 //!   GetMetadata, a sidecar round trip that touches no store.
-//! - `all` (the default): both, one after the other.
+//! - `tracing`: the invocation through two sidecars on two meshes side by side, one exporting
+//!   every span over OTLP/gRPC to a collector inside the bench, one exporting nothing; their
+//!   throughput compared.
+//! - `all` (the default): all three, one after the other.
 //!
 //! Build tandemd into the same target directory first: the harness runs the `tandemd` that
 //! sits next to this executable.
@@ -18,11 +21,13 @@
 //! cargo build --release -p tandem-bench -p tandem-sidecar
 //! target/release/tandem-bench --write BENCHMARKS.md          # both
 //! target/release/tandem-bench state --write BENCHMARKS.md    # only the state benchmark
+//! target/release/tandem-bench tracing --write BENCHMARKS.md  # only the tracing benchmark
 //! ```
 //!
 //! Modules, one per concern:
 //! - [`invoke`]: the invocation scenario: the processes and the two routes.
 //! - [`state`]: the state scenario: the processes, the operations, and its report.
+//! - [`tracing`]: the tracing scenario: a traced and an untraced mesh, and its report.
 //! - [`load`]: the load both apply: warm-up, sequential calls, calls in flight, rounds that
 //!   take the routes in turn, CPU use meanwhile.
 //! - [`stats`]: percentiles (nearest rank), throughput, ratios.
@@ -39,6 +44,7 @@ mod procfs;
 mod report;
 mod state;
 mod stats;
+mod tracing;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -58,7 +64,9 @@ enum Which {
     Invoke,
     /// GetState and SaveState in a sled and an etcd store against GetMetadata.
     State,
-    /// Both, invoke first.
+    /// The invocation through two sidecars with every span exported against none.
+    Tracing,
+    /// All three: invoke, state, tracing.
     All,
 }
 
@@ -126,6 +134,13 @@ async fn run(args: Args) -> Result<()> {
         let block = report.to_markdown();
         println!("{block}");
         write_section(args.write.as_deref(), &STATE_SECTION, &block)?;
+    }
+    if matches!(args.which, Which::Tracing | Which::All) {
+        let report = tracing::run(&settings, detect_context()).await?;
+        warn_if_busy(report.cpu_windows(), report.context.cpus);
+        let block = report.to_markdown();
+        println!("{block}");
+        write_section(args.write.as_deref(), &tracing::TRACING_SECTION, &block)?;
     }
     Ok(())
 }

@@ -1,0 +1,205 @@
+//! The tracing scenario: what exporting every span costs an invocation. Two meshes of the
+//! invocation scenario run side by side (each its own etcd, app B and two tandemds) and differ
+//! only in tracing: the untraced one has no `OTEL_EXPORTER_OTLP_ENDPOINT` (spans are made, as
+//! always, but not exported); the traced one samples every call (`traceidratio`, 1.0) and
+//! exports its spans over OTLP/gRPC to a collector inside this process on loopback. The load
+//! takes the two mesh routes in turn, so both see the same machine.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tandem_tests::otlp::Collector;
+
+use crate::invoke::{CALLEE, CALLER, Mesh};
+use crate::load::{self, RouteFigures, Settings};
+use crate::machine::RunContext;
+use crate::report::{Section, cores_busy, latency, per_call, precise_times, thousands, times};
+use crate::stats::ratio;
+
+pub const TRACING_SECTION: Section = Section {
+    heading: "## Tracing: the invocation with every span exported against none",
+    start_marker: "<!-- bench:tracing:start -->",
+    end_marker: "<!-- bench:tracing:end -->",
+};
+
+/// Traced throughput must be at least this fraction of untraced throughput.
+pub const MIN_TRACED_THROUGHPUT_RATIO: f64 = 0.90;
+
+/// What became of the traced mesh's spans.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SpanCounts {
+    /// Received by the collector.
+    pub received: u64,
+    /// Reported exported by the two sidecars.
+    pub exported: u64,
+    /// Reported dropped by the two sidecars (queue full or export failed).
+    pub dropped: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct TracingReport {
+    pub context: RunContext,
+    pub settings: Settings,
+    pub untraced: RouteFigures,
+    pub traced: RouteFigures,
+    pub spans: SpanCounts,
+}
+
+/// Runs the scenario.
+pub async fn run(settings: &Settings, context: RunContext) -> Result<TracingReport> {
+    let collector = Collector::counting().await;
+    let endpoint = collector.endpoint();
+    eprintln!("starting two meshes (etcd, app {CALLEE}, tandemd {CALLEE}, tandemd {CALLER}), one traced ...");
+    let untraced = Mesh::start().await.context("the untraced mesh")?;
+    let traced = Mesh::start_with_env(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_TRACES_SAMPLER", "traceidratio"),
+        ("OTEL_TRACES_SAMPLER_ARG", "1.0"),
+    ])
+    .await
+    .context("the traced mesh")?;
+    let [(_, off_a), (_, off_b)] = untraced.sidecar_pids()?;
+    let [(_, on_a), (_, on_b)] = traced.sidecar_pids()?;
+    let watched = vec![
+        (format!("bench process (caller, both apps {CALLEE}, collector)"), std::process::id()),
+        (format!("tandemd {CALLER}"), off_a),
+        (format!("tandemd {CALLEE}"), off_b),
+        (format!("tandemd {CALLER}"), on_a),
+        (format!("tandemd {CALLEE}"), on_b),
+    ];
+    eprintln!(
+        "measuring untraced and traced in {} rounds: {} sequential calls, then {} in flight for {:?}, per route ...",
+        settings.rounds, settings.calls, settings.in_flight, settings.duration
+    );
+    let figures: Vec<RouteFigures> = load::measure(&[&untraced.mesh_route(), &traced.mesh_route()], settings, &watched)
+        .await?
+        .into_iter()
+        .zip(["untraced", "traced"])
+        .map(|(measured, route)| measured.into_figures().with_context(|| format!("the {route} route")))
+        .collect::<Result<_>>()?;
+    let [untraced_figures, traced_figures]: [_; 2] = figures.try_into().expect("one set of figures per route");
+
+    // Let the last batches reach the collector (the default schedule delay is 5 s).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut spans = SpanCounts { received: collector.count(), ..Default::default() };
+    for text in traced.sidecar_metrics().await? {
+        spans.exported += sample(&text, "tandem_trace_spans_exported_total") as u64;
+        spans.dropped += sample(&text, "tandem_trace_spans_dropped_total") as u64;
+    }
+    drop((untraced, traced));
+    Ok(TracingReport {
+        context,
+        settings: *settings,
+        untraced: untraced_figures.only_processes(&[0, 1, 2]),
+        traced: traced_figures.only_processes(&[0, 3, 4]),
+        spans,
+    })
+}
+
+/// The value of an unlabelled Prometheus sample, 0 when absent.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+impl TracingReport {
+    pub fn throughput_ratio(&self) -> Option<f64> {
+        ratio(self.traced.throughput.per_second(), self.untraced.throughput.per_second())
+    }
+
+    pub fn cpu_windows(&self) -> impl Iterator<Item = &load::CpuWindow> {
+        [&self.untraced, &self.traced].into_iter().flat_map(|f| [&f.latency_cpu, &f.throughput_cpu])
+    }
+
+    pub fn to_markdown(&self) -> String {
+        let (c, s) = (&self.context, &self.settings);
+        let (off, on) = (&self.untraced, &self.traced);
+        let mut out = c.measured_line();
+        out.push_str(&format!(
+            "- Call: the invocation benchmark's mesh route (app B's `echo` with a {payload} B payload, \
+             `SidecarClient::invoke` -> tandemd A -> tandemd B -> app B) on two meshes started side by side, \
+             each with its own etcd, app B and tandemds (runtime threads: {workers}). **untraced**: no \
+             `OTEL_EXPORTER_OTLP_ENDPOINT` (spans are made, nothing is exported). **traced**: every call sampled \
+             (`OTEL_TRACES_SAMPLER=traceidratio`, `OTEL_TRACES_SAMPLER_ARG=1.0`), three spans per call (A's API \
+             call, A's attempt, B's inbound call) exported over OTLP/gRPC to a collector in the bench process on \
+             loopback that decodes every export and counts its spans.\n\
+             - Latency: {calls} sequential calls per route after {warmup} warm-up calls. Throughput: {in_flight} \
+             calls in flight for {secs} s per route after a {warm_secs} s warm-up. Both split into {rounds} \
+             rounds that take the routes in turn.\n\n",
+            payload = s.payload_bytes,
+            workers = c.tandemd_workers,
+            calls = thousands(s.calls as u64),
+            warmup = thousands(s.warmup_calls as u64),
+            in_flight = s.in_flight,
+            secs = s.duration.as_secs_f64(),
+            warm_secs = s.warmup_duration.as_secs_f64(),
+            rounds = s.rounds,
+        ));
+        out.push_str("| | untraced | traced | traced / untraced |\n|---|---:|---:|---:|\n");
+        out.push_str(&format!(
+            "| latency p50 | {} | {} | {} |\n",
+            latency(off.latency.p50),
+            latency(on.latency.p50),
+            times(ratio(on.latency.p50.as_secs_f64(), off.latency.p50.as_secs_f64()))
+        ));
+        out.push_str(&format!(
+            "| latency p99 | {} | {} | {} |\n",
+            latency(off.latency.p99),
+            latency(on.latency.p99),
+            times(ratio(on.latency.p99.as_secs_f64(), off.latency.p99.as_secs_f64()))
+        ));
+        out.push_str(&format!(
+            "| throughput, {} in flight | {} calls/s | {} calls/s | {} |\n\n",
+            s.in_flight,
+            thousands(off.throughput.per_second().round() as u64),
+            thousands(on.throughput.per_second().round() as u64),
+            times(self.throughput_ratio())
+        ));
+        let ratio = self.throughput_ratio();
+        let pass = ratio.is_some_and(|r| r >= MIN_TRACED_THROUGHPUT_RATIO);
+        out.push_str("| target | measured | result |\n|---|---|---|\n");
+        out.push_str(&format!(
+            "| traced throughput >= {MIN_TRACED_THROUGHPUT_RATIO:.2}x untraced | {} | {} |\n\n",
+            precise_times(ratio),
+            if pass { "PASS" } else { "**MISS**" }
+        ));
+        let sp = &self.spans;
+        out.push_str(&format!(
+            "Spans of the traced mesh over the whole run (warm-ups included): {} received by the collector; the \
+             sidecars counted {} exported and {} dropped.\n\n",
+            thousands(sp.received),
+            thousands(sp.exported),
+            thousands(sp.dropped)
+        ));
+        out.push_str(
+            "CPU time per call during the throughput runs (user + system, from /proc/<pid>/stat), each column \
+             with its own mesh's sidecars; the bench process serves both meshes' app B and the collector.\n\n",
+        );
+        out.push_str("| CPU | untraced | traced |\n|---|---:|---:|\n");
+        for ((label, off_cpu), (_, on_cpu)) in off.throughput_cpu.processes.iter().zip(&on.throughput_cpu.processes) {
+            out.push_str(&format!(
+                "| {label} | {} | {} |\n",
+                per_call(*off_cpu, off.throughput.calls),
+                per_call(*on_cpu, on.throughput.calls)
+            ));
+        }
+        out.push_str(&format!(
+            "| **all of the above** | {} | {} |\n",
+            per_call(off.throughput_cpu.watched(), off.throughput.calls),
+            per_call(on.throughput_cpu.watched(), on.throughput.calls)
+        ));
+        out.push_str(&format!(
+            "| cores busy with the above, throughput runs | {} | {} |\n",
+            cores_busy(&off.throughput_cpu),
+            cores_busy(&on.throughput_cpu)
+        ));
+        out.push_str(&format!(
+            "| cores busy with everything else, throughput runs | {:.2} | {:.2} |\n",
+            off.throughput_cpu.others_cores(),
+            on.throughput_cpu.others_cores()
+        ));
+        out
+    }
+}
