@@ -96,9 +96,35 @@ impl TraceSettings {
                 return Err(format!("OTEL_EXPORTER_OTLP_ENDPOINT '{endpoint}' needs http:// or https:// and a host"));
             }
         }
+        validate_sampler(set("OTEL_TRACES_SAMPLER").as_deref(), set("OTEL_TRACES_SAMPLER_ARG").as_deref())?;
         let service_name = set("OTEL_SERVICE_NAME").unwrap_or_else(|| app_id.to_string());
         Ok(TraceSettings { endpoint, service_name, queue: QueueSettings::from_vars(&var)? })
     }
+}
+
+/// Checks `OTEL_TRACES_SAMPLER`/`_ARG` (which the OpenTelemetry SDK reads itself, but would
+/// silently replace with its default when wrong): a sampler tandemd does not know, or a ratio
+/// outside 0..=1, stops it at start with a message naming the variable.
+fn validate_sampler(sampler: Option<&str>, arg: Option<&str>) -> Result<(), String> {
+    const KNOWN: &[&str] = &[
+        "always_on",
+        "always_off",
+        "traceidratio",
+        "parentbased_always_on",
+        "parentbased_always_off",
+        "parentbased_traceidratio",
+    ];
+    let Some(sampler) = sampler else { return Ok(()) };
+    if !KNOWN.contains(&sampler) {
+        return Err(format!("OTEL_TRACES_SAMPLER '{sampler}' is not a sampler tandemd knows ({})", KNOWN.join(", ")));
+    }
+    if sampler.ends_with("traceidratio")
+        && let Some(arg) = arg
+        && !arg.parse::<f64>().is_ok_and(|ratio| (0.0..=1.0).contains(&ratio))
+    {
+        return Err(format!("OTEL_TRACES_SAMPLER_ARG '{arg}' is not a ratio between 0 and 1"));
+    }
+    Ok(())
 }
 
 /// The installed tracing set-up; [`Telemetry::shutdown`] sends the spans still queued.
@@ -281,5 +307,14 @@ mod tests {
 
         let err = TraceSettings::from_vars("a", |k| (k == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "localhost".into()));
         assert!(err.unwrap_err().contains("'localhost'"));
+    }
+
+    #[test]
+    fn samplers_are_checked_at_start() {
+        assert!(validate_sampler(None, None).is_ok());
+        assert!(validate_sampler(Some("parentbased_traceidratio"), Some("0.25")).is_ok());
+        assert!(validate_sampler(Some("always_off"), Some("whatever")).is_ok(), "the arg is for ratios only");
+        assert!(validate_sampler(Some("sometimes"), None).unwrap_err().contains("'sometimes'"));
+        assert!(validate_sampler(Some("traceidratio"), Some("1.5")).unwrap_err().contains("OTEL_TRACES_SAMPLER_ARG"));
     }
 }
