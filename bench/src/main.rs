@@ -9,7 +9,11 @@
 //! - `state`: starts a real etcd and one tandemd with two state stores (`state.sled` and
 //!   `state.etcd`), and times GetState and durable SaveState of 1 KiB in each against
 //!   GetMetadata, a sidecar round trip that touches no store.
-//! - `all` (the default): both, one after the other.
+//! - `pubsub`: starts etcd, `nats-server -js` and two tandemds, and measures durable publish
+//!   to delivery of 1 KiB events for `pubsub.embedded` and `pubsub.jetstream` against NATS
+//!   JetStream used directly with async-nats: delivered events/s, and p50/p99 latency at a
+//!   paced 1,000 events/s.
+//! - `all` (the default): all three, one after the other.
 //!
 //! Build tandemd into the same target directory first: the harness runs the `tandemd` that
 //! sits next to this executable.
@@ -23,6 +27,7 @@
 //! Modules, one per concern:
 //! - [`invoke`]: the invocation scenario: the processes and the two routes.
 //! - [`state`]: the state scenario: the processes, the operations, and its report.
+//! - [`pubsub`]: the pub/sub scenario: the processes, the three routes, and its report.
 //! - [`load`]: the load both apply: warm-up, sequential calls, calls in flight, rounds that
 //!   take the routes in turn, CPU use meanwhile.
 //! - [`stats`]: percentiles (nearest rank), throughput, ratios.
@@ -36,6 +41,7 @@ mod invoke;
 mod load;
 mod machine;
 mod procfs;
+mod pubsub;
 mod report;
 mod state;
 mod stats;
@@ -49,7 +55,7 @@ use clap::{Parser, ValueEnum};
 use crate::invoke::{CALLEE, CALLER, Mesh};
 use crate::load::{CpuWindow, RouteFigures, Settings};
 use crate::machine::RunContext;
-use crate::report::{INVOKE_SECTION, InvokeReport, STATE_SECTION, Section, SidecarMemory};
+use crate::report::{INVOKE_SECTION, InvokeReport, PUBSUB_SECTION, STATE_SECTION, Section, SidecarMemory};
 
 /// Which benchmarks to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -58,7 +64,9 @@ enum Which {
     Invoke,
     /// GetState and SaveState in a sled and an etcd store against GetMetadata.
     State,
-    /// Both, invoke first.
+    /// Durable publish to delivery: pubsub.embedded and pubsub.jetstream against JetStream direct.
+    Pubsub,
+    /// All of them, invoke first.
     All,
 }
 
@@ -84,6 +92,9 @@ struct Args {
     /// Rounds both phases are split into, taking the routes in turn.
     #[arg(long, default_value_t = 10)]
     rounds: usize,
+    /// Seconds of the paced (1,000 events/s) latency run of the pub/sub benchmark, per route.
+    #[arg(long, default_value_t = 5.0)]
+    paced_seconds: f64,
     /// Also write the report into this markdown file (BENCHMARKS.md), replacing only the
     /// sections of the benchmarks that ran.
     #[arg(long, value_name = "FILE")]
@@ -126,6 +137,19 @@ async fn run(args: Args) -> Result<()> {
         let block = report.to_markdown();
         println!("{block}");
         write_section(args.write.as_deref(), &STATE_SECTION, &block)?;
+    }
+    if matches!(args.which, Which::Pubsub | Which::All) {
+        ensure!(args.paced_seconds.is_finite() && args.paced_seconds > 0.0, "--paced-seconds must be positive");
+        let context = detect_context();
+        let pubsub_settings = pubsub::PubSubSettings {
+            seconds: args.seconds,
+            in_flight: args.in_flight,
+            paced_seconds: args.paced_seconds,
+        };
+        let report = pubsub::run(&pubsub_settings, context).await?;
+        let block = report.to_markdown();
+        println!("{block}");
+        write_section(args.write.as_deref(), &PUBSUB_SECTION, &block)?;
     }
     Ok(())
 }
