@@ -187,7 +187,7 @@ impl Settings {
             backoff,
             replicas: number("replicas")?.map(|n| n as usize).unwrap_or(1),
             memory_storage,
-            max_backlog: spec.metadata("maxBacklog").map(|_| policy.max_backlog as i64),
+            max_backlog: number("maxBacklog")?.map(|n| n as i64),
         })
     }
 }
@@ -381,12 +381,23 @@ impl JetStreamPubSub {
         }
     }
 
-    /// Consumes one subscription until `stop`, starting over (with backoff) after errors.
+    /// Consumes one subscription until `stop`, pulling only while the app can take events;
+    /// starts over (with backoff) after errors.
     async fn consume(self: Arc<Self>, subscription: LocalSubscription, local: Arc<LocalApp>, stop: CancellationToken) {
         let mut backoff = Backoff::new();
         loop {
+            while !local.can_take(&self.name, &subscription.topic) {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(APP_AWAY_POLL) => {}
+                }
+            }
             match self.consume_until_error(&subscription, &local, &stop).await {
-                Ok(()) => return,
+                Ok(Paused::Stopped) => return,
+                Ok(Paused::AppAway) => {
+                    tracing::info!(pubsub = %self.name, topic = %subscription.topic, "the app cannot take events; consuming paused");
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(pubsub = %self.name, topic = %subscription.topic, error = %e, "JetStream consumer failed; starting over")
                 }
@@ -403,7 +414,7 @@ impl JetStreamPubSub {
         subscription: &LocalSubscription,
         local: &Arc<LocalApp>,
         stop: &CancellationToken,
-    ) -> Result<(), String> {
+    ) -> Result<Paused, String> {
         self.ready().await.map_err(|e| e.to_string())?;
         let in_flight = if subscription.ordered { 1 } else { self.settings.max_ack_pending };
         let name = self.consumer_name(&subscription.topic);
@@ -432,7 +443,7 @@ impl JetStreamPubSub {
         let permits = Arc::new(Semaphore::new(in_flight));
         loop {
             let next = tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
+                _ = stop.cancelled() => return Ok(Paused::Stopped),
                 next = messages.next() => next,
             };
             let message = match next {
@@ -440,15 +451,15 @@ impl JetStreamPubSub {
                 Some(Err(e)) => return Err(format!("consumer '{name}': {e}")),
                 None => return Err(format!("consumer '{name}': the message stream ended")),
             };
-            // While the app cannot take events, hold on rather than use up attempts.
-            while !local.can_take(&self.name, &subscription.topic) {
-                tokio::select! {
-                    _ = stop.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(APP_AWAY_POLL) => {}
-                }
+            // The app went away: stop pulling (dropping the pull subscription) rather than have
+            // every event use up its attempts while it is gone. This one goes back at once; those
+            // already pulled come back after ackWait, each one attempt down.
+            if !local.can_take(&self.name, &subscription.topic) {
+                settle(&message, AckKind::Nak(Some(APP_AWAY_POLL))).await;
+                return Ok(Paused::AppAway);
             }
             let permit = tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
+                _ = stop.cancelled() => return Ok(Paused::Stopped),
                 permit = permits.clone().acquire_owned() => permit.map_err(|e| e.to_string())?,
             };
             if subscription.ordered {
@@ -548,6 +559,12 @@ impl JetStreamPubSub {
             }
         }
     }
+}
+
+/// Why a consumer stopped pulling without an error.
+enum Paused {
+    Stopped,
+    AppAway,
 }
 
 async fn settle(message: &Message, kind: AckKind) {
