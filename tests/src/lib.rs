@@ -4,7 +4,7 @@
 //! `tandemd` processes ([`Sidecar`]) and apps serving the callback API ([`TestApp`]), each on
 //! free loopback ports with its own temp dir, and all of it stopped when dropped.
 //!
-//! Modules: [`etcd`], [`nats`] (a NATS JetStream server), [`sidecar`], [`app`], [`fixture`] (the usual cast of an invocation test),
+//! Modules: [`etcd`], [`nats`] (a NATS JetStream server), [`sidecar`], [`server_process`] (what the etcd and NATS servers share), [`app`], [`fixture`] (the usual cast of an invocation test),
 //! [`http`] (a tiny HTTP/1.1 GET for admin endpoints), [`poll`] (bounded waiting for a
 //! condition instead of sleeps), [`pubsub`] (an inbox of received events, waiting for a
 //! subscription), [`pubsub_cases`] (the pub/sub tests every component passes), [`state`] (component files and a state API client), [`stats`] (latency
@@ -18,6 +18,7 @@ pub mod nats;
 pub mod poll;
 pub mod pubsub;
 pub mod pubsub_cases;
+pub mod server_process;
 pub mod sidecar;
 pub mod state;
 pub mod stats;

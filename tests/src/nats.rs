@@ -3,13 +3,12 @@
 
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::time::Duration;
 
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
 use crate::state::ResourcesDir;
-use crate::{free_port, http};
+use crate::{free_port, http, server_process};
 
 pub struct Nats {
     // Fields drop in order: the process is killed before its store is removed.
@@ -69,56 +68,31 @@ impl Nats {
     /// Starts the server again on the same port and store.
     pub async fn restart(&mut self) {
         self.kill().await;
-        let mut last_error = String::new();
-        for _ in 0..20 {
-            match self.launch().await {
-                Ok(()) => return,
-                Err(e) => last_error = e,
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        panic!("nats-server did not restart: {last_error}");
+        server_process::relaunch("nats-server", async || self.launch().await).await;
     }
 
     async fn launch(&mut self) -> Result<(), String> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("nats.log"))
-            .map_err(|e| e.to_string())?;
-        let mut child = Command::new(binary())
+        let log = self.dir.path().join("nats.log");
+        let (stdout, stderr) = server_process::log_to(&log)?;
+        let child = Command::new(binary())
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-m", &self.monitor.to_string()])
             .arg("-sd")
             .arg(self.dir.path().join("store"))
             .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
+            .stdout(stdout)
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot run nats-server (install Debian's nats-server): {e}"))?;
         let monitor = SocketAddr::from(([127, 0, 0, 1], self.monitor));
-        let started = std::time::Instant::now();
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!("nats-server exited with {status}; log: {}", self.log_tail()));
-            }
-            if let Ok((200, _)) = http::get(monitor, "/healthz?js-enabled-only=true").await {
-                self.child = Some(child);
-                return Ok(());
-            }
-            if started.elapsed() > Duration::from_secs(20) {
-                let _ = child.kill().await;
-                return Err(format!("nats-server not healthy after 20 s; log: {}", self.log_tail()));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let healthy = async || matches!(http::get(monitor, "/healthz?js-enabled-only=true").await, Ok((200, _)));
+        self.child = Some(server_process::until_healthy(child, "nats-server", &log, healthy).await?);
+        Ok(())
     }
 
     /// The last lines the server logged.
     pub fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
+        server_process::log_tail(&self.dir.path().join("nats.log"))
     }
 }
 

@@ -133,7 +133,7 @@ pub async fn retry_redelivers_drop_drops_and_exhausted_events_go_to_the_dead_let
     let inbox = Inbox::default();
     let dead = Inbox::default();
     let attempts: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
-    let (inbox_c, dead_c, attempts_c) = (inbox.clone(), dead.clone(), attempts.clone());
+    let (inbox_c, attempts_c) = (inbox.clone(), attempts.clone());
     let app = TestApp::start(
         AppServer::new()
             .subscribe_with_dead_letter("pubsub", "jobs", "jobs-dead", move |event| {
@@ -155,13 +155,7 @@ pub async fn retry_redelivers_drop_drops_and_exhausted_events_go_to_the_dead_let
                     }
                 }
             })
-            .subscribe("pubsub", "jobs-dead", move |event| {
-                let dead = dead_c.clone();
-                async move {
-                    dead.push(event);
-                    EventOutcome::Success
-                }
-            }),
+            .subscribe("pubsub", "jobs-dead", dead.accept()),
     )
     .await;
     let _sub = sidecar("worker", &etcd, &res, Some(&app)).await;
@@ -220,7 +214,7 @@ pub async fn an_always_failing_subscriber_ends_in_the_dead_letter_topic_without_
     let res =
         broker.resources(&[("maxDeliveryAttempts", "3"), ("initialRetryDelay", "20ms"), ("maxRetryDelay", "50ms")]);
     let (failed, dead, healthy) = (Inbox::default(), Inbox::default(), Inbox::default());
-    let (failed_c, dead_c) = (failed.clone(), dead.clone());
+    let failed_c = failed.clone();
     let failing = TestApp::start(
         AppServer::new()
             .subscribe_with_dead_letter("pubsub", "jobs", "jobs-dead", move |event| {
@@ -230,13 +224,7 @@ pub async fn an_always_failing_subscriber_ends_in_the_dead_letter_topic_without_
                     EventOutcome::Retry
                 }
             })
-            .subscribe("pubsub", "jobs-dead", move |event| {
-                let dead = dead_c.clone();
-                async move {
-                    dead.push(event);
-                    EventOutcome::Success
-                }
-            }),
+            .subscribe("pubsub", "jobs-dead", dead.accept()),
     )
     .await;
     let fine = subscriber("jobs", &healthy).await;
