@@ -12,6 +12,10 @@
 //! - `tracing`: the invocation through two sidecars on two meshes side by side, one exporting
 //!   every span over OTLP/gRPC to a collector inside the bench, one exporting nothing; their
 //!   throughput compared.
+//! - `pubsub`: starts etcd, `nats-server -js` and two tandemds, and measures durable publish
+//!   to delivery of 1 KiB events for `pubsub.embedded` and `pubsub.jetstream` against NATS
+//!   JetStream used directly with async-nats: delivered events/s, and p50/p99 latency at a
+//!   paced 1,000 events/s.
 //! - `all` (the default): all three, one after the other.
 //!
 //! Build tandemd into the same target directory first: the harness runs the `tandemd` that
@@ -28,6 +32,7 @@
 //! - [`invoke`]: the invocation scenario: the processes and the two routes.
 //! - [`state`]: the state scenario: the processes, the operations, and its report.
 //! - [`tracing`]: the tracing scenario: a traced and an untraced mesh, and its report.
+//! - [`pubsub`]: the pub/sub scenario: the processes, the three routes, and its report.
 //! - [`load`]: the load both apply: warm-up, sequential calls, calls in flight, rounds that
 //!   take the routes in turn, CPU use meanwhile.
 //! - [`stats`]: percentiles (nearest rank), throughput, ratios.
@@ -41,6 +46,7 @@ mod invoke;
 mod load;
 mod machine;
 mod procfs;
+mod pubsub;
 mod report;
 mod state;
 mod stats;
@@ -55,7 +61,7 @@ use clap::{Parser, ValueEnum};
 use crate::invoke::{CALLEE, CALLER, Mesh};
 use crate::load::{CpuWindow, RouteFigures, Settings};
 use crate::machine::RunContext;
-use crate::report::{INVOKE_SECTION, InvokeReport, STATE_SECTION, Section, SidecarMemory};
+use crate::report::{INVOKE_SECTION, InvokeReport, PUBSUB_SECTION, STATE_SECTION, Section, SidecarMemory};
 
 /// Which benchmarks to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -66,7 +72,9 @@ enum Which {
     State,
     /// The invocation through two sidecars with every span exported against none.
     Tracing,
-    /// All three: invoke, state, tracing.
+    /// Durable publish to delivery: pubsub.embedded and pubsub.jetstream against JetStream direct.
+    Pubsub,
+    /// All of them, invoke first.
     All,
 }
 
@@ -92,6 +100,9 @@ struct Args {
     /// Rounds both phases are split into, taking the routes in turn.
     #[arg(long, default_value_t = 10)]
     rounds: usize,
+    /// Seconds of the paced (1,000 events/s) latency run of the pub/sub benchmark, per route.
+    #[arg(long, default_value_t = 5.0)]
+    paced_seconds: f64,
     /// Also write the report into this markdown file (BENCHMARKS.md), replacing only the
     /// sections of the benchmarks that ran.
     #[arg(long, value_name = "FILE")]
@@ -141,6 +152,19 @@ async fn run(args: Args) -> Result<()> {
         let block = report.to_markdown();
         println!("{block}");
         write_section(args.write.as_deref(), &tracing::TRACING_SECTION, &block)?;
+    }
+    if matches!(args.which, Which::Pubsub | Which::All) {
+        ensure!(args.paced_seconds.is_finite() && args.paced_seconds > 0.0, "--paced-seconds must be positive");
+        let context = detect_context();
+        let pubsub_settings = pubsub::PubSubSettings {
+            seconds: args.seconds,
+            in_flight: args.in_flight,
+            paced_seconds: args.paced_seconds,
+        };
+        let report = pubsub::run(&pubsub_settings, context).await?;
+        let block = report.to_markdown();
+        println!("{block}");
+        write_section(args.write.as_deref(), &PUBSUB_SECTION, &block)?;
     }
     Ok(())
 }

@@ -26,6 +26,12 @@ pub const INVOKE_SECTION: Section = Section {
 pub const STATE_SECTION: Section =
     Section { heading: "## State", start_marker: "<!-- bench:state:start -->", end_marker: "<!-- bench:state:end -->" };
 
+pub const PUBSUB_SECTION: Section = Section {
+    heading: "## Pub/sub: durable publish to delivery",
+    start_marker: "<!-- bench:pubsub:start -->",
+    end_marker: "<!-- bench:pubsub:end -->",
+};
+
 /// Mesh p50 may be at most this many times direct p50.
 pub const MAX_P50_RATIO: f64 = 3.3;
 /// Mesh throughput must be at least this fraction of direct throughput.

@@ -5,6 +5,8 @@
 # missing, and checks what apt does not provide here:
 #   - etcd     (package etcd-server): the tests and the demo start real etcd servers;
 #   - protoc   (package protobuf-compiler): etcd-client's build script compiles etcd's protos;
+#   - nats-server (package nats-server): the pubsub.jetstream tests start real NATS servers
+#     (Debian puts it in /usr/sbin, which is not on every user's PATH);
 #   - cargo    Rust 1.88 or newer (Debian's own rustc is too old): install it with rustup.
 # apt runs through sudo unless we are root.
 
@@ -12,6 +14,7 @@ install_deps() {
     local missing=()
     command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
     command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+    command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
     if ((${#missing[@]} > 0)); then
         local sudo=()
         if [ "$(id -u)" -ne 0 ]; then

@@ -45,7 +45,8 @@ async fn metrics_text(State(state): State<AdminState>) -> ([(axum::http::HeaderN
     let routing = state.routing.current();
     let live: Vec<(String, usize)> =
         routing.apps().map(|(app, instances)| (app.to_string(), instances.len())).collect();
-    let backlogs: Vec<(String, usize)> = state.pubsubs.iter().map(|(name, p)| (name.clone(), p.backlog())).collect();
+    let backlogs: Vec<(String, usize)> =
+        state.pubsubs.iter().filter_map(|(name, p)| p.backlog().map(|b| (name.clone(), b))).collect();
     let text = state.metrics.render(&live, &backlogs);
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
 }

@@ -96,6 +96,8 @@ impl From<PubSubError> for Status {
             PubSubError::BacklogFull { .. } => Status::resource_exhausted(err.to_string()),
             PubSubError::RoutingNotReady => Status::unavailable(err.to_string()),
             PubSubError::Storage(_) => Status::internal(err.to_string()),
+            PubSubError::Unavailable(_) => Status::unavailable(err.to_string()),
+            PubSubError::Refused(_) => Status::resource_exhausted(err.to_string()),
         }
     }
 }

@@ -1,7 +1,6 @@
 //! Builds a sidecar from its [`Config`], runs it, and shuts it down in order: stop being
 //! ready, revoke the etcd lease (peers stop routing here), drain in-flight calls, exit.
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,13 +23,15 @@ use crate::discovery::{self, Backoff, InstanceRecord, Registrar, RoutingTable, R
 use crate::invoke::channels::PeerChannels;
 use crate::invoke::{Invoker, MeshInbound};
 use crate::metrics::Metrics;
-use crate::pubsub::delivery;
+use crate::pubsub::local::LocalApp;
+use crate::pubsub::registry::PubSubContext;
 use crate::pubsub::streams::StreamSubscriptions;
 use crate::pubsub::subscriptions::SubscriptionRegistrar;
+use crate::pubsub::{DeliveryTargets, PubSubs};
 use crate::readiness::Readiness;
 use crate::state::registry::{self, StoreContext};
 use crate::telemetry::TraceLayer;
-use crate::{admin, components, pubsub, server};
+use crate::{admin, components, server};
 use tower::Layer;
 
 /// The addresses the sidecar actually bound (ports of 0 resolved).
@@ -106,7 +107,14 @@ pub async fn run(
     let instance_id = uuid::Uuid::new_v4().simple().to_string();
     let readiness = Arc::new(Readiness::new(config.app_port.is_some()));
     let routing = RoutingTable::new();
-    let pubsubs = pubsub::build_all(&specs, &config.data_dir, &routing, &metrics).map_err(StartError::Components)?;
+    let pubsub_context = PubSubContext {
+        app_id: &config.app_id,
+        namespace: &config.namespace,
+        data_dir: &config.data_dir,
+        routing: &routing,
+        metrics: &metrics,
+    };
+    let pubsubs = crate::pubsub::registry::build_all(&specs, &pubsub_context).await.map_err(StartError::Components)?;
     let streams = Arc::new(StreamSubscriptions::default());
     let pubsub_api =
         Arc::new(PubSubApi::new(config.app_id.clone(), pubsubs.clone(), config.max_body_size, streams.clone()));
@@ -189,8 +197,17 @@ pub async fn run(
         tokio::spawn(app.probe_health(readiness.clone(), config.app_health_probe_interval, background_stop.clone()));
     }
     tokio::spawn(peers.prune_on_routing_changes(routing.clone()));
+    let targets = DeliveryTargets {
+        remote: invoker.clone(),
+        local: Arc::new(LocalApp {
+            app_id: config.app_id.clone(),
+            app: app.clone(),
+            streams: streams.clone(),
+            readiness: readiness.clone(),
+        }),
+    };
     for pubsub in pubsubs.values() {
-        tokio::spawn(delivery::run(pubsub.clone(), invoker.clone(), background_stop.clone()));
+        pubsub.clone().start(targets.clone(), background_stop.clone());
     }
     let discovery = tokio::spawn(
         Discovery {
@@ -199,7 +216,7 @@ pub async fn run(
             routing,
             readiness: readiness.clone(),
             app: app.clone(),
-            pubsub_names: pubsubs.keys().cloned().collect(),
+            pubsubs: pubsubs.clone(),
             streams,
         }
         .run(registration_stop.clone(), background_stop.clone()),
@@ -233,7 +250,7 @@ struct Discovery {
     routing: RoutingTable,
     readiness: Arc<Readiness>,
     app: Option<AppChannel>,
-    pubsub_names: BTreeSet<String>,
+    pubsubs: PubSubs,
     streams: Arc<StreamSubscriptions>,
 }
 
@@ -242,7 +259,7 @@ impl Discovery {
     /// routing table, this instance's registration and the app's subscriptions until stopped.
     /// Returns once the lease is revoked.
     async fn run(self, registration_stop: CancellationToken, background_stop: CancellationToken) {
-        let Discovery { config, record, routing, readiness, app, pubsub_names, streams } = self;
+        let Discovery { config, record, routing, readiness, app, pubsubs, streams } = self;
         let mut backoff = Backoff::new();
         let client = loop {
             let attempt = tokio::select! {
@@ -267,7 +284,7 @@ impl Discovery {
                 namespace: config.namespace.clone(),
                 app_id: config.app_id.clone(),
                 app,
-                pubsubs: pubsub_names,
+                pubsubs,
                 readiness: readiness.clone(),
             };
             tokio::spawn(subscriptions.run(background_stop));

@@ -2,12 +2,11 @@
 
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::time::Duration;
 
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
-use crate::{free_port, http};
+use crate::{free_port, http, server_process};
 
 pub struct Etcd {
     // Fields drop in order: the process is killed before its data dir is removed.
@@ -62,27 +61,15 @@ impl Etcd {
     /// Starts etcd again on the same ports and data dir.
     pub async fn restart(&mut self) {
         self.kill().await;
-        let mut last_error = String::new();
-        // The old process's ports may take a moment to be released.
-        for _ in 0..20 {
-            match self.launch().await {
-                Ok(()) => return,
-                Err(e) => last_error = e,
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        panic!("etcd did not restart: {last_error}");
+        server_process::relaunch("etcd", async || self.launch().await).await;
     }
 
     async fn launch(&mut self) -> Result<(), String> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("etcd.log"))
-            .map_err(|e| e.to_string())?;
+        let log = self.dir.path().join("etcd.log");
+        let (stdout, stderr) = server_process::log_to(&log)?;
         let client_url = format!("http://{}", self.client);
         let peer_url = format!("http://{}", self.peer);
-        let mut child = Command::new("etcd")
+        let child = Command::new("etcd")
             .args(["--name", "tandem-test"])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
@@ -90,28 +77,15 @@ impl Etcd {
             .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
             .args(["--initial-cluster", &format!("tandem-test={peer_url}")])
             .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
+            .stdout(stdout)
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot run etcd (install Debian's etcd-server): {e}"))?;
-        let started = std::time::Instant::now();
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!("etcd exited with {status}; log: {}", self.log_tail()));
-            }
-            if let Ok((200, body)) = http::get(self.client, "/health").await
-                && body.contains("true")
-            {
-                self.child = Some(child);
-                return Ok(());
-            }
-            if started.elapsed() > Duration::from_secs(20) {
-                let _ = child.kill().await;
-                return Err(format!("etcd not healthy after 20 s; log: {}", self.log_tail()));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let client = self.client;
+        let healthy = async || matches!(http::get(client, "/health").await, Ok((200, body)) if body.contains("true"));
+        self.child = Some(server_process::until_healthy(child, "etcd", &log, healthy).await?);
+        Ok(())
     }
 
     /// The keys under `prefix`, read from etcd itself.
@@ -131,8 +105,6 @@ impl Etcd {
 
     /// The last lines etcd logged.
     pub fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
+        server_process::log_tail(&self.dir.path().join("etcd.log"))
     }
 }

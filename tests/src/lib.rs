@@ -4,20 +4,24 @@
 //! `tandemd` processes ([`Sidecar`]) and apps serving the callback API ([`TestApp`]), each on
 //! free loopback ports with its own temp dir, and all of it stopped when dropped.
 //!
-//! Modules: [`etcd`], [`sidecar`], [`app`], [`fixture`] (the usual cast of an invocation test),
+//! Modules: [`etcd`], [`nats`] (a NATS JetStream server), [`sidecar`], [`server_process`] (what the etcd and NATS servers share), [`app`], [`fixture`] (the usual cast of an invocation test),
 //! [`http`] (a tiny HTTP/1.1 GET for admin endpoints), [`poll`] (bounded waiting for a
 //! condition instead of sleeps), [`pubsub`] (an inbox of received events, waiting for a
-//! subscription), [`state`] (component files and a state API client), [`stats`] (latency
-//! percentiles for the benchmark and the demo), [`otlp`] (an OTLP trace collector in the test
-//! process, and tracers for test apps that export to it).
+//! subscription), [`pubsub_cases`] (the pub/sub tests every component passes), [`state`]
+//! (component files and a state API client), [`stats`] (latency percentiles for the benchmark
+//! and the demo), [`otlp`] (an OTLP trace collector in the test process, and tracers for test
+//! apps that export to it).
 
 pub mod app;
 pub mod etcd;
 pub mod fixture;
 pub mod http;
 pub mod otlp;
+pub mod nats;
 pub mod poll;
 pub mod pubsub;
+pub mod pubsub_cases;
+pub mod server_process;
 pub mod sidecar;
 pub mod state;
 pub mod stats;
@@ -25,6 +29,7 @@ pub mod stats;
 pub use app::{TestApp, wait_for_instances};
 pub use etcd::Etcd;
 pub use fixture::InvokeMesh;
+pub use nats::Nats;
 pub use poll::eventually;
 pub use sidecar::{RunningSidecar, Sidecar};
 

@@ -38,20 +38,21 @@ impl Inbox {
     pub fn has(&self, payload: &str) -> bool {
         self.count(payload) > 0
     }
+
+    /// An event handler that records each event here and answers SUCCESS.
+    pub fn accept(&self) -> impl Fn(TopicEvent) -> std::future::Ready<EventOutcome> + Send + Sync + 'static {
+        let inbox = self.clone();
+        move |event| {
+            inbox.push(event);
+            std::future::ready(EventOutcome::Success)
+        }
+    }
 }
 
 /// An app subscribed to `topic` of component `pubsub` that records every event in `inbox` and
 /// answers SUCCESS.
 pub async fn subscriber(topic: &str, inbox: &Inbox) -> TestApp {
-    let inbox = inbox.clone();
-    TestApp::start(AppServer::new().subscribe("pubsub", topic, move |event| {
-        let inbox = inbox.clone();
-        async move {
-            inbox.push(event);
-            EventOutcome::Success
-        }
-    }))
-    .await
+    TestApp::start(AppServer::new().subscribe("pubsub", topic, inbox.accept())).await
 }
 
 /// Publishes probes (payloads `probe-N`) to `topic` of component `pubsub` until one reaches

@@ -20,7 +20,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 use tonic::Streaming;
 
-use crate::pubsub::{EMBEDDED, EmbeddedPubSub, PubSubs};
+use crate::pubsub::{PubSub, PubSubs};
 
 /// The CloudEvent `type` of events published through the API (Dapr's).
 pub const EVENT_TYPE: &str = "com.dapr.event.sent";
@@ -98,10 +98,10 @@ impl PubSubApi {
 
     pub fn registered_components(&self) -> Vec<RegisteredComponents> {
         self.pubsubs
-            .keys()
-            .map(|name| RegisteredComponents {
+            .iter()
+            .map(|(name, pubsub)| RegisteredComponents {
                 name: name.clone(),
-                r#type: EMBEDDED.into(),
+                r#type: pubsub.kind().into(),
                 version: "v1".into(),
                 capabilities: Vec::new(),
             })
@@ -112,7 +112,7 @@ impl PubSubApi {
         let pubsub = self.target(&request.pubsub_name, &request.topic)?;
         self.check_size(&request.topic, request.data.len()).map_err(Status::resource_exhausted)?;
         let event = self.cloud_event(&request.pubsub_name, &request.topic, request.data, request.data_content_type);
-        pubsub.publish(event).await.map(|_| ()).map_err(Status::from)
+        pubsub.publish(event).await.map_err(Status::from)
     }
 
     /// BulkPublishEvent (and its Alpha1 name): the request is checked as a whole like
@@ -163,7 +163,7 @@ impl PubSubApi {
     }
 
     /// The component a publish names, once the pub/sub and topic are known to be valid.
-    fn target(&self, pubsub_name: &str, topic: &str) -> Result<&Arc<EmbeddedPubSub>, Status> {
+    fn target(&self, pubsub_name: &str, topic: &str) -> Result<&Arc<dyn PubSub>, Status> {
         let pubsub = self.pubsubs.get(pubsub_name).ok_or_else(|| {
             let names = self.pubsubs.keys().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ");
             Status::invalid_argument(format!("pub/sub '{pubsub_name}' is not found; pub/subs here: {names}"))

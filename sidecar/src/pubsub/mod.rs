@@ -18,9 +18,20 @@
 //!   delivery and sent to the app as the event's `path`. Routing rules with a `match`
 //!   expression (CEL in Dapr) are not supported: they are logged as a warning when the
 //!   subscription is registered, and their events take `routes.default`.
+//!
+//! Every pub/sub component implements [`PubSub`]; the API and the runtime see nothing else, and
+//! never a NATS or sled type. [`registry`] builds components by type:
+//! - `pubsub.embedded` ([`EmbeddedPubSub`], this module, [`outbox`], [`delivery`]): no broker;
+//!   the publisher's sidecar delivers to each subscriber's sidecar.
+//! - `pubsub.jetstream` ([`jetstream`]): a NATS JetStream server holds the events; each
+//!   subscriber's own sidecar consumes them through a durable consumer and hands them to its
+//!   app ([`local`]).
 
 pub mod delivery;
+pub mod jetstream;
+pub mod local;
 pub mod outbox;
+pub mod registry;
 pub mod streams;
 pub mod subscriptions;
 
@@ -32,11 +43,14 @@ use std::time::Duration;
 use tandem_proto::internal::{OutboxRecord, PendingDelivery};
 use tandem_proto::runtime::TopicEventRequest;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::components::ComponentSpec;
 use crate::config::parse_duration;
 use crate::discovery::RoutingTable;
 use crate::metrics::Metrics;
+use delivery::Deliver;
+use local::LocalApp;
 use outbox::Outbox;
 
 /// The component type of the embedded pub/sub.
@@ -54,6 +68,66 @@ pub enum PubSubError {
     RoutingNotReady,
     #[error("{0}")]
     Storage(String),
+    /// The broker cannot be reached or did not confirm in time; retrying later may work.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The broker refused the event for its size or its limits.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A subscription of the app behind this sidecar (from `ListTopicSubscriptions` or a streaming
+/// subscription), as components that consume on the subscriber's side need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalSubscription {
+    pub topic: String,
+    pub dead_letter_topic: String,
+    /// The route events take (`TopicEventRequest.path`).
+    pub path: String,
+    /// Events one at a time, in publish order (`tandem.ordered`).
+    pub ordered: bool,
+}
+
+/// Where a component's deliveries go.
+#[derive(Clone)]
+pub struct DeliveryTargets {
+    /// To one live instance of a subscriber app-id, through its sidecar (`pubsub.embedded`).
+    pub remote: Arc<dyn Deliver>,
+    /// To the app behind this sidecar (components that consume on the subscriber's side).
+    pub local: Arc<LocalApp>,
+}
+
+/// A pub/sub component. Implementations never expose their broker's or store's types.
+#[tonic::async_trait]
+pub trait PubSub: Send + Sync + 'static {
+    fn name(&self) -> &str;
+
+    /// The component type, e.g. `pubsub.embedded`.
+    fn kind(&self) -> &'static str;
+
+    /// Accepts `events` durably: each `Ok` means the event survives a crash of this sidecar
+    /// and will be delivered at least once to every subscriber. One outcome per event, in order.
+    async fn publish_all(&self, events: Vec<TopicEventRequest>) -> Vec<Result<(), PubSubError>>;
+
+    /// [`PubSub::publish_all`] for one event.
+    async fn publish(&self, event: TopicEventRequest) -> Result<(), PubSubError> {
+        self.publish_all(vec![event]).await.pop().expect("one outcome per event")
+    }
+
+    /// Events this sidecar holds for delivery, where it holds them itself.
+    fn backlog(&self) -> Option<usize> {
+        None
+    }
+
+    /// Starts delivering events to subscribers until `stop`.
+    fn start(self: Arc<Self>, targets: DeliveryTargets, stop: CancellationToken);
+
+    /// The app behind this sidecar subscribes to `subscriptions` of this component (its whole
+    /// list, replacing the previous one). Components that deliver from the publisher's side
+    /// find subscribers through etcd instead and ignore this.
+    fn set_app_subscriptions(&self, subscriptions: Vec<LocalSubscription>) {
+        let _ = subscriptions;
+    }
 }
 
 /// How deliveries are retried (component metadata).
@@ -217,38 +291,31 @@ impl EmbeddedPubSub {
     }
 }
 
-/// The pub/sub components of this sidecar, by name.
-pub type PubSubs = BTreeMap<String, Arc<EmbeddedPubSub>>;
+#[tonic::async_trait]
+impl PubSub for EmbeddedPubSub {
+    fn name(&self) -> &str {
+        &self.name
+    }
 
-/// Builds every pub/sub component in `specs` (other building blocks are skipped); with none,
-/// `pubsub` of type `pubsub.embedded`. Errors name the component's file.
-pub fn build_all(
-    specs: &[ComponentSpec],
-    data_dir: &Path,
-    routing: &RoutingTable,
-    metrics: &Arc<Metrics>,
-) -> Result<PubSubs, String> {
-    let mut built = PubSubs::new();
-    for spec in specs.iter().filter(|s| s.block() == "pubsub") {
-        let at = |e: String| format!("{}: component '{}': {e}", spec.file.display(), spec.name);
-        if spec.kind != EMBEDDED {
-            return Err(at(format!("spec.type '{}' is not a pub/sub tandemd knows (known: {EMBEDDED})", spec.kind)));
-        }
-        let policy = DeliveryPolicy::from_component(spec).map_err(at)?;
-        let path = data_dir.join("pubsub").join(&spec.name);
-        let pubsub = EmbeddedPubSub::open(&spec.name, &path, routing.clone(), policy, metrics.clone())
-            .map_err(|e| at(e.to_string()))?;
-        built.insert(spec.name.clone(), Arc::new(pubsub));
+    fn kind(&self) -> &'static str {
+        EMBEDDED
     }
-    if built.is_empty() {
-        let path = data_dir.join("pubsub").join(DEFAULT_PUBSUB);
-        let pubsub =
-            EmbeddedPubSub::open(DEFAULT_PUBSUB, &path, routing.clone(), DeliveryPolicy::default(), metrics.clone())
-                .map_err(|e| e.to_string())?;
-        built.insert(DEFAULT_PUBSUB.to_string(), Arc::new(pubsub));
+
+    async fn publish_all(&self, events: Vec<TopicEventRequest>) -> Vec<Result<(), PubSubError>> {
+        EmbeddedPubSub::publish_all(self, events).await.into_iter().map(|outcome| outcome.map(|_| ())).collect()
     }
-    Ok(built)
+
+    fn backlog(&self) -> Option<usize> {
+        Some(EmbeddedPubSub::backlog(self))
+    }
+
+    fn start(self: Arc<Self>, targets: DeliveryTargets, stop: CancellationToken) {
+        tokio::spawn(delivery::run(self, targets.remote, stop));
+    }
 }
+
+/// The pub/sub components of this sidecar, by name.
+pub type PubSubs = BTreeMap<String, Arc<dyn PubSub>>;
 
 #[cfg(test)]
 mod tests {

@@ -4,6 +4,9 @@
 //! that reach this sidecar for the topic to one of the app's open streams, waiting for the
 //! app's answer on the same stream. A subscription stays registered when its stream closes:
 //! events wait for the next stream, as they wait for a subscriber that is down.
+//!
+//! Components that consume on the subscriber's side (`pubsub.jetstream`) learn which streams
+//! are open here through [`StreamSubscriptions::subscriptions_of`] and [`StreamSubscriptions::changes`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -13,8 +16,9 @@ use std::time::Duration;
 use etcd_client::Client;
 use tandem_proto::runtime::TopicEventRequest;
 use tandem_proto::runtime::topic_event_response::TopicEventResponseStatus;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
+use super::LocalSubscription;
 use crate::discovery::{Subscriber, keys};
 
 /// Events queued per stream before delivery waits.
@@ -24,6 +28,7 @@ type Answer = oneshot::Sender<TopicEventResponseStatus>;
 
 struct OpenStream {
     id: u64,
+    subscription: LocalSubscription,
     events: mpsc::Sender<TopicEventRequest>,
     /// Events sent and not answered yet, by event id.
     waiting: Mutex<HashMap<String, Answer>>,
@@ -40,12 +45,25 @@ struct Registry {
 type OpenStreams = HashMap<(String, String), Vec<Arc<OpenStream>>>;
 
 /// The open streams of this sidecar, by (pubsub, topic).
-#[derive(Default)]
 pub struct StreamSubscriptions {
     streams: Mutex<OpenStreams>,
     next_id: AtomicU64,
     round_robin: AtomicUsize,
     registry: OnceLock<Registry>,
+    /// Bumped whenever a stream opens or closes.
+    changed: watch::Sender<u64>,
+}
+
+impl Default for StreamSubscriptions {
+    fn default() -> Self {
+        StreamSubscriptions {
+            streams: Mutex::default(),
+            next_id: AtomicU64::default(),
+            round_robin: AtomicUsize::default(),
+            registry: OnceLock::new(),
+            changed: watch::channel(0).0,
+        }
+    }
 }
 
 /// One open stream, as the API holds it; closes the stream when dropped.
@@ -73,8 +91,10 @@ impl Drop for StreamHandle {
                 streams.remove(&self.key);
             }
         }
+        drop(streams);
         // Dropping the waiters tells deliveries in flight that no answer will come.
         self.stream.waiting.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.owner.changed.send_modify(|n| *n += 1);
     }
 }
 
@@ -111,12 +131,39 @@ impl StreamSubscriptions {
         let (events, receiver) = mpsc::channel(STREAM_BUFFER);
         let stream = Arc::new(OpenStream {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            subscription: LocalSubscription {
+                topic: topic.to_string(),
+                dead_letter_topic: dead_letter_topic.to_string(),
+                path: String::new(),
+                ordered,
+            },
             events,
             waiting: Mutex::default(),
         });
         let key = (pubsub.to_string(), topic.to_string());
         self.streams.lock().unwrap_or_else(|p| p.into_inner()).entry(key.clone()).or_default().push(stream.clone());
+        self.changed.send_modify(|n| *n += 1);
         Ok((StreamHandle { owner: self.clone(), key, stream }, receiver))
+    }
+
+    /// Whether a stream of `topic` of `pubsub` is open here.
+    pub fn has_stream(&self, pubsub: &str, topic: &str) -> bool {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&(pubsub.to_string(), topic.to_string()))
+    }
+
+    /// The subscriptions of the streams open for `pubsub`, one per topic (the first opened).
+    pub fn subscriptions_of(&self, pubsub: &str) -> Vec<LocalSubscription> {
+        let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        streams
+            .iter()
+            .filter(|((name, _), _)| name == pubsub)
+            .filter_map(|(_, open)| open.first().map(|s| s.subscription.clone()))
+            .collect()
+    }
+
+    /// Changes whenever a stream opens or closes.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// Hands `event` to one open stream of its topic and waits for the app's answer; `None`

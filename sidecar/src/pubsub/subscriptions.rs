@@ -1,14 +1,16 @@
 //! The subscriber side: asks the app which topics it subscribes to and records them in etcd,
 //! where every publisher's routing table finds them. Done whenever the app becomes healthy
 //! (so an app restarted with other subscriptions is picked up); subscriptions the app no
-//! longer lists are removed.
+//! longer lists are removed. Each pub/sub component also hears the app's list
+//! ([`crate::pubsub::PubSub::set_app_subscriptions`]), for components that consume on the
+//! subscriber's side.
 //!
 //! Routes: a subscription's `routes.default` is recorded with it and reaches the app as each
 //! event's `path`. Routing rules with a `match` expression (CEL in Dapr) are not supported:
 //! each is logged as a warning when the subscription is registered, and its events take
 //! `routes.default` (or the first rule without a `match`, which Dapr takes for every event).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +21,7 @@ use tonic::Code;
 
 use crate::app_channel::AppChannel;
 use crate::discovery::{Backoff, Subscriber, keys};
+use crate::pubsub::{LocalSubscription, PubSubs};
 use crate::readiness::Readiness;
 
 pub struct SubscriptionRegistrar {
@@ -27,7 +30,7 @@ pub struct SubscriptionRegistrar {
     pub app_id: String,
     pub app: AppChannel,
     /// The pub/sub components of this sidecar; subscriptions to others are refused (logged).
-    pub pubsubs: BTreeSet<String>,
+    pub pubsubs: PubSubs,
     pub readiness: Arc<Readiness>,
 }
 
@@ -75,29 +78,37 @@ impl SubscriptionRegistrar {
             Err(status) => return Err(format!("ListTopicSubscriptions: {}", status.message())),
         };
         let mut wanted = BTreeSet::new();
+        let mut local: BTreeMap<&str, Vec<LocalSubscription>> =
+            self.pubsubs.keys().map(|n| (n.as_str(), Vec::new())).collect();
         for subscription in listed {
-            if !self.pubsubs.contains(&subscription.pubsub_name) {
+            let Some(for_component) = local.get_mut(subscription.pubsub_name.as_str()) else {
                 tracing::error!(
                     pubsub = %subscription.pubsub_name,
                     topic = %subscription.topic,
-                    known = ?self.pubsubs,
+                    known = ?self.pubsubs.keys().collect::<Vec<_>>(),
                     "the app subscribes to a pub/sub component this sidecar does not have; ignored"
                 );
                 continue;
-            }
+            };
             if subscription.topic.is_empty() {
                 tracing::error!(pubsub = %subscription.pubsub_name, "the app lists a subscription without a topic; ignored");
                 continue;
             }
             let key =
                 keys::subscription_key(&self.namespace, &subscription.pubsub_name, &subscription.topic, &self.app_id);
-            let value = serde_json::to_vec(&Subscriber {
+            let subscriber = Subscriber {
                 app_id: self.app_id.clone(),
                 dead_letter_topic: subscription.dead_letter_topic.clone(),
                 path: route_of(&subscription),
                 ordered: wants_order(&subscription.metadata),
-            })
-            .map_err(|e| e.to_string())?;
+            };
+            let value = serde_json::to_vec(&subscriber).map_err(|e| e.to_string())?;
+            for_component.push(LocalSubscription {
+                topic: subscription.topic.clone(),
+                dead_letter_topic: subscriber.dead_letter_topic,
+                path: subscriber.path,
+                ordered: subscriber.ordered,
+            });
             self.client.put(key.as_str(), value, None).await.map_err(|e| format!("writing {key}: {e}"))?;
             wanted.insert(key);
         }
@@ -115,6 +126,9 @@ impl SubscriptionRegistrar {
                 self.client.delete(key, None).await.map_err(|e| format!("removing {key}: {e}"))?;
                 tracing::info!(key, "removed a subscription the app no longer lists");
             }
+        }
+        for (name, subscriptions) in local {
+            self.pubsubs[name].set_app_subscriptions(subscriptions);
         }
         Ok(wanted.len())
     }
