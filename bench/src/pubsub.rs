@@ -517,7 +517,7 @@ impl PubSubReport {
             paced = s.paced_seconds,
         ));
         out.push_str(
-            "| route | delivered events/s | publish acks/s | vs direct | p50 at 1,000/s | p99 at 1,000/s | delivered / acknowledged | duplicates |\n",
+            "| route | delivered events/s | publish acks/s | vs direct | p50 at 1,000/s | p99 at 1,000/s | delivered / acknowledged (throughput + paced runs) | duplicates |\n",
         );
         out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
         let direct = self.route(Route::Direct).throughput.delivered_per_second();

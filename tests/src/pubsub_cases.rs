@@ -267,7 +267,9 @@ pub async fn bad_publishes_are_refused_with_the_reason(broker: &Broker) {
     let err = client.publish("pubsub", "t", vec![0u8; 2048], "").await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.message().contains("2048"), "{err:?}");
-    // A topic without subscribers takes the event (and keeps nothing), as in Dapr.
+    // A topic without subscribers takes the event (and keeps nothing), as in Dapr; once the
+    // sidecar is ready, since publishing needs its routing table.
+    publisher.wait_ready().await;
     client.publish("pubsub", "t", b"x".to_vec(), "").await.unwrap();
 }
 

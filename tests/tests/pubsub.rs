@@ -49,6 +49,8 @@ async fn the_official_dapr_sdk_publishes() {
     let etcd = Etcd::start().await;
     let res = Broker::Embedded.resources(&[]);
     let publisher = Sidecar::new("p").etcd(&etcd).resources(res.path()).spawn().await;
+    // Publishing needs the routing table (the topic's subscribers) loaded from etcd.
+    publisher.wait_ready().await;
     let mut dapr = dapr::Client::<dapr::client::TonicClientWithAuth>::connect_with_address(format!(
         "http://{}",
         publisher.grpc_addr()
