@@ -35,6 +35,7 @@ use tandem_proto::runtime::topic_event_response::TopicEventResponseStatus;
 use tokio::sync::{OnceCell, Semaphore, watch};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::delivery::DeliveryError;
 use super::local::LocalApp;
@@ -501,7 +502,13 @@ impl JetStreamPubSub {
         let outcome = if attempt > self.policy.max_attempts {
             Err(DeliveryError::Failed("the last attempt ended without an answer".into()))
         } else {
-            local.deliver(event.clone(), self.policy.timeout).await
+            // A span per attempt, child of the publish call (its context travels in the event).
+            let span = crate::telemetry::delivery_span(&self.name, &event, &local.app_id);
+            let outcome = local.deliver(event.clone(), self.policy.timeout).instrument(span.clone()).await;
+            if !matches!(outcome, Ok(TopicEventResponseStatus::Success)) {
+                crate::telemetry::record_error(&span);
+            }
+            outcome
         };
         match outcome {
             Ok(TopicEventResponseStatus::Success) => {
