@@ -100,7 +100,7 @@ async fn a_chain_of_invocation_and_pub_sub_is_one_trace() {
         .arg("info,tandem_sidecar=trace")
         .spawn()
         .await;
-    b_client.set(b_sidecar.client()).ok().expect("set once");
+    assert!(b_client.set(b_sidecar.client()).is_ok(), "B's client is set once");
     let a_sidecar = traced("trace-a", &etcd, &endpoint).spawn().await;
     let a_client = a_sidecar.client();
     for sidecar in [&a_sidecar, &b_sidecar, &c_sidecar] {

@@ -45,6 +45,8 @@ impl LocalApp {
         };
         let mut request = tonic::Request::new(event);
         request.set_timeout(timeout);
+        // The hop's parent in the metadata; the event's extensions keep the publisher's.
+        crate::telemetry::inject_current(request.metadata_mut());
         match tokio::time::timeout(timeout, app.callback_client().on_topic_event(request)).await {
             Err(_) => Err(DeliveryError::Failed(format!("no answer from the app within {timeout:?}"))),
             Ok(Ok(response)) => {

@@ -3,20 +3,21 @@
 //! [`ExportQueue`] is the span processor: when a span ends it is put in a bounded queue with
 //! a non-blocking `try_send`; a full queue drops the span and counts it. A thread of its own
 //! (`otlp-export`, with its own single-threaded tokio runtime, so that encoding and sending
-//! never run on the sidecar's runtime) takes spans off the queue in batches and hands each
-//! batch to the OTLP exporter with a timeout. A batch whose export fails is dropped and
+//! never run on the sidecar's runtime) takes spans off the queue in batches, every
+//! `OTEL_BSP_SCHEDULE_DELAY` or as soon as a full batch waits, and hands each batch to the
+//! OTLP exporter with a timeout. A batch whose export fails is dropped and
 //! counted too: an unreachable collector costs calls nothing but the queueing.
 //!
 //! The SDK's own batch processor is not used because it does not report what it drops.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{SpanData, SpanExporter, SpanProcessor};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::counters;
 
@@ -82,6 +83,10 @@ impl QueueSettings {
 #[derive(Debug)]
 pub struct ExportQueue {
     spans: mpsc::Sender<SpanData>,
+    /// Rung when a batch's worth of spans is queued.
+    batch_ready: Arc<Notify>,
+    /// Queue capacity less this: the free room at which a full batch waits.
+    ring_below: usize,
     /// Tells the export thread to send what is queued and stop; taken on shutdown.
     stop: Mutex<Option<oneshot::Sender<()>>>,
     /// Closed by the export thread when it has stopped.
@@ -93,9 +98,12 @@ impl ExportQueue {
     /// runtime. Fails when the exporter cannot be built (e.g. an endpoint that is not a URL).
     pub fn start(endpoint: String, resource: Resource, settings: QueueSettings) -> Result<ExportQueue, String> {
         let (spans, queue) = mpsc::channel(settings.max_queue_size);
+        let batch_ready = Arc::new(Notify::new());
+        let ring_below = settings.max_queue_size.saturating_sub(settings.max_export_batch_size);
         let (stop, stop_rx) = oneshot::channel();
         let (built_tx, built_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let (stopped_tx, stopped) = std::sync::mpsc::channel::<()>();
+        let ready = batch_ready.clone();
         std::thread::Builder::new()
             .name("otlp-export".into())
             .spawn(move || {
@@ -123,13 +131,19 @@ impl ExportQueue {
                         }
                     };
                     exporter.set_resource(&resource);
-                    run_exports(exporter, queue, stop_rx, settings, endpoint).await;
+                    run_exports(exporter, queue, ready, stop_rx, settings, endpoint).await;
                 });
                 drop(stopped_tx);
             })
             .map_err(|e| format!("cannot start the span export thread: {e}"))?;
         built_rx.recv().map_err(|_| "the span export thread ended while starting".to_string())??;
-        Ok(ExportQueue { spans, stop: Mutex::new(Some(stop)), stopped: Mutex::new(Some(stopped)) })
+        Ok(ExportQueue {
+            spans,
+            batch_ready,
+            ring_below,
+            stop: Mutex::new(Some(stop)),
+            stopped: Mutex::new(Some(stopped)),
+        })
     }
 }
 
@@ -143,6 +157,9 @@ impl SpanProcessor for ExportQueue {
         // Never waits: a full queue (collector slow or away) drops the span.
         if self.spans.try_send(span).is_err() {
             counters().spans_dropped.inc();
+        }
+        if self.spans.capacity() <= self.ring_below {
+            self.batch_ready.notify_one();
         }
     }
 
@@ -164,64 +181,60 @@ impl SpanProcessor for ExportQueue {
     }
 }
 
-/// The export thread's loop: batches of up to `max_export_batch_size`, sent when full or
-/// `schedule_delay` after their first span; until `stop`, then what is left is sent once.
+/// The export thread's loop: every `schedule_delay`, or as soon as a full batch waits, it
+/// sends what is queued in batches of up to `max_export_batch_size`; until `stop`, then what
+/// is left is sent once.
+///
+/// It never waits on the queue itself: a receiver waiting there would be woken by every span
+/// (a thread wake-up per span, paid by the sidecar's thread); instead the sending side rings
+/// `batch_ready` once a batch's worth is queued.
 async fn run_exports(
     exporter: opentelemetry_otlp::SpanExporter,
     mut queue: mpsc::Receiver<SpanData>,
+    batch_ready: Arc<Notify>,
     mut stop: oneshot::Receiver<()>,
     settings: QueueSettings,
     endpoint: String,
 ) {
     let mut failing = false;
-    let mut batch = Vec::with_capacity(settings.max_export_batch_size);
-    loop {
-        let first = tokio::select! {
-            _ = &mut stop => break,
-            span = queue.recv() => match span { Some(span) => span, None => break },
-        };
-        batch.push(first);
-        let due = tokio::time::Instant::now() + settings.schedule_delay;
-        while batch.len() < settings.max_export_batch_size {
-            // Whatever is queued already goes without waiting.
-            match queue.try_recv() {
-                Ok(span) => {
-                    batch.push(span);
-                    continue;
+    let mut stopping = false;
+    while !stopping {
+        tokio::select! {
+            _ = &mut stop => stopping = true,
+            _ = batch_ready.notified() => {}
+            _ = tokio::time::sleep(settings.schedule_delay) => {}
+        }
+        // Send everything queued now, batch by batch.
+        loop {
+            let mut batch = Vec::with_capacity(settings.max_export_batch_size.min(queue.len()));
+            while batch.len() < settings.max_export_batch_size {
+                match queue.try_recv() {
+                    Ok(span) => batch.push(span),
+                    Err(_) => break,
                 }
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) => {}
             }
-            tokio::select! {
-                _ = tokio::time::sleep_until(due) => break,
-                span = queue.recv() => match span { Some(span) => batch.push(span), None => break },
+            if batch.is_empty() {
+                break;
+            }
+            let full = batch.len() == settings.max_export_batch_size;
+            export(&exporter, batch, &settings, &endpoint, &mut failing).await;
+            if !full {
+                break;
             }
         }
-        export(&exporter, &mut batch, &settings, &endpoint, &mut failing).await;
-    }
-    // Shutting down: send what is queued, in batches.
-    while let Ok(span) = queue.try_recv() {
-        batch.push(span);
-        if batch.len() >= settings.max_export_batch_size {
-            export(&exporter, &mut batch, &settings, &endpoint, &mut failing).await;
-        }
-    }
-    if !batch.is_empty() {
-        export(&exporter, &mut batch, &settings, &endpoint, &mut failing).await;
     }
     let _ = exporter.shutdown();
 }
 
 async fn export(
     exporter: &opentelemetry_otlp::SpanExporter,
-    batch: &mut Vec<SpanData>,
+    batch: Vec<SpanData>,
     settings: &QueueSettings,
     endpoint: &str,
     failing: &mut bool,
 ) {
     let spans = batch.len() as u64;
-    let spans_batch = std::mem::replace(batch, Vec::with_capacity(settings.max_export_batch_size));
-    let outcome = match tokio::time::timeout(settings.export_timeout, exporter.export(spans_batch)).await {
+    let outcome = match tokio::time::timeout(settings.export_timeout, exporter.export(batch)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no answer within {:?}", settings.export_timeout)),
