@@ -318,3 +318,81 @@ fn argmax(values: &[f32]) -> u32 {
     }
     best as u32
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpu() -> Device {
+        crate::parse_device("cpu").unwrap()
+    }
+
+    fn config(hidden: Vec<usize>) -> MlpConfig {
+        MlpConfig { num_features: 4, hidden, num_classes: 3 }
+    }
+
+    #[test]
+    fn classifier_is_shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Classifier>();
+    }
+
+    #[test]
+    fn same_seed_same_weights_bytes_and_bytes_round_trip() {
+        let a = Classifier::new(&config(vec![8]), 5, &cpu()).unwrap();
+        let b = Classifier::new(&config(vec![8]), 5, &cpu()).unwrap();
+        let c = Classifier::new(&config(vec![8]), 6, &cpu()).unwrap();
+        let bytes = a.to_bytes().unwrap();
+        assert_eq!(bytes, b.to_bytes().unwrap());
+        assert_ne!(bytes, c.to_bytes().unwrap());
+
+        let loaded = Classifier::from_bytes(&config(vec![8]), &bytes, &cpu()).unwrap();
+        assert_eq!(loaded.to_bytes().unwrap(), bytes);
+        let samples = [[0.5, -1.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0]];
+        assert_eq!(loaded.predict(&samples).unwrap(), a.predict(&samples).unwrap());
+    }
+
+    #[test]
+    fn bytes_of_another_architecture_or_garbage_are_refused() {
+        let bytes = Classifier::new(&config(vec![8]), 1, &cpu()).unwrap().to_bytes().unwrap();
+        let err = Classifier::from_bytes(&config(vec![16]), &bytes, &cpu()).unwrap_err();
+        assert!(matches!(err, ModelError::ArchitectureMismatch { .. }), "{err:?}");
+        assert!(err.to_string().starts_with("weights do not match the architecture 4-16-3: "), "{err}");
+        let err = Classifier::from_bytes(&config(vec![8, 8]), &bytes, &cpu()).unwrap_err();
+        assert!(err.to_string().starts_with("weights do not match the architecture 4-8-8-3: "), "{err}");
+        let err = Classifier::from_bytes(&config(vec![8]), b"not weights", &cpu()).unwrap_err();
+        assert!(matches!(err, ModelError::NotARecord(_)), "{err:?}");
+        assert!(err.to_string().starts_with("weights bytes are not a burn record: "), "{err}");
+    }
+
+    #[test]
+    fn predict_gives_probabilities_and_refuses_bad_samples() {
+        let classifier = Classifier::new(&config(vec![8]), 1, &cpu()).unwrap();
+        let one = classifier.predict_one(&[0.1, 0.2, 0.3, 0.4]).unwrap();
+        assert_eq!(one.probabilities.len(), 3);
+        assert!((one.probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        assert_eq!(one.class, argmax(&one.probabilities));
+
+        let err = classifier.predict(&[vec![0.0; 4], vec![0.0; 5]]).unwrap_err();
+        assert_eq!(err.to_string(), "sample 1 has 5 features, the model takes 4");
+        let err = classifier.predict_one(&[0.0, f32::NAN, 0.0, 0.0]).unwrap_err();
+        assert_eq!(err.to_string(), "sample 0, feature 1: NaN is not a finite number");
+        assert_eq!(classifier.predict::<Vec<f32>>(&[]), Err(ModelError::NoSamples));
+    }
+
+    #[test]
+    fn evaluate_refuses_labels_outside_the_classes() {
+        let classifier = Classifier::new(&config(vec![8]), 1, &cpu()).unwrap();
+        let data = Dataset::from_rows(&[vec![0.0; 4], vec![1.0; 4]], vec![0, 3]).unwrap();
+        let err = classifier.evaluate(&data).unwrap_err();
+        assert_eq!(err.to_string(), "sample 1 has label 3, but the model has only 3 classes");
+    }
+
+    #[test]
+    fn architectures_without_width_or_classes_are_refused() {
+        let err = Classifier::new(&config(vec![0]), 1, &cpu()).unwrap_err();
+        assert_eq!(err.to_string(), "invalid configuration: every layer needs a width > 0, got 4-0-3");
+        let one_class = MlpConfig { num_features: 4, hidden: vec![], num_classes: 1 };
+        assert!(Classifier::new(&one_class, 1, &cpu()).is_err());
+    }
+}
