@@ -195,9 +195,8 @@ fn markdown(
         settings.clients, settings.rounds, settings.duration, settings.max_batch_wait_ms
     ));
     out.push_str("| route | setting | calls/s | p50 | p99 | mean batch | failed |\n|---|---|---|---|---|---|---|\n");
-    for (slot, route) in ["mesh (client sidecar -> serve's sidecar -> serve)", "direct to serve's app port"]
-        .iter()
-        .enumerate()
+    for (slot, route) in
+        ["mesh (client sidecar -> serve's sidecar -> serve)", "direct to serve's app port"].iter().enumerate()
     {
         for (index, (max_batch, name)) in names.iter().enumerate() {
             let f = &figures[index][slot];
