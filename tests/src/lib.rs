@@ -10,18 +10,21 @@
 //! subscription), [`pubsub_cases`] (the pub/sub tests every component passes), [`state`]
 //! (component files and a state API client), [`stats`] (latency percentiles for the benchmark
 //! and the demo), [`otlp`] (an OTLP trace collector in the test process, and tracers for test
-//! apps that export to it).
+//! apps that export to it), [`service`] (a workspace service binary as a process), [`pipeline`]
+//! (the AI pipeline: the four services, each beside its own tandemd).
 
 pub mod app;
 pub mod etcd;
 pub mod fixture;
 pub mod http;
-pub mod otlp;
 pub mod nats;
+pub mod otlp;
+pub mod pipeline;
 pub mod poll;
 pub mod pubsub;
 pub mod pubsub_cases;
 pub mod server_process;
+pub mod service;
 pub mod sidecar;
 pub mod state;
 pub mod stats;
