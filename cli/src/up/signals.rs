@@ -1,0 +1,40 @@
+//! SIGINT (Ctrl-C) and SIGTERM, caught from the start of `tandem up` so that neither kills it
+//! before it has stopped its children.
+
+use tokio::signal::unix::{Signal, SignalKind, signal};
+
+use crate::error::CliError;
+
+pub struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Signals {
+    pub fn install() -> Result<Signals, CliError> {
+        let install = |kind: SignalKind, name: &str| {
+            signal(kind).map_err(|e| CliError::failed(format!("cannot handle {name}: {e}")))
+        };
+        Ok(Signals {
+            interrupt: install(SignalKind::interrupt(), "SIGINT")?,
+            terminate: install(SignalKind::terminate(), "SIGTERM")?,
+        })
+    }
+
+    /// Waits for the next SIGINT or SIGTERM; returns its number (2 or 15).
+    pub async fn next(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.interrupt.recv() => libc::SIGINT,
+            _ = self.terminate.recv() => libc::SIGTERM,
+        }
+    }
+}
+
+/// The signal's name, for messages.
+pub fn name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGINT => "SIGINT (Ctrl-C)",
+        libc::SIGTERM => "SIGTERM",
+        _ => "a signal",
+    }
+}
