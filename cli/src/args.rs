@@ -12,7 +12,7 @@ use tandem_sidecar::config::parse_duration;
     version,
     about = "Tandem's command line: run the AI pipeline locally, call apps, publish events, read state",
     after_help = "Exit codes: 0 ok, 1 failed, 2 bad arguments or input, 3 etcd or sidecar unreachable, \
-                  4 unknown app or key, 130/143 stopped by SIGINT/SIGTERM."
+                  4 unknown app or key, 130/143/129 stopped by SIGINT/SIGTERM/SIGHUP."
 )]
 pub struct Cli {
     #[command(flatten)]

@@ -13,7 +13,7 @@ pub enum ExitKind {
     Unreachable,
     /// 4: no such app-id, or no such state key.
     NotFound,
-    /// 130 after SIGINT (Ctrl-C), 143 after SIGTERM: the shell's 128 + signal number.
+    /// 130 after SIGINT (Ctrl-C), 143 after SIGTERM, 129 after SIGHUP: the shell's 128 + signal number.
     Interrupted(i32),
 }
 

@@ -12,6 +12,20 @@ use tandem_sidecar::discovery::keys::{self, DiscoveryKey};
 
 use crate::error::CliError;
 
+/// An etcd client error in a few words: a gRPC status's message and its root cause (e.g.
+/// "tcp connect error: Connection refused (os error 111)") rather than the whole debug chain.
+fn describe(error: &etcd_client::Error) -> String {
+    let etcd_client::Error::GRpcStatus(status) = error else { return error.to_string() };
+    let mut root: Option<&dyn std::error::Error> = std::error::Error::source(status);
+    while let Some(next) = root.and_then(std::error::Error::source) {
+        root = Some(next);
+    }
+    match root {
+        Some(cause) => format!("{}: {cause}", status.message()),
+        None => status.message().to_string(),
+    }
+}
+
 /// One namespace's discovery data, read at one moment.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Registry {
@@ -39,11 +53,11 @@ impl Registry {
                 .with_connect_timeout(Duration::from_secs(2))
                 .with_timeout(Duration::from_secs(3));
             let mut client =
-                etcd_client::Client::connect(endpoints, Some(options)).await.map_err(|e| unreachable(&e))?;
+                etcd_client::Client::connect(endpoints, Some(options)).await.map_err(|e| unreachable(&describe(&e)))?;
             client
                 .get(keys::namespace_prefix(namespace), Some(GetOptions::new().with_prefix()))
                 .await
-                .map_err(|e| unreachable(&e))
+                .map_err(|e| unreachable(&describe(&e)))
         };
         let response = tokio::time::timeout(Duration::from_secs(6), read)
             .await

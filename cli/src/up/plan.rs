@@ -136,10 +136,11 @@ fn is_executable(path: &Path) -> bool {
 
 /// The component root: --components (which must exist), else ./components when it exists.
 pub fn components_root(options: &UpArgs) -> Result<Option<PathBuf>, CliError> {
+    // Absolute, so the sidecars' messages name the files wherever they run.
     match &options.components {
-        Some(dir) if dir.is_dir() => Ok(Some(dir.clone())),
+        Some(dir) if dir.is_dir() => Ok(dir.canonicalize().ok().or_else(|| Some(dir.clone()))),
         Some(dir) => Err(CliError::usage(format!("--components {}: not a directory", dir.display()))),
-        None => Ok(Some(PathBuf::from("components")).filter(|dir| dir.is_dir())),
+        None => Ok(PathBuf::from("components").canonicalize().ok().filter(|dir| dir.is_dir())),
     }
 }
 

@@ -1,5 +1,5 @@
-//! SIGINT (Ctrl-C) and SIGTERM, caught from the start of `tandem up` so that neither kills it
-//! before it has stopped its children.
+//! SIGINT (Ctrl-C), SIGTERM and SIGHUP (the terminal closed), caught from the start of
+//! `tandem up` so that none kills it before it has stopped its children.
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
@@ -8,6 +8,7 @@ use crate::error::CliError;
 pub struct Signals {
     interrupt: Signal,
     terminate: Signal,
+    hangup: Signal,
 }
 
 impl Signals {
@@ -18,14 +19,16 @@ impl Signals {
         Ok(Signals {
             interrupt: install(SignalKind::interrupt(), "SIGINT")?,
             terminate: install(SignalKind::terminate(), "SIGTERM")?,
+            hangup: install(SignalKind::hangup(), "SIGHUP")?,
         })
     }
 
-    /// Waits for the next SIGINT or SIGTERM; returns its number (2 or 15).
+    /// Waits for the next SIGINT, SIGTERM or SIGHUP; returns its number.
     pub async fn next(&mut self) -> i32 {
         tokio::select! {
             _ = self.interrupt.recv() => libc::SIGINT,
             _ = self.terminate.recv() => libc::SIGTERM,
+            _ = self.hangup.recv() => libc::SIGHUP,
         }
     }
 }
@@ -35,6 +38,7 @@ pub fn name(signal: i32) -> &'static str {
     match signal {
         libc::SIGINT => "SIGINT (Ctrl-C)",
         libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP (terminal closed)",
         _ => "a signal",
     }
 }
