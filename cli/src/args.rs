@@ -149,7 +149,7 @@ pub struct UpArgs {
 
     /// Component files: `DIR/APP/` for an app that has its own, else the YAML files in DIR
     /// itself (default: ./components when it exists, else none).
-    #[arg(long)]
+    #[arg(long, env = "TANDEM_COMPONENTS")]
     pub components: Option<PathBuf>,
 
     /// Client port of the etcd it starts (default 2379 when free, so other `tandem` commands
