@@ -119,12 +119,20 @@ fn preprocess_row(status: &Value, total_batches: Option<u64>, gathered: bool) ->
 fn train_row(status: &Value) -> Row {
     let phase = text(status, "phase").unwrap_or_default();
     match phase.as_str() {
-        "gathering" => Row {
-            position: number(status, "batches_received").unwrap_or(0),
-            length: number(status, "batches_expected"),
-            message: "gathering feature batches".into(),
-            finished: false,
-        },
+        "gathering" => {
+            let received = number(status, "batches_received").unwrap_or(0);
+            let expected = number(status, "batches_expected");
+            Row {
+                position: received,
+                length: expected,
+                // Until the end marker says how many there are, the count is all there is.
+                message: match expected {
+                    Some(_) => "gathering feature batches".into(),
+                    None => format!("gathering feature batches: {received} so far"),
+                },
+                finished: false,
+            }
+        }
         "training" => {
             let loss = status.get("loss").and_then(Value::as_f64);
             Row {
