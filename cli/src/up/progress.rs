@@ -311,6 +311,53 @@ mod tests {
         assert!(rows["train"].message.contains("97.50%"), "{:?}", rows["train"]);
     }
 
+    /// The rows read what the services really send: tandem-pipeline's status types.
+    #[test]
+    fn the_pipelines_own_status_types_are_understood() {
+        use tandem_pipeline::messages::{
+            IngestPhase, IngestStatus, PreprocessStatus, ServeStatus, TrainPhase, TrainStatus,
+        };
+        fn value<T: serde::Serialize>(status: &T) -> Value {
+            serde_json::to_value(status).expect("status types serialize")
+        }
+        let ingest = IngestStatus {
+            phase: IngestPhase::Done,
+            dataset_version: "d1".into(),
+            published_batches: 29,
+            total_batches: 29,
+        };
+        let pre = PreprocessStatus { scaler_fitted: true, transformed_batches: 14, dataset_version: Some("d1".into()) };
+        let mut train = TrainStatus {
+            phase: TrainPhase::Training,
+            dataset_version: Some("d1".into()),
+            batches_received: 29,
+            batches_expected: Some(29),
+            epoch: 3,
+            epochs: 30,
+            loss: 0.5,
+            test_accuracy: None,
+            model_version: None,
+        };
+        let serve = ServeStatus { model_version: None, requests: 0, samples: 0, batches: 0 };
+        let snapshot = |train: &TrainStatus, serve: &ServeStatus| {
+            snapshot(value(&ingest), [value(&pre), value(&pre)], value(train), value(serve))
+        };
+        let rows: HashMap<String, Row> = snapshot(&train, &serve).rows().into_iter().collect();
+        assert!(rows["ingest"].finished && rows["ingest"].position == 29, "{:?}", rows["ingest"]);
+        assert_eq!(rows["preprocess-2"].position, 14);
+        assert_eq!((rows["train"].position, rows["train"].length), (3, Some(30)));
+        assert_eq!(rows["serve"].message, "waiting for a model");
+
+        train.phase = TrainPhase::Ready;
+        train.test_accuracy = Some(0.975);
+        train.model_version = Some("v1".into());
+        let serve = ServeStatus { model_version: Some("v1".into()), ..serve };
+        let done = snapshot(&train, &serve);
+        assert_eq!(done.serving_model().as_deref(), Some("v1"));
+        let (accuracy, model) = done.trained().unwrap();
+        assert!((accuracy - 0.975).abs() < 1e-6 && model == "v1", "{accuracy} {model}");
+    }
+
     #[test]
     fn unknown_answers_are_shown_not_misread() {
         let s = Snapshot {
