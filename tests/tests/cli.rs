@@ -317,3 +317,53 @@ async fn up_stopped_by_sigint_leaves_no_child_behind() {
     assert!(output.contains("stopped by SIGINT"), "{output}");
     assert_all_gone(&pids);
 }
+
+/// The README's main command, for real: `tandem up` with the pipeline's own binaries (next to
+/// `tandem` in target/<profile>/) and component files, until serve has the model.
+#[tokio::test]
+async fn up_runs_the_pipeline_to_a_serving_model_then_stops_everything() {
+    let root = tempfile::tempdir().unwrap();
+    let run_dir = root.path().join("run");
+    let components = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("components");
+    let args = [
+        "up",
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+        "--components",
+        components.to_str().unwrap(),
+        "--etcd-port",
+        "0",
+        "--until-serving",
+        "--ready-timeout",
+        "900s",
+    ];
+    // Debug builds train slowly on a busy 2-core machine: bounded, but generously.
+    let output = tokio::time::timeout(Duration::from_secs(1000), tandem(&args).output())
+        .await
+        .expect("tandem up --until-serving did not exit within 1000 s")
+        .expect("running tandem up");
+    let (out, err) = (stdout(&output), stderr(&output));
+    assert_eq!(output.status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}");
+
+    let accuracy: f64 = out
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("test accuracy"))
+        .and_then(|rest| rest.trim().split('%').next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("no test accuracy in:\n{out}"));
+    assert!(accuracy >= 97.0, "test accuracy {accuracy}% with the default seed:\n{out}");
+    // The example it printed was answered through the mesh: the digit is a 0.
+    let answer = out.lines().find_map(|line| line.strip_prefix("answer: ")).expect("an answer line");
+    let answer: serde_json::Value = serde_json::from_str(answer).expect("serve answers JSON");
+    assert_eq!(answer["predictions"][0]["class"], 0, "{answer}");
+    assert!(out.contains("invoke serve predict --data '{\"features\":[0,0,5,13,"), "{out}");
+    // Progress came from every service's status.
+    for line in ["ingest: published all batches", "train: trained: test accuracy", "serve: serving model"] {
+        assert!(err.contains(line), "no {line:?} in:\n{err}");
+    }
+
+    let pids = started_pids(&run_dir);
+    assert_eq!(pids.len(), 11, "{pids:?}");
+    assert!(err.contains("stopped 11 of 11 processes"), "{err}");
+    assert_all_gone(&pids);
+}
