@@ -134,9 +134,11 @@ fn train_row(status: &Value) -> Row {
             }
         }
         "training" => {
-            let loss = status.get("loss").and_then(Value::as_f64);
+            let epoch = number(status, "epoch").unwrap_or(0);
+            // No loss to show before the first epoch is done.
+            let loss = status.get("loss").and_then(Value::as_f64).filter(|_| epoch > 0);
             Row {
-                position: number(status, "epoch").unwrap_or(0),
+                position: epoch,
                 length: number(status, "epochs"),
                 message: format!("training, epochs done{}", loss.map(|l| format!(", loss {l:.4}")).unwrap_or_default()),
                 finished: false,
