@@ -122,7 +122,7 @@ impl Preprocess {
     /// `Ok(false)`: not yet (no scaler, or train not subscribed yet): deliver again later.
     async fn on_batch(&self, batch: Batch) -> Result<bool, Status> {
         if let Some(problem) = shape_problem(&batch) {
-            tracing::error!(batch = %batch.key(), problem, "dropping a malformed batch");
+            tracing::error!(batch = %batch.key(), problem = %problem, "dropping a malformed batch");
             return Ok(true);
         }
         self.seen(&batch.dataset_version);

@@ -9,19 +9,19 @@ pub const MAX_SAMPLES: usize = 10_000;
 
 /// The samples of a request body, each a row of finite `f32`, all rows of one width.
 pub fn parse(body: &[u8]) -> Result<Vec<Vec<f32>>, Status> {
-    let invalid = Status::invalid_argument;
+    let invalid = |message: String| Status::invalid_argument(message);
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| invalid(format!("the predict request is not valid JSON: {e}")))?;
     let features = value
         .get("features")
-        .ok_or_else(|| invalid("the predict request has no 'features' field (expected {\"features\": [..]})"))?;
+        .ok_or_else(|| invalid("the predict request has no 'features' field (expected {\"features\": [..]})".to_string()))?;
     let Value::Array(items) = features else {
-        return Err(invalid("'features' must be an array of numbers (one sample) or of arrays (several samples)"));
+        return Err(invalid("'features' must be an array of numbers (one sample) or of arrays (several samples)".to_string()));
     };
     let rows: Vec<&Vec<Value>> = if items.iter().all(Value::is_array) && !items.is_empty() {
         items.iter().map(|item| item.as_array().expect("checked")).collect()
     } else if items.iter().any(Value::is_array) {
-        return Err(invalid("'features' mixes numbers and arrays: give one sample [x, ..] or samples [[x, ..], ..]"));
+        return Err(invalid("'features' mixes numbers and arrays: give one sample [x, ..] or samples [[x, ..], ..]".to_string()));
     } else {
         vec![items]
     };
