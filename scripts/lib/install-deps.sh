@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Sourced by scripts/test.sh and scripts/demo.sh (not run on its own).
+# Sourced by scripts/test.sh, scripts/demo.sh and scripts/up.sh (not run on its own).
 #
 # install_deps: installs what the build and the tests need from Debian 12's packages when it is
 # missing, and checks what apt does not provide here:

@@ -103,6 +103,12 @@ pub async fn run(
         }
         None => bound.internal.to_string(),
     };
+    // Recorded in discovery so tools can find the sidecar of an app (all listeners share one
+    // address, so the advertised host serves the API too).
+    let api_address = match &config.advertise_address {
+        Some(host) => format!("{host}:{}", bound.grpc.port()),
+        None => bound.grpc.to_string(),
+    };
 
     let instance_id = uuid::Uuid::new_v4().simple().to_string();
     let readiness = Arc::new(Readiness::new(config.app_port.is_some()));
@@ -137,6 +143,7 @@ pub async fn run(
         internal_address,
         has_app: app.is_some(),
         runtime_version: RUNTIME_VERSION.to_string(),
+        api_address: Some(api_address),
     };
 
     // Tokens, in the order they are cancelled on shutdown.

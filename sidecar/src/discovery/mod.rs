@@ -30,6 +30,11 @@ pub struct InstanceRecord {
     /// Whether the instance has an app that can be invoked.
     pub has_app: bool,
     pub runtime_version: String,
+    /// host:port of the sidecar's app-facing Dapr gRPC API, so tools (the `tandem` CLI) can
+    /// reach the sidecar of a given app, e.g. to read that app's state. Absent in records of
+    /// sidecars that predate it; both old and new sidecars read both kinds of record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_address: Option<String>,
 }
 
 /// Connects a lazily-connecting etcd client; calls fail (and are retried by the callers)
@@ -71,6 +76,42 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn instance_records_without_an_api_address_still_parse() {
+        let old = r#"{"app_id":"a","instance_id":"i","internal_address":"127.0.0.1:2","has_app":true,"runtime_version":"tandem-0.1.0"}"#;
+        let record: InstanceRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(record.api_address, None);
+        assert_eq!(record.internal_address, "127.0.0.1:2");
+    }
+
+    #[test]
+    fn instance_records_carry_the_api_address_and_old_readers_ignore_it() {
+        let record = InstanceRecord {
+            app_id: "a".into(),
+            instance_id: "i".into(),
+            internal_address: "127.0.0.1:2".into(),
+            has_app: false,
+            runtime_version: "tandem-0.1.0".into(),
+            api_address: Some("127.0.0.1:1".into()),
+        };
+        let json = serde_json::to_value(&record).unwrap();
+        assert_eq!(json["api_address"], "127.0.0.1:1");
+        assert_eq!(serde_json::from_value::<InstanceRecord>(json.clone()).unwrap(), record);
+
+        /// The record as sidecars before `api_address` declared it (serde ignores unknown fields).
+        #[derive(Deserialize)]
+        #[allow(dead_code)]
+        struct OldRecord {
+            app_id: String,
+            instance_id: String,
+            internal_address: String,
+            has_app: bool,
+            runtime_version: String,
+        }
+        let old: OldRecord = serde_json::from_value(json).unwrap();
+        assert_eq!(old.internal_address, "127.0.0.1:2");
+    }
 
     #[test]
     fn backoff_doubles_up_to_its_cap_and_resets() {

@@ -169,6 +169,7 @@ mod tests {
             internal_address: format!("{id}:1"),
             has_app,
             runtime_version: "t".into(),
+            api_address: None,
         }
     }
 

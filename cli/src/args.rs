@@ -1,0 +1,242 @@
+//! The command line: global flags and one struct per subcommand.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tandem_sidecar::config::parse_duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Tandem's command line: run the AI pipeline locally, call apps, publish events, read state",
+    after_help = "Exit codes: 0 ok, 1 failed, 2 bad arguments or input, 3 etcd or sidecar unreachable, \
+                  4 unknown app or key, 130/143/129 stopped by SIGINT/SIGTERM/SIGHUP."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every subcommand takes.
+#[derive(Debug, Clone, Args)]
+pub struct Global {
+    /// etcd endpoints, comma-separated (not used by `up`, which starts its own etcd).
+    #[arg(
+        long,
+        global = true,
+        env = "TANDEM_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub etcd: Vec<String>,
+
+    /// Namespace of the apps.
+    #[arg(long, global = true, env = "TANDEM_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+
+    /// The sidecar API to go through (`http://HOST:PORT`) for invoke, publish and state get.
+    /// Default: a sidecar found through etcd, else http://127.0.0.1:50001.
+    #[arg(long, global = true, env = "TANDEM_SIDECAR")]
+    pub sidecar: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the AI pipeline here: etcd, then tandemd + service for ingest, preprocess, train and
+    /// serve, until Ctrl-C.
+    Up(UpArgs),
+    /// Invoke METHOD on app APP through the mesh and print the answer.
+    Invoke(InvokeArgs),
+    /// Publish a JSON event to TOPIC of pub/sub component PUBSUB.
+    Publish(PublishArgs),
+    /// Read an app's state.
+    #[command(subcommand)]
+    State(StateCommand),
+    /// List the apps and their live instances registered in etcd.
+    Ls(LsArgs),
+}
+
+/// A JSON payload, given inline or as a file.
+#[derive(Debug, Clone, Args)]
+#[group(multiple = false)]
+pub struct DataArgs {
+    /// The payload, JSON.
+    #[arg(long, short = 'd')]
+    pub data: Option<String>,
+
+    /// Read the JSON payload from this file (`-` for stdin).
+    #[arg(long)]
+    pub data_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct InvokeArgs {
+    /// App-id to call.
+    pub app: String,
+    /// Method to call.
+    pub method: String,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Deadline of the call (e.g. 500ms, 10s, 2m).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// Pub/sub component name (e.g. `pubsub`).
+    pub pubsub: String,
+    /// Topic.
+    pub topic: String,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Deadline of the call.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StateCommand {
+    /// Print the value of KEY in APP's state (read from a sidecar of APP).
+    Get(StateGetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StateGetArgs {
+    /// App-id whose state to read.
+    pub app: String,
+    /// Key, as the app wrote it.
+    pub key: String,
+    /// State store name.
+    #[arg(long, default_value = "statestore")]
+    pub store: String,
+    /// Which instance of the app to ask (its id, as `tandem ls` shows it); default the first.
+    #[arg(long)]
+    pub instance: Option<String>,
+    /// Also print the value's ETag (on stderr).
+    #[arg(long)]
+    pub etag: bool,
+    /// Deadline of the call.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `tandem up`. The service options are passed to the services only when given,
+/// so each service's own default stays the one default.
+#[derive(Debug, Clone, Args)]
+pub struct UpArgs {
+    /// Directory holding tandemd and the service binaries (default: the directory of this
+    /// `tandem` executable, i.e. target/<profile>/).
+    #[arg(long, env = "TANDEM_BIN_DIR")]
+    pub bin_dir: Option<PathBuf>,
+
+    /// Directory for every process's data and log (default: a new temp dir, removed after a
+    /// clean stop and kept after a failure).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+
+    /// Component files: `DIR/APP/` for an app that has its own, else the YAML files in DIR
+    /// itself (default: ./components when it exists, else none).
+    #[arg(long, env = "TANDEM_COMPONENTS")]
+    pub components: Option<PathBuf>,
+
+    /// Client port of the etcd it starts (default 2379 when free, so other `tandem` commands
+    /// find it without --etcd; 0 for any free port).
+    #[arg(long)]
+    pub etcd_port: Option<u16>,
+
+    /// How many preprocess replicas to run.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub preprocess_replicas: u16,
+
+    /// How long each process may take to start (sidecars ready, services answering).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub start_timeout: Duration,
+
+    /// Give up (and stop everything) when serve has no model within this long (default: wait).
+    #[arg(long, value_parser = parse_duration)]
+    pub ready_timeout: Option<Duration>,
+
+    /// How long each process gets to exit after SIGTERM before it is killed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub stop_timeout: Duration,
+
+    /// Stop everything and exit 0 once serve has the model (for scripts and tests).
+    #[arg(long)]
+    pub until_serving: bool,
+
+    /// ingest: `digits` (built in) or the path of a CSV file.
+    #[arg(long, help_heading = "Pipeline")]
+    pub dataset: Option<String>,
+
+    /// ingest: the CSV column holding the label.
+    #[arg(long, help_heading = "Pipeline")]
+    pub label_column: Option<String>,
+
+    /// ingest and train: seed of the train/test split and of training.
+    #[arg(long, help_heading = "Pipeline")]
+    pub seed: Option<u64>,
+
+    /// ingest: share of the samples held out for testing.
+    #[arg(long, help_heading = "Pipeline")]
+    pub test_fraction: Option<f64>,
+
+    /// ingest: samples per published batch.
+    #[arg(long, help_heading = "Pipeline")]
+    pub batch_size: Option<u32>,
+
+    /// train: epochs.
+    #[arg(long, help_heading = "Pipeline")]
+    pub epochs: Option<u32>,
+
+    /// train: learning rate.
+    #[arg(long, help_heading = "Pipeline")]
+    pub learning_rate: Option<f64>,
+
+    /// train and serve: the device to compute on.
+    #[arg(long, help_heading = "Pipeline")]
+    pub device: Option<String>,
+
+    /// serve: most requests in one forward pass.
+    #[arg(long, help_heading = "Pipeline")]
+    pub max_batch_size: Option<u32>,
+
+    /// serve: longest wait for a batch to fill, in milliseconds.
+    #[arg(long, help_heading = "Pipeline")]
+    pub max_batch_wait_ms: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn data_and_data_file_exclude_each_other() {
+        let parsed = Cli::try_parse_from(["tandem", "invoke", "a", "m", "--data", "{}", "--data-file", "x"]);
+        assert!(parsed.is_err());
+    }
+
+    #[test]
+    fn global_flags_go_after_the_subcommand_too() {
+        let cli = Cli::try_parse_from(["tandem", "ls", "--etcd", "http://a:1,http://b:2"]).unwrap();
+        assert_eq!(cli.global.etcd, vec!["http://a:1", "http://b:2"]);
+    }
+}

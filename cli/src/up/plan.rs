@@ -1,0 +1,227 @@
+//! What `tandem up` starts: which service instances, from which binaries, with which flags and
+//! component files.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use crate::args::UpArgs;
+use crate::error::CliError;
+
+/// The pipeline's app-ids, in start order (the order data flows).
+pub const INGEST: &str = "ingest";
+pub const PREPROCESS: &str = "preprocess";
+pub const TRAIN: &str = "train";
+pub const SERVE: &str = "serve";
+
+/// The sidecar binary.
+pub const TANDEMD: &str = "tandemd";
+
+/// The command that installs etcd on Debian and Ubuntu.
+pub const ETCD_INSTALL: &str = "sudo apt-get install -y etcd-server";
+
+/// One service instance: a service process and the tandemd beside it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    /// The instance's name: the app-id, with `-N` for replicas (`preprocess-2`).
+    pub name: String,
+    pub app_id: &'static str,
+    /// The service binary's file name.
+    pub binary: String,
+    /// The service's own flags (besides --app-port and --sidecar).
+    pub args: Vec<String>,
+}
+
+/// Every service instance, in start order.
+pub fn members(options: &UpArgs) -> Vec<Member> {
+    let member = |name: String, app_id: &'static str| Member {
+        name,
+        app_id,
+        binary: format!("tandem-{app_id}"),
+        args: service_args(app_id, options),
+    };
+    let mut members = vec![member(INGEST.into(), INGEST)];
+    let replicas = options.preprocess_replicas;
+    for replica in 1..=replicas {
+        let name = if replicas == 1 { PREPROCESS.to_string() } else { format!("{PREPROCESS}-{replica}") };
+        members.push(member(name, PREPROCESS));
+    }
+    members.push(member(TRAIN.into(), TRAIN));
+    members.push(member(SERVE.into(), SERVE));
+    members
+}
+
+/// The pass-through options that `app_id` takes, only those given (each service keeps its
+/// own defaults).
+pub fn service_args(app_id: &str, options: &UpArgs) -> Vec<String> {
+    let mut args = Vec::new();
+    let mut pass = |flag: &str, value: Option<String>| {
+        if let Some(value) = value {
+            args.push(flag.to_string());
+            args.push(value);
+        }
+    };
+    match app_id {
+        INGEST => {
+            pass("--dataset", options.dataset.clone());
+            pass("--label-column", options.label_column.clone());
+            pass("--seed", options.seed.map(|v| v.to_string()));
+            pass("--test-fraction", options.test_fraction.map(|v| v.to_string()));
+            pass("--batch-size", options.batch_size.map(|v| v.to_string()));
+        }
+        TRAIN => {
+            pass("--epochs", options.epochs.map(|v| v.to_string()));
+            pass("--seed", options.seed.map(|v| v.to_string()));
+            pass("--learning-rate", options.learning_rate.map(|v| v.to_string()));
+            pass("--device", options.device.clone());
+        }
+        SERVE => {
+            pass("--max-batch-size", options.max_batch_size.map(|v| v.to_string()));
+            pass("--max-batch-wait-ms", options.max_batch_wait_ms.map(|v| v.to_string()));
+            pass("--device", options.device.clone());
+        }
+        _ => {}
+    }
+    args
+}
+
+/// Where tandemd and the services are: --bin-dir, else next to this executable.
+pub fn bin_dir(options: &UpArgs) -> Result<PathBuf, CliError> {
+    if let Some(dir) = &options.bin_dir {
+        return Ok(dir.clone());
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::failed(format!("cannot tell where this executable is ({e}); pass --bin-dir")))?;
+    Ok(exe.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+/// Refuses to start anything when a binary is missing, naming every missing one.
+pub fn check_binaries(bin_dir: &Path, members: &[Member]) -> Result<(), CliError> {
+    let mut names: Vec<&str> = vec![TANDEMD];
+    for member in members {
+        if !names.contains(&member.binary.as_str()) {
+            names.push(&member.binary);
+        }
+    }
+    let missing: Vec<&str> = names.into_iter().filter(|name| !is_executable(&bin_dir.join(name))).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(CliError::failed(format!(
+        "missing in {}: {}. Build them with `cargo build --workspace` (scripts/up.sh does), or point \
+         --bin-dir at the directory that holds them",
+        bin_dir.display(),
+        missing.join(", ")
+    )))
+}
+
+/// The `etcd` executable on PATH, or an error that says how to install it.
+pub fn etcd_binary() -> Result<PathBuf, CliError> {
+    find_on_path("etcd").ok_or_else(|| {
+        CliError::failed(format!(
+            "etcd is not installed (no `etcd` on PATH). Install it with `{ETCD_INSTALL}` (Debian, Ubuntu), \
+             or run scripts/up.sh, which installs what is missing"
+        ))
+    })
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+}
+
+/// The component root: --components (which must exist), else ./components when it exists.
+pub fn components_root(options: &UpArgs) -> Result<Option<PathBuf>, CliError> {
+    // Absolute, so the sidecars' messages name the files wherever they run.
+    match &options.components {
+        Some(dir) if dir.is_dir() => Ok(dir.canonicalize().ok().or_else(|| Some(dir.clone()))),
+        Some(dir) => Err(CliError::usage(format!("--components {}: not a directory", dir.display()))),
+        None => Ok(PathBuf::from("components").canonicalize().ok().filter(|dir| dir.is_dir())),
+    }
+}
+
+/// The `--resources-path` of `app_id`'s sidecars: `ROOT/APP/` when the app has its own
+/// components, else ROOT when it holds component files itself, else none (tandemd's defaults).
+pub fn resources_for(root: Option<&Path>, app_id: &str) -> Option<PathBuf> {
+    let root = root?;
+    let own = root.join(app_id);
+    if own.is_dir() {
+        return Some(own);
+    }
+    let has_files = std::fs::read_dir(root).ok()?.filter_map(Result::ok).any(|entry| {
+        let path = entry.path();
+        path.is_file() && matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+    });
+    has_files.then(|| root.to_path_buf())
+}
+
+/// `--app-port P --sidecar http://ADDR` and the service's own flags.
+pub fn service_command_line(member: &Member, app_port: u16, sidecar_api: &str) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "--app-port".into(),
+        app_port.to_string().into(),
+        "--sidecar".into(),
+        format!("http://{sidecar_api}").into(),
+    ];
+    args.extend(member.args.iter().map(OsString::from));
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn options(args: &[&str]) -> UpArgs {
+        let mut all = vec!["tandem", "up"];
+        all.extend_from_slice(args);
+        match crate::args::Cli::parse_from(all).command {
+            crate::args::Command::Up(up) => up,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn the_pipeline_has_two_preprocess_replicas_by_default() {
+        let names: Vec<String> = members(&options(&[])).into_iter().map(|m| m.name).collect();
+        assert_eq!(names, ["ingest", "preprocess-1", "preprocess-2", "train", "serve"]);
+        let names: Vec<String> =
+            members(&options(&["--preprocess-replicas", "1"])).into_iter().map(|m| m.name).collect();
+        assert_eq!(names, ["ingest", "preprocess", "train", "serve"]);
+    }
+
+    #[test]
+    fn options_go_to_the_services_that_take_them_and_only_when_given() {
+        let o = options(&["--seed", "7", "--epochs", "3", "--dataset", "x.csv", "--device", "cpu"]);
+        assert_eq!(service_args(INGEST, &o), ["--dataset", "x.csv", "--seed", "7"]);
+        assert_eq!(service_args(TRAIN, &o), ["--epochs", "3", "--seed", "7", "--device", "cpu"]);
+        assert_eq!(service_args(SERVE, &o), ["--device", "cpu"]);
+        assert!(service_args(PREPROCESS, &o).is_empty());
+        assert!(service_args(INGEST, &options(&[])).is_empty());
+    }
+
+    #[test]
+    fn missing_binaries_are_all_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = check_binaries(dir.path(), &members(&options(&[]))).unwrap_err();
+        for name in ["tandemd", "tandem-ingest", "tandem-preprocess", "tandem-train", "tandem-serve"] {
+            assert!(e.message.contains(name), "{}", e.message);
+        }
+        assert_eq!(e.message.matches("tandem-preprocess").count(), 1, "{}", e.message);
+    }
+
+    #[test]
+    fn an_app_subdir_wins_over_the_shared_component_files() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(resources_for(Some(dir.path()), "train"), None, "an empty root gives none");
+        std::fs::create_dir(dir.path().join("preprocess")).unwrap();
+        std::fs::write(dir.path().join("pubsub.yaml"), "").unwrap();
+        assert_eq!(resources_for(Some(dir.path()), "preprocess"), Some(dir.path().join("preprocess")));
+        assert_eq!(resources_for(Some(dir.path()), "train"), Some(dir.path().to_path_buf()));
+        assert_eq!(resources_for(None, "train"), None);
+    }
+}

@@ -1,0 +1,369 @@
+//! The `tandem` CLI as a real process: `ls`, `invoke`, `publish` and `state get` against a real
+//! etcd, tandemd and app; its errors and exit codes; and `tandem up`'s process management (a
+//! child that fails to start, a stop by SIGINT), checked by pid.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use tandem_sdk::{AppServer, EventOutcome, Reply};
+use tandem_tests::pubsub::{Inbox, wait_until_subscribed};
+use tandem_tests::{Etcd, RunningSidecar, Sidecar, TestApp, eventually, free_port, workspace_binary};
+use tokio::process::Command;
+
+/// `tandem` with a clean environment for its flags (no TANDEM_* from the caller).
+fn tandem(args: &[&str]) -> Command {
+    let mut command = Command::new(workspace_binary("tandem"));
+    command.args(args).stdin(Stdio::null()).kill_on_drop(true);
+    for key in ["TANDEM_ETCD_ENDPOINTS", "TANDEM_NAMESPACE", "TANDEM_SIDECAR", "TANDEM_BIN_DIR"] {
+        command.env_remove(key);
+    }
+    command
+}
+
+/// Runs `tandem` to its exit (bounded).
+async fn run(args: &[&str]) -> Output {
+    let output = tandem(args).output();
+    tokio::time::timeout(Duration::from_secs(60), output)
+        .await
+        .unwrap_or_else(|_| panic!("tandem {args:?} did not exit within 60 s"))
+        .expect("running tandem")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Asserts the exit code and that stderr contains every one of `needles`.
+fn assert_fails(output: &Output, code: i32, needles: &[&str]) {
+    let err = stderr(output);
+    assert_eq!(output.status.code(), Some(code), "exit code; stderr:\n{err}\nstdout:\n{}", stdout(output));
+    for needle in needles {
+        assert!(err.contains(needle), "stderr lacks {needle:?}:\n{err}");
+    }
+}
+
+/// An app `shop` (echo, and a subscription to `orders`) behind a real tandemd, registered in
+/// a real etcd.
+struct Shop {
+    etcd: Etcd,
+    sidecar: RunningSidecar,
+    inbox: Inbox,
+    _app: TestApp,
+}
+
+impl Shop {
+    async fn start() -> Shop {
+        let etcd = Etcd::start().await;
+        let inbox = Inbox::default();
+        let received = inbox.clone();
+        let app = TestApp::start(
+            AppServer::new()
+                .handler("echo", |call| async move {
+                    Ok(Reply { data: call.data, content_type: call.content_type, metadata: vec![] })
+                })
+                .subscribe("pubsub", "orders", move |event| {
+                    let received = received.clone();
+                    async move {
+                        received.push(event);
+                        EventOutcome::Success
+                    }
+                }),
+        )
+        .await;
+        let sidecar = Sidecar::new("shop").etcd(&etcd).app_port(app.port()).spawn().await;
+        sidecar.wait_ready().await;
+        wait_until_subscribed(&sidecar.client(), "orders", &inbox).await;
+        Shop { etcd, sidecar, inbox, _app: app }
+    }
+
+    fn etcd(&self) -> String {
+        self.etcd.endpoint()
+    }
+}
+
+#[tokio::test]
+async fn ls_invoke_publish_and_state_get_work_against_a_real_mesh() {
+    let shop = Shop::start().await;
+    let etcd = shop.etcd();
+
+    // ls: the app, its instance and the sidecar's API address recorded in etcd.
+    let listed = run(&["ls", "--etcd", &etcd, "--json"]).await;
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    let json: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("ls --json prints JSON");
+    let apps = json["apps"].as_array().unwrap();
+    assert_eq!(apps.len(), 1, "{json}");
+    assert_eq!(apps[0]["app_id"], "shop");
+    let instance = &apps[0]["instances"][0];
+    assert_eq!(instance["api_address"], shop.sidecar.grpc_addr().to_string(), "{json}");
+    assert_eq!(instance["internal_address"], shop.sidecar.internal_addr().to_string());
+    assert_eq!(json["subscriptions"][0]["topic"], "orders", "{json}");
+    let table = run(&["ls", "--etcd", &etcd]).await;
+    assert!(table.status.success(), "{}", stderr(&table));
+    let text = stdout(&table);
+    assert!(text.contains("shop") && text.contains(&shop.sidecar.grpc_addr().to_string()), "{text}");
+    assert!(text.contains("pubsub/orders"), "{text}");
+
+    // invoke, through the sidecar found in etcd.
+    let echoed = run(&["invoke", "shop", "echo", "--data", r#"{"n": 1}"#, "--etcd", &etcd]).await;
+    assert!(echoed.status.success(), "{}", stderr(&echoed));
+    assert_eq!(stdout(&echoed), "{\"n\": 1}\n");
+    // ... and through a sidecar named on the command line.
+    let sidecar_url = format!("http://{}", shop.sidecar.grpc_addr());
+    let echoed = run(&["invoke", "shop", "echo", "-d", "[2]", "--sidecar", &sidecar_url]).await;
+    assert!(echoed.status.success(), "{}", stderr(&echoed));
+    assert_eq!(stdout(&echoed), "[2]\n");
+
+    // publish: the subscriber gets the event.
+    let published = run(&["publish", "pubsub", "orders", "--data", r#"{"order": 7}"#, "--etcd", &etcd]).await;
+    assert!(published.status.success(), "{}", stderr(&published));
+    let inbox = shop.inbox.clone();
+    eventually(Duration::from_secs(20), "the published order at the subscriber", || {
+        let inbox = inbox.clone();
+        async move { inbox.has(r#"{"order": 7}"#) }
+    })
+    .await;
+    let event = shop.inbox.events().into_iter().find(|e| e.data == br#"{"order": 7}"#).unwrap();
+    assert_eq!(event.data_content_type, "application/json");
+
+    // state get: what the app saved through its own sidecar.
+    shop.sidecar.client().save_state("statestore", "cart", br#"{"items": 3}"#.to_vec()).await.unwrap();
+    let read = run(&["state", "get", "shop", "cart", "--etcd", &etcd]).await;
+    assert!(read.status.success(), "{}", stderr(&read));
+    assert_eq!(stdout(&read), "{\"items\": 3}\n");
+    let read = run(&["state", "get", "shop", "cart", "--sidecar", &sidecar_url, "--etag"]).await;
+    assert!(read.status.success(), "{}", stderr(&read));
+    assert!(stderr(&read).contains("etag: "), "{}", stderr(&read));
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_message_and_a_nonzero_exit_code() {
+    let shop = Shop::start().await;
+    let etcd = shop.etcd();
+
+    let unknown = run(&["invoke", "nope", "echo", "--data", "{}", "--etcd", &etcd]).await;
+    assert_fails(&unknown, 4, &["unknown app 'nope' in namespace 'default'", "known apps: shop"]);
+    // Through a given sidecar, the sidecar itself refuses the app-id.
+    let sidecar_url = format!("http://{}", shop.sidecar.grpc_addr());
+    let unknown = run(&["invoke", "nope", "echo", "--data", "{}", "--sidecar", &sidecar_url]).await;
+    assert_fails(&unknown, 4, &["nope", "NotFound"]);
+    let unknown = run(&["state", "get", "nope", "k", "--etcd", &etcd]).await;
+    assert_fails(&unknown, 4, &["unknown app 'nope'"]);
+
+    let malformed = run(&["invoke", "shop", "echo", "--data", r#"{"n": }"#, "--etcd", &etcd]).await;
+    assert_fails(&malformed, 2, &["--data is not valid JSON", "column"]);
+    let malformed = run(&["publish", "pubsub", "orders", "--data", "[1,", "--etcd", &etcd]).await;
+    assert_fails(&malformed, 2, &["--data is not valid JSON"]);
+    let missing = run(&["publish", "pubsub", "orders", "--etcd", &etcd]).await;
+    assert_fails(&missing, 2, &["publish needs the event"]);
+    let no_file = run(&["invoke", "shop", "echo", "--data-file", "/nonexistent/payload.json", "--etcd", &etcd]).await;
+    assert_fails(&no_file, 2, &["/nonexistent/payload.json"]);
+    let bad_url = run(&["invoke", "shop", "echo", "--sidecar", "https://127.0.0.1:1"]).await;
+    assert_fails(&bad_url, 2, &["TLS is not supported"]);
+
+    let no_key = run(&["state", "get", "shop", "missing-key", "--etcd", &etcd]).await;
+    assert_fails(&no_key, 4, &["no key 'missing-key' in store 'statestore' of app 'shop'"]);
+    let no_store = run(&["state", "get", "shop", "k", "--store", "nostore", "--etcd", &etcd]).await;
+    assert_fails(&no_store, 2, &["nostore"]);
+    // State lives in the app's own sidecar: another app's sidecar is refused.
+    let other = Sidecar::new("other").etcd(&shop.etcd).spawn().await;
+    let other_url = format!("http://{}", other.grpc_addr());
+    let wrong = run(&["state", "get", "shop", "cart", "--sidecar", &other_url]).await;
+    assert_fails(&wrong, 2, &["fronts app 'other', not 'shop'"]);
+
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    for args in [
+        vec!["ls", "--etcd", &nowhere],
+        vec!["invoke", "shop", "echo", "--etcd", &nowhere],
+        vec!["state", "get", "shop", "cart", "--etcd", &nowhere],
+        vec!["publish", "pubsub", "orders", "--data", "{}", "--etcd", &nowhere],
+    ] {
+        let unreachable = run(&args).await;
+        assert_fails(&unreachable, 3, &[&format!("cannot reach etcd at {nowhere}")]);
+    }
+    let no_sidecar = run(&["invoke", "shop", "echo", "--sidecar", &nowhere]).await;
+    assert_fails(&no_sidecar, 3, &[&nowhere["http://".len()..]]);
+}
+
+/// A bin dir for `tandem up`: the real tandemd, and `stand_in_service` under each service's
+/// name (it serves `status` on the given app port, nothing else).
+fn stand_in_bin_dir(root: &Path) -> PathBuf {
+    let dir = root.join("bin");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::symlink(workspace_binary("tandemd"), dir.join("tandemd")).unwrap();
+    for service in ["tandem-ingest", "tandem-preprocess", "tandem-train", "tandem-serve"] {
+        std::os::unix::fs::symlink(workspace_binary("stand_in_service"), dir.join(service)).unwrap();
+    }
+    dir
+}
+
+/// The `NAME PID` lines `tandem up` writes to RUN_DIR/pids.
+fn started_pids(run_dir: &Path) -> BTreeMap<String, u32> {
+    std::fs::read_to_string(run_dir.join("pids"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split_once(' '))
+        .map(|(name, pid)| (name.to_string(), pid.parse().expect("a pid")))
+        .collect()
+}
+
+fn is_alive(pid: u32) -> bool {
+    // A zombie has exited; only its parent has not collected it yet.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+fn assert_all_gone(pids: &BTreeMap<String, u32>) {
+    let alive: Vec<_> = pids.iter().filter(|(_, pid)| is_alive(**pid)).collect();
+    assert!(alive.is_empty(), "still running after tandem up exited: {alive:?}");
+}
+
+#[tokio::test]
+async fn up_stops_everything_when_a_child_fails_to_start_and_names_it() {
+    let root = tempfile::tempdir().unwrap();
+    let bin = stand_in_bin_dir(root.path());
+    // train's tandemd refuses a malformed component file: a real start-up failure.
+    let components = root.path().join("components");
+    std::fs::create_dir_all(components.join("train")).unwrap();
+    std::fs::write(components.join("train").join("broken.yaml"), "apiVersion: dapr.io/v1alpha1\nkind: [\n").unwrap();
+    let run_dir = root.path().join("run");
+    let args = [
+        "up",
+        "--bin-dir",
+        bin.to_str().unwrap(),
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+        "--components",
+        components.to_str().unwrap(),
+        "--etcd-port",
+        "0",
+    ];
+    let failed = run(&args).await;
+    assert_fails(&failed, 1, &["tandemd:train", "exited with code 2", "broken.yaml", "the last lines of its log"]);
+    let pids = started_pids(&run_dir);
+    // etcd, and tandemd + service of ingest, preprocess-1, preprocess-2; then train's tandemd.
+    assert_eq!(pids.len(), 8, "{pids:?}");
+    assert!(pids.contains_key("etcd") && pids.contains_key("tandemd:train") && !pids.contains_key("train"), "{pids:?}");
+    assert_all_gone(&pids);
+    assert!(stderr(&failed).contains("stopped 7 of 8 processes"), "{}", stderr(&failed));
+    assert!(run_dir.join("train").join("tandemd.log").exists(), "a given run dir keeps the logs");
+}
+
+#[tokio::test]
+async fn up_refuses_to_start_without_its_binaries_or_etcd() {
+    let root = tempfile::tempdir().unwrap();
+    let run_dir = root.path().join("run");
+    let empty = root.path().join("empty-bin");
+    std::fs::create_dir_all(&empty).unwrap();
+    let missing = run(&["up", "--bin-dir", empty.to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap()]).await;
+    assert_fails(&missing, 1, &["tandemd", "tandem-serve", "cargo build --workspace"]);
+    assert!(started_pids(&run_dir).is_empty(), "nothing was started");
+
+    let bin = stand_in_bin_dir(root.path());
+    let without_etcd = tandem(&["up", "--bin-dir", bin.to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap()])
+        .env("PATH", "/nonexistent")
+        .output()
+        .await
+        .unwrap();
+    assert_fails(&without_etcd, 1, &["etcd is not installed", "sudo apt-get install -y etcd-server"]);
+}
+
+#[tokio::test]
+async fn up_stopped_by_sigint_leaves_no_child_behind() {
+    let root = tempfile::tempdir().unwrap();
+    let bin = stand_in_bin_dir(root.path());
+    let run_dir = root.path().join("run");
+    let log = root.path().join("tandem-up.log");
+    let log_file = std::fs::File::create(&log).unwrap();
+    let mut up =
+        tandem(&["up", "--bin-dir", bin.to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap(), "--etcd-port", "0"])
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+    let tandem_pid = up.id().unwrap();
+
+    // Running: every sidecar ready, and the stand-ins' status answers show as progress.
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let what = "tandem up to have every sidecar ready and progress from every service";
+    let watched = tokio::time::timeout(Duration::from_secs(90), async {
+        while !(read_log().contains("all 5 sidecars ready") && read_log().contains("serve: running, status")) {
+            assert!(up.try_wait().unwrap().is_none(), "tandem up exited early:\n{}", read_log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(watched.is_ok(), "timed out waiting for {what}; its output:\n{}", read_log());
+    let pids = started_pids(&run_dir);
+    assert_eq!(pids.len(), 11, "etcd, 5 sidecars and 5 services: {pids:?}");
+    assert!(pids.values().all(|pid| is_alive(*pid)), "{pids:?}");
+
+    let sent = std::process::Command::new("kill").args(["-INT", &tandem_pid.to_string()]).status().unwrap();
+    assert!(sent.success());
+    let status = tokio::time::timeout(Duration::from_secs(60), up.wait())
+        .await
+        .unwrap_or_else(|_| panic!("tandem up did not exit after SIGINT:\n{}", read_log()))
+        .unwrap();
+    let output = read_log();
+    assert_eq!(status.code(), Some(130), "{output}");
+    assert!(output.contains("stopped 11 of 11 processes"), "{output}");
+    assert!(output.contains("stopped by SIGINT"), "{output}");
+    assert_all_gone(&pids);
+}
+
+/// The README's main command, for real: `tandem up` with the pipeline's own binaries (next to
+/// `tandem` in target/<profile>/) and component files, until serve has the model.
+#[tokio::test]
+async fn up_runs_the_pipeline_to_a_serving_model_then_stops_everything() {
+    let root = tempfile::tempdir().unwrap();
+    let run_dir = root.path().join("run");
+    let components = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("components");
+    let args = [
+        "up",
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+        "--components",
+        components.to_str().unwrap(),
+        "--etcd-port",
+        "0",
+        "--until-serving",
+        "--ready-timeout",
+        "900s",
+    ];
+    // Debug builds train slowly on a busy 2-core machine: bounded, but generously.
+    let output = tokio::time::timeout(Duration::from_secs(1000), tandem(&args).output())
+        .await
+        .expect("tandem up --until-serving did not exit within 1000 s")
+        .expect("running tandem up");
+    let (out, err) = (stdout(&output), stderr(&output));
+    assert_eq!(output.status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}");
+
+    let accuracy: f64 = out
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("test accuracy"))
+        .and_then(|rest| rest.trim().split('%').next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("no test accuracy in:\n{out}"));
+    assert!(accuracy >= 97.0, "test accuracy {accuracy}% with the default seed:\n{out}");
+    // The example it printed was answered through the mesh: the digit is a 0.
+    let answer = out.lines().find_map(|line| line.strip_prefix("answer: ")).expect("an answer line");
+    let answer: serde_json::Value = serde_json::from_str(answer).expect("serve answers JSON");
+    assert_eq!(answer["predictions"][0]["class"], 0, "{answer}");
+    assert!(out.contains("invoke serve predict --data '{\"features\":[0,0,5,13,"), "{out}");
+    // Progress came from every service's status.
+    for line in ["ingest: published all batches", "train: trained: test accuracy", "serve: serving model"] {
+        assert!(err.contains(line), "no {line:?} in:\n{err}");
+    }
+
+    let pids = started_pids(&run_dir);
+    assert_eq!(pids.len(), 11, "{pids:?}");
+    assert!(err.contains("stopped 11 of 11 processes"), "{err}");
+    assert_all_gone(&pids);
+}
