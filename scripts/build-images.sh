@@ -99,6 +99,8 @@ find "$stage" -exec touch -h -d '2000-01-01 00:00:00 UTC' {} +
 for image in "${images[@]}"; do
     name=$prefix/$image:$tag
     echo "==> docker build $name"
-    docker build --quiet -t "$name" -f "docker/$image.Dockerfile" docker >/dev/null
+    if ! log=$(docker build -t "$name" -f "docker/$image.Dockerfile" docker 2>&1); then
+        echo "$log" >&2; echo "build-images: docker build $name failed" >&2; exit 1
+    fi
     printf '    %-28s %s\n' "$name" "$(docker image inspect -f '{{.Size}}' "$name" | awk '{printf "%.1f MB", $1/1e6}')"
 done
