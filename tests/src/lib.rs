@@ -5,12 +5,14 @@
 //! free loopback ports with its own temp dir, and all of it stopped when dropped.
 //!
 //! Modules: [`etcd`], [`sidecar`], [`app`], [`fixture`] (the usual cast of an invocation test),
+//! [`compose`] (a Docker Compose project of compose.yaml, torn down when dropped),
 //! [`http`] (a tiny HTTP/1.1 GET for admin endpoints), [`poll`] (bounded waiting for a
 //! condition instead of sleeps), [`pubsub`] (an inbox of received events, waiting for a
 //! subscription), [`state`] (component files and a state API client), [`stats`] (latency
 //! percentiles for the benchmark and the demo).
 
 pub mod app;
+pub mod compose;
 pub mod etcd;
 pub mod fixture;
 pub mod http;
