@@ -5,6 +5,10 @@
 # missing, and checks what apt does not provide here:
 #   - etcd     (package etcd-server): the tests and the demo start real etcd servers;
 #   - protoc   (package protobuf-compiler): etcd-client's build script compiles etcd's protos;
+#   - python3 with venv (python3-venv): scripts/validate-manifests.sh installs its Kubernetes
+#              tools into a virtualenv;
+#   - docker-compose, when a Docker engine is there but no compose command: the compose test
+#              (tests/tests/compose.rs) drives compose.yaml with it;
 #   - cargo    Rust 1.88 or newer (Debian's own rustc is too old): install it with rustup.
 # apt runs through sudo unless we are root.
 
@@ -12,6 +16,11 @@ install_deps() {
     local missing=()
     command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
     command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+    python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+    if command -v docker >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1 \
+        && ! command -v docker-compose >/dev/null 2>&1; then
+        missing+=(docker-compose)
+    fi
     if ((${#missing[@]} > 0)); then
         local sudo=()
         if [ "$(id -u)" -ne 0 ]; then
