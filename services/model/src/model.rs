@@ -1,0 +1,398 @@
+//! The MLP classifier: architecture ([`MlpConfig`]), seeded initialisation, prediction,
+//! evaluation and weights to and from bytes.
+//!
+//! The network is `Linear -> ReLU` per hidden layer, then a `Linear` to one logit per class;
+//! probabilities are the softmax of the logits. Weights serialise as a burn `ModuleRecord`
+//! (burnpack bytes); loading them checks every tensor against the architecture.
+
+use burn::module::{Module, Param, ParamId};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::{Linear, Relu};
+use burn::store::ModuleRecord;
+use burn::tensor::activation::softmax;
+use burn::tensor::{Bytes, Device, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use crate::dataset::Dataset;
+use crate::rng::SeededRng;
+
+/// Why a model could not be built, loaded or applied.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ModelError {
+    /// A sample has a different number of features than the model takes.
+    #[error("sample {sample} has {found} features, the model takes {expected}")]
+    FeatureCount {
+        /// 0-based sample index in the request.
+        sample: usize,
+        /// Features the model takes.
+        expected: usize,
+        /// Features given.
+        found: usize,
+    },
+    /// A feature value is NaN or infinite.
+    #[error("sample {sample}, feature {feature}: {value} is not a finite number")]
+    NonFinite {
+        /// 0-based sample index in the request.
+        sample: usize,
+        /// 0-based feature index.
+        feature: usize,
+        /// The value.
+        value: f32,
+    },
+    /// No samples were given.
+    #[error("no samples given")]
+    NoSamples,
+    /// A label is outside the model's classes.
+    #[error("sample {sample} has label {label}, but the model has only {num_classes} classes")]
+    LabelOutOfRange {
+        /// 0-based sample index.
+        sample: usize,
+        /// The label.
+        label: u32,
+        /// Classes of the model.
+        num_classes: usize,
+    },
+    /// The architecture or training configuration is unusable.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The bytes are not a weights record at all.
+    #[error("weights bytes are not a burn record: {0}")]
+    NotARecord(String),
+    /// The bytes are a weights record for another architecture.
+    #[error("weights do not match the architecture {architecture}: {reason}")]
+    ArchitectureMismatch {
+        /// The expected architecture, e.g. `64-128-10`.
+        architecture: String,
+        /// burn's validation message.
+        reason: String,
+    },
+    /// burn failed to serialise or read back a tensor.
+    #[error("tensor backend error: {0}")]
+    Backend(String),
+}
+
+/// The classifier's architecture.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MlpConfig {
+    /// Features per sample (inputs).
+    pub num_features: usize,
+    /// Width of each hidden layer, input side first.
+    pub hidden: Vec<usize>,
+    /// Number of classes (outputs).
+    pub num_classes: usize,
+}
+
+impl MlpConfig {
+    /// The layer widths joined by dashes, e.g. `64-128-10`.
+    pub fn architecture(&self) -> String {
+        self.widths().iter().map(usize::to_string).collect::<Vec<_>>().join("-")
+    }
+
+    fn widths(&self) -> Vec<usize> {
+        let mut widths = vec![self.num_features];
+        widths.extend_from_slice(&self.hidden);
+        widths.push(self.num_classes);
+        widths
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ModelError> {
+        if self.widths().contains(&0) {
+            return Err(ModelError::Config(format!("every layer needs a width > 0, got {}", self.architecture())));
+        }
+        if self.num_classes < 2 {
+            return Err(ModelError::Config(format!("a classifier needs >= 2 classes, got {}", self.num_classes)));
+        }
+        Ok(())
+    }
+}
+
+/// The burn module: hidden `Linear` layers with ReLU, then the output layer.
+#[derive(Module, Debug)]
+pub(crate) struct Mlp {
+    layers: Vec<Linear>,
+    activation: Relu,
+}
+
+impl Mlp {
+    /// Initialises weights and biases from `U(-k, k)`, `k = 1/sqrt(fan_in)` (PyTorch's default for
+    /// `nn.Linear`), drawn from `rng`. Parameter ids are fixed (their position) so that the
+    /// weights bytes depend only on the values.
+    pub(crate) fn init(config: &MlpConfig, rng: &mut SeededRng, device: &Device) -> Self {
+        let widths = config.widths();
+        let layers = widths
+            .windows(2)
+            .enumerate()
+            .map(|(index, pair)| {
+                let (fan_in, fan_out) = (pair[0], pair[1]);
+                let bound = 1.0 / (fan_in as f32).sqrt();
+                let weight: Vec<f32> = (0..fan_in * fan_out).map(|_| rng.uniform_f32(-bound, bound)).collect();
+                let bias: Vec<f32> = (0..fan_out).map(|_| rng.uniform_f32(-bound, bound)).collect();
+                let weight = Tensor::<2>::from_data(TensorData::new(weight, [fan_in, fan_out]), device);
+                let bias = Tensor::<1>::from_data(TensorData::new(bias, [fan_out]), device);
+                Linear {
+                    weight: Param::initialized(ParamId::from(2 * index as u64), weight).set_require_grad(true),
+                    bias: Some(Param::initialized(ParamId::from(2 * index as u64 + 1), bias).set_require_grad(true)),
+                }
+            })
+            .collect();
+        Self { layers, activation: Relu::new() }
+    }
+
+    /// Logits `[batch, num_classes]` for inputs `[batch, num_features]`.
+    pub(crate) fn forward(&self, input: Tensor<2>) -> Tensor<2> {
+        let last = self.layers.len() - 1;
+        let mut x = input;
+        for (index, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(x);
+            if index < last {
+                x = self.activation.forward(x);
+            }
+        }
+        x
+    }
+}
+
+/// One prediction: the most probable class and the probability of every class.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    /// The class with the highest probability.
+    pub class: u32,
+    /// Softmax probabilities, one per class (they sum to 1).
+    pub probabilities: Vec<f32>,
+}
+
+/// Accuracy and mean cross-entropy loss on a labelled dataset.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// Fraction of samples whose predicted class is the label, in `[0, 1]`.
+    pub accuracy: f32,
+    /// Mean cross-entropy loss.
+    pub loss: f32,
+    /// Samples evaluated.
+    pub samples: usize,
+}
+
+/// A trained (or freshly initialised) MLP classifier on a device, ready to predict.
+#[derive(Debug, Clone)]
+pub struct Classifier {
+    config: MlpConfig,
+    model: Mlp,
+    device: Device,
+}
+
+impl Classifier {
+    /// A classifier with seeded random weights (what [`crate::train()`] starts from).
+    pub fn new(config: &MlpConfig, seed: u64, device: &Device) -> Result<Self, ModelError> {
+        config.validate()?;
+        let model = Mlp::init(config, &mut SeededRng::new(seed), device);
+        Ok(Self { config: config.clone(), model, device: device.clone() })
+    }
+
+    pub(crate) fn from_trained(config: MlpConfig, model: Mlp, device: Device) -> Self {
+        Self { config, model, device }
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &MlpConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The weights as bytes (a burn record in the burnpack format). Same weights, same bytes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, ModelError> {
+        let bytes =
+            self.model.clone().into_record().into_bytes().map_err(|err| ModelError::Backend(err.to_string()))?;
+        Ok(bytes.to_vec())
+    }
+
+    /// Loads weights written by [`Classifier::to_bytes`] into a classifier of architecture
+    /// `config` on `device`. Bytes of another architecture or not a record at all are refused.
+    pub fn from_bytes(config: &MlpConfig, bytes: &[u8], device: &Device) -> Result<Self, ModelError> {
+        config.validate()?;
+        let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(bytes.to_vec()))
+            .map_err(|err| ModelError::NotARecord(err.to_string()))?;
+        let model = Mlp::init(config, &mut SeededRng::new(0), device).try_load_record(record).map_err(|err| {
+            ModelError::ArchitectureMismatch { architecture: config.architecture(), reason: err.to_string() }
+        })?;
+        Ok(Self { config: config.clone(), model, device: device.clone() })
+    }
+
+    /// Predicts one sample.
+    pub fn predict_one(&self, features: &[f32]) -> Result<Prediction, ModelError> {
+        let mut predictions = self.predict(&[features])?;
+        Ok(predictions.remove(0))
+    }
+
+    /// Predicts many samples in one forward pass (what a dynamic batch does).
+    pub fn predict<R: AsRef<[f32]>>(&self, samples: &[R]) -> Result<Vec<Prediction>, ModelError> {
+        let input = self.input_tensor(samples)?;
+        let probabilities = softmax(self.model.forward(input), 1);
+        let values = tensor_values(probabilities)?;
+        Ok(values
+            .chunks(self.config.num_classes)
+            .map(|probabilities| Prediction { class: argmax(probabilities), probabilities: probabilities.to_vec() })
+            .collect())
+    }
+
+    /// Accuracy and loss on `data` (its labels must be `< num_classes`).
+    pub fn evaluate(&self, data: &Dataset) -> Result<Evaluation, ModelError> {
+        let num_classes = self.config.num_classes;
+        if let Some((sample, &label)) = data.labels().iter().enumerate().find(|&(_, &l)| l as usize >= num_classes) {
+            return Err(ModelError::LabelOutOfRange { sample, label, num_classes });
+        }
+        if data.num_features() != self.config.num_features {
+            return Err(ModelError::FeatureCount {
+                sample: 0,
+                expected: self.config.num_features,
+                found: data.num_features(),
+            });
+        }
+        let input = Tensor::<2>::from_data(
+            TensorData::new(data.features().to_vec(), [data.len(), data.num_features()]),
+            &self.device,
+        );
+        let targets = labels_tensor(data.labels(), &self.device);
+        let logits = self.model.forward(input);
+        let loss = CrossEntropyLossConfig::new().init(&self.device).forward(logits.clone(), targets.clone());
+        let correct = count_correct(logits, targets)?;
+        Ok(Evaluation { accuracy: correct as f32 / data.len() as f32, loss: scalar(loss)?, samples: data.len() })
+    }
+
+    fn input_tensor<R: AsRef<[f32]>>(&self, samples: &[R]) -> Result<Tensor<2>, ModelError> {
+        if samples.is_empty() {
+            return Err(ModelError::NoSamples);
+        }
+        let expected = self.config.num_features;
+        let mut flat = Vec::with_capacity(samples.len() * expected);
+        for (sample, row) in samples.iter().enumerate() {
+            let row = row.as_ref();
+            if row.len() != expected {
+                return Err(ModelError::FeatureCount { sample, expected, found: row.len() });
+            }
+            if let Some(feature) = row.iter().position(|value| !value.is_finite()) {
+                return Err(ModelError::NonFinite { sample, feature, value: row[feature] });
+            }
+            flat.extend_from_slice(row);
+        }
+        Ok(Tensor::<2>::from_data(TensorData::new(flat, [samples.len(), expected]), &self.device))
+    }
+}
+
+/// Class labels as a burn `Int` tensor `[n]`.
+pub(crate) fn labels_tensor(labels: &[u32], device: &Device) -> Tensor<1, Int> {
+    let labels: Vec<i64> = labels.iter().map(|&label| i64::from(label)).collect();
+    let len = labels.len();
+    Tensor::<1, Int>::from_data(TensorData::new(labels, [len]), device)
+}
+
+/// How many rows of `logits` have their maximum at the target class.
+pub(crate) fn count_correct(logits: Tensor<2>, targets: Tensor<1, Int>) -> Result<usize, ModelError> {
+    let [rows, _] = logits.dims();
+    let predicted = logits.argmax(1).reshape([rows]);
+    let correct = predicted.equal(targets).int().sum();
+    let correct: i64 = correct.try_into_scalar().map_err(|err| ModelError::Backend(format!("{err:?}")))?;
+    Ok(correct as usize)
+}
+
+/// The single value of a one-element float tensor.
+pub(crate) fn scalar(tensor: Tensor<1>) -> Result<f32, ModelError> {
+    tensor.try_into_scalar().map_err(|err| ModelError::Backend(format!("{err:?}")))
+}
+
+fn tensor_values(tensor: Tensor<2>) -> Result<Vec<f32>, ModelError> {
+    let data = tensor.try_into_data().map_err(|err| ModelError::Backend(format!("{err:?}")))?;
+    data.try_into_vec::<f32>().map_err(|err| ModelError::Backend(format!("{err:?}")))
+}
+
+/// Index of the largest value (the first one on ties).
+fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (index, value) in values.iter().enumerate() {
+        if *value > values[best] {
+            best = index;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpu() -> Device {
+        crate::parse_device("cpu").unwrap()
+    }
+
+    fn config(hidden: Vec<usize>) -> MlpConfig {
+        MlpConfig { num_features: 4, hidden, num_classes: 3 }
+    }
+
+    #[test]
+    fn classifier_is_shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Classifier>();
+    }
+
+    #[test]
+    fn same_seed_same_weights_bytes_and_bytes_round_trip() {
+        let a = Classifier::new(&config(vec![8]), 5, &cpu()).unwrap();
+        let b = Classifier::new(&config(vec![8]), 5, &cpu()).unwrap();
+        let c = Classifier::new(&config(vec![8]), 6, &cpu()).unwrap();
+        let bytes = a.to_bytes().unwrap();
+        assert_eq!(bytes, b.to_bytes().unwrap());
+        assert_ne!(bytes, c.to_bytes().unwrap());
+
+        let loaded = Classifier::from_bytes(&config(vec![8]), &bytes, &cpu()).unwrap();
+        assert_eq!(loaded.to_bytes().unwrap(), bytes);
+        let samples = [[0.5, -1.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0]];
+        assert_eq!(loaded.predict(&samples).unwrap(), a.predict(&samples).unwrap());
+    }
+
+    #[test]
+    fn bytes_of_another_architecture_or_garbage_are_refused() {
+        let bytes = Classifier::new(&config(vec![8]), 1, &cpu()).unwrap().to_bytes().unwrap();
+        let err = Classifier::from_bytes(&config(vec![16]), &bytes, &cpu()).unwrap_err();
+        assert!(matches!(err, ModelError::ArchitectureMismatch { .. }), "{err:?}");
+        assert!(err.to_string().starts_with("weights do not match the architecture 4-16-3: "), "{err}");
+        let err = Classifier::from_bytes(&config(vec![8, 8]), &bytes, &cpu()).unwrap_err();
+        assert!(err.to_string().starts_with("weights do not match the architecture 4-8-8-3: "), "{err}");
+        let err = Classifier::from_bytes(&config(vec![8]), b"not weights", &cpu()).unwrap_err();
+        assert!(matches!(err, ModelError::NotARecord(_)), "{err:?}");
+        assert!(err.to_string().starts_with("weights bytes are not a burn record: "), "{err}");
+    }
+
+    #[test]
+    fn predict_gives_probabilities_and_refuses_bad_samples() {
+        let classifier = Classifier::new(&config(vec![8]), 1, &cpu()).unwrap();
+        let one = classifier.predict_one(&[0.1, 0.2, 0.3, 0.4]).unwrap();
+        assert_eq!(one.probabilities.len(), 3);
+        assert!((one.probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        assert_eq!(one.class, argmax(&one.probabilities));
+
+        let err = classifier.predict(&[vec![0.0; 4], vec![0.0; 5]]).unwrap_err();
+        assert_eq!(err.to_string(), "sample 1 has 5 features, the model takes 4");
+        let err = classifier.predict_one(&[0.0, f32::NAN, 0.0, 0.0]).unwrap_err();
+        assert_eq!(err.to_string(), "sample 0, feature 1: NaN is not a finite number");
+        assert_eq!(classifier.predict::<Vec<f32>>(&[]), Err(ModelError::NoSamples));
+    }
+
+    #[test]
+    fn evaluate_refuses_labels_outside_the_classes() {
+        let classifier = Classifier::new(&config(vec![8]), 1, &cpu()).unwrap();
+        let data = Dataset::from_rows(&[vec![0.0; 4], vec![1.0; 4]], vec![0, 3]).unwrap();
+        let err = classifier.evaluate(&data).unwrap_err();
+        assert_eq!(err.to_string(), "sample 1 has label 3, but the model has only 3 classes");
+    }
+
+    #[test]
+    fn architectures_without_width_or_classes_are_refused() {
+        let err = Classifier::new(&config(vec![0]), 1, &cpu()).unwrap_err();
+        assert_eq!(err.to_string(), "invalid configuration: every layer needs a width > 0, got 4-0-3");
+        let one_class = MlpConfig { num_features: 4, hidden: vec![], num_classes: 1 };
+        assert!(Classifier::new(&one_class, 1, &cpu()).is_err());
+    }
+}
