@@ -152,8 +152,9 @@ async fn the_pipeline_runs_in_compose_serves_the_host_and_recovers_from_killed_c
                 && project.health("preprocess-1-sidecar").await == "healthy"
         })
         .await;
-    let status = invoke_json(&client, "preprocess", "status", &json!({})).await.unwrap();
-    assert_eq!(status["scaler_fitted"], true, "{status}");
+    let ingest = invoke_json(&client, "ingest", "status", &json!({})).await.unwrap();
+    assert_eq!(ingest["phase"], "done", "{ingest}");
+    assert_eq!(ingest["published_batches"], ingest["total_batches"], "{ingest}");
 
     // Teardown takes the volumes with it.
     let volumes_before = project.volumes().await;
