@@ -9,15 +9,18 @@
 //! [`http`] (a tiny HTTP/1.1 GET for admin endpoints), [`poll`] (bounded waiting for a
 //! condition instead of sleeps), [`pubsub`] (an inbox of received events, waiting for a
 //! subscription), [`state`] (component files and a state API client), [`stats`] (latency
-//! percentiles for the benchmark and the demo).
+//! percentiles for the benchmark and the demo), [`service`] (a workspace service binary as a
+//! process), [`pipeline`] (the AI pipeline: the four services, each beside its own tandemd).
 
 pub mod app;
 pub mod compose;
 pub mod etcd;
 pub mod fixture;
 pub mod http;
+pub mod pipeline;
 pub mod poll;
 pub mod pubsub;
+pub mod service;
 pub mod sidecar;
 pub mod state;
 pub mod stats;

@@ -1,0 +1,46 @@
+//! `tandem-ingest`: loads the dataset (a bad CSV ends it here, exit code 1, with the line and
+//! column in the message), then serves `status` and publishes the batches through its sidecar.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tandem_ingest::{Ingest, Options};
+use tandem_pipeline::service;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let options = Options::parse();
+    service::init_logging();
+    match run(options).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("tandem-ingest: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(options: Options) -> anyhow::Result<()> {
+    let prepared = tandem_ingest::prepare(&options.dataset)?;
+    tracing::info!(
+        dataset_version = %prepared.manifest.dataset_version,
+        train = prepared.manifest.counts.train_samples,
+        test = prepared.manifest.counts.test_samples,
+        "dataset loaded and split"
+    );
+    let sidecar = service::sidecar_client(&options.service.sidecar)?;
+    let listener = service::bind(&options.service).await?;
+    let ingest = Ingest::new(prepared, sidecar.clone());
+    let mut server = tokio::spawn(service::serve_until_signal(ingest.app_server(), listener));
+    service::wait_for_sidecar(&sidecar, &options.service.sidecar, options.service.sidecar_wait()).await?;
+    let publisher = tokio::spawn(async move { ingest.publish().await });
+    tokio::select! {
+        served = &mut server => served??,
+        published = publisher => {
+            published??;
+            // Everything is published: keep answering `status` until stopped.
+            server.await??;
+        }
+    }
+    Ok(())
+}

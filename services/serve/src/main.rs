@@ -1,0 +1,33 @@
+//! `tandem-serve`: serves `predict` and `status` beside its sidecar, loading each new model
+//! that train announces on `model.ready`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tandem_pipeline::service;
+use tandem_serve::{Options, Serve};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let options = Options::parse();
+    service::init_logging();
+    match run(options).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("tandem-serve: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(options: Options) -> anyhow::Result<()> {
+    let device = tandem_model::parse_device(&options.device)?;
+    let sidecar = service::sidecar_client(&options.service.sidecar)?;
+    let listener = service::bind(&options.service).await?;
+    let serve = Serve::new(sidecar.clone(), options.batching(), device);
+    let server = tokio::spawn(service::serve_until_signal(serve.app_server(), listener));
+    service::wait_for_sidecar(&sidecar, &options.service.sidecar, options.service.sidecar_wait()).await?;
+    tokio::spawn(serve.clone().follow_registry(options.model_poll()));
+    server.await??;
+    Ok(())
+}

@@ -1,0 +1,269 @@
+//! The AI pipeline end to end: real etcd, four tandemd sidecars (plus a second preprocess
+//! replica and a client sidecar), the four service binaries. Digits are ingested, standardized
+//! by two competing preprocess replicas, trained on, and served; predictions go through the
+//! mesh. Then a new dataset version makes train publish a second model, which serve swaps in
+//! while clients keep predicting. And every bad input gets its named error.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tandem_model::Dataset;
+use tandem_pipeline::messages::{
+    GetModelRequest, IngestPhase, IngestStatus, ModelEntry, PreprocessStatus, TrainPhase, TrainStatus, app_ids,
+    methods,
+};
+use tandem_sdk::Code;
+use tandem_tests::pipeline::{Pipeline, PipelineOptions, Stage};
+use tandem_tests::service::Service;
+use tandem_tests::{Etcd, Sidecar, eventually};
+
+/// Generous: debug builds on a busy 2-core CI machine.
+const TRAINING_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn accuracy(predicted: &[u32], labels: &[u32]) -> f64 {
+    let correct = predicted.iter().zip(labels).filter(|(p, l)| p == l).count();
+    correct as f64 / labels.len() as f64
+}
+
+/// The digits test split exactly as ingest cuts it with its defaults (seed 42, 20% test).
+fn digits_test_split() -> Dataset {
+    Dataset::digits().split(0.2, 42).expect("the digits split").test
+}
+
+fn rows_json(dataset: &Dataset) -> String {
+    serde_json::json!({ "features": dataset.to_rows() }).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn digits_flow_through_the_mesh_to_a_served_model_that_is_swapped_under_load() {
+    let pipeline = Pipeline::start(PipelineOptions::default()).await;
+
+    // 1. The first model: trained on digits, announced, loaded by serve.
+    let v1 = pipeline.wait_for_model(None, TRAINING_TIMEOUT).await;
+    let train: TrainStatus = pipeline.status(app_ids::TRAIN).await.expect("train status");
+    assert_eq!(train.phase, TrainPhase::Ready);
+    assert_eq!(train.model_version.as_deref(), Some(v1.as_str()));
+    let test_accuracy = train.test_accuracy.expect("a test accuracy once ready");
+    assert!(test_accuracy >= 0.97, "test accuracy {test_accuracy} < 0.97");
+    assert_eq!(train.batches_expected, Some(train.batches_received));
+
+    let ingest: IngestStatus = pipeline.status(app_ids::INGEST).await.expect("ingest status");
+    assert_eq!(ingest.phase, IngestPhase::Done);
+    assert_eq!(ingest.published_batches, ingest.total_batches);
+    assert_eq!(train.dataset_version.as_deref(), Some(ingest.dataset_version.as_str()));
+
+    // The registry entry: weights, dataset version, preprocessing, metrics, time.
+    let entry: ModelEntry = pipeline
+        .call(app_ids::TRAIN, methods::GET_MODEL, &serde_json::to_string(&GetModelRequest::default()).unwrap())
+        .await
+        .expect("get_model");
+    assert_eq!(entry.model_version, v1);
+    assert_eq!(entry.dataset_version, ingest.dataset_version);
+    assert!(!entry.weights.is_empty());
+    assert_eq!(entry.metrics.test_accuracy, test_accuracy);
+    assert_eq!(entry.metrics.train_samples + entry.metrics.test_samples, 1797);
+    assert!(entry.created_at.ends_with('Z'));
+
+    // Two competing replicas gave the scaler one process fits on the whole train split.
+    let train_split = Dataset::digits().split(0.2, 42).unwrap().train;
+    let whole = tandem_model::Standardizer::fit(&train_split, &tandem_model::parse_device("cpu").unwrap());
+    assert_eq!(entry.preprocessing.samples, train_split.len() as u64);
+    for (i, (got, want)) in entry.preprocessing.mean.iter().zip(&whole.mean).enumerate() {
+        assert!((got - want).abs() < 1e-4, "mean of feature {i}: {got} vs {want}");
+    }
+    for (i, (got, want)) in entry.preprocessing.std.iter().zip(&whole.std).enumerate() {
+        assert!((got - want).abs() < 1e-4, "std of feature {i}: {got} vs {want}");
+    }
+    let preprocess: PreprocessStatus = pipeline.status(app_ids::PREPROCESS).await.expect("preprocess status");
+    assert!(preprocess.scaler_fitted);
+    assert_eq!(preprocess.dataset_version.as_deref(), Some(ingest.dataset_version.as_str()));
+
+    // 2. Predictions through the mesh: the whole test split in one request, raw features.
+    let test = digits_test_split();
+    let answer = pipeline.predict(&rows_json(&test)).await.expect("predict the test split");
+    assert_eq!(answer.model_version, v1);
+    assert_eq!(answer.predictions.len(), test.len());
+    let classes: Vec<u32> = answer.predictions.iter().map(|p| p.class).collect();
+    let served_accuracy = accuracy(&classes, test.labels());
+    assert!(served_accuracy >= 0.97, "served accuracy {served_accuracy} < 0.97");
+    assert!((served_accuracy - f64::from(test_accuracy)).abs() < 0.01, "{served_accuracy} vs {test_accuracy}");
+    for p in &answer.predictions {
+        assert_eq!(p.probabilities.len(), 10);
+        let sum: f32 = p.probabilities.iter().sum();
+        assert!((sum - 1.0).abs() < 1e-3, "probabilities sum to {sum}");
+        let best = p.probabilities.iter().cloned().fold(f32::MIN, f32::max);
+        assert_eq!(p.probabilities[p.class as usize], best);
+    }
+    // One sample, the flat form.
+    let one = serde_json::json!({ "features": test.row(0) }).to_string();
+    let single = pipeline.predict(&one).await.expect("predict one sample");
+    assert_eq!(single.predictions.len(), 1);
+    assert_eq!(single.predictions[0].class, classes[0]);
+
+    // 3. Bad input against the live model: wrong feature count, non-finite values.
+    let err = pipeline.predict(r#"{"features":[1,2,3]}"#).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("wrong feature count") && err.message().contains("takes 64"), "{}", err.message());
+    let mut row: Vec<serde_json::Value> = test.row(0).iter().map(|x| serde_json::json!(x)).collect();
+    row[5] = serde_json::json!("NaN");
+    let err = pipeline.predict(&serde_json::json!({ "features": [row.clone()] }).to_string()).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("sample 0, feature 5: NaN is not a finite number"), "{}", err.message());
+    row[5] = serde_json::json!(1e300);
+    let err = pipeline.predict(&serde_json::json!({ "features": row }).to_string()).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("feature 5") && err.message().contains("not a finite number"), "{}", err.message());
+
+    // 4. A new dataset version (another split seed) makes a second model; serve swaps it in
+    // while 8 clients keep predicting: no request may fail.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let newer = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for client in 0..8 {
+        let (stop, failures, newer, caller) = (stop.clone(), failures.clone(), newer.clone(), pipeline.client.clone());
+        let sample = serde_json::json!({ "features": test.row(client) }).to_string();
+        let v1 = v1.clone();
+        clients.push(tokio::spawn(async move {
+            let mut versions = std::collections::BTreeMap::<String, usize>::new();
+            while !stop.load(Ordering::SeqCst) {
+                let options = tandem_sdk::CallOptions::default().content_type("application/json");
+                match caller.invoke_with(app_ids::SERVE, methods::PREDICT, sample.clone().into_bytes(), options).await {
+                    Ok(reply) => {
+                        let answer: tandem_pipeline::messages::PredictResponse =
+                            serde_json::from_slice(&reply.data).expect("predict JSON");
+                        if answer.model_version != v1 {
+                            newer.fetch_add(1, Ordering::SeqCst);
+                        }
+                        *versions.entry(answer.model_version).or_default() += 1;
+                    }
+                    Err(status) => {
+                        eprintln!("predict failed during the swap: {status:?}");
+                        failures.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                // Steady load that leaves the 2-core CI machine room to train the next model.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            versions
+        }));
+    }
+    let mut pipeline = pipeline;
+    pipeline.ingest.stop_service().await;
+    pipeline.ingest.start_service(&["--seed".to_string(), "7".to_string()]).await;
+    let v2 = pipeline.wait_for_model(Some(&v1), TRAINING_TIMEOUT).await;
+    // The clients keep going until each of them could have seen the new model.
+    eventually(Duration::from_secs(30), "the load clients to get answers from the new model", || {
+        let newer = newer.clone();
+        async move { newer.load(Ordering::SeqCst) >= 8 }
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    for client in clients {
+        for (version, count) in client.await.expect("a load client") {
+            *seen.entry(version).or_default() += count;
+        }
+    }
+    assert_eq!(failures.load(Ordering::SeqCst), 0, "requests failed during the swap; versions seen: {seen:?}");
+    assert!(seen.contains_key(&v1) && seen.contains_key(&v2), "both versions answered under load: {seen:?}");
+    let after_swap = pipeline.predict(&rows_json(&test)).await.expect("predict after the swap");
+    assert_eq!(after_swap.model_version, v2);
+    let entry2: ModelEntry = pipeline
+        .call(app_ids::TRAIN, methods::GET_MODEL, &format!(r#"{{"version":"{v2}"}}"#))
+        .await
+        .expect("get_model v2");
+    assert!(entry2.sequence > entry.sequence);
+    assert_ne!(entry2.dataset_version, entry.dataset_version);
+    // The old version stays in the registry.
+    let old: ModelEntry =
+        pipeline.call(app_ids::TRAIN, methods::GET_MODEL, &format!(r#"{{"version":"{v1}"}}"#)).await.expect("v1");
+    assert_eq!(old.weights, entry.weights);
+    let missing = pipeline
+        .call::<ModelEntry>(app_ids::TRAIN, methods::GET_MODEL, r#"{"version":"v999"}"#)
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    assert!(missing.message().contains("v999"), "{}", missing.message());
+}
+
+#[tokio::test]
+async fn serve_without_a_model_says_unavailable_and_names_bad_input() {
+    let etcd = Etcd::start().await;
+    let serve = Stage::start(&etcd, app_ids::SERVE, Some(&[])).await;
+    let client_sidecar = Sidecar::new("client").etcd(&etcd).spawn().await;
+    let client = client_sidecar.client();
+    let call = |body: &'static str| {
+        let client = client.clone();
+        async move {
+            let options = tandem_sdk::CallOptions::default().content_type("application/json");
+            client.invoke_with(app_ids::SERVE, methods::PREDICT, body.as_bytes().to_vec(), options).await
+        }
+    };
+    // Until serve's sidecar is routable the client sees UNAVAILABLE from the mesh itself;
+    // serve's own answer names the missing model.
+    let last = std::sync::Mutex::new(None);
+    eventually(Duration::from_secs(30), "serve's own answer to predict", || {
+        let last = &last;
+        async move {
+            let status = call(r#"{"features":[1,2]}"#).await.unwrap_err();
+            let done = status.message().contains("no model");
+            *last.lock().unwrap() = Some(status);
+            done
+        }
+    })
+    .await;
+    let status = last.into_inner().unwrap().expect("an answer");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("no model loaded yet"), "{}", status.message());
+
+    for (body, expected) in [
+        (r#"{"features":[1,"Infinity"]}"#, "sample 0, feature 1: Infinity is not a finite number"),
+        (r#"{"features":[[1,2],[3,"NaN"]]}"#, "sample 1, feature 1: NaN is not a finite number"),
+        (r#"{"features":[[1,2],[3]]}"#, "sample 1 has 1 features but sample 0 has 2"),
+        (r#"{"features":[1,"x"]}"#, "\"x\" is not a number"),
+        (r#"{"samples":[1]}"#, "no 'features' field"),
+        (r#"{"features":[]}"#, "no features"),
+        ("{", "not valid JSON"),
+    ] {
+        let status = call(body).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{body}: {status:?}");
+        assert!(status.message().contains(expected), "{body}: {}", status.message());
+    }
+    drop(serve);
+}
+
+#[tokio::test]
+async fn a_bad_csv_stops_ingest_with_the_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("ragged.csv", "a,b,label\n1,2,0\n3,4\n", vec!["line 3", "2 fields", "3 columns"]),
+        ("not-a-number.csv", "a,b,label\n1,2,0\n3,oops,1\n", vec!["line 3", "column 'b'", "'oops'"]),
+        ("no-label.csv", "a,b,c\n1,2,0\n", vec!["line 1", "label column 'label'"]),
+        ("bad-label.csv", "a,b,label\n1,2,0\n3,4,cat\n", vec!["line 3", "column 'label'", "'cat'"]),
+        ("empty.csv", "", vec!["empty"]),
+    ];
+    for (name, text, expected) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        // No sidecar is needed: ingest reads the dataset before anything else.
+        let output = Service::new("tandem-ingest")
+            .args(["--app-port", "1", "--sidecar", "http://127.0.0.1:1", "--dataset"])
+            .arg(path.display().to_string())
+            .run_to_exit(Duration::from_secs(30))
+            .await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{name}: {stderr}");
+        for part in expected {
+            assert!(stderr.contains(part), "{name}: expected '{part}' in: {stderr}");
+        }
+        assert!(stderr.contains(name), "{name}: the message names the file: {stderr}");
+    }
+    let missing = Service::new("tandem-ingest")
+        .args(["--app-port", "1", "--dataset", "/nonexistent/data.csv"])
+        .run_to_exit(Duration::from_secs(30))
+        .await;
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/data.csv"));
+}
