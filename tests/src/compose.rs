@@ -103,9 +103,9 @@ impl ComposeProject {
         run_with_timeout(cmd, timeout).await
     }
 
-    /// The container id of a service (empty when it has none).
+    /// The container id of a service, running or stopped (empty when it has none).
     pub async fn container(&self, service: &str) -> String {
-        let out = self.compose(&["ps", "-q", service], Duration::from_secs(60)).await;
+        let out = self.compose(&["ps", "-a", "-q", service], Duration::from_secs(60)).await;
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
