@@ -10,6 +10,9 @@
 //!   `state.etcd`), and times GetState and durable SaveState of 1 KiB in each against
 //!   GetMetadata, a sidecar round trip that touches no store.
 //! - `all` (the default): both, one after the other.
+//! - `serving`: the AI pipeline's `predict` with 64 concurrent clients, dynamic batching
+//!   against batch size 1 (see [`serving`]); needs the pipeline binaries built in the same
+//!   target directory (`cargo build --release --workspace`).
 //!
 //! Build tandemd into the same target directory first: the harness runs the `tandemd` that
 //! sits next to this executable.
@@ -18,6 +21,8 @@
 //! cargo build --release -p tandem-bench -p tandem-sidecar
 //! target/release/tandem-bench --write BENCHMARKS.md          # both
 //! target/release/tandem-bench state --write BENCHMARKS.md    # only the state benchmark
+//! cargo build --release --workspace
+//! target/release/tandem-bench serving --write BENCHMARKS.md  # the serving benchmark
 //! ```
 //!
 //! Modules, one per concern:
@@ -29,6 +34,7 @@
 //! - [`procfs`]: resident memory and CPU time from `/proc/<pid>/{status,stat}`, and how busy
 //!   the machine was from `/proc/stat`.
 //! - [`machine`]: where and when: CPUs, load, build profile, date, commit, tandemd's workers.
+//! - [`serving`]: the serving scenario: the pipeline, the batching settings, its report.
 //! - [`report`]: the invocation report, the shared number formats, and the marker-delimited
 //!   sections of BENCHMARKS.md.
 
@@ -37,6 +43,7 @@ mod load;
 mod machine;
 mod procfs;
 mod report;
+mod serving;
 mod state;
 mod stats;
 
@@ -60,6 +67,8 @@ enum Which {
     State,
     /// Both, invoke first.
     All,
+    /// The pipeline's serve: dynamic batching against batch size 1, 64 clients.
+    Serving,
 }
 
 /// What the mesh and the state API cost, against direct calls and a bare sidecar round trip.
@@ -84,6 +93,18 @@ struct Args {
     /// Rounds both phases are split into, taking the routes in turn.
     #[arg(long, default_value_t = 10)]
     rounds: usize,
+    /// Closed-loop clients of the serving benchmark.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Rounds of the serving benchmark (each restarts serve once per setting).
+    #[arg(long, default_value_t = 2)]
+    serving_rounds: usize,
+    /// serve's --max-batch-size for the batching setting.
+    #[arg(long, default_value_t = 64)]
+    max_batch_size: u32,
+    /// serve's --max-batch-wait-ms.
+    #[arg(long, default_value_t = 2)]
+    max_batch_wait_ms: u64,
     /// Also write the report into this markdown file (BENCHMARKS.md), replacing only the
     /// sections of the benchmarks that ran.
     #[arg(long, value_name = "FILE")]
@@ -126,6 +147,19 @@ async fn run(args: Args) -> Result<()> {
         let block = report.to_markdown();
         println!("{block}");
         write_section(args.write.as_deref(), &STATE_SECTION, &block)?;
+    }
+    if args.which == Which::Serving {
+        ensure!(args.clients > 0 && args.serving_rounds > 0, "--clients and --serving-rounds must be at least 1");
+        let serving_settings = serving::ServingSettings {
+            clients: args.clients,
+            duration,
+            rounds: args.serving_rounds,
+            max_batch_size: args.max_batch_size,
+            max_batch_wait_ms: args.max_batch_wait_ms,
+        };
+        let block = serving::run(serving_settings, detect_context()).await?;
+        println!("{block}");
+        write_section(args.write.as_deref(), &serving::SERVING_SECTION, &block)?;
     }
     Ok(())
 }

@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use tandem_model::Dataset;
 use tandem_pipeline::messages::{
-    GetModelRequest, IngestPhase, IngestStatus, ModelEntry, PreprocessStatus, TrainPhase, TrainStatus, app_ids,
-    methods,
+    GetModelRequest, IngestPhase, IngestStatus, ModelEntry, PreprocessStatus, TrainPhase, TrainStatus, app_ids, methods,
 };
 use tandem_sdk::Code;
 use tandem_tests::pipeline::{Pipeline, PipelineOptions, Stage};
@@ -180,10 +179,8 @@ async fn digits_flow_through_the_mesh_to_a_served_model_that_is_swapped_under_lo
     let old: ModelEntry =
         pipeline.call(app_ids::TRAIN, methods::GET_MODEL, &format!(r#"{{"version":"{v1}"}}"#)).await.expect("v1");
     assert_eq!(old.weights, entry.weights);
-    let missing = pipeline
-        .call::<ModelEntry>(app_ids::TRAIN, methods::GET_MODEL, r#"{"version":"v999"}"#)
-        .await
-        .unwrap_err();
+    let missing =
+        pipeline.call::<ModelEntry>(app_ids::TRAIN, methods::GET_MODEL, r#"{"version":"v999"}"#).await.unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
     assert!(missing.message().contains("v999"), "{}", missing.message());
 }

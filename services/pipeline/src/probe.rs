@@ -67,7 +67,9 @@ pub async fn acknowledge(sidecar: &SidecarClient, probe: &Probe) -> Result<(), S
 /// The publisher's `probe_ack` handler: records the acknowledgement in its state.
 pub async fn record_ack(sidecar: &SidecarClient, data: &[u8]) -> Result<Reply, Status> {
     let ack: Ack = json::request(data, "the probe acknowledgement")?;
-    sidecar.save_state_with(STATE_STORE, &ack_key(&ack.nonce), b"1".to_vec(), None, Some(Duration::from_secs(3600))).await?;
+    sidecar
+        .save_state_with(STATE_STORE, &ack_key(&ack.nonce), b"1".to_vec(), None, Some(Duration::from_secs(3600)))
+        .await?;
     json::reply(&serde_json::json!({}))
 }
 

@@ -122,7 +122,7 @@ impl Preprocess {
     /// `Ok(false)`: not yet (no scaler, or train not subscribed yet): deliver again later.
     async fn on_batch(&self, batch: Batch) -> Result<bool, Status> {
         if let Some(problem) = shape_problem(&batch) {
-            tracing::error!(batch = %batch.key(), problem, "dropping a malformed batch");
+            tracing::error!(batch = %batch.key(), problem = %problem, "dropping a malformed batch");
             return Ok(true);
         }
         self.seen(&batch.dataset_version);
@@ -176,7 +176,9 @@ impl Preprocess {
         let sidecar = &self.inner.sidecar;
         let key = scaler_key(version);
         let scaler = match sidecar.get_state(STATE_STORE, &key).await? {
-            Some(stored) => json::decode::<ScalerParams>(&stored.value, "the stored scaler").map_err(Status::internal)?,
+            Some(stored) => {
+                json::decode::<ScalerParams>(&stored.value, "the stored scaler").map_err(Status::internal)?
+            }
             None => {
                 let Some(count) = train_batches else { return Ok(None) };
                 let mut batches = Vec::with_capacity(count as usize);
@@ -190,7 +192,9 @@ impl Preprocess {
                     }
                 }
                 let Some(fitted) = moments::fit(&batches) else {
-                    return Err(Status::internal(format!("the train batches of {version} disagree on the feature count")));
+                    return Err(Status::internal(format!(
+                        "the train batches of {version} disagree on the feature count"
+                    )));
                 };
                 // First write wins: if another replica stored one meanwhile, use that one.
                 match sidecar.get_state(STATE_STORE, &key).await? {
@@ -199,7 +203,11 @@ impl Preprocess {
                     }
                     None => {
                         sidecar.save_state(STATE_STORE, &key, json::encode(&fitted)).await?;
-                        tracing::info!(dataset_version = version, samples = fitted.samples, "scaler fitted on the train split");
+                        tracing::info!(
+                            dataset_version = version,
+                            samples = fitted.samples,
+                            "scaler fitted on the train split"
+                        );
                         fitted
                     }
                 }

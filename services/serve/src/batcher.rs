@@ -48,8 +48,7 @@ impl Batcher {
     /// Starts the batching task, which predicts with whatever model `slot` holds at each batch.
     pub fn start(options: BatchingOptions, slot: Arc<ModelSlot>) -> Batcher {
         let (queue, jobs) = mpsc::channel(4096);
-        let batcher =
-            Batcher { queue, batches: Arc::new(AtomicU64::new(0)), samples: Arc::new(AtomicU64::new(0)) };
+        let batcher = Batcher { queue, batches: Arc::new(AtomicU64::new(0)), samples: Arc::new(AtomicU64::new(0)) };
         tokio::spawn(run(options, slot, jobs, batcher.clone()));
         batcher
     }
@@ -133,8 +132,10 @@ async fn run_batch(model: Option<Arc<LoadedModel>>, jobs: Vec<Job>, counters: &B
         Ok(Ok(predictions)) => {
             let mut predictions = predictions.into_iter();
             for (reply, size) in replies.into_iter().zip(sizes) {
-                let answer =
-                    Answer { model_version: model.version.clone(), predictions: predictions.by_ref().take(size).collect() };
+                let answer = Answer {
+                    model_version: model.version.clone(),
+                    predictions: predictions.by_ref().take(size).collect(),
+                };
                 let _ = reply.send(Ok(answer));
             }
         }

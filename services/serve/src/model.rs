@@ -29,7 +29,8 @@ impl LoadedModel {
         };
         let classifier = Classifier::from_bytes(&config, &bytes, device)
             .map_err(|e| format!("model {} cannot be loaded: {e}", entry.model_version))?;
-        if entry.preprocessing.mean.len() != config.num_features || entry.preprocessing.std.len() != config.num_features {
+        if entry.preprocessing.mean.len() != config.num_features || entry.preprocessing.std.len() != config.num_features
+        {
             return Err(format!("model {}'s preprocessing does not match its feature count", entry.model_version));
         }
         Ok(LoadedModel {

@@ -9,19 +9,23 @@ pub const MAX_SAMPLES: usize = 10_000;
 
 /// The samples of a request body, each a row of finite `f32`, all rows of one width.
 pub fn parse(body: &[u8]) -> Result<Vec<Vec<f32>>, Status> {
-    let invalid = Status::invalid_argument;
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| invalid(format!("the predict request is not valid JSON: {e}")))?;
-    let features = value
-        .get("features")
-        .ok_or_else(|| invalid("the predict request has no 'features' field (expected {\"features\": [..]})"))?;
+    let invalid = |message: String| Status::invalid_argument(message);
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| invalid(format!("the predict request is not valid JSON: {e}")))?;
+    let features = value.get("features").ok_or_else(|| {
+        invalid("the predict request has no 'features' field (expected {\"features\": [..]})".to_string())
+    })?;
     let Value::Array(items) = features else {
-        return Err(invalid("'features' must be an array of numbers (one sample) or of arrays (several samples)"));
+        return Err(invalid(
+            "'features' must be an array of numbers (one sample) or of arrays (several samples)".to_string(),
+        ));
     };
     let rows: Vec<&Vec<Value>> = if items.iter().all(Value::is_array) && !items.is_empty() {
         items.iter().map(|item| item.as_array().expect("checked")).collect()
     } else if items.iter().any(Value::is_array) {
-        return Err(invalid("'features' mixes numbers and arrays: give one sample [x, ..] or samples [[x, ..], ..]"));
+        return Err(invalid(
+            "'features' mixes numbers and arrays: give one sample [x, ..] or samples [[x, ..], ..]".to_string(),
+        ));
     } else {
         vec![items]
     };
@@ -42,7 +46,9 @@ pub fn parse(body: &[u8]) -> Result<Vec<Vec<f32>>, Status> {
         }
         let mut values = Vec::with_capacity(width);
         for (feature, value) in row.iter().enumerate() {
-            values.push(number(value).map_err(|problem| invalid(format!("sample {sample}, feature {feature}: {problem}")))?);
+            values.push(
+                number(value).map_err(|problem| invalid(format!("sample {sample}, feature {feature}: {problem}")))?,
+            );
         }
         samples.push(values);
     }
@@ -60,7 +66,12 @@ fn number(value: &Value) -> Result<f32, String> {
                 Err(format!("{n} is not a finite number (beyond the f32 range)"))
             }
         }
-        Value::String(text) if matches!(text.to_ascii_lowercase().as_str(), "nan" | "inf" | "-inf" | "infinity" | "-infinity" | "+infinity" | "+inf") => {
+        Value::String(text)
+            if matches!(
+                text.to_ascii_lowercase().as_str(),
+                "nan" | "inf" | "-inf" | "infinity" | "-infinity" | "+infinity" | "+inf"
+            ) =>
+        {
             Err(format!("{text} is not a finite number"))
         }
         other => Err(format!("{other} is not a number")),

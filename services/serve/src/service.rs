@@ -123,8 +123,7 @@ impl Serve {
         let request = json::encode(&GetModelRequest { version: version.map(String::from) });
         let options = CallOptions::default().content_type(JSON).timeout(Duration::from_secs(30));
         let response = self.inner.sidecar.invoke_with(app_ids::TRAIN, methods::GET_MODEL, request, options).await?;
-        let entry: ModelEntry =
-            json::decode(&response.data, "train's get_model answer").map_err(Status::internal)?;
+        let entry: ModelEntry = json::decode(&response.data, "train's get_model answer").map_err(Status::internal)?;
         if entry.sequence <= self.inner.slot.sequence() {
             return Ok(());
         }
