@@ -7,7 +7,11 @@
 #   - protoc   (package protobuf-compiler): etcd-client's build script compiles etcd's protos;
 #   - nats-server (package nats-server): the pubsub.jetstream tests start real NATS servers
 #     (Debian puts it in /usr/sbin, which is not on every user's PATH);
-#   - cargo    Rust 1.88 or newer (Debian's own rustc is too old): install it with rustup.
+#   - python3 with venv (python3-venv): scripts/validate-manifests.sh installs its Kubernetes
+#              tools into a virtualenv;
+#   - docker-compose, when a Docker engine is there but no compose command: the compose test
+#              (tests/tests/compose.rs) drives compose.yaml with it;
+#   - cargo    Rust 1.95 or newer (Debian's own rustc is too old): install it with rustup.
 # apt runs through sudo unless we are root.
 
 install_deps() {
@@ -15,6 +19,11 @@ install_deps() {
     command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
     command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
     command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
+    python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+    if command -v docker >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1 \
+        && ! command -v docker-compose >/dev/null 2>&1; then
+        missing+=(docker-compose)
+    fi
     if ((${#missing[@]} > 0)); then
         local sudo=()
         if [ "$(id -u)" -ne 0 ]; then
@@ -35,7 +44,7 @@ install_deps() {
         . "$HOME/.cargo/env"
     fi
     if ! command -v cargo >/dev/null 2>&1; then
-        echo "error: cargo is not installed; install Rust 1.88 or newer with rustup (https://rustup.rs)" >&2
+        echo "error: cargo is not installed; install Rust 1.95 or newer with rustup (https://rustup.rs)" >&2
         return 1
     fi
     if ! command -v cc >/dev/null 2>&1; then

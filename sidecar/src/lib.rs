@@ -20,6 +20,7 @@
 //! - [`deadline`]: the caller's deadline, carried hop to hop.
 //! - [`error`]: the domain error and its one mapping to `tonic::Status`.
 //! - [`readiness`]: what /readyz reports.
+//! - [`probe`]: `tandemd probe`, /readyz as an exit code for container health checks.
 
 pub mod admin;
 pub mod api;
@@ -32,6 +33,7 @@ pub mod durability;
 pub mod error;
 pub mod invoke;
 pub mod metrics;
+pub mod probe;
 pub mod pubsub;
 pub mod readiness;
 pub mod runtime;

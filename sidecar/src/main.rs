@@ -1,5 +1,6 @@
 //! `tandemd`: parse flags, set up logging and tracing, run the sidecar until SIGTERM, Ctrl-C or
-//! the Shutdown RPC, then leave discovery, drain, and send the spans still queued.
+//! the Shutdown RPC, then leave discovery, drain, and send the spans still queued. `tandemd probe`
+//! instead asks a running tandemd's admin port for /readyz (a health check for images without curl).
 
 use std::time::Duration;
 
@@ -11,6 +12,10 @@ use tandem_sidecar::telemetry::{self, TraceSettings};
 const SPAN_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn main() {
+    if std::env::args_os().nth(1).is_some_and(|first| first == "probe") {
+        let args = std::iter::once("tandemd probe".into()).chain(std::env::args_os().skip(2));
+        std::process::exit(tandem_sidecar::probe::run(args.collect::<Vec<std::ffi::OsString>>()));
+    }
     let config = Config::parse();
     let runtime = match config.worker_threads {
         1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),

@@ -4,7 +4,9 @@
 //! `tandemd` processes ([`Sidecar`]) and apps serving the callback API ([`TestApp`]), each on
 //! free loopback ports with its own temp dir, and all of it stopped when dropped.
 //!
-//! Modules: [`etcd`], [`nats`] (a NATS JetStream server), [`sidecar`], [`server_process`] (what the etcd and NATS servers share), [`app`], [`fixture`] (the usual cast of an invocation test),
+//! Modules: [`etcd`], [`nats`] (a NATS JetStream server), [`sidecar`], [`server_process`] (what
+//! the etcd and NATS servers share), [`app`], [`fixture`] (the usual cast of an invocation test),
+//! [`compose`] (a Docker Compose project of compose.yaml, torn down when dropped),
 //! [`http`] (a tiny HTTP/1.1 GET for admin endpoints), [`poll`] (bounded waiting for a
 //! condition instead of sleeps), [`pubsub`] (an inbox of received events, waiting for a
 //! subscription), [`pubsub_cases`] (the pub/sub tests every component passes), [`state`]
@@ -14,6 +16,7 @@
 //! (the AI pipeline: the four services, each beside its own tandemd).
 
 pub mod app;
+pub mod compose;
 pub mod etcd;
 pub mod fixture;
 pub mod http;

@@ -127,3 +127,43 @@ async fn calls_flow_while_etcd_is_down_and_registration_returns_with_it() {
     let newcomer = Sidecar::new("svc-c").etcd(&etcd).spawn().await;
     wait_for_instances(&newcomer.client(), "svc-b", &["b-1"]).await;
 }
+
+/// `tandemd probe` is the health check of the container images (no curl in a scratch image):
+/// exit 0 while the sidecar is ready, 1 with the reason while it is not, 1 when nothing listens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tandemd_probe_turns_readyz_into_an_exit_code() {
+    let probe = |port: u16, path: &'static str| async move {
+        let output = tokio::process::Command::new(tandem_tests::workspace_binary("tandemd"))
+            .args(["probe", "--path", path, "--timeout", "2s"])
+            .env("TANDEM_ADMIN_PORT", port.to_string())
+            .output()
+            .await
+            .expect("running tandemd probe");
+        (output.status.code(), String::from_utf8_lossy(&output.stdout).into_owned())
+    };
+    let etcd = Etcd::start().await;
+    let app = TestApp::named("probe-1").await;
+    let sidecar = Sidecar::new("svc-probe").etcd(&etcd).app_port(app.port()).spawn().await;
+    sidecar.wait_ready().await;
+    let admin_port = sidecar.admin_addr().port();
+
+    let (code, out) = probe(admin_port, "/readyz").await;
+    assert_eq!(code, Some(0), "ready sidecar: {out}");
+    assert!(out.contains("200 ready"), "{out}");
+
+    app.stop().await;
+    eventually(Duration::from_secs(10), "tandemd probe exits 1 once the app is down", || async {
+        let (code, out) = probe(admin_port, "/readyz").await;
+        code == Some(1) && out.contains("503") && out.contains("app unhealthy")
+    })
+    .await;
+    // Liveness still passes: the process serves.
+    assert_eq!(probe(admin_port, "/healthz").await.0, Some(0));
+
+    drop(sidecar);
+    eventually(Duration::from_secs(10), "tandemd probe exits 1 when nothing listens", || async {
+        let (code, out) = probe(admin_port, "/healthz").await;
+        code == Some(1) && out.contains("probe failed")
+    })
+    .await;
+}

@@ -1,0 +1,365 @@
+#!/usr/bin/env python3
+"""Tandem-specific checks of rendered Kubernetes manifests (run by scripts/validate-manifests.sh
+after `kubectl kustomize` and the API-schema validation).
+
+usage: check.py RENDERED.yaml --tandemd-help FILE --components DIR [--self-test]
+
+What the API schema cannot know, checked for every workload with a Tandem sidecar:
+- tandemd runs as a native sidecar: an init container with restartPolicy Always;
+- every tandemd flag in its args, and every TANDEM_*/DAPR_* variable in its env or its
+  ConfigMap, is one tandemd really has (read from `tandemd --help`);
+- --app-id is the workload's app; --grpc-port, --internal-port and --admin-port match the
+  container's named ports; the app's --app-port is the sidecar's --app-port and its --sidecar
+  URL points at the sidecar's gRPC port on loopback; listening on 0.0.0.0 comes with
+  --advertise-address;
+- startup and liveness probes ask /healthz and the readiness probe /readyz, on the admin port;
+- every container has CPU and memory requests and limits;
+- --resources-path is a mounted ConfigMap whose files equal components/<app>/, and --data-dir
+  is a mounted volume (a PVC for StatefulSets);
+and for the whole: the four apps are there (train a StatefulSet, serve and preprocess
+Deployments), serve has an HPA and a PDB, the internal port is open only to sidecar pods behind
+a default deny, and etcd's members match its replicas and the sidecars' endpoints.
+--self-test breaks a copy of the manifests in ways the checks must catch and fails if any
+goes unnoticed.
+"""
+
+import argparse
+import copy
+import os
+import re
+import sys
+from urllib.parse import urlparse
+
+import yaml
+
+APPS = {"ingest": None, "preprocess": "Deployment", "train": "StatefulSet", "serve": "Deployment"}
+SIDECAR_LABEL = "tandem.dev/sidecar"
+TANDEMD_PORT_FLAGS = {"grpc": "--grpc-port", "internal": "--internal-port", "admin": "--admin-port"}
+TANDEMD_DEFAULT_PORTS = {"--grpc-port": 50001, "--internal-port": 50002, "--admin-port": 9090}
+
+
+def tandemd_interface(help_text):
+    """Flags and env vars of tandemd, from its --help."""
+    flags = set(re.findall(r"(--[a-z][a-z0-9-]*)", help_text))
+    envs = set(re.findall(r"\[env: ([A-Z0-9_]+)=", help_text))
+    if "--app-id" not in flags or "TANDEM_APP_ID" not in envs:
+        raise SystemExit("check.py: the tandemd --help text does not list --app-id [env: TANDEM_APP_ID]")
+    return flags, envs
+
+
+def parse_args(args):
+    """`--flag=value` / `--flag value` list -> dict."""
+    out, i = {}, 0
+    while i < len(args):
+        arg = str(args[i])
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg.split("=", 1)
+            out[key] = value
+        elif arg.startswith("--"):
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            if nxt is not None and not str(nxt).startswith("--"):
+                out[arg] = str(nxt)
+                i += 1
+            else:
+                out[arg] = True
+        i += 1
+    return out
+
+
+def check(docs, flags, envs, components_dir):
+    errors = []
+    by_kind = {}
+    for doc in docs:
+        by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
+    configmaps = by_kind.get("ConfigMap", {})
+
+    def configmap(name):
+        # Generated ConfigMaps carry a content hash suffix; references are rewritten to it.
+        return configmaps.get(name)
+
+    workloads = []
+    for kind in ("Deployment", "StatefulSet", "Job", "DaemonSet"):
+        workloads += list(by_kind.get(kind, {}).values())
+    sidecar_workloads = {}
+    for w in workloads:
+        labels = w["spec"]["template"]["metadata"].get("labels", {})
+        if labels.get(SIDECAR_LABEL) == "true":
+            sidecar_workloads[w["metadata"]["name"]] = w
+
+    for app, kind in APPS.items():
+        w = sidecar_workloads.get(app)
+        if w is None:
+            errors.append(f"{app}: no workload with a Tandem sidecar (label {SIDECAR_LABEL}=true)")
+        elif kind and w["kind"] != kind:
+            errors.append(f"{app}: is a {w['kind']}, should be a {kind}")
+
+    for name, w in sidecar_workloads.items():
+        where = f"{w['kind']}/{name}"
+        pod = w["spec"]["template"]["spec"]
+        sidecars = [c for c in pod.get("initContainers", []) if c["name"] == "tandemd"]
+        if len(sidecars) != 1:
+            errors.append(f"{where}: needs exactly one init container 'tandemd' (the native sidecar)")
+            continue
+        sc = sidecars[0]
+        if sc.get("restartPolicy") != "Always":
+            errors.append(f"{where}: tandemd init container needs restartPolicy: Always (a native sidecar)")
+        if "tandemd" not in sc.get("image", ""):
+            errors.append(f"{where}: tandemd container runs image {sc.get('image')!r}")
+        sargs = parse_args(sc.get("args", []))
+        for flag in sargs:
+            if flag not in flags:
+                errors.append(f"{where}: tandemd has no flag {flag}")
+        env_names = [e["name"] for e in sc.get("env", [])]
+        for ref in sc.get("envFrom", []):
+            cm_name = ref.get("configMapRef", {}).get("name")
+            cm = configmap(cm_name)
+            if cm is None:
+                errors.append(f"{where}: tandemd envFrom ConfigMap {cm_name!r} is not in the manifests")
+            else:
+                env_names += list(cm.get("data", {}))
+        for env in env_names:
+            if re.match(r"^(TANDEM|DAPR)_", env) and env not in envs:
+                errors.append(f"{where}: tandemd has no environment variable {env}")
+        if sargs.get("--app-id") != name:
+            errors.append(f"{where}: tandemd --app-id is {sargs.get('--app-id')!r}, the app is {name!r}")
+
+        ports = {p.get("name"): p["containerPort"] for p in sc.get("ports", [])}
+        effective = {}
+        for port_name, flag in TANDEMD_PORT_FLAGS.items():
+            value = int(sargs.get(flag, TANDEMD_DEFAULT_PORTS[flag]))
+            effective[port_name] = value
+            if ports.get(port_name) != value:
+                errors.append(f"{where}: tandemd {flag} is {value} but its containerPort '{port_name}' is {ports.get(port_name)}")
+        if sargs.get("--listen-address") == "0.0.0.0" and "--advertise-address" not in sargs:
+            errors.append(f"{where}: tandemd listens on 0.0.0.0 without --advertise-address")
+
+        def probe_port_ok(probe):
+            port = probe.get("httpGet", {}).get("port")
+            return port == "admin" or port == effective["admin"]
+
+        for probe_name, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+            probe = sc.get(probe_name)
+            if not probe or "httpGet" not in probe:
+                errors.append(f"{where}: tandemd has no HTTP {probe_name}")
+            elif probe["httpGet"].get("path") != path or not probe_port_ok(probe):
+                errors.append(f"{where}: tandemd {probe_name} should GET {path} on the admin port ({effective['admin']})")
+
+        apps = [c for c in pod.get("containers", []) if c["name"] == name]
+        if len(apps) != 1:
+            errors.append(f"{where}: no app container named {name!r}")
+        else:
+            aargs = parse_args(apps[0].get("args", []))
+            if str(aargs.get("--app-port")) != str(sargs.get("--app-port")):
+                errors.append(f"{where}: app --app-port {aargs.get('--app-port')} but tandemd --app-port {sargs.get('--app-port')}")
+            url = urlparse(str(aargs.get("--sidecar", "")))
+            if url.hostname not in ("127.0.0.1", "localhost") or url.port != effective["grpc"]:
+                errors.append(f"{where}: app --sidecar {aargs.get('--sidecar')!r} is not tandemd's gRPC port {effective['grpc']} on loopback")
+
+        for c in pod.get("initContainers", []) + pod.get("containers", []):
+            res = c.get("resources", {})
+            for bound in ("requests", "limits"):
+                for r in ("cpu", "memory"):
+                    if r not in res.get(bound, {}):
+                        errors.append(f"{where}: container {c['name']} has no {r} {bound[:-1]}")
+
+        mounts = {m["mountPath"]: m["name"] for m in sc.get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        claims = {t["metadata"]["name"] for t in w["spec"].get("volumeClaimTemplates", [])}
+        res_path = sargs.get("--resources-path")
+        vol = volumes.get(mounts.get(res_path)) if res_path else None
+        if not vol or "configMap" not in vol:
+            errors.append(f"{where}: tandemd --resources-path {res_path!r} is not a mounted ConfigMap")
+        else:
+            cm_name = vol["configMap"]["name"]
+            cm = configmap(cm_name)
+            if cm is None:
+                errors.append(f"{where}: components ConfigMap {cm_name!r} is not in the manifests")
+            else:
+                errors += compare_components(where, cm.get("data", {}), os.path.join(components_dir, name))
+        data_dir = sargs.get("--data-dir")
+        data_vol = mounts.get(data_dir)
+        if data_vol is None:
+            errors.append(f"{where}: tandemd --data-dir {data_dir!r} is not a mounted volume")
+        elif w["kind"] == "StatefulSet" and data_vol not in claims:
+            errors.append(f"{where}: a StatefulSet's --data-dir must be on a PVC (volumeClaimTemplates)")
+
+    serve = sidecar_workloads.get("serve")
+    if serve is not None:
+        hpas = [h for h in by_kind.get("HorizontalPodAutoscaler", {}).values() if h["spec"]["scaleTargetRef"]["name"] == "serve"]
+        if not hpas:
+            errors.append("serve: no HorizontalPodAutoscaler")
+        serve_labels = serve["spec"]["template"]["metadata"]["labels"]
+        pdbs = [p for p in by_kind.get("PodDisruptionBudget", {}).values()
+                if all(serve_labels.get(k) == v for k, v in p["spec"]["selector"].get("matchLabels", {}).items())]
+        if not pdbs:
+            errors.append("serve: no PodDisruptionBudget selecting its pods")
+
+    errors += check_network_policies(by_kind.get("NetworkPolicy", {}).values(), sidecar_workloads)
+    errors += check_etcd(by_kind, sidecar_workloads)
+    return errors
+
+
+def compare_components(where, data, directory):
+    errors = []
+    # No directory: the app uses tandemd's default components, and the ConfigMap must be empty.
+    files = {f for f in os.listdir(directory) if f.endswith((".yaml", ".yml"))} if os.path.isdir(directory) else set()
+    if set(data) != files:
+        errors.append(f"{where}: components ConfigMap holds {sorted(data)} but {directory} has {sorted(files)}")
+    for f in files & set(data):
+        with open(os.path.join(directory, f)) as fh:
+            if fh.read() != data[f]:
+                errors.append(f"{where}: components ConfigMap's {f} differs from {directory}/{f}")
+    return errors
+
+
+def check_network_policies(policies, sidecar_workloads):
+    errors = []
+    policies = list(policies)
+    if not any(p["spec"].get("podSelector") == {} and "Ingress" in p["spec"].get("policyTypes", []) and not p["spec"].get("ingress")
+               for p in policies):
+        errors.append("NetworkPolicy: no default deny of ingress")
+    internal_ports = {50002}
+    for w in sidecar_workloads.values():
+        for c in w["spec"]["template"]["spec"].get("initContainers", []):
+            internal_ports |= {p["containerPort"] for p in c.get("ports", []) if p.get("name") == "internal"}
+    opened_to_sidecars = False
+    for p in policies:
+        for rule in p["spec"].get("ingress", []) or []:
+            ports = {pt.get("port") for pt in rule.get("ports", [])} if rule.get("ports") else None
+            opens_internal = ports is None or bool(ports & (internal_ports | {"internal"}))
+            if not opens_internal:
+                continue
+            froms = rule.get("from")
+            only_sidecars = bool(froms) and all(
+                set(f) == {"podSelector"} and f["podSelector"].get("matchLabels", {}).get(SIDECAR_LABEL) == "true" for f in froms
+            )
+            if not only_sidecars:
+                errors.append(f"NetworkPolicy/{p['metadata']['name']}: opens the internal port to more than sidecar pods")
+            else:
+                opened_to_sidecars = True
+    if not opened_to_sidecars:
+        errors.append("NetworkPolicy: the internal port is not opened to sidecar pods (sidecars could not call each other)")
+    return errors
+
+
+def check_etcd(by_kind, sidecar_workloads):
+    errors = []
+    sts = by_kind.get("StatefulSet", {}).get("etcd")
+    svc = by_kind.get("Service", {}).get("etcd")
+    if sts is None:
+        return ["etcd: no StatefulSet"]
+    if svc is None or svc["spec"].get("clusterIP") != "None":
+        errors.append("etcd: no headless Service 'etcd'")
+    if not sts["spec"].get("volumeClaimTemplates"):
+        errors.append("etcd: no PVC (volumeClaimTemplates)")
+    replicas = sts["spec"].get("replicas", 1)
+    members = [f"etcd-{i}" for i in range(replicas)]
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    cluster = None
+    for env in container.get("env", []):
+        if env["name"] == "ETCD_INITIAL_CLUSTER":
+            ref = env.get("valueFrom", {}).get("configMapKeyRef")
+            cluster = by_kind.get("ConfigMap", {}).get(ref["name"], {}).get("data", {}).get(ref["key"]) if ref else env.get("value")
+    named = sorted(m.split("=", 1)[0] for m in (cluster or "").split(",") if m)
+    if named != members:
+        errors.append(f"etcd: ETCD_INITIAL_CLUSTER names {named} but the StatefulSet has {replicas} replicas")
+    for cm in by_kind.get("ConfigMap", {}).values():
+        endpoints = cm.get("data", {}).get("TANDEM_ETCD_ENDPOINTS")
+        for endpoint in (endpoints or "").split(","):
+            if endpoints and urlparse(endpoint).hostname.split(".")[0] not in members:
+                errors.append(f"ConfigMap/{cm['metadata']['name']}: TANDEM_ETCD_ENDPOINTS has {endpoint}, not an etcd member")
+    return errors
+
+
+def self_test(docs, flags, envs, components_dir):
+    """Each mutation must make check() report an error mentioning the given text."""
+
+    def workload(d, name):
+        return next(x for x in d if x["kind"] in ("Deployment", "StatefulSet") and x["metadata"]["name"] == name)
+
+    def sidecar(d, name):
+        return next(c for c in workload(d, name)["spec"]["template"]["spec"]["initContainers"] if c["name"] == "tandemd")
+
+    def set_arg(container, flag, value):
+        container["args"] = [a for a in container["args"] if not str(a).startswith(flag + "=")] + [f"{flag}={value}"]
+
+    def drop_sidecar(d):
+        workload(d, "serve")["spec"]["template"]["spec"]["initContainers"] = []
+
+    def plain_init(d):
+        del sidecar(d, "train")["restartPolicy"]
+
+    def wrong_admin_port(d):
+        set_arg(sidecar(d, "preprocess"), "--admin-port", "9091")
+
+    def unknown_flag(d):
+        sidecar(d, "ingest")["args"].append("--no-such-flag=1")
+
+    def no_readiness(d):
+        del sidecar(d, "serve")["readinessProbe"]
+
+    def no_limits(d):
+        del workload(d, "train")["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+    def app_port_mismatch(d):
+        set_arg(workload(d, "serve")["spec"]["template"]["spec"]["containers"][0], "--app-port", "7000")
+
+    def internal_open(d):
+        for p in d:
+            if p["kind"] == "NetworkPolicy" and p["metadata"]["name"] == "sidecar-internal-from-sidecars":
+                p["spec"]["ingress"][0]["from"] = [{"namespaceSelector": {}}]
+
+    def train_deployment(d):
+        workload(d, "train")["kind"] = "Deployment"
+
+    def components_drift(d):
+        for cm in d:
+            if cm["kind"] == "ConfigMap" and cm["metadata"]["name"].startswith("components-serve"):
+                cm.setdefault("data", {})["extra.yaml"] = "x: 1\n"
+
+    cases = [
+        (drop_sidecar, "exactly one init container 'tandemd'"),
+        (plain_init, "restartPolicy: Always"),
+        (wrong_admin_port, "--admin-port is 9091"),
+        (unknown_flag, "no flag --no-such-flag"),
+        (no_readiness, "no HTTP readinessProbe"),
+        (no_limits, "has no cpu limit"),
+        (app_port_mismatch, "app --app-port 7000"),
+        (internal_open, "opens the internal port to more than sidecar pods"),
+        (train_deployment, "train: is a Deployment"),
+        (components_drift, "components ConfigMap holds"),
+    ]
+    failures = []
+    for mutate, expected in cases:
+        broken = copy.deepcopy(docs)
+        mutate(broken)
+        errors = check(broken, flags, envs, components_dir)
+        if not any(expected in e for e in errors):
+            failures.append(f"self-test {mutate.__name__}: expected an error with {expected!r}, got {errors}")
+    return failures
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("rendered")
+    ap.add_argument("--tandemd-help", required=True, help="file with the output of `tandemd --help`")
+    ap.add_argument("--components", required=True, help="the repository's components/ directory")
+    ap.add_argument("--self-test", action="store_true")
+    a = ap.parse_args()
+    with open(a.tandemd_help) as fh:
+        flags, envs = tandemd_interface(fh.read())
+    with open(a.rendered) as fh:
+        docs = [d for d in yaml.safe_load_all(fh) if d]
+    errors = check(docs, flags, envs, a.components)
+    if a.self_test and not errors:
+        errors = self_test(docs, flags, envs, a.components)
+    for e in errors:
+        print(f"  FAIL {e}")
+    if errors:
+        return 1
+    print(f"  ok   {a.rendered}: {len(docs)} objects, Tandem checks passed" + (" (and the self-test caught every break)" if a.self_test else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
