@@ -9,7 +9,10 @@
 //! - `state`: starts a real etcd and one tandemd with two state stores (`state.sled` and
 //!   `state.etcd`), and times GetState and durable SaveState of 1 KiB in each against
 //!   GetMetadata, a sidecar round trip that touches no store.
-//! - `all` (the default): both, one after the other.
+//! - `training`: trains tandem-model's MLP on digits with burn and the same MLP with PyTorch
+//!   (installed from PyPI into target/bench-venv; scikit-learn when torch cannot be installed)
+//!   and compares training throughput in samples/s.
+//! - `all` (the default): all three, one after the other.
 //!
 //! Build tandemd into the same target directory first: the harness runs the `tandemd` that
 //! sits next to this executable.
@@ -28,6 +31,7 @@
 //! - [`stats`]: percentiles (nearest rank), throughput, ratios.
 //! - [`procfs`]: resident memory and CPU time from `/proc/<pid>/{status,stat}`, and how busy
 //!   the machine was from `/proc/stat`.
+//! - [`training`]: the training scenario (burn against PyTorch) and its report.
 //! - [`machine`]: where and when: CPUs, load, build profile, date, commit, tandemd's workers.
 //! - [`report`]: the invocation report, the shared number formats, and the marker-delimited
 //!   sections of BENCHMARKS.md.
@@ -39,6 +43,7 @@ mod procfs;
 mod report;
 mod state;
 mod stats;
+mod training;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -58,7 +63,9 @@ enum Which {
     Invoke,
     /// GetState and SaveState in a sled and an etcd store against GetMetadata.
     State,
-    /// Both, invoke first.
+    /// Training throughput of the pipeline's MLP in burn against PyTorch on the CPU.
+    Training,
+    /// All of them, invoke first.
     All,
 }
 
@@ -84,6 +91,9 @@ struct Args {
     /// Rounds both phases are split into, taking the routes in turn.
     #[arg(long, default_value_t = 10)]
     rounds: usize,
+    /// Training runs per framework in the training benchmark (alternating burn and Python).
+    #[arg(long, default_value_t = 3)]
+    training_runs: usize,
     /// Also write the report into this markdown file (BENCHMARKS.md), replacing only the
     /// sections of the benchmarks that ran.
     #[arg(long, value_name = "FILE")]
@@ -126,6 +136,14 @@ async fn run(args: Args) -> Result<()> {
         let block = report.to_markdown();
         println!("{block}");
         write_section(args.write.as_deref(), &STATE_SECTION, &block)?;
+    }
+    if matches!(args.which, Which::Training | Which::All) {
+        let context = detect_context();
+        let training_runs = args.training_runs;
+        let report = tokio::task::spawn_blocking(move || training::run(training_runs, context)).await??;
+        let block = report.to_markdown();
+        println!("{block}");
+        write_section(args.write.as_deref(), &training::TRAINING_SECTION, &block)?;
     }
     Ok(())
 }
