@@ -19,7 +19,11 @@
 //! - `serving`: the AI pipeline's `predict` with 64 concurrent clients, dynamic batching
 //!   against batch size 1 (see [`serving`]); needs the pipeline binaries built in the same
 //!   target directory (`cargo build --release --workspace`).
-//! - `all` (the default): invoke, state, tracing and pubsub, one after the other (not serving).
+//! - `training`: trains tandem-model's MLP on digits with burn and the same MLP with PyTorch
+//!   (installed from PyPI into target/bench-venv; scikit-learn when torch cannot be installed)
+//!   and compares training throughput in samples/s.
+//! - `all` (the default): invoke, state, tracing and pubsub, one after the other (not serving
+//!   or training, which need the pipeline binaries or a PyTorch install).
 //!
 //! Build tandemd into the same target directory first: the harness runs the `tandemd` that
 //! sits next to this executable.
@@ -43,6 +47,7 @@
 //! - [`stats`]: percentiles (nearest rank), throughput, ratios.
 //! - [`procfs`]: resident memory and CPU time from `/proc/<pid>/{status,stat}`, and how busy
 //!   the machine was from `/proc/stat`.
+//! - [`training`]: the training scenario (burn against PyTorch) and its report.
 //! - [`machine`]: where and when: CPUs, load, build profile, date, commit, tandemd's workers.
 //! - [`serving`]: the serving scenario: the pipeline, the batching settings, its report.
 //! - [`report`]: the invocation report, the shared number formats, and the marker-delimited
@@ -58,6 +63,7 @@ mod serving;
 mod state;
 mod stats;
 mod tracing;
+mod training;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -81,7 +87,9 @@ enum Which {
     Tracing,
     /// Durable publish to delivery: pubsub.embedded and pubsub.jetstream against JetStream direct.
     Pubsub,
-    /// All of them, invoke first.
+    /// Training throughput of the pipeline's MLP in burn against PyTorch on the CPU.
+    Training,
+    /// Invoke, state, tracing and pubsub, one after the other (not serving or training).
     All,
     /// The pipeline's serve: dynamic batching against batch size 1, 64 clients.
     Serving,
@@ -124,6 +132,9 @@ struct Args {
     /// serve's --max-batch-wait-ms.
     #[arg(long, default_value_t = 2)]
     max_batch_wait_ms: u64,
+    /// Training runs per framework in the training benchmark (alternating burn and Python).
+    #[arg(long, default_value_t = 3)]
+    training_runs: usize,
     /// Also write the report into this markdown file (BENCHMARKS.md), replacing only the
     /// sections of the benchmarks that ran.
     #[arg(long, value_name = "FILE")]
@@ -199,6 +210,14 @@ async fn run(args: Args) -> Result<()> {
         let block = serving::run(serving_settings, detect_context()).await?;
         println!("{block}");
         write_section(args.write.as_deref(), &serving::SERVING_SECTION, &block)?;
+    }
+    if matches!(args.which, Which::Training) {
+        let context = detect_context();
+        let training_runs = args.training_runs;
+        let report = tokio::task::spawn_blocking(move || training::run(training_runs, context)).await??;
+        let block = report.to_markdown();
+        println!("{block}");
+        write_section(args.write.as_deref(), &training::TRAINING_SECTION, &block)?;
     }
     Ok(())
 }
