@@ -6,7 +6,8 @@
 //! - `tandem_state_operations_total`: state operations by store, operation and outcome.
 //! - `tandem_pubsub_events_total`: pub/sub events by component, topic and what happened
 //!   (`published`, `delivered`, `retried`, `dead_lettered`, `dropped`);
-//!   `tandem_pubsub_backlog`: events waiting in a component's outbox.
+//!   `tandem_pubsub_backlog`: events waiting in a component's outbox;
+//!   `tandem_pubsub_in_flight`: events handed to a subscriber and not yet answered, per topic.
 //! - `tandem_live_instances`: live instances per app-id, from discovery.
 //! - `process_resident_memory_bytes`, `process_cpu_seconds_total`: this process.
 //! - `tandem_trace_context_invalid_total`: malformed `traceparent` values (ignored: a new trace
@@ -54,6 +55,12 @@ pub struct PubSubLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicLabels {
+    pub pubsub: String,
+    pub topic: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ComponentLabels {
     pub pubsub: String,
 }
@@ -76,6 +83,7 @@ pub struct Metrics {
     state_operations: Family<StateLabels, Counter>,
     pubsub_events: Family<PubSubLabels, Counter>,
     pubsub_backlog: Family<ComponentLabels, Gauge>,
+    pubsub_in_flight: Family<TopicLabels, Gauge>,
     live_instances: Family<AppLabels, Gauge>,
     resident_memory: Gauge,
     cpu_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -96,6 +104,7 @@ impl Metrics {
         let state_operations = Family::<StateLabels, Counter>::default();
         let pubsub_events = Family::<PubSubLabels, Counter>::default();
         let pubsub_backlog = Family::<ComponentLabels, Gauge>::default();
+        let pubsub_in_flight = Family::<TopicLabels, Gauge>::default();
         let live_instances = Family::<AppLabels, Gauge>::default();
         let resident_memory = Gauge::default();
         let cpu_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
@@ -105,6 +114,11 @@ impl Metrics {
         registry.register("tandem_state_operations", "State operations by store", state_operations.clone());
         registry.register("tandem_pubsub_events", "Pub/sub events by topic and outcome", pubsub_events.clone());
         registry.register("tandem_pubsub_backlog", "Events waiting in a pub/sub outbox", pubsub_backlog.clone());
+        registry.register(
+            "tandem_pubsub_in_flight",
+            "Events handed to a subscriber and not yet answered",
+            pubsub_in_flight.clone(),
+        );
         registry.register("tandem_live_instances", "Live instances per app-id", live_instances.clone());
         registry.register("process_resident_memory_bytes", "Resident memory of this process", resident_memory.clone());
         registry.register("process_cpu_seconds_total", "CPU time of this process (user + system)", cpu_seconds.clone());
@@ -132,6 +146,7 @@ impl Metrics {
             state_operations,
             pubsub_events,
             pubsub_backlog,
+            pubsub_in_flight,
             live_instances,
             resident_memory,
             cpu_seconds,
@@ -173,6 +188,14 @@ impl Metrics {
         self.pubsub_events.get_or_create(&labels).inc();
     }
 
+    /// Counts one delivery of a `topic` event as in flight until the returned guard is dropped.
+    pub fn pubsub_delivery_in_flight(&self, pubsub: &str, topic: &str) -> InFlight {
+        let gauge =
+            self.pubsub_in_flight.get_or_create(&TopicLabels { pubsub: pubsub.into(), topic: topic.into() }).clone();
+        gauge.inc();
+        InFlight(gauge)
+    }
+
     /// Refreshes the gauges that mirror other state, then renders everything as Prometheus text.
     pub fn render(&self, live_instances: &[(String, usize)], backlogs: &[(String, usize)]) -> String {
         self.live_instances.clear();
@@ -191,6 +214,16 @@ impl Metrics {
             tracing::error!(error = %e, "encoding metrics failed");
         }
         text
+    }
+}
+
+/// A delivery in flight: the gauge it was counted in goes down when this is dropped.
+#[derive(Debug)]
+pub struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

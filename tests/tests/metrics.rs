@@ -1,7 +1,10 @@
 //! `/metrics` on the admin port: scraped and parsed, counters checked against the calls made.
 
-use tandem_sdk::Code;
-use tandem_tests::{InvokeMesh, RunningSidecar};
+use std::time::Duration;
+
+use tandem_sdk::{AppServer, Code, EventOutcome, TopicEvent};
+use tandem_tests::pubsub::{Inbox, wait_until_subscribed};
+use tandem_tests::{Etcd, InvokeMesh, RunningSidecar, Sidecar, TestApp, eventually};
 
 /// The value of the sample `series` (name with labels, exactly as exposed), 0 when absent.
 fn sample(text: &str, series: &str) -> f64 {
@@ -45,4 +48,42 @@ async fn metrics_count_the_calls_made() {
     assert_eq!(sample(&after, r#"tandem_live_instances{app_id="svc-b"}"#), 2.0);
     assert!(sample(&after, "process_resident_memory_bytes") > 1_000_000.0, "{after}");
     assert!(after.contains("process_cpu_seconds_total"), "{after}");
+}
+
+/// A delivery its subscriber has not answered yet shows in `tandem_pubsub_in_flight` of the
+/// sidecar delivering it (the publisher's, with pubsub.embedded), and leaves it once answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_in_flight_counts_deliveries_not_yet_answered() {
+    let etcd = Etcd::start().await;
+    let inbox = Inbox::default();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let recorder = inbox.clone();
+    let app = TestApp::start(AppServer::new().subscribe("pubsub", "slow", move |event: TopicEvent| {
+        let held = event.data == b"hold";
+        recorder.push(event);
+        let mut released = released.clone();
+        async move {
+            if held {
+                let _ = released.wait_for(|released| *released).await;
+            }
+            EventOutcome::Success
+        }
+    }))
+    .await;
+    let _subscriber = Sidecar::new("slow-sub").etcd(&etcd).app_port(app.port()).spawn().await;
+    let publisher = Sidecar::new("slow-pub").etcd(&etcd).spawn().await;
+    let client = publisher.client();
+    wait_until_subscribed(&client, "slow", &inbox).await;
+
+    let series = r#"tandem_pubsub_in_flight{pubsub="pubsub",topic="slow"}"#;
+    client.publish("pubsub", "slow", b"hold".to_vec(), "text/plain").await.unwrap();
+    eventually(Duration::from_secs(20), "the held event counted in flight", || async {
+        inbox.has("hold") && sample(&scrape(&publisher).await, series) == 1.0
+    })
+    .await;
+    release.send(true).unwrap();
+    eventually(Duration::from_secs(20), "nothing in flight once the subscriber answered", || async {
+        sample(&scrape(&publisher).await, series) == 0.0 && scrape(&publisher).await.contains(series)
+    })
+    .await;
 }

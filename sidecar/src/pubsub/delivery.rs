@@ -126,7 +126,9 @@ async fn attempt(pubsub: &EmbeddedPubSub, deliverer: &dyn Deliver, seq: u64, app
     let policy = &pubsub.policy;
     // A span per attempt, child of the publish call (its context travels in the event).
     let span = crate::telemetry::delivery_span(&pubsub.name, &event, app_id);
+    let in_flight = pubsub.metrics.pubsub_delivery_in_flight(&pubsub.name, &event.topic);
     let outcome = deliverer.deliver(app_id, event.clone(), policy.timeout).instrument(span.clone()).await;
+    drop(in_flight);
     if !matches!(outcome, Ok(TopicEventResponseStatus::Success)) {
         crate::telemetry::record_error(&span);
     }

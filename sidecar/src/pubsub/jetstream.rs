@@ -504,7 +504,9 @@ impl JetStreamPubSub {
         } else {
             // A span per attempt, child of the publish call (its context travels in the event).
             let span = crate::telemetry::delivery_span(&self.name, &event, &local.app_id);
+            let in_flight = self.metrics.pubsub_delivery_in_flight(&self.name, topic);
             let outcome = local.deliver(event.clone(), self.policy.timeout).instrument(span.clone()).await;
+            drop(in_flight);
             if !matches!(outcome, Ok(TopicEventResponseStatus::Success)) {
                 crate::telemetry::record_error(&span);
             }
