@@ -197,16 +197,7 @@ impl InvokeReport {
             per_call(direct, direct.throughput_cpu.watched()),
             per_call(mesh, mesh.throughput_cpu.watched())
         ));
-        out.push_str(&format!(
-            "| cores busy with the above, throughput runs | {} | {} |\n",
-            cores_busy(&direct.throughput_cpu),
-            cores_busy(&mesh.throughput_cpu)
-        ));
-        out.push_str(&format!(
-            "| cores busy with everything else, throughput runs | {:.2} | {:.2} |\n",
-            direct.throughput_cpu.others_cores(),
-            mesh.throughput_cpu.others_cores()
-        ));
+        out.push_str(&throughput_cpu_rows(&direct.throughput_cpu, &mesh.throughput_cpu));
         out.push_str(&format!(
             "| cores busy with everything else, latency runs | {:.2} | {:.2} |\n",
             direct.latency_cpu.others_cores(),
@@ -275,6 +266,19 @@ pub fn per_call(cpu: Duration, calls: u64) -> String {
 /// How many cores the watched processes kept busy on average, e.g. `1.58`.
 pub fn cores_busy(cpu: &CpuWindow) -> String {
     format!("{:.2}", cpu.watched().as_secs_f64() / cpu.wall.as_secs_f64().max(1e-9))
+}
+
+/// The two table rows on how busy the cores were during two throughput runs side by side: with
+/// the watched processes, and with everything else on the machine.
+pub fn throughput_cpu_rows(left: &CpuWindow, right: &CpuWindow) -> String {
+    format!(
+        "| cores busy with the above, throughput runs | {} | {} |\n\
+         | cores busy with everything else, throughput runs | {:.2} | {:.2} |\n",
+        cores_busy(left),
+        cores_busy(right),
+        left.others_cores(),
+        right.others_cores()
+    )
 }
 
 /// A latency in µs below 10 ms, with one decimal below 100 µs.

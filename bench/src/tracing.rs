@@ -13,7 +13,7 @@ use tandem_tests::otlp::Collector;
 use crate::invoke::{CALLEE, CALLER, Mesh};
 use crate::load::{self, RouteFigures, Settings};
 use crate::machine::RunContext;
-use crate::report::{Section, cores_busy, latency, per_call, precise_times, thousands, times};
+use crate::report::{Section, latency, per_call, precise_times, thousands, throughput_cpu_rows, times};
 use crate::stats::ratio;
 
 pub const TRACING_SECTION: Section = Section {
@@ -190,16 +190,7 @@ impl TracingReport {
             per_call(off.throughput_cpu.watched(), off.throughput.calls),
             per_call(on.throughput_cpu.watched(), on.throughput.calls)
         ));
-        out.push_str(&format!(
-            "| cores busy with the above, throughput runs | {} | {} |\n",
-            cores_busy(&off.throughput_cpu),
-            cores_busy(&on.throughput_cpu)
-        ));
-        out.push_str(&format!(
-            "| cores busy with everything else, throughput runs | {:.2} | {:.2} |\n",
-            off.throughput_cpu.others_cores(),
-            on.throughput_cpu.others_cores()
-        ));
+        out.push_str(&throughput_cpu_rows(&off.throughput_cpu, &on.throughput_cpu));
         out
     }
 }
