@@ -253,6 +253,64 @@ pub async fn an_always_failing_subscriber_ends_in_the_dead_letter_topic_without_
     }
 }
 
+/// A subscriber that takes events and never answers holds `maxInFlight` of them and no more,
+/// while another app-id subscribed to the same topic gets every event: the in-flight limit is
+/// per subscription, so a slow subscriber holds back only its own events. Once it answers, it
+/// gets the rest.
+pub async fn a_stuck_subscriber_holds_back_only_its_own_events(broker: &Broker) {
+    const MAX_IN_FLIGHT: usize = 3;
+    let etcd = Etcd::start().await;
+    let res = broker.resources(&[("maxInFlight", "3"), ("deliveryTimeout", "120s")]);
+    let (stuck, healthy) = (Inbox::default(), Inbox::default());
+    let (release, released) = tokio::sync::watch::channel(false);
+    let stuck_c = stuck.clone();
+    let stuck_app = TestApp::start(AppServer::new().subscribe("pubsub", "work", move |event| {
+        let (stuck, mut released) = (stuck_c.clone(), released.clone());
+        async move {
+            stuck.push(event);
+            let _ = released.wait_for(|go| *go).await;
+            EventOutcome::Success
+        }
+    }))
+    .await;
+    let fine = subscriber("work", &healthy).await;
+    let _stuck_sidecar = sidecar("stuck", &etcd, &res, Some(&stuck_app)).await;
+    let _fine_sidecar = sidecar("fine", &etcd, &res, Some(&fine)).await;
+    let publisher = sidecar("boss", &etcd, &res, None).await;
+    let client = publisher.client();
+    wait_until_subscribed(&client, "work", &healthy).await;
+    // The stuck app's first probe stays in flight there; the probes go on until one reaches it.
+    eventually(Duration::from_secs(20), "the stuck subscriber's first event", || async {
+        let _ = client.publish("pubsub", "work", b"probe-stuck".to_vec(), "text/plain").await;
+        !stuck.events().is_empty()
+    })
+    .await;
+
+    for i in 0..50 {
+        client.publish("pubsub", "work", format!("w-{i}").into_bytes(), "text/plain").await.unwrap();
+    }
+    eventually(Duration::from_secs(30), "the healthy subscriber has all 50 events", || async {
+        (0..50).all(|i| healthy.has(&format!("w-{i}")))
+    })
+    .await;
+    eventually(Duration::from_secs(10), "the stuck subscriber holds maxInFlight events", || async {
+        stuck.events().len() == MAX_IN_FLIGHT
+    })
+    .await;
+    // Another look after the healthy side is done: nothing more reached the stuck app.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(stuck.events().len(), MAX_IN_FLIGHT, "a stuck subscriber gets no more than maxInFlight events");
+
+    release.send(true).unwrap();
+    eventually(Duration::from_secs(30), "the stuck subscriber gets every event once it answers", || async {
+        (0..50).all(|i| stuck.has(&format!("w-{i}")))
+    })
+    .await;
+    for i in 0..50 {
+        assert_eq!(healthy.count(&format!("w-{i}")), 1, "w-{i}: once to the healthy subscriber");
+    }
+}
+
 pub async fn bad_publishes_are_refused_with_the_reason(broker: &Broker) {
     let etcd = Etcd::start().await;
     let res = broker.resources(&[]);

@@ -27,6 +27,12 @@ async fn retry_redelivers_drop_drops_and_exhausted_events_go_to_the_dead_letter_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_subscriber_holds_back_only_its_own_events() {
+    let broker = Broker::jetstream().await;
+    cases::a_stuck_subscriber_holds_back_only_its_own_events(&broker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_always_failing_subscriber_ends_in_the_dead_letter_topic_without_blocking_others() {
     let broker = Broker::jetstream().await;
     cases::an_always_failing_subscriber_ends_in_the_dead_letter_topic_without_blocking_others(&broker).await;

@@ -1,27 +1,25 @@
-//! The delivery loop of one `pubsub.embedded` component: scans the outbox for due
-//! deliveries, hands each to the subscriber through a [`Deliver`], and settles the outcome in
-//! the outbox (done, retry later, or dead-letter/drop after the last attempt).
+//! The delivery loop of one `pubsub.embedded` component: takes the due deliveries from the
+//! component's [`schedule`](super::schedule), hands each to the subscriber through a
+//! [`Deliver`], and settles the outcome in the outbox (done, retry later, or dead-letter/drop
+//! after the last attempt) and in the schedule.
 //!
-//! The outbox is scanned oldest first, so for a subscription that asks for order
-//! (`tandem.ordered`) only its oldest unsettled event of a topic is ever in flight: events
-//! reach it in publish order (per publisher), one at a time.
+//! The schedule keeps a subscription that asks for order (`tandem.ordered`) to one delivery at
+//! a time, its oldest unsettled event of the topic: events reach it in publish order (per
+//! publisher), one at a time.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tandem_proto::runtime::TopicEventRequest;
 use tandem_proto::runtime::topic_event_response::TopicEventResponseStatus;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::EmbeddedPubSub;
+use super::schedule::{Outcome, SubscriptionKey};
 
-/// Outbox records read per scan step, so a long backlog is never all in memory.
-const SCAN_CHUNK: usize = 256;
 /// The longest the loop sleeps when nothing is due sooner.
-const IDLE_SCAN: Duration = Duration::from_secs(1);
+const IDLE_WAIT: Duration = Duration::from_secs(1);
 
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -52,67 +50,24 @@ pub trait Deliver: Send + Sync + 'static {
 enum Settled {
     Done,
     Dropped,
-    Retrying(u32),
-    Waiting,
+    Retrying { attempts: u32, next_attempt_unix_ms: u64 },
     Exhausted { dead_letter_topic: String },
 }
 
 /// Runs the delivery loop of `pubsub` until `stop`.
 pub async fn run(pubsub: Arc<EmbeddedPubSub>, deliverer: Arc<dyn Deliver>, stop: CancellationToken) {
-    let in_flight: Arc<Mutex<HashSet<(u64, String)>>> = Arc::default();
-    let permits = Arc::new(Semaphore::new(pubsub.policy.max_in_flight.max(1)));
     loop {
         let now = now_ms();
-        let mut next_due = now + IDLE_SCAN.as_millis() as u64;
-        let mut after = None;
-        // Ordered subscriptions whose oldest pending event this scan has met: their later
-        // events wait until that one is settled, whatever state it is in.
-        let mut ordered_heads: HashSet<(String, String)> = HashSet::new();
-        loop {
-            // Off the runtime thread: a sled read can wait on sled's process-wide lock.
-            let outbox = pubsub.outbox.clone();
-            let Ok(chunk) = tokio::task::spawn_blocking(move || outbox.records_after(after, SCAN_CHUNK)).await else {
-                break;
-            };
-            let Some((last, _)) = chunk.last() else { break };
-            after = Some(*last);
-            for (seq, record) in chunk {
-                let Some(event) = record.event else { continue };
-                for pending in record.deliveries {
-                    if pending.ordered && !ordered_heads.insert((pending.app_id.clone(), event.topic.clone())) {
-                        continue;
-                    }
-                    if pending.next_attempt_unix_ms > now {
-                        next_due = next_due.min(pending.next_attempt_unix_ms);
-                        continue;
-                    }
-                    let key = (seq, pending.app_id.clone());
-                    if !in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone()) {
-                        continue;
-                    }
-                    // Waits while the in-flight limit is reached: backpressure on the scan itself.
-                    let permit = tokio::select! {
-                        _ = stop.cancelled() => return,
-                        permit = permits.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
-                    };
-                    let (pubsub, deliverer, in_flight) = (pubsub.clone(), deliverer.clone(), in_flight.clone());
-                    // The route is the subscriber's, so it is set per delivery, not stored in the event.
-                    let event = TopicEventRequest { path: pending.path.clone(), ..event.clone() };
-                    tokio::spawn(async move {
-                        // The scan read a snapshot; an attempt that ended since then may have
-                        // settled or rescheduled this delivery. Attempts settle the record before
-                        // they leave `in_flight`, so this read sees their outcome.
-                        if pubsub.outbox.is_due(seq, &key.1, now_ms()) {
-                            attempt(&pubsub, deliverer.as_ref(), seq, &key.1, event).await;
-                        }
-                        in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
-                        drop(permit);
-                        pubsub.wake.notify_one();
-                    });
-                }
-            }
+        let (due, next) = pubsub.schedule.take_due(now);
+        for (key, seq) in due {
+            let (pubsub, deliverer) = (pubsub.clone(), deliverer.clone());
+            tokio::spawn(async move {
+                let outcome = deliver_one(&pubsub, deliverer.as_ref(), &key, seq).await;
+                pubsub.schedule.finish(&key, seq, outcome, now_ms());
+                pubsub.wake.notify_one();
+            });
         }
-        let wait = Duration::from_millis(next_due.saturating_sub(now_ms()));
+        let wait = next.map_or(IDLE_WAIT, |at| Duration::from_millis(at.saturating_sub(now_ms())).min(IDLE_WAIT));
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = pubsub.wake.notified() => {}
@@ -121,8 +76,30 @@ pub async fn run(pubsub: Arc<EmbeddedPubSub>, deliverer: Arc<dyn Deliver>, stop:
     }
 }
 
+/// Reads one scheduled delivery from the outbox and attempts it.
+async fn deliver_one(pubsub: &EmbeddedPubSub, deliverer: &dyn Deliver, key: &SubscriptionKey, seq: u64) -> Outcome {
+    match pubsub.outbox.pending(seq, &key.app_id) {
+        // The route is the subscriber's, so it is set per delivery, not stored in the event.
+        Ok(Some((event, pending))) => {
+            attempt(pubsub, deliverer, seq, &key.app_id, TopicEventRequest { path: pending.path, ..event }).await
+        }
+        // Settled already: nothing left to do.
+        Ok(None) => Outcome::Finished,
+        Err(e) => {
+            tracing::error!(pubsub = %pubsub.name, topic = %key.topic, app_id = %key.app_id, seq, error = %e, "cannot read a pending delivery; it will be retried");
+            Outcome::RetryAt(now_ms() + pubsub.policy.initial_retry_delay.as_millis() as u64)
+        }
+    }
+}
+
 /// One delivery attempt and its outcome, settled in the outbox.
-async fn attempt(pubsub: &EmbeddedPubSub, deliverer: &dyn Deliver, seq: u64, app_id: &str, event: TopicEventRequest) {
+async fn attempt(
+    pubsub: &EmbeddedPubSub,
+    deliverer: &dyn Deliver,
+    seq: u64,
+    app_id: &str,
+    event: TopicEventRequest,
+) -> Outcome {
     let policy = &pubsub.policy;
     // A span per attempt, child of the publish call (its context travels in the event).
     let span = crate::telemetry::delivery_span(&pubsub.name, &event, app_id);
@@ -132,24 +109,29 @@ async fn attempt(pubsub: &EmbeddedPubSub, deliverer: &dyn Deliver, seq: u64, app
     if !matches!(outcome, Ok(TopicEventResponseStatus::Success)) {
         crate::telemetry::record_error(&span);
     }
+    let (topic, id) = (event.topic.as_str(), event.id.as_str());
+    let answer = match &outcome {
+        Ok(status) => *status,
+        Err(DeliveryError::Failed(_)) => TopicEventResponseStatus::Retry,
+        Err(DeliveryError::SubscriberAway(reason)) => {
+            // Not an attempt: the outbox record stays as it is, and the schedule pauses the
+            // subscription until an instance may be back.
+            tracing::debug!(pubsub = %pubsub.name, topic, id, app_id, reason, "the subscriber is away; the event waits");
+            return Outcome::SubscriberAway;
+        }
+    };
     let settled = pubsub.outbox.modify(seq, |record| {
         let index = record.deliveries.iter().position(|d| d.app_id == app_id)?;
-        Some(match &outcome {
-            Ok(TopicEventResponseStatus::Success) => {
+        Some(match answer {
+            TopicEventResponseStatus::Success => {
                 record.deliveries.remove(index);
                 Settled::Done
             }
-            Ok(TopicEventResponseStatus::Drop) => {
+            TopicEventResponseStatus::Drop => {
                 record.deliveries.remove(index);
                 Settled::Dropped
             }
-            Err(DeliveryError::SubscriberAway(_)) => {
-                let pending = &mut record.deliveries[index];
-                // Back off as if this were another attempt, without counting it.
-                pending.next_attempt_unix_ms = now_ms() + policy.backoff(pending.attempts + 1).as_millis() as u64;
-                Settled::Waiting
-            }
-            Ok(TopicEventResponseStatus::Retry) | Err(DeliveryError::Failed(_)) => {
+            TopicEventResponseStatus::Retry => {
                 let pending = &mut record.deliveries[index];
                 pending.attempts += 1;
                 if pending.attempts >= policy.max_attempts {
@@ -158,35 +140,36 @@ async fn attempt(pubsub: &EmbeddedPubSub, deliverer: &dyn Deliver, seq: u64, app
                     Settled::Exhausted { dead_letter_topic }
                 } else {
                     pending.next_attempt_unix_ms = now_ms() + policy.backoff(pending.attempts).as_millis() as u64;
-                    Settled::Retrying(pending.attempts)
+                    Settled::Retrying { attempts: pending.attempts, next_attempt_unix_ms: pending.next_attempt_unix_ms }
                 }
             }
         })
     });
-    let (topic, id) = (event.topic.as_str(), event.id.as_str());
     match settled {
         Ok(Some(Some(Settled::Done))) => {
             pubsub.metrics.pubsub_event(&pubsub.name, topic, "delivered");
+            Outcome::Finished
         }
         Ok(Some(Some(Settled::Dropped))) => {
             pubsub.metrics.pubsub_event(&pubsub.name, topic, "dropped");
             tracing::warn!(pubsub = %pubsub.name, topic, id, app_id, "the subscriber dropped the event");
+            Outcome::Finished
         }
-        Ok(Some(Some(Settled::Retrying(attempts)))) => {
+        Ok(Some(Some(Settled::Retrying { attempts, next_attempt_unix_ms }))) => {
             pubsub.metrics.pubsub_event(&pubsub.name, topic, "retried");
             let reason = reason(&outcome);
             tracing::debug!(pubsub = %pubsub.name, topic, id, app_id, attempts, reason, "delivery will be retried");
-        }
-        Ok(Some(Some(Settled::Waiting))) => {
-            tracing::debug!(pubsub = %pubsub.name, topic, id, app_id, reason = reason(&outcome), "the subscriber is away; the event waits");
+            Outcome::RetryAt(next_attempt_unix_ms)
         }
         Ok(Some(Some(Settled::Exhausted { dead_letter_topic }))) => {
             dead_letter(pubsub, event, app_id, &dead_letter_topic, &reason(&outcome)).await;
+            Outcome::Finished
         }
-        // The delivery was settled already (a redelivery after a restart raced it).
-        Ok(None) | Ok(Some(None)) => {}
+        // The delivery was settled already.
+        Ok(None) | Ok(Some(None)) => Outcome::Finished,
         Err(e) => {
-            tracing::error!(pubsub = %pubsub.name, topic, id, app_id, error = %e, "cannot record a delivery outcome; it will be retried")
+            tracing::error!(pubsub = %pubsub.name, topic, id, app_id, error = %e, "cannot record a delivery outcome; it will be retried");
+            Outcome::RetryAt(now_ms() + policy.initial_retry_delay.as_millis() as u64)
         }
     }
 }

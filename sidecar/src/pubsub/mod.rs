@@ -6,7 +6,8 @@
 //!   [`outbox`], flushes, and only then acknowledges the publish.
 //! - Its [`delivery`] loop hands each pending delivery to one live instance of the subscriber
 //!   app (replicas compete for events) through the subscriber's sidecar, which calls the app's
-//!   `OnTopicEvent`. SUCCESS and DROP end the delivery; RETRY, errors and timeouts retry it with
+//!   `OnTopicEvent`, taking them from the in-memory [`schedule`] (at most `maxInFlight` in
+//!   flight per subscription, so a slow subscriber holds back only its own events). SUCCESS and DROP end the delivery; RETRY, errors and timeouts retry it with
 //!   exponential backoff until `maxDeliveryAttempts`, then the event goes to the subscription's
 //!   dead-letter topic, or is dropped and logged.
 //! - [`subscriptions`]: each subscriber's sidecar asks its app for its subscriptions
@@ -32,6 +33,7 @@ pub mod jetstream;
 pub mod local;
 pub mod outbox;
 pub mod registry;
+pub mod schedule;
 pub mod streams;
 pub mod subscriptions;
 
@@ -52,6 +54,7 @@ use crate::metrics::Metrics;
 use delivery::Deliver;
 use local::LocalApp;
 use outbox::Outbox;
+use schedule::{Schedule, SubscriptionKey};
 
 /// The component type of the embedded pub/sub.
 pub const EMBEDDED: &str = "pubsub.embedded";
@@ -139,7 +142,7 @@ pub struct DeliveryPolicy {
     pub max_retry_delay: Duration,
     /// How long one delivery may take before it counts as failed.
     pub timeout: Duration,
-    /// Deliveries in flight at once, over all subscribers.
+    /// Deliveries in flight at once per subscription (subscriber app-id and topic).
     pub max_in_flight: usize,
     /// Events kept waiting at most; publishing beyond answers RESOURCE_EXHAUSTED.
     pub max_backlog: usize,
@@ -209,6 +212,8 @@ impl DeliveryPolicy {
 pub struct EmbeddedPubSub {
     pub name: String,
     outbox: Arc<Outbox>,
+    /// The outbox's pending deliveries, queued per subscription.
+    schedule: Schedule,
     routing: RoutingTable,
     wake: Arc<Notify>,
     pub policy: DeliveryPolicy,
@@ -216,7 +221,7 @@ pub struct EmbeddedPubSub {
 }
 
 impl EmbeddedPubSub {
-    /// Opens the component's outbox at `path`.
+    /// Opens the component's outbox at `path` and schedules the deliveries it holds.
     pub fn open(
         name: &str,
         path: &Path,
@@ -225,7 +230,35 @@ impl EmbeddedPubSub {
         metrics: Arc<Metrics>,
     ) -> Result<Self, PubSubError> {
         let outbox = Arc::new(Outbox::open(path, policy.max_backlog)?);
-        Ok(EmbeddedPubSub { name: name.to_string(), outbox, routing, wake: Arc::new(Notify::new()), policy, metrics })
+        // A subscriber that is away is probed again at most this often.
+        let away_pause = (policy.initial_retry_delay, policy.max_retry_delay.min(Duration::from_secs(1)));
+        let schedule = Schedule::new(policy.max_in_flight, away_pause.0, away_pause.1);
+        // What a previous run left undelivered, read once in chunks (publishes start later).
+        let mut after = None;
+        loop {
+            let chunk = outbox.records_after(after, 1024);
+            let Some((last, _)) = chunk.last() else { break };
+            after = Some(*last);
+            for (seq, record) in chunk {
+                let Some(event) = record.event else { continue };
+                for pending in record.deliveries {
+                    let key = SubscriptionKey::new(&pending.app_id, &event.topic);
+                    schedule.add(&key, seq, pending.next_attempt_unix_ms, pending.ordered);
+                }
+            }
+        }
+        if !schedule.is_empty() {
+            tracing::info!(pubsub = name, events = outbox.len(), deliveries = schedule.len(), "resuming deliveries left in the outbox");
+        }
+        Ok(EmbeddedPubSub {
+            name: name.to_string(),
+            outbox,
+            schedule,
+            routing,
+            wake: Arc::new(Notify::new()),
+            policy,
+            metrics,
+        })
     }
 
     /// Stores `event` for every current subscriber of its topic; returns once it is durable.
@@ -270,9 +303,16 @@ impl EmbeddedPubSub {
         }
         if !records.is_empty() {
             let stored = self.outbox.push_all(records.iter().map(|(_, record)| record)).await;
-            for ((index, _), result) in records.iter().zip(stored) {
-                if let Err(e) = result {
-                    outcomes[*index] = Err(e);
+            for ((index, record), result) in records.iter().zip(stored) {
+                match result {
+                    Ok(seq) => {
+                        let topic = record.event.as_ref().map_or("", |e| e.topic.as_str());
+                        for pending in &record.deliveries {
+                            let key = SubscriptionKey::new(&pending.app_id, topic);
+                            self.schedule.add(&key, seq, pending.next_attempt_unix_ms, pending.ordered);
+                        }
+                    }
+                    Err(e) => outcomes[*index] = Err(e),
                 }
             }
             self.wake.notify_one();

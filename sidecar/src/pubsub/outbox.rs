@@ -7,7 +7,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use prost::Message;
-use tandem_proto::internal::OutboxRecord;
+use tandem_proto::internal::{OutboxRecord, PendingDelivery};
+use tandem_proto::runtime::TopicEventRequest;
 
 use super::PubSubError;
 use crate::durability::GroupFlusher;
@@ -115,11 +116,18 @@ impl Outbox {
         out
     }
 
-    /// Whether `app_id` still waits for record `seq` and its next attempt is due at `now`.
-    pub fn is_due(&self, seq: u64, app_id: &str, now_ms: u64) -> bool {
-        let Ok(Some(bytes)) = self.records.get(seq.to_be_bytes()) else { return false };
-        let Ok(record) = OutboxRecord::decode(bytes.as_ref()) else { return false };
-        record.deliveries.iter().any(|d| d.app_id == app_id && d.next_attempt_unix_ms <= now_ms)
+    /// The event of record `seq` and `app_id`'s pending delivery of it; `None` when that
+    /// delivery is settled (or the record gone).
+    pub fn pending(&self, seq: u64, app_id: &str) -> Result<Option<(TopicEventRequest, PendingDelivery)>, PubSubError> {
+        let Some(bytes) = self.records.get(seq.to_be_bytes()).map_err(|e| self.storage("reading an event", e))? else {
+            return Ok(None);
+        };
+        let record = OutboxRecord::decode(bytes.as_ref()).map_err(|e| self.storage("decoding an event", e))?;
+        let (Some(event), Some(pending)) = (record.event, record.deliveries.into_iter().find(|d| d.app_id == app_id))
+        else {
+            return Ok(None);
+        };
+        Ok(Some((event, pending)))
     }
 
     /// Changes record `seq` with `change` (which returns what the caller needs to know) and
@@ -162,8 +170,6 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tandem_proto::internal::PendingDelivery;
-    use tandem_proto::runtime::TopicEventRequest;
 
     fn record(id: &str, apps: &[&str]) -> OutboxRecord {
         OutboxRecord {
@@ -198,6 +204,19 @@ mod tests {
         assert_eq!(records.len(), 1);
         assert_eq!(records[0].1.deliveries.len(), 1);
         assert_eq!(outbox.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn pending_finds_one_subscribers_delivery_until_it_is_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(&dir.path().join("o"), 10).unwrap();
+        let seq = outbox.push(&record("e1", &["a", "b"])).await.unwrap();
+        let (event, pending) = outbox.pending(seq, "b").unwrap().unwrap();
+        assert_eq!((event.id.as_str(), pending.app_id.as_str()), ("e1", "b"));
+        assert!(outbox.pending(seq, "c").unwrap().is_none(), "c never subscribed");
+        outbox.modify(seq, |r| r.deliveries.retain(|d| d.app_id != "b")).unwrap();
+        assert!(outbox.pending(seq, "b").unwrap().is_none(), "b's delivery is settled");
+        assert!(outbox.pending(seq + 100, "a").unwrap().is_none(), "no such record");
     }
 
     #[tokio::test]
