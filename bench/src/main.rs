@@ -117,6 +117,10 @@ struct Args {
     /// Rounds both phases are split into, taking the routes in turn.
     #[arg(long, default_value_t = 10)]
     rounds: usize,
+    /// Deliveries in flight per subscriber in the pub/sub benchmark, the same for every route:
+    /// the sidecars' maxInFlight/maxAckPending and the direct consumer's max_ack_pending.
+    #[arg(long, default_value_t = 64)]
+    delivery_window: usize,
     /// Seconds of the paced (1,000 events/s) latency run of the pub/sub benchmark, per route.
     #[arg(long, default_value_t = 5.0)]
     paced_seconds: f64,
@@ -187,11 +191,13 @@ async fn run(args: Args) -> Result<()> {
     }
     if matches!(args.which, Which::Pubsub | Which::All) {
         ensure!(args.paced_seconds.is_finite() && args.paced_seconds > 0.0, "--paced-seconds must be positive");
+        ensure!(args.delivery_window > 0, "--delivery-window must be at least 1");
         let context = detect_context();
         let pubsub_settings = pubsub::PubSubSettings {
             seconds: args.seconds,
             in_flight: args.in_flight,
             paced_seconds: args.paced_seconds,
+            delivery_window: args.delivery_window,
         };
         let report = pubsub::run(&pubsub_settings, context).await?;
         let block = report.to_markdown();

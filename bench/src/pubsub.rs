@@ -51,6 +51,8 @@ pub struct PubSubSettings {
     pub in_flight: usize,
     /// Seconds of the paced latency run.
     pub paced_seconds: f64,
+    /// Deliveries in flight per subscriber, for every route alike.
+    pub delivery_window: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,13 +161,14 @@ struct Bench {
 const TOPIC: &str = "bench";
 
 impl Bench {
-    async fn start() -> Result<Bench> {
+    async fn start(window: usize) -> Result<Bench> {
         let etcd = Etcd::start().await;
         let nats = Nats::start().await;
         let url = nats.url();
+        let window_text = window.to_string();
         let resources = ResourcesDir::new(&[
-            ("embedded", "pubsub.embedded", &[]),
-            ("jetstream", "pubsub.jetstream", &[("natsURL", url.as_str())]),
+            ("embedded", "pubsub.embedded", &[("maxInFlight", window_text.as_str())]),
+            ("jetstream", "pubsub.jetstream", &[("natsURL", url.as_str()), ("maxAckPending", window_text.as_str())]),
         ]);
         let sinks = Sinks::default();
         let probes = Inbox::default();
@@ -223,6 +226,7 @@ impl Bench {
     async fn direct_consumer(
         &self,
         run: usize,
+        window: usize,
         recorder: Arc<Recorder>,
     ) -> Result<(String, tokio::task::JoinHandle<()>)> {
         let stream_name = format!("BENCH_DIRECT_{run}");
@@ -241,12 +245,12 @@ impl Bench {
             .create_consumer(pull::Config {
                 durable_name: Some("bench".into()),
                 ack_policy: AckPolicy::Explicit,
-                max_ack_pending: 64,
+                max_ack_pending: window as i64,
                 ..Default::default()
             })
             .await
             .context("creating the direct consumer")?;
-        let mut messages = consumer.stream().max_messages_per_batch(64).messages().await?;
+        let mut messages = consumer.stream().max_messages_per_batch(window).messages().await?;
         let task = tokio::spawn(async move {
             while let Some(Ok(message)) = messages.next().await {
                 recorder.delivered(&message.payload);
@@ -415,7 +419,7 @@ pub struct PubSubReport {
 
 pub async fn run(settings: &PubSubSettings, context: RunContext) -> Result<PubSubReport> {
     eprintln!("starting etcd, nats-server -js, an app behind tandemd bench-sub, and tandemd bench-pub ...");
-    let bench = Bench::start().await?;
+    let bench = Bench::start(settings.delivery_window).await?;
     let mut routes = Vec::new();
     let mut run = 0;
     for route in Route::ALL {
@@ -434,7 +438,8 @@ pub async fn run(settings: &PubSubSettings, context: RunContext) -> Result<PubSu
             let recorder = Arc::new(Recorder::new(MAX_EVENTS));
             let (publisher, consumer) = match route {
                 Route::Direct => {
-                    let (subject, task) = bench.direct_consumer(run, recorder.clone()).await?;
+                    let (subject, task) =
+                        bench.direct_consumer(run, settings.delivery_window, recorder.clone()).await?;
                     (Publisher::Direct { js: bench.js.clone(), subject }, Some(task))
                 }
                 _ => {
@@ -499,7 +504,9 @@ impl PubSubReport {
              durable (embedded: flushed to its sled outbox; jetstream: JetStream's PubAck); tandemd `bench-sub` \
              hands each event to the app's `OnTopicEvent` (in the bench process), which answers SUCCESS. \
              **Direct**: the bench process publishes to a JetStream stream of its own with async-nats, waiting for \
-             each PubAck, and consumes it through a durable pull consumer (max_ack_pending 64), acking each message.\n\
+             each PubAck, and consumes it through a durable pull consumer (max_ack_pending {window}, batches of up to {window}), acking each message. \
+             Every route has the same {window} deliveries in flight to its subscriber (the sidecars' `maxInFlight` \
+             and `maxAckPending`).\n\
              - Processes, all on this machine: etcd, {nats} (`-js`, file store), both tandemds (runtime threads: \
              {workers}), and one bench process (tokio, {cpus} workers) that publishes, serves the app and runs the \
              direct client.\n\
@@ -515,6 +522,7 @@ impl PubSubReport {
             period = 1000 / PACED_RATE,
             rate = thousands(PACED_RATE),
             paced = s.paced_seconds,
+            window = s.delivery_window,
         ));
         out.push_str(
             "| route | delivered events/s | publish acks/s | vs direct | p50 at 1,000/s | p99 at 1,000/s | delivered / acknowledged (throughput + paced runs) | duplicates |\n",

@@ -8,6 +8,12 @@ use clap::Parser;
 use tandem_sidecar::Config;
 use tandem_sidecar::telemetry::{self, TraceSettings};
 
+/// mimalloc rather than glibc's malloc: a sidecar copies every request and event through many
+/// short-lived buffers, and under load glibc's allocator was a quarter of tandemd's CPU time
+/// (see BENCHMARKS.md, pub/sub).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// How long the exit waits for the collector to take the spans still queued.
 const SPAN_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 

@@ -248,7 +248,12 @@ impl EmbeddedPubSub {
             }
         }
         if !schedule.is_empty() {
-            tracing::info!(pubsub = name, events = outbox.len(), deliveries = schedule.len(), "resuming deliveries left in the outbox");
+            tracing::info!(
+                pubsub = name,
+                events = outbox.len(),
+                deliveries = schedule.len(),
+                "resuming deliveries left in the outbox"
+            );
         }
         Ok(EmbeddedPubSub {
             name: name.to_string(),

@@ -158,7 +158,11 @@ pub fn init(log_level: &str, format: LogFormat, settings: &TraceSettings) -> Res
     };
     // Request spans pass the log filter whatever the level, so every line logged inside a
     // call shows the call's trace id.
-    let log_filter = log_filter.or(filter_fn(|meta| meta.is_span() && meta.target() == SPAN_TARGET));
+    // The hints (tandemd's spans are INFO) keep the global level filter honest: without them it
+    // would be TRACE, and every `log` record of a dependency (sled logs a lot at debug/trace)
+    // would be turned into a tracing event only to be filtered out.
+    let log_filter = log_filter
+        .or(filter_fn(|meta| meta.is_span() && meta.target() == SPAN_TARGET).with_max_level_hint(tracing::Level::INFO));
     let log_layer = match format {
         LogFormat::Text => fmt::layer().with_ansi(false).boxed(),
         LogFormat::Json => fmt::layer().json().boxed(),
@@ -185,14 +189,17 @@ pub fn init(log_level: &str, format: LogFormat, settings: &TraceSettings) -> Res
         .with_target(false)
         .with_tracked_inactivity(false)
         .with_context_activation(false)
-        .with_filter(filter_fn(|meta| {
-            // Tandemd's spans, and its warnings and errors as events of the span they happen in.
-            if meta.is_span() {
-                meta.target() == SPAN_TARGET
-            } else {
-                *meta.level() <= tracing::Level::WARN && meta.target().starts_with("tandem_sidecar")
-            }
-        }));
+        .with_filter(
+            filter_fn(|meta| {
+                // Tandemd's spans, and its warnings and errors as events of the span they happen in.
+                if meta.is_span() {
+                    meta.target() == SPAN_TARGET
+                } else {
+                    *meta.level() <= tracing::Level::WARN && meta.target().starts_with("tandem_sidecar")
+                }
+            })
+            .with_max_level_hint(tracing::Level::INFO),
+        );
     tracing_subscriber::registry()
         .with(log_layer.with_filter(log_filter))
         .with(span_layer)
