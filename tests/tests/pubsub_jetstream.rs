@@ -1,11 +1,13 @@
 //! `pubsub.jetstream` through real sidecars and a real `nats-server -js`: the cases every
 //! pub/sub component passes (`tandem_tests::pubsub_cases`), the fault test, and what is
-//! particular to a broker (unreachable, its payload limit).
+//! particular to a broker (unreachable, its payload limit, the messages other NATS clients
+//! read and write on the stream).
 
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::{PullConsumer, pull};
 use tandem_sdk::Code;
-use tandem_tests::pubsub::{Inbox, subscriber, wait_until_subscribed};
+use tandem_tests::pubsub::{Inbox, RequestLog, request_logging_subscriber, subscriber, wait_until_subscribed};
 use tandem_tests::pubsub_cases::{self as cases, Broker, sidecar};
 use tandem_tests::state::ResourcesDir;
 use tandem_tests::{Etcd, Nats, Sidecar, eventually, free_port};
@@ -41,6 +43,11 @@ async fn events_wait_for_a_subscriber_that_is_down_and_survive_the_publishers_ki
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_publishes_are_refused_with_the_reason() {
     cases::bad_publishes_are_refused_with_the_reason(&Broker::jetstream().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_payload_events_reach_the_app_without_a_cloudevent_envelope() {
+    cases::raw_payload_events_reach_the_app_without_a_cloudevent_envelope(&Broker::jetstream().await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,4 +122,100 @@ async fn an_event_over_the_nats_payload_limit_is_refused_naming_it() {
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("'jwt'") && stderr.contains("pubsub.yaml"), "{stderr}");
+}
+
+/// The stream and a topic's subject of component `pubsub` in namespace `default`.
+const STREAM: &str = "TANDEM__default__pubsub";
+const SUBJECT_PREFIX: &str = "tandem.default.pubsub";
+
+async fn jetstream_of(nats: &Nats) -> async_nats::jetstream::Context {
+    async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connecting to nats-server"))
+}
+
+/// With `rawPayload` the stream holds the bare payload, so a reader of the stream that is not
+/// Tandem gets the bytes as published; and a message another NATS client puts on a topic's
+/// subject reaches the subscribing app as a raw event, not dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_payloads_are_bare_on_the_stream_and_other_clients_messages_arrive_raw() {
+    use tandem_proto::runtime::PublishEventRequest;
+    use tandem_proto::runtime::dapr_client::DaprClient;
+    use tokio_stream::StreamExt;
+
+    let etcd = Etcd::start().await;
+    let nats = Nats::start().await;
+    let res = nats.resources("pubsub", &[]);
+    let (inbox, log) = (Inbox::default(), RequestLog::default());
+    let port = request_logging_subscriber("ext", &inbox, &log).await;
+    let _sub = Sidecar::new("reader").etcd(&etcd).resources(res.path()).app_port(port).spawn().await;
+    let publisher = sidecar("writer", &etcd, &res, None).await;
+    wait_until_subscribed(&publisher.client(), "ext", &inbox).await;
+
+    // A reader of its own on the topic's subject, as a service outside Tandem would have.
+    let js = jetstream_of(&nats).await;
+    let subject = format!("{SUBJECT_PREFIX}.ext");
+    let outsider: PullConsumer = js
+        .get_stream(STREAM)
+        .await
+        .unwrap()
+        .create_consumer(pull::Config {
+            durable_name: Some("outsider".into()),
+            filter_subject: subject.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut dapr = DaprClient::connect(format!("http://{}", publisher.grpc_addr())).await.unwrap();
+    dapr.publish_event(PublishEventRequest {
+        pubsub_name: "pubsub".into(),
+        topic: "ext".into(),
+        data: b"bare bytes".to_vec(),
+        data_content_type: "text/plain".into(),
+        metadata: [("rawPayload".to_string(), "true".to_string())].into(),
+    })
+    .await
+    .unwrap();
+    // Another NATS client publishes to the topic's subject: without headers, and with an id
+    // and a content type.
+    js.publish(subject.clone(), "from-outside".into()).await.unwrap().await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "outside-2");
+    headers.insert("Content-Type", "application/x-thing");
+    js.publish_with_headers(subject.clone(), headers, "from-outside-with-id".into()).await.unwrap().await.unwrap();
+
+    let mut messages = outsider.messages().await.unwrap();
+    let bare = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let message = messages.next().await.expect("the outsider's messages").expect("a message");
+            message.ack().await.unwrap();
+            if message.payload.as_ref() == b"bare bytes" {
+                return message;
+            }
+        }
+    })
+    .await
+    .expect("the raw event on the stream within 20 s");
+    let header = |name: &str| bare.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_string());
+    assert_eq!(header("Tandem-Format").as_deref(), Some("raw"));
+    assert_eq!(header("Content-Type").as_deref(), Some("text/plain"));
+
+    eventually(Duration::from_secs(20), "the raw event and both outside messages at the app", || async {
+        ["bare bytes", "from-outside", "from-outside-with-id"].iter().all(|p| inbox.has(p))
+    })
+    .await;
+    let delivered = log.find(b"bare bytes").unwrap();
+    assert_eq!(header("Tandem-Event-Id"), Some(delivered.id.clone()), "one id on the stream and at the app");
+    assert_eq!(delivered.data_content_type, "text/plain");
+    for (data, id, content_type) in [
+        ("from-outside", None, "application/octet-stream"),
+        ("from-outside-with-id", Some("outside-2"), "application/x-thing"),
+    ] {
+        let event = log.find(data.as_bytes()).unwrap();
+        assert_eq!((event.source.as_str(), event.spec_version.as_str()), ("", ""), "{data}: raw");
+        assert_eq!((event.topic.as_str(), event.pubsub_name.as_str()), ("ext", "pubsub"), "{data}");
+        assert_eq!(event.data_content_type, content_type, "{data}");
+        match id {
+            Some(id) => assert_eq!(event.id, id, "{data}: the message's Nats-Msg-Id"),
+            None => assert!(event.id.starts_with(&format!("{STREAM}:")), "{data}: stream and sequence: {}", event.id),
+        }
+    }
 }

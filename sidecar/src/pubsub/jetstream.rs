@@ -1,11 +1,18 @@
 //! `pubsub.jetstream`: the pub/sub building block on a NATS JetStream server.
 //!
-//! - **Publishing**: each event (the whole `TopicEventRequest`, protobuf-encoded, so every
-//!   CloudEvent attribute and extension travels) goes to subject `{prefix}.{topic}` of one
-//!   stream per component; the publish is acknowledged only after JetStream's PubAck, i.e.
-//!   once the server has stored it. The stream is created when missing, with interest
-//!   retention: an event stays until every subscribed app-id has settled it, and a topic
-//!   without subscribers keeps nothing (as with `pubsub.embedded`).
+//! - **Publishing**: each event goes to subject `{prefix}.{topic}` of one stream per
+//!   component; the publish is acknowledged only after JetStream's PubAck, i.e. once the
+//!   server has stored it. The stream is created when missing, with interest retention: an
+//!   event stays until every subscribed app-id has settled it, and a topic without
+//!   subscribers keeps nothing (as with `pubsub.embedded`).
+//! - **Message format**: header `Tandem-Format` says how the body reads. `envelope`: the whole
+//!   `TopicEventRequest`, protobuf-encoded, so every CloudEvent attribute and extension
+//!   travels. `raw` (a `rawPayload` publish, see [`super::raw`]): the payload itself, so any
+//!   NATS client reading the stream gets the bytes as published, with the event's id in
+//!   `Tandem-Event-Id` and its content type in `Content-Type`. A message without the header
+//!   was put on the stream by another NATS client: it is delivered as a raw event, its id the
+//!   `Nats-Msg-Id` header if it has one, else `{stream}:{sequence}` (the same on every
+//!   redelivery), its content type the `Content-Type` header if any.
 //! - **Delivery**: the subscriber's own sidecar consumes, through one durable pull consumer per
 //!   (topic, app-id): replicas of an app share the consumer and so compete for events. SUCCESS
 //!   acks, DROP terminates, RETRY and failures nak with a backoff delay; once an event has used
@@ -23,6 +30,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::HeaderMap;
 use async_nats::connection::State;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::context::PublishErrorKind;
@@ -39,6 +47,7 @@ use tracing::Instrument;
 
 use super::delivery::DeliveryError;
 use super::local::LocalApp;
+use super::raw;
 use super::registry::PubSubContext;
 use super::{DeliveryPolicy, DeliveryTargets, LocalSubscription, PubSub, PubSubError};
 use crate::components::ComponentSpec;
@@ -72,6 +81,16 @@ const CONNECT_GRACE: Duration = Duration::from_secs(2);
 
 /// How long to wait while the app cannot take events before looking again.
 const APP_AWAY_POLL: Duration = Duration::from_millis(100);
+
+/// The header that says how a message body reads (see the module docs), and its values.
+const FORMAT_HEADER: &str = "Tandem-Format";
+const ENVELOPE: &str = "envelope";
+const RAW: &str = "raw";
+/// The event id of a raw message.
+const EVENT_ID_HEADER: &str = "Tandem-Event-Id";
+const CONTENT_TYPE_HEADER: &str = "Content-Type";
+/// The id another NATS client may give its message (JetStream's deduplication id).
+const NATS_MSG_ID_HEADER: &str = "Nats-Msg-Id";
 
 /// The component's settings, from its metadata (names follow Dapr's jetstream component).
 #[derive(Debug, Clone, PartialEq)]
@@ -339,9 +358,10 @@ impl JetStreamPubSub {
     /// Publishes `event` to its topic's subject and waits for the PubAck.
     async fn publish_one(&self, event: &TopicEventRequest) -> Result<(), PubSubError> {
         let subject = self.subject(&event.topic);
+        let (headers, body) = encode(event);
         let ack = self
             .js
-            .publish(subject.clone(), event.encode_to_vec().into())
+            .publish_with_headers(subject.clone(), headers, body.into())
             .await
             .map_err(|e| self.publish_error(&subject, e))?;
         ack.await.map(|_| ()).map_err(|e| self.publish_error(&subject, e))
@@ -488,10 +508,10 @@ impl JetStreamPubSub {
     async fn handle(&self, subscription: &LocalSubscription, local: &LocalApp, message: Message) {
         let attempt = message.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
         let topic = subscription.topic.as_str();
-        let event = match TopicEventRequest::decode(message.payload.as_ref()) {
+        let event = match self.decode(&message, topic) {
             Ok(event) => TopicEventRequest { path: subscription.path.clone(), ..event },
             Err(e) => {
-                tracing::error!(pubsub = %self.name, topic, error = %e, "a message on the stream is not a Tandem event; dropped");
+                tracing::error!(pubsub = %self.name, topic, error = %e, "a message on the stream cannot be read as a Tandem event; dropped");
                 self.metrics.pubsub_event(&self.name, topic, "dropped");
                 settle(&message, AckKind::Term).await;
                 return;
@@ -538,6 +558,27 @@ impl JetStreamPubSub {
         }
     }
 
+    /// The event `message` carries (see the module docs for the formats); `topic` is the one
+    /// it was consumed from.
+    fn decode(&self, message: &Message, topic: &str) -> Result<TopicEventRequest, String> {
+        let header = |name: &str| message.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str());
+        match header(FORMAT_HEADER) {
+            Some(ENVELOPE) => TopicEventRequest::decode(message.payload.as_ref()).map_err(|e| e.to_string()),
+            Some(RAW) | None => {
+                let id = match header(EVENT_ID_HEADER).or_else(|| header(NATS_MSG_ID_HEADER)) {
+                    Some(id) => id.to_string(),
+                    None => {
+                        let info = message.info().map_err(|e| format!("a message without an id or its info: {e}"))?;
+                        format!("{}:{}", info.stream, info.stream_sequence)
+                    }
+                };
+                let content_type = header(CONTENT_TYPE_HEADER).unwrap_or_default();
+                Ok(raw::event(id, &self.name, topic, message.payload.to_vec(), content_type))
+            }
+            Some(other) => Err(format!("header {FORMAT_HEADER} is '{other}', neither '{ENVELOPE}' nor '{RAW}'")),
+        }
+    }
+
     /// The event used its attempts: to the dead-letter topic, or dropped.
     async fn exhausted(
         &self,
@@ -576,6 +617,21 @@ enum Paused {
     AppAway,
 }
 
+/// The headers and body of the message that carries `event` on the stream.
+fn encode(event: &TopicEventRequest) -> (HeaderMap, Vec<u8>) {
+    let mut headers = HeaderMap::new();
+    if raw::is_raw(event) {
+        // The API refuses content types a header cannot carry (raw::check_content_type).
+        headers.insert(FORMAT_HEADER, RAW);
+        headers.insert(EVENT_ID_HEADER, event.id.as_str());
+        headers.insert(CONTENT_TYPE_HEADER, event.data_content_type.as_str());
+        (headers, event.data.clone())
+    } else {
+        headers.insert(FORMAT_HEADER, ENVELOPE);
+        (headers, event.encode_to_vec())
+    }
+}
+
 async fn settle(message: &Message, kind: AckKind) {
     if let Err(e) = message.ack_with(kind).await {
         // Unsettled, the event is redelivered after ackWait: at least once still holds.
@@ -604,7 +660,7 @@ impl PubSub for JetStreamPubSub {
         let mut sent = Vec::with_capacity(events.len());
         for event in &events {
             let subject = self.subject(&event.topic);
-            let payload = event.encode_to_vec();
+            let (headers, payload) = encode(event);
             if max_payload > 0 && payload.len() > max_payload {
                 sent.push(Err(PubSubError::Refused(format!(
                     "pub/sub '{}': the event for topic '{}' is {} bytes encoded, over the NATS server's max_payload of {max_payload} bytes",
@@ -614,7 +670,7 @@ impl PubSub for JetStreamPubSub {
                 ))));
                 continue;
             }
-            match self.js.publish(subject.clone(), payload.into()).await {
+            match self.js.publish_with_headers(subject.clone(), headers, payload.into()).await {
                 Ok(ack) => sent.push(Ok((subject, ack))),
                 Err(e) => sent.push(Err(self.publish_error(&subject, e))),
             }
@@ -702,6 +758,21 @@ mod tests {
         assert_eq!(s.deliver_policy, DeliverPolicy::New);
         assert_eq!(s.stream_name, "ORDERS");
         assert_eq!(s.max_backlog, Some(10));
+    }
+
+    #[test]
+    fn raw_events_go_on_the_stream_bare_and_cloudevents_in_their_envelope() {
+        let raw = raw::event("e-1".into(), "events", "t", b"payload".to_vec(), "text/plain");
+        let (headers, body) = encode(&raw);
+        assert_eq!(body, b"payload");
+        assert_eq!(headers.get(FORMAT_HEADER).map(|v| v.as_str()), Some(RAW));
+        assert_eq!(headers.get(EVENT_ID_HEADER).map(|v| v.as_str()), Some("e-1"));
+        assert_eq!(headers.get(CONTENT_TYPE_HEADER).map(|v| v.as_str()), Some("text/plain"));
+
+        let cloud_event = TopicEventRequest { spec_version: "1.0".into(), ..raw };
+        let (headers, body) = encode(&cloud_event);
+        assert_eq!(headers.get(FORMAT_HEADER).map(|v| v.as_str()), Some(ENVELOPE));
+        assert_eq!(TopicEventRequest::decode(body.as_slice()).unwrap(), cloud_event);
     }
 
     #[test]
