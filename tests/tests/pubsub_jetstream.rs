@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{PullConsumer, pull};
-use tandem_sdk::Code;
+use tandem_sdk::{BulkEntry, Code};
 use tandem_tests::pubsub::{Inbox, RequestLog, request_logging_subscriber, subscriber, wait_until_subscribed};
 use tandem_tests::pubsub_cases::{self as cases, Broker, sidecar};
 use tandem_tests::state::ResourcesDir;
@@ -104,6 +104,15 @@ async fn an_event_over_the_nats_payload_limit_is_refused_naming_it() {
     let err = publisher.client().publish("pubsub", "big", vec![7u8; 2 << 20], "").await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("max_payload"), "{err:?}");
+    // In a bulk publish such an entry fails alone, with the same reason.
+    let entries = vec![
+        BulkEntry::new("small-1", "s1", ""),
+        BulkEntry::new("big", vec![7u8; 2 << 20], ""),
+        BulkEntry::new("small-2", "s2", ""),
+    ];
+    let failed = publisher.client().bulk_publish("pubsub", "big", entries).await.unwrap();
+    assert_eq!(failed.iter().map(|f| f.entry_id.as_str()).collect::<Vec<_>>(), ["big"], "{failed:?}");
+    assert!(failed[0].error.contains("max_payload"), "{failed:?}");
     // The component's configuration errors stop tandemd at start, naming the field.
     let bad = ResourcesDir::new(&[("pubsub", "pubsub.jetstream", &[("natsURL", "nats://127.0.0.1:1"), ("jwt", "x")])]);
     let output = tandem_tests::sidecar::run_until_exit(&[
