@@ -1,7 +1,7 @@
 //! `pubsub.jetstream` through real sidecars and a real `nats-server -js`: the cases every
 //! pub/sub component passes (`tandem_tests::pubsub_cases`), the fault test, and what is
 //! particular to a broker (unreachable, its payload limit, the messages other NATS clients
-//! read and write on the stream).
+//! read and write on the stream, consumers that nobody uses any more).
 
 use std::time::Duration;
 
@@ -227,4 +227,49 @@ async fn raw_payloads_are_bare_on_the_stream_and_other_clients_messages_arrive_r
             None => assert!(event.id.starts_with(&format!("{STREAM}:")), "{data}: stream and sequence: {}", event.id),
         }
     }
+}
+
+/// Durable consumers carry `consumerInactiveThreshold`: one that a sidecar pulls from stays,
+/// and once no sidecar pulls from it any more NATS removes it, rather than keep the app-id's
+/// events forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_nobody_pulls_from_is_removed_after_the_inactive_threshold() {
+    let etcd = Etcd::start().await;
+    let nats = Nats::start().await;
+    let threshold = Duration::from_secs(3);
+    let res = nats.resources("pubsub", &[("consumerInactiveThreshold", "3s")]);
+    let inbox = Inbox::default();
+    let app = subscriber("jobs", &inbox).await;
+    let mut sub = sidecar("worker", &etcd, &res, Some(&app)).await;
+    let publisher = sidecar("boss", &etcd, &res, None).await;
+    let client = publisher.client();
+    wait_until_subscribed(&client, "jobs", &inbox).await;
+
+    let stream = jetstream_of(&nats).await.get_stream(STREAM).await.unwrap();
+    let consumer_name = "tandem__worker__jobs";
+    let first = stream.consumer_info(consumer_name).await.unwrap();
+    assert_eq!(first.config.inactive_threshold, threshold);
+
+    // Time passing is what is tested here: twice the threshold with a live subscriber leaves
+    // its consumer in place (the same one, not a re-creation), still delivering.
+    tokio::time::sleep(threshold * 2).await;
+    client.publish("pubsub", "jobs", b"after the threshold".to_vec(), "text/plain").await.unwrap();
+    eventually(Duration::from_secs(20), "the event after the threshold", || async { inbox.has("after the threshold") })
+        .await;
+    let later = stream.consumer_info(consumer_name).await.unwrap();
+    assert_eq!(later.created, first.created, "the live consumer was never removed");
+
+    // Nobody pulls any more: NATS removes the consumer.
+    sub.kill9().await;
+    eventually(Duration::from_secs(30), "the consumer removed by NATS", || {
+        let stream = stream.clone();
+        async move {
+            match stream.consumer_info(consumer_name).await {
+                Ok(_) => false,
+                Err(e) if e.to_string().contains("consumer not found") => true,
+                Err(e) => panic!("asking NATS for consumer '{consumer_name}': {e}"),
+            }
+        }
+    })
+    .await;
 }

@@ -22,6 +22,13 @@
 //!   a crash is still dead-lettered on its next delivery.
 //! - **Order**: a subscription that asks for it (`tandem.ordered`) gets a consumer with
 //!   `max_ack_pending` 1: one event at a time, in stream order.
+//! - **Consumers that nobody uses** are removed by the server after
+//!   `consumerInactiveThreshold` (24 h by default) without a pull. Replicas of an app-id share
+//!   the consumer, so no sidecar can tell that a subscription is gone for good when its app stops
+//!   listing it; the threshold makes NATS tell instead. The trade-off: an app-id away for longer
+//!   than that loses its consumer, and with it (interest retention) the events only it still
+//!   waited for; a new consumer starts per `deliverPolicy`. `0` keeps consumers until deleted
+//!   by hand, and their events with them.
 //!
 //! Topic, app-id and namespace become subject tokens and consumer names through [`token`],
 //! which keeps letters, digits and `-` and escapes everything else, so any topic name works.
@@ -92,6 +99,9 @@ const CONTENT_TYPE_HEADER: &str = "Content-Type";
 /// The id another NATS client may give its message (JetStream's deduplication id).
 const NATS_MSG_ID_HEADER: &str = "Nats-Msg-Id";
 
+/// The default of `consumerInactiveThreshold`.
+const DEFAULT_INACTIVE_THRESHOLD: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// The component's settings, from its metadata (names follow Dapr's jetstream component).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -123,6 +133,9 @@ pub struct Settings {
     pub memory_storage: bool,
     /// `maxBacklog`: events the stream holds at most; publishing beyond is refused.
     pub max_backlog: Option<i64>,
+    /// `consumerInactiveThreshold`: the server removes a consumer nobody pulled from for this
+    /// long (see the module docs); `None` (`0`): never.
+    pub consumer_inactive_threshold: Option<Duration>,
 }
 
 impl Settings {
@@ -175,6 +188,13 @@ impl Settings {
             Some("last") => DeliverPolicy::Last,
             Some(other) => return Err(format!("metadata 'deliverPolicy' '{other}': use all, new or last")),
         };
+        let consumer_inactive_threshold = match spec.metadata("consumerInactiveThreshold").map(str::trim) {
+            None | Some("") => Some(DEFAULT_INACTIVE_THRESHOLD),
+            Some("0") => None,
+            Some(v) => Some(parse_duration(v).map_err(|e| {
+                format!("metadata 'consumerInactiveThreshold': {e}; e.g. 24h, or 0 to keep consumers until deleted")
+            })?),
+        };
         let memory_storage = match spec.metadata("memoryStorage").map(str::trim) {
             None | Some("") | Some("false") => false,
             Some("true") => true,
@@ -208,6 +228,7 @@ impl Settings {
             replicas: number("replicas")?.map(|n| n as usize).unwrap_or(1),
             memory_storage,
             max_backlog: number("maxBacklog")?.map(|n| n as i64),
+            consumer_inactive_threshold,
         })
     }
 }
@@ -449,6 +470,8 @@ impl JetStreamPubSub {
             max_deliver: -1,
             max_ack_pending: in_flight as i64,
             deliver_policy: self.settings.deliver_policy,
+            // Zero (never) is what the server assumes when the field is absent.
+            inactive_threshold: self.settings.consumer_inactive_threshold.unwrap_or_default(),
             ..Default::default()
         };
         let stream = self.js.get_stream(&self.settings.stream_name).await.map_err(|e| e.to_string())?;
@@ -741,6 +764,7 @@ mod tests {
         assert_eq!(s.ack_wait, policy.timeout + Duration::from_secs(5));
         assert_eq!(s.max_ack_pending, policy.max_in_flight);
         assert_eq!(s.max_backlog, None);
+        assert_eq!(s.consumer_inactive_threshold, Some(Duration::from_secs(24 * 3600)));
 
         let (s, policy) = settings(&[
             ("natsURL", "nats://h:1"),
@@ -750,6 +774,7 @@ mod tests {
             ("deliverPolicy", "new"),
             ("streamName", "ORDERS"),
             ("maxBacklog", "10"),
+            ("consumerInactiveThreshold", "2h"),
         ])
         .unwrap();
         assert_eq!(policy.max_attempts, 3);
@@ -758,6 +783,9 @@ mod tests {
         assert_eq!(s.deliver_policy, DeliverPolicy::New);
         assert_eq!(s.stream_name, "ORDERS");
         assert_eq!(s.max_backlog, Some(10));
+        assert_eq!(s.consumer_inactive_threshold, Some(Duration::from_secs(7200)));
+        let (s, _) = settings(&[("natsURL", "nats://h:1"), ("consumerInactiveThreshold", "0")]).unwrap();
+        assert_eq!(s.consumer_inactive_threshold, None, "0 keeps consumers until deleted");
     }
 
     #[test]
@@ -785,6 +813,8 @@ mod tests {
             (vec![("natsURL", "nats://h:1"), ("streamName", "a.b")], "'streamName'"),
             (vec![("natsURL", "nats://h:1"), ("backOff", "soon")], "'backOff'"),
             (vec![("natsURL", "nats://h:1"), ("maxDeliver", "0")], "'maxDeliver'"),
+            (vec![("natsURL", "nats://h:1"), ("consumerInactiveThreshold", "a day")], "'consumerInactiveThreshold'"),
+            (vec![("natsURL", "nats://h:1"), ("consumerInactiveThreshold", "-5s")], "'consumerInactiveThreshold'"),
         ] {
             let err = settings(&metadata).unwrap_err();
             assert!(err.contains(expected), "expected '{expected}' in: {err}");
