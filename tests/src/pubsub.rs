@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use tandem_proto::runtime::app_callback_server::{AppCallback, AppCallbackServer};
 use tandem_proto::runtime::topic_event_response::TopicEventResponseStatus;
-use tandem_proto::runtime::{
-    ListTopicSubscriptionsResponse, TopicEventRequest, TopicEventResponse, TopicSubscription,
-};
+use tandem_proto::runtime::{ListTopicSubscriptionsResponse, TopicEventRequest, TopicEventResponse, TopicSubscription};
 use tandem_sdk::proto::common::{InvokeRequest, InvokeResponse};
 use tandem_sdk::{AppServer, EventOutcome, SidecarClient, TopicEvent};
 use tonic::{Request, Response, Status};

@@ -337,9 +337,11 @@ pub async fn raw_payload_events_reach_the_app_without_a_cloudevent_envelope(brok
     .await;
     assert!(!inbox.payloads().iter().any(|p| p.starts_with("refused")), "{:?}", inbox.payloads());
 
-    for (data, content_type) in
-        [(r#"{"raw":1}"#, "application/octet-stream"), ("raw text", "text/plain"), ("bulk-raw", "application/octet-stream")]
-    {
+    for (data, content_type) in [
+        (r#"{"raw":1}"#, "application/octet-stream"),
+        ("raw text", "text/plain"),
+        ("bulk-raw", "application/octet-stream"),
+    ] {
         let event = log.find(data.as_bytes()).unwrap();
         assert_eq!(event.data_content_type, content_type, "{data}: as given, else bytes (no guessing)");
         assert_eq!((event.source.as_str(), event.r#type.as_str(), event.spec_version.as_str()), ("", "", ""), "{data}");

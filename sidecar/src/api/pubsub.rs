@@ -115,8 +115,7 @@ impl PubSubApi {
             .map_err(|e| Status::invalid_argument(format!("publish to topic '{}': {e}", request.topic)))?
             .unwrap_or(false);
         self.check_size(&request.topic, request.data.len()).map_err(Status::resource_exhausted)?;
-        let event =
-            self.event(&request.pubsub_name, &request.topic, request.data, request.data_content_type, raw)?;
+        let event = self.event(&request.pubsub_name, &request.topic, request.data, request.data_content_type, raw)?;
         pubsub.publish(event).await.map_err(Status::from)
     }
 
