@@ -231,24 +231,35 @@ async fn raw_payloads_are_bare_on_the_stream_and_other_clients_messages_arrive_r
 
 /// Durable consumers carry `consumerInactiveThreshold`: one that a sidecar pulls from stays,
 /// and once no sidecar pulls from it any more NATS removes it, rather than keep the app-id's
-/// events forever.
+/// events forever. A consumer made without one (`0`, or by an older tandemd) takes it when a
+/// sidecar with the setting starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_nobody_pulls_from_is_removed_after_the_inactive_threshold() {
     let etcd = Etcd::start().await;
     let nats = Nats::start().await;
-    let threshold = Duration::from_secs(3);
-    let res = nats.resources("pubsub", &[("consumerInactiveThreshold", "3s")]);
     let inbox = Inbox::default();
     let app = subscriber("jobs", &inbox).await;
-    let mut sub = sidecar("worker", &etcd, &res, Some(&app)).await;
-    let publisher = sidecar("boss", &etcd, &res, None).await;
+    let kept = nats.resources("pubsub", &[("consumerInactiveThreshold", "0")]);
+    let mut sub = sidecar("worker", &etcd, &kept, Some(&app)).await;
+    let publisher = sidecar("boss", &etcd, &kept, None).await;
     let client = publisher.client();
     wait_until_subscribed(&client, "jobs", &inbox).await;
-
     let stream = jetstream_of(&nats).await.get_stream(STREAM).await.unwrap();
     let consumer_name = "tandem__worker__jobs";
+    let unbounded = stream.consumer_info(consumer_name).await.unwrap();
+    assert_eq!(unbounded.config.inactive_threshold, Duration::ZERO, "0: no threshold");
+
+    sub.kill9().await;
+    let threshold = Duration::from_secs(3);
+    let res = nats.resources("pubsub", &[("consumerInactiveThreshold", "3s")]);
+    let mut sub = sidecar("worker", &etcd, &res, Some(&app)).await;
+    eventually(Duration::from_secs(20), "the consumer updated with the threshold", || {
+        let stream = stream.clone();
+        async move { stream.consumer_info(consumer_name).await.unwrap().config.inactive_threshold == threshold }
+    })
+    .await;
     let first = stream.consumer_info(consumer_name).await.unwrap();
-    assert_eq!(first.config.inactive_threshold, threshold);
+    assert_eq!(first.created, unbounded.created, "updated in place, not re-created");
 
     // Time passing is what is tested here: twice the threshold with a live subscriber leaves
     // its consumer in place (the same one, not a re-creation), still delivering.

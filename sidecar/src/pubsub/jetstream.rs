@@ -154,7 +154,7 @@ impl Settings {
             .metadata("natsURL")
             .map(str::trim)
             .filter(|u| !u.is_empty())
-            .ok_or_else(|| format!("metadata 'natsURL' is missing (the NATS server, e.g. nats://127.0.0.1:4222)"))?
+            .ok_or_else(|| "metadata 'natsURL' is missing (the NATS server, e.g. nats://127.0.0.1:4222)".to_string())?
             .to_string();
         let number = |key: &str| -> Result<Option<u64>, String> {
             spec.metadata(key)
