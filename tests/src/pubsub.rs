@@ -1,11 +1,17 @@
 //! Pub/sub tests' helpers: an [`Inbox`] that records what a subscriber app received, an app
-//! that fills one ([`subscriber`]), and [`wait_until_subscribed`], which waits until a
+//! that fills one ([`subscriber`]), one that also keeps each request as the sidecar sent it
+//! ([`request_logging_subscriber`]), and [`wait_until_subscribed`], which waits until a
 //! publisher's routing knows a subscription.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tandem_proto::runtime::app_callback_server::{AppCallback, AppCallbackServer};
+use tandem_proto::runtime::topic_event_response::TopicEventResponseStatus;
+use tandem_proto::runtime::{ListTopicSubscriptionsResponse, TopicEventRequest, TopicEventResponse, TopicSubscription};
+use tandem_sdk::proto::common::{InvokeRequest, InvokeResponse};
 use tandem_sdk::{AppServer, EventOutcome, SidecarClient, TopicEvent};
+use tonic::{Request, Response, Status};
 
 use crate::{TestApp, eventually};
 
@@ -81,4 +87,69 @@ pub async fn wait_until_subscribed(publisher: &SidecarClient, topic: &str, inbox
         }
     })
     .await;
+}
+
+/// Every `TopicEventRequest` an app received, exactly as its sidecar sent it (the SDK's
+/// [`TopicEvent`] leaves out `spec_version` and the extensions). Clones share the requests.
+#[derive(Clone, Default)]
+pub struct RequestLog {
+    requests: Arc<Mutex<Vec<TopicEventRequest>>>,
+}
+
+impl RequestLog {
+    /// The first request that carried `data`.
+    pub fn find(&self, data: &[u8]) -> Option<TopicEventRequest> {
+        self.requests.lock().unwrap().iter().find(|r| r.data == data).cloned()
+    }
+}
+
+/// An app that serves the callback API itself (not through the SDK), subscribed to `topic` of
+/// component `pubsub`: records every event in `inbox` and `log` and answers SUCCESS. Returns
+/// its port; it serves until the test's runtime ends.
+pub async fn request_logging_subscriber(topic: &str, inbox: &Inbox, log: &RequestLog) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binding a test app");
+    let port = listener.local_addr().expect("bound").port();
+    let app = RequestLoggingApp { topic: topic.to_string(), inbox: inbox.clone(), log: log.clone() };
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AppCallbackServer::new(app))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    port
+}
+
+struct RequestLoggingApp {
+    topic: String,
+    inbox: Inbox,
+    log: RequestLog,
+}
+
+#[tonic::async_trait]
+impl AppCallback for RequestLoggingApp {
+    async fn on_invoke(&self, _: Request<InvokeRequest>) -> Result<Response<InvokeResponse>, Status> {
+        Err(Status::unimplemented("no methods"))
+    }
+
+    async fn list_topic_subscriptions(
+        &self,
+        _: Request<()>,
+    ) -> Result<Response<ListTopicSubscriptionsResponse>, Status> {
+        Ok(Response::new(ListTopicSubscriptionsResponse {
+            subscriptions: vec![TopicSubscription {
+                pubsub_name: "pubsub".into(),
+                topic: self.topic.clone(),
+                ..Default::default()
+            }],
+        }))
+    }
+
+    async fn on_topic_event(
+        &self,
+        request: Request<TopicEventRequest>,
+    ) -> Result<Response<TopicEventResponse>, Status> {
+        let event = request.into_inner();
+        self.log.requests.lock().unwrap().push(event.clone());
+        self.inbox.push(TopicEvent::from(event));
+        Ok(Response::new(TopicEventResponse { status: TopicEventResponseStatus::Success as i32 }))
+    }
 }

@@ -1,6 +1,6 @@
 //! The pub/sub cases every component must pass, run by the integration tests against each
 //! ([`Broker`]): delivery across sidecars, competing replicas, RETRY and DROP, dead letters,
-//! delivery resuming after restarts, order, streaming subscriptions and bad input.
+//! delivery resuming after restarts, order, streaming subscriptions, raw payloads and bad input.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,7 +12,7 @@ use tandem_sdk::{AppServer, Code, EventOutcome, SidecarClient};
 use tokio::process::{Child, Command};
 use tokio::sync::RwLock;
 
-use crate::pubsub::{Inbox, subscriber, wait_until_subscribed};
+use crate::pubsub::{Inbox, RequestLog, request_logging_subscriber, subscriber, wait_until_subscribed};
 use crate::state::ResourcesDir;
 use crate::{Etcd, Nats, RunningSidecar, Sidecar, TestApp, eventually, free_port, workspace_binary};
 
@@ -329,6 +329,90 @@ pub async fn bad_publishes_are_refused_with_the_reason(broker: &Broker) {
     // sidecar is ready, since publishing needs its routing table.
     publisher.wait_ready().await;
     client.publish("pubsub", "t", b"x".to_vec(), "").await.unwrap();
+}
+
+/// `rawPayload: "true"` (PublishEvent, BulkPublishEvent, a bulk entry) sends the bare payload:
+/// the app gets the data and content type as published and no CloudEvent attributes; a value
+/// that is not a boolean refuses the publish, naming it.
+pub async fn raw_payload_events_reach_the_app_without_a_cloudevent_envelope(broker: &Broker) {
+    use tandem_proto::runtime::dapr_client::DaprClient;
+    use tandem_proto::runtime::{BulkPublishRequest, BulkPublishRequestEntry, PublishEventRequest};
+
+    let etcd = Etcd::start().await;
+    let res = broker.resources(&[]);
+    let (inbox, log) = (Inbox::default(), RequestLog::default());
+    let port = request_logging_subscriber("feed", &inbox, &log).await;
+    let _sub = Sidecar::new("reader").etcd(&etcd).resources(res.path()).app_port(port).spawn().await;
+    let publisher = sidecar("writer", &etcd, &res, None).await;
+    wait_until_subscribed(&publisher.client(), "feed", &inbox).await;
+    let mut dapr = DaprClient::connect(format!("http://{}", publisher.grpc_addr())).await.unwrap();
+    let metadata = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    };
+    let publish = |data: &str, content_type: &str, raw: &str| PublishEventRequest {
+        pubsub_name: "pubsub".into(),
+        topic: "feed".into(),
+        data: data.as_bytes().to_vec(),
+        data_content_type: content_type.into(),
+        metadata: metadata(&[("rawPayload", raw)]),
+    };
+    let entry = |id: &str, data: &str, raw: Option<&str>| BulkPublishRequestEntry {
+        entry_id: id.into(),
+        event: data.as_bytes().to_vec(),
+        content_type: String::new(),
+        metadata: raw.map(|raw| metadata(&[("rawPayload", raw)])).unwrap_or_default(),
+    };
+    let bulk = |raw: &str, entries| BulkPublishRequest {
+        pubsub_name: "pubsub".into(),
+        topic: "feed".into(),
+        entries,
+        metadata: metadata(&[("rawPayload", raw)]),
+    };
+
+    // Bad values first: nothing of a refused publish may arrive.
+    let err = dapr.publish_event(publish("refused", "", "yes")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("'rawPayload'") && err.message().contains("'yes'"), "{err:?}");
+    let err = dapr.bulk_publish_event(bulk("sometimes", vec![entry("a", "refused-a", None)])).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("'rawPayload'") && err.message().contains("'sometimes'"), "{err:?}");
+    let entries = vec![entry("b", "refused-b", None), entry("c", "refused-c", Some("maybe"))];
+    let err = dapr.bulk_publish_event(bulk("true", entries)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("entry 'c'") && err.message().contains("'maybe'"), "{err:?}");
+
+    dapr.publish_event(publish(r#"{"raw":1}"#, "", "true")).await.unwrap();
+    dapr.publish_event(publish("raw text", "text/plain", "True")).await.unwrap();
+    dapr.publish_event(publish("wrapped", "text/plain", "false")).await.unwrap();
+    // The request asks for raw payloads; one entry asks otherwise.
+    let entries = vec![entry("1", "bulk-raw", None), entry("2", "bulk-wrapped", Some("false"))];
+    let answer = dapr.bulk_publish_event(bulk("true", entries)).await.unwrap().into_inner();
+    assert!(answer.failed_entries.is_empty(), "{answer:?}");
+    let all = [r#"{"raw":1}"#, "raw text", "wrapped", "bulk-raw", "bulk-wrapped"];
+    eventually(Duration::from_secs(20), "the raw and wrapped events delivered", || async {
+        all.iter().all(|p| inbox.has(p))
+    })
+    .await;
+    assert!(!inbox.payloads().iter().any(|p| p.starts_with("refused")), "{:?}", inbox.payloads());
+
+    for (data, content_type) in [
+        (r#"{"raw":1}"#, "application/octet-stream"),
+        ("raw text", "text/plain"),
+        ("bulk-raw", "application/octet-stream"),
+    ] {
+        let event = log.find(data.as_bytes()).unwrap();
+        assert_eq!(event.data_content_type, content_type, "{data}: as given, else bytes (no guessing)");
+        assert_eq!((event.source.as_str(), event.r#type.as_str(), event.spec_version.as_str()), ("", "", ""), "{data}");
+        assert_eq!(event.extensions, None, "{data}: no CloudEvent extensions, no traceparent");
+        // What routing and answers need is there all the same.
+        assert!(!event.id.is_empty(), "{data}");
+        assert_eq!((event.topic.as_str(), event.pubsub_name.as_str()), ("feed", "pubsub"), "{data}");
+    }
+    for data in ["wrapped", "bulk-wrapped"] {
+        let event = log.find(data.as_bytes()).unwrap();
+        assert_eq!((event.source.as_str(), event.spec_version.as_str()), ("writer", "1.0"), "{data}");
+        assert_eq!(event.r#type, "com.dapr.event.sent", "{data}");
+    }
 }
 
 pub async fn a_subscription_that_asks_for_order_gets_events_in_publish_order(broker: &Broker) {

@@ -28,9 +28,9 @@ async fn bad_settings_stop_tandemd_at_start_naming_the_problem() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--lease-ttl"), "{out:?}");
 
-    let out = run_until_exit(&[&["--app-id", "ok", "--app-health-probe-interval", "5h"], &base[..]].concat()).await;
+    let out = run_until_exit(&[&["--app-id", "ok", "--app-health-probe-interval", "5d"], &base[..]].concat()).await;
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown unit 'h'"), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown unit 'd'"), "{out:?}");
 
     // A port someone else holds.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -40,6 +40,11 @@ async fn bad_publishes_are_refused_with_the_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_payload_events_reach_the_app_without_a_cloudevent_envelope() {
+    cases::raw_payload_events_reach_the_app_without_a_cloudevent_envelope(&Broker::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_that_asks_for_order_gets_events_in_publish_order() {
     cases::a_subscription_that_asks_for_order_gets_events_in_publish_order(&Broker::Embedded).await;
 }

@@ -1,6 +1,7 @@
 //! BulkPublishEvent and subscription routes through real sidecars: a bulk of events delivered
 //! once each, an oversized entry failing alone, bad bulk requests refused whole, and a
-//! subscription's route reaching the app as the event's `path` (`match` rules ignored).
+//! subscription's route reaching the app as the event's `path` (`match` rules ignored). Each
+//! case runs against `pubsub.embedded` and against `pubsub.jetstream` on a real nats-server.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -14,13 +15,36 @@ use tandem_proto::runtime::{
 use tandem_sdk::proto::common::{InvokeRequest, InvokeResponse};
 use tandem_sdk::{AppServer, BulkEntry, BulkFailure, Code, EventOutcome, SubscriptionOptions, TopicEvent};
 use tandem_tests::pubsub::{Inbox, subscriber, wait_until_subscribed};
+use tandem_tests::pubsub_cases::Broker;
 use tandem_tests::state::ResourcesDir;
 use tandem_tests::{Etcd, RunningSidecar, Sidecar, TestApp, eventually};
 use tonic::{Request, Response, Status};
 
-fn resources() -> ResourcesDir {
-    ResourcesDir::new(&[("pubsub", "pubsub.embedded", &[])])
+/// Tests `NAME::embedded` and `NAME::jetstream` that run the case `NAME` against each component.
+macro_rules! against_both_components {
+    ($($case:ident),* $(,)?) => {$(
+        mod $case {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$case(&Broker::Embedded).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn jetstream() {
+                super::$case(&Broker::jetstream().await).await;
+            }
+        }
+    )*};
 }
+
+against_both_components!(
+    fifty_entries_of_a_bulk_publish_are_delivered_once_each,
+    an_oversized_entry_fails_alone_and_the_others_are_delivered,
+    bad_bulk_requests_are_refused_whole_with_the_reason,
+    a_subscriptions_route_reaches_the_app_as_the_events_path,
+);
 
 async fn subscriber_sidecar(app_id: &str, etcd: &Etcd, res: &ResourcesDir, app_port: u16) -> RunningSidecar {
     Sidecar::new(app_id).etcd(etcd).resources(res.path()).app_port(app_port).spawn().await
@@ -30,10 +54,9 @@ fn entries(prefix: &str, n: usize) -> Vec<BulkEntry> {
     (0..n).map(|i| BulkEntry::new(format!("{prefix}-{i}"), format!("{prefix}-{i}"), "")).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifty_entries_of_a_bulk_publish_are_delivered_once_each() {
+async fn fifty_entries_of_a_bulk_publish_are_delivered_once_each(broker: &Broker) {
     let etcd = Etcd::start().await;
-    let res = resources();
+    let res = broker.resources(&[]);
     let inbox = Inbox::default();
     let app = subscriber("readings", &inbox).await;
     let _sub = subscriber_sidecar("meter", &etcd, &res, app.port()).await;
@@ -66,10 +89,9 @@ async fn fifty_entries_of_a_bulk_publish_are_delivered_once_each() {
     assert_eq!(text.data_content_type, "application/octet-stream");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_oversized_entry_fails_alone_and_the_others_are_delivered() {
+async fn an_oversized_entry_fails_alone_and_the_others_are_delivered(broker: &Broker) {
     let etcd = Etcd::start().await;
-    let res = resources();
+    let res = broker.resources(&[]);
     let inbox = Inbox::default();
     let app = subscriber("uploads", &inbox).await;
     let _sub = subscriber_sidecar("store", &etcd, &res, app.port()).await;
@@ -93,10 +115,9 @@ async fn an_oversized_entry_fails_alone_and_the_others_are_delivered() {
     assert!(!inbox.events().iter().any(|e| e.data.len() == 2048));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_bulk_requests_are_refused_whole_with_the_reason() {
+async fn bad_bulk_requests_are_refused_whole_with_the_reason(broker: &Broker) {
     let etcd = Etcd::start().await;
-    let res = resources();
+    let res = broker.resources(&[]);
     let inbox = Inbox::default();
     let app = subscriber("jobs", &inbox).await;
     let _sub = subscriber_sidecar("worker", &etcd, &res, app.port()).await;
@@ -193,10 +214,9 @@ impl AppCallback for RoutedApp {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_subscriptions_route_reaches_the_app_as_the_events_path() {
+async fn a_subscriptions_route_reaches_the_app_as_the_events_path(broker: &Broker) {
     let etcd = Etcd::start().await;
-    let res = resources();
+    let res = broker.resources(&[]);
     // An SDK app: one topic with a route, one without.
     let (routed, plain) = (Inbox::default(), Inbox::default());
     let (routed_c, plain_c) = (routed.clone(), plain.clone());

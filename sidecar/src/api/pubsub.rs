@@ -1,5 +1,6 @@
 //! Dapr's PublishEvent and BulkPublishEvent on top of the pub/sub components: validation,
-//! and the CloudEvent 1.0 attributes the subscriber receives.
+//! and the CloudEvent 1.0 attributes the subscriber receives (none for a `rawPayload` publish,
+//! see [`crate::pubsub::raw`]).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 use tonic::Streaming;
 
-use crate::pubsub::{PubSub, PubSubs};
+use crate::pubsub::{PubSub, PubSubs, raw};
 
 /// The CloudEvent `type` of events published through the API (Dapr's).
 pub const EVENT_TYPE: &str = "com.dapr.event.sent";
@@ -110,16 +111,25 @@ impl PubSubApi {
 
     pub async fn publish_event(&self, request: PublishEventRequest) -> Result<(), Status> {
         let pubsub = self.target(&request.pubsub_name, &request.topic)?;
+        let raw = raw::requested(&request.metadata)
+            .map_err(|e| Status::invalid_argument(format!("publish to topic '{}': {e}", request.topic)))?
+            .unwrap_or(false);
         self.check_size(&request.topic, request.data.len()).map_err(Status::resource_exhausted)?;
-        let event = self.cloud_event(&request.pubsub_name, &request.topic, request.data, request.data_content_type);
+        let event = self.event(&request.pubsub_name, &request.topic, request.data, request.data_content_type, raw)?;
         pubsub.publish(event).await.map_err(Status::from)
     }
 
     /// BulkPublishEvent (and its Alpha1 name): the request is checked as a whole like
-    /// PublishEvent, plus its entry ids; each entry is then published as its own CloudEvent.
-    /// Entries that are too large or cannot be stored are listed in the answer, with why.
+    /// PublishEvent, plus its entry ids and `rawPayload` values; each entry is then published
+    /// as its own CloudEvent, or raw where the request's metadata asks for it (an entry's own
+    /// `rawPayload` overrides the request's). Entries that are too large or cannot be stored
+    /// are listed in the answer, with why.
     pub async fn bulk_publish_event(&self, request: BulkPublishRequest) -> Result<BulkPublishResponse, Status> {
         let pubsub = self.target(&request.pubsub_name, &request.topic)?;
+        let raw_all = raw::requested(&request.metadata)
+            .map_err(|e| Status::invalid_argument(format!("bulk publish to topic '{}': {e}", request.topic)))?
+            .unwrap_or(false);
+        let mut raw_entries = Vec::with_capacity(request.entries.len());
         let mut ids = HashSet::with_capacity(request.entries.len());
         for (index, entry) in request.entries.iter().enumerate() {
             if entry.entry_id.is_empty() {
@@ -134,17 +144,30 @@ impl PubSubApi {
                     entry.entry_id, request.topic
                 )));
             }
+            let raw = raw::requested(&entry.metadata).map_err(|e| {
+                Status::invalid_argument(format!(
+                    "entry '{}' of the bulk publish to topic '{}': {e}",
+                    entry.entry_id, request.topic
+                ))
+            })?;
+            raw_entries.push(raw.unwrap_or(raw_all));
         }
         // (position in the request, entry id, why it failed), sorted back into request order.
         let mut failed = Vec::new();
         let mut accepted = Vec::with_capacity(request.entries.len());
         let mut events = Vec::with_capacity(request.entries.len());
-        for (index, entry) in request.entries.into_iter().enumerate() {
+        for ((index, entry), raw) in request.entries.into_iter().enumerate().zip(raw_entries) {
             if let Err(error) = self.check_size(&request.topic, entry.event.len()) {
                 failed.push((index, entry.entry_id, error));
                 continue;
             }
-            events.push(self.cloud_event(&request.pubsub_name, &request.topic, entry.event, entry.content_type));
+            match self.event(&request.pubsub_name, &request.topic, entry.event, entry.content_type, raw) {
+                Ok(event) => events.push(event),
+                Err(status) => {
+                    failed.push((index, entry.entry_id, status.message().to_string()));
+                    continue;
+                }
+            }
             accepted.push((index, entry.entry_id));
         }
         let outcomes = pubsub.publish_all(events).await;
@@ -183,6 +206,24 @@ impl PubSubApi {
             ));
         }
         Ok(())
+    }
+
+    /// A new event (with a new id) carrying `data`: a CloudEvent sent by this app, or with
+    /// `raw`, the bare payload (see [`raw`]).
+    fn event(
+        &self,
+        pubsub_name: &str,
+        topic: &str,
+        data: Vec<u8>,
+        content_type: String,
+        raw: bool,
+    ) -> Result<TopicEventRequest, Status> {
+        if !raw {
+            return Ok(self.cloud_event(pubsub_name, topic, data, content_type));
+        }
+        raw::check_content_type(&content_type)
+            .map_err(|e| Status::invalid_argument(format!("publish to topic '{topic}': {e}")))?;
+        Ok(raw::event(uuid::Uuid::new_v4().to_string(), pubsub_name, topic, data, &content_type))
     }
 
     /// A new CloudEvent (with a new id) carrying `data`, sent by this app.

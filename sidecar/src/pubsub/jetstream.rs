@@ -1,11 +1,18 @@
 //! `pubsub.jetstream`: the pub/sub building block on a NATS JetStream server.
 //!
-//! - **Publishing**: each event (the whole `TopicEventRequest`, protobuf-encoded, so every
-//!   CloudEvent attribute and extension travels) goes to subject `{prefix}.{topic}` of one
-//!   stream per component; the publish is acknowledged only after JetStream's PubAck, i.e.
-//!   once the server has stored it. The stream is created when missing, with interest
-//!   retention: an event stays until every subscribed app-id has settled it, and a topic
-//!   without subscribers keeps nothing (as with `pubsub.embedded`).
+//! - **Publishing**: each event goes to subject `{prefix}.{topic}` of one stream per
+//!   component; the publish is acknowledged only after JetStream's PubAck, i.e. once the
+//!   server has stored it. The stream is created when missing, with interest retention: an
+//!   event stays until every subscribed app-id has settled it, and a topic without
+//!   subscribers keeps nothing (as with `pubsub.embedded`).
+//! - **Message format**: header `Tandem-Format` says how the body reads. `envelope`: the whole
+//!   `TopicEventRequest`, protobuf-encoded, so every CloudEvent attribute and extension
+//!   travels. `raw` (a `rawPayload` publish, see [`super::raw`]): the payload itself, so any
+//!   NATS client reading the stream gets the bytes as published, with the event's id in
+//!   `Tandem-Event-Id` and its content type in `Content-Type`. A message without the header
+//!   was put on the stream by another NATS client: it is delivered as a raw event, its id the
+//!   `Nats-Msg-Id` header if it has one, else `{stream}:{sequence}` (the same on every
+//!   redelivery), its content type the `Content-Type` header if any.
 //! - **Delivery**: the subscriber's own sidecar consumes, through one durable pull consumer per
 //!   (topic, app-id): replicas of an app share the consumer and so compete for events. SUCCESS
 //!   acks, DROP terminates, RETRY and failures nak with a backoff delay; once an event has used
@@ -15,6 +22,13 @@
 //!   a crash is still dead-lettered on its next delivery.
 //! - **Order**: a subscription that asks for it (`tandem.ordered`) gets a consumer with
 //!   `max_ack_pending` 1: one event at a time, in stream order.
+//! - **Consumers that nobody uses** are removed by the server after
+//!   `consumerInactiveThreshold` (24 h by default) without a pull. Replicas of an app-id share
+//!   the consumer, so no sidecar can tell that a subscription is gone for good when its app stops
+//!   listing it; the threshold makes NATS tell instead. The trade-off: an app-id away for longer
+//!   than that loses its consumer, and with it (interest retention) the events only it still
+//!   waited for; a new consumer starts per `deliverPolicy`. `0` keeps consumers until deleted
+//!   by hand, and their events with them.
 //!
 //! Topic, app-id and namespace become subject tokens and consumer names through [`token`],
 //! which keeps letters, digits and `-` and escapes everything else, so any topic name works.
@@ -23,6 +37,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::HeaderMap;
 use async_nats::connection::State;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::context::PublishErrorKind;
@@ -39,6 +54,7 @@ use tracing::Instrument;
 
 use super::delivery::DeliveryError;
 use super::local::LocalApp;
+use super::raw;
 use super::registry::PubSubContext;
 use super::{DeliveryPolicy, DeliveryTargets, LocalSubscription, PubSub, PubSubError};
 use crate::components::ComponentSpec;
@@ -73,6 +89,19 @@ const CONNECT_GRACE: Duration = Duration::from_secs(2);
 /// How long to wait while the app cannot take events before looking again.
 const APP_AWAY_POLL: Duration = Duration::from_millis(100);
 
+/// The header that says how a message body reads (see the module docs), and its values.
+const FORMAT_HEADER: &str = "Tandem-Format";
+const ENVELOPE: &str = "envelope";
+const RAW: &str = "raw";
+/// The event id of a raw message.
+const EVENT_ID_HEADER: &str = "Tandem-Event-Id";
+const CONTENT_TYPE_HEADER: &str = "Content-Type";
+/// The id another NATS client may give its message (JetStream's deduplication id).
+const NATS_MSG_ID_HEADER: &str = "Nats-Msg-Id";
+
+/// The default of `consumerInactiveThreshold`.
+const DEFAULT_INACTIVE_THRESHOLD: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// The component's settings, from its metadata (names follow Dapr's jetstream component).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -104,6 +133,9 @@ pub struct Settings {
     pub memory_storage: bool,
     /// `maxBacklog`: events the stream holds at most; publishing beyond is refused.
     pub max_backlog: Option<i64>,
+    /// `consumerInactiveThreshold`: the server removes a consumer nobody pulled from for this
+    /// long (see the module docs); `None` (`0`): never.
+    pub consumer_inactive_threshold: Option<Duration>,
 }
 
 impl Settings {
@@ -122,7 +154,7 @@ impl Settings {
             .metadata("natsURL")
             .map(str::trim)
             .filter(|u| !u.is_empty())
-            .ok_or_else(|| format!("metadata 'natsURL' is missing (the NATS server, e.g. nats://127.0.0.1:4222)"))?
+            .ok_or_else(|| "metadata 'natsURL' is missing (the NATS server, e.g. nats://127.0.0.1:4222)".to_string())?
             .to_string();
         let number = |key: &str| -> Result<Option<u64>, String> {
             spec.metadata(key)
@@ -155,6 +187,13 @@ impl Settings {
             Some("new") => DeliverPolicy::New,
             Some("last") => DeliverPolicy::Last,
             Some(other) => return Err(format!("metadata 'deliverPolicy' '{other}': use all, new or last")),
+        };
+        let consumer_inactive_threshold = match spec.metadata("consumerInactiveThreshold").map(str::trim) {
+            None | Some("") => Some(DEFAULT_INACTIVE_THRESHOLD),
+            Some("0") => None,
+            Some(v) => Some(parse_duration(v).map_err(|e| {
+                format!("metadata 'consumerInactiveThreshold': {e}; e.g. 24h, or 0 to keep consumers until deleted")
+            })?),
         };
         let memory_storage = match spec.metadata("memoryStorage").map(str::trim) {
             None | Some("") | Some("false") => false,
@@ -189,6 +228,7 @@ impl Settings {
             replicas: number("replicas")?.map(|n| n as usize).unwrap_or(1),
             memory_storage,
             max_backlog: number("maxBacklog")?.map(|n| n as i64),
+            consumer_inactive_threshold,
         })
     }
 }
@@ -339,9 +379,10 @@ impl JetStreamPubSub {
     /// Publishes `event` to its topic's subject and waits for the PubAck.
     async fn publish_one(&self, event: &TopicEventRequest) -> Result<(), PubSubError> {
         let subject = self.subject(&event.topic);
+        let (headers, body) = encode(event);
         let ack = self
             .js
-            .publish(subject.clone(), event.encode_to_vec().into())
+            .publish_with_headers(subject.clone(), headers, body.into())
             .await
             .map_err(|e| self.publish_error(&subject, e))?;
         ack.await.map(|_| ()).map_err(|e| self.publish_error(&subject, e))
@@ -429,6 +470,8 @@ impl JetStreamPubSub {
             max_deliver: -1,
             max_ack_pending: in_flight as i64,
             deliver_policy: self.settings.deliver_policy,
+            // Zero (never) is what the server assumes when the field is absent.
+            inactive_threshold: self.settings.consumer_inactive_threshold.unwrap_or_default(),
             ..Default::default()
         };
         let stream = self.js.get_stream(&self.settings.stream_name).await.map_err(|e| e.to_string())?;
@@ -488,10 +531,10 @@ impl JetStreamPubSub {
     async fn handle(&self, subscription: &LocalSubscription, local: &LocalApp, message: Message) {
         let attempt = message.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
         let topic = subscription.topic.as_str();
-        let event = match TopicEventRequest::decode(message.payload.as_ref()) {
+        let event = match self.decode(&message, topic) {
             Ok(event) => TopicEventRequest { path: subscription.path.clone(), ..event },
             Err(e) => {
-                tracing::error!(pubsub = %self.name, topic, error = %e, "a message on the stream is not a Tandem event; dropped");
+                tracing::error!(pubsub = %self.name, topic, error = %e, "a message on the stream cannot be read as a Tandem event; dropped");
                 self.metrics.pubsub_event(&self.name, topic, "dropped");
                 settle(&message, AckKind::Term).await;
                 return;
@@ -538,6 +581,27 @@ impl JetStreamPubSub {
         }
     }
 
+    /// The event `message` carries (see the module docs for the formats); `topic` is the one
+    /// it was consumed from.
+    fn decode(&self, message: &Message, topic: &str) -> Result<TopicEventRequest, String> {
+        let header = |name: &str| message.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str());
+        match header(FORMAT_HEADER) {
+            Some(ENVELOPE) => TopicEventRequest::decode(message.payload.as_ref()).map_err(|e| e.to_string()),
+            Some(RAW) | None => {
+                let id = match header(EVENT_ID_HEADER).or_else(|| header(NATS_MSG_ID_HEADER)) {
+                    Some(id) => id.to_string(),
+                    None => {
+                        let info = message.info().map_err(|e| format!("a message without an id or its info: {e}"))?;
+                        format!("{}:{}", info.stream, info.stream_sequence)
+                    }
+                };
+                let content_type = header(CONTENT_TYPE_HEADER).unwrap_or_default();
+                Ok(raw::event(id, &self.name, topic, message.payload.to_vec(), content_type))
+            }
+            Some(other) => Err(format!("header {FORMAT_HEADER} is '{other}', neither '{ENVELOPE}' nor '{RAW}'")),
+        }
+    }
+
     /// The event used its attempts: to the dead-letter topic, or dropped.
     async fn exhausted(
         &self,
@@ -576,6 +640,21 @@ enum Paused {
     AppAway,
 }
 
+/// The headers and body of the message that carries `event` on the stream.
+fn encode(event: &TopicEventRequest) -> (HeaderMap, Vec<u8>) {
+    let mut headers = HeaderMap::new();
+    if raw::is_raw(event) {
+        // The API refuses content types a header cannot carry (raw::check_content_type).
+        headers.insert(FORMAT_HEADER, RAW);
+        headers.insert(EVENT_ID_HEADER, event.id.as_str());
+        headers.insert(CONTENT_TYPE_HEADER, event.data_content_type.as_str());
+        (headers, event.data.clone())
+    } else {
+        headers.insert(FORMAT_HEADER, ENVELOPE);
+        (headers, event.encode_to_vec())
+    }
+}
+
 async fn settle(message: &Message, kind: AckKind) {
     if let Err(e) = message.ack_with(kind).await {
         // Unsettled, the event is redelivered after ackWait: at least once still holds.
@@ -604,7 +683,7 @@ impl PubSub for JetStreamPubSub {
         let mut sent = Vec::with_capacity(events.len());
         for event in &events {
             let subject = self.subject(&event.topic);
-            let payload = event.encode_to_vec();
+            let (headers, payload) = encode(event);
             if max_payload > 0 && payload.len() > max_payload {
                 sent.push(Err(PubSubError::Refused(format!(
                     "pub/sub '{}': the event for topic '{}' is {} bytes encoded, over the NATS server's max_payload of {max_payload} bytes",
@@ -614,7 +693,7 @@ impl PubSub for JetStreamPubSub {
                 ))));
                 continue;
             }
-            match self.js.publish(subject.clone(), payload.into()).await {
+            match self.js.publish_with_headers(subject.clone(), headers, payload.into()).await {
                 Ok(ack) => sent.push(Ok((subject, ack))),
                 Err(e) => sent.push(Err(self.publish_error(&subject, e))),
             }
@@ -685,6 +764,7 @@ mod tests {
         assert_eq!(s.ack_wait, policy.timeout + Duration::from_secs(5));
         assert_eq!(s.max_ack_pending, policy.max_in_flight);
         assert_eq!(s.max_backlog, None);
+        assert_eq!(s.consumer_inactive_threshold, Some(Duration::from_secs(24 * 3600)));
 
         let (s, policy) = settings(&[
             ("natsURL", "nats://h:1"),
@@ -694,6 +774,7 @@ mod tests {
             ("deliverPolicy", "new"),
             ("streamName", "ORDERS"),
             ("maxBacklog", "10"),
+            ("consumerInactiveThreshold", "2h"),
         ])
         .unwrap();
         assert_eq!(policy.max_attempts, 3);
@@ -702,6 +783,24 @@ mod tests {
         assert_eq!(s.deliver_policy, DeliverPolicy::New);
         assert_eq!(s.stream_name, "ORDERS");
         assert_eq!(s.max_backlog, Some(10));
+        assert_eq!(s.consumer_inactive_threshold, Some(Duration::from_secs(7200)));
+        let (s, _) = settings(&[("natsURL", "nats://h:1"), ("consumerInactiveThreshold", "0")]).unwrap();
+        assert_eq!(s.consumer_inactive_threshold, None, "0 keeps consumers until deleted");
+    }
+
+    #[test]
+    fn raw_events_go_on_the_stream_bare_and_cloudevents_in_their_envelope() {
+        let raw = raw::event("e-1".into(), "events", "t", b"payload".to_vec(), "text/plain");
+        let (headers, body) = encode(&raw);
+        assert_eq!(body, b"payload");
+        assert_eq!(headers.get(FORMAT_HEADER).map(|v| v.as_str()), Some(RAW));
+        assert_eq!(headers.get(EVENT_ID_HEADER).map(|v| v.as_str()), Some("e-1"));
+        assert_eq!(headers.get(CONTENT_TYPE_HEADER).map(|v| v.as_str()), Some("text/plain"));
+
+        let cloud_event = TopicEventRequest { spec_version: "1.0".into(), ..raw };
+        let (headers, body) = encode(&cloud_event);
+        assert_eq!(headers.get(FORMAT_HEADER).map(|v| v.as_str()), Some(ENVELOPE));
+        assert_eq!(TopicEventRequest::decode(body.as_slice()).unwrap(), cloud_event);
     }
 
     #[test]
@@ -714,6 +813,8 @@ mod tests {
             (vec![("natsURL", "nats://h:1"), ("streamName", "a.b")], "'streamName'"),
             (vec![("natsURL", "nats://h:1"), ("backOff", "soon")], "'backOff'"),
             (vec![("natsURL", "nats://h:1"), ("maxDeliver", "0")], "'maxDeliver'"),
+            (vec![("natsURL", "nats://h:1"), ("consumerInactiveThreshold", "a day")], "'consumerInactiveThreshold'"),
+            (vec![("natsURL", "nats://h:1"), ("consumerInactiveThreshold", "-5s")], "'consumerInactiveThreshold'"),
         ] {
             let err = settings(&metadata).unwrap_err();
             assert!(err.contains(expected), "expected '{expected}' in: {err}");

@@ -19,6 +19,7 @@
 //!   delivery and sent to the app as the event's `path`. Routing rules with a `match`
 //!   expression (CEL in Dapr) are not supported: they are logged as a warning when the
 //!   subscription is registered, and their events take `routes.default`.
+//! - [`raw`]: events published with `rawPayload: "true"` travel without a CloudEvent envelope.
 //!
 //! Every pub/sub component implements [`PubSub`]; the API and the runtime see nothing else, and
 //! never a NATS or sled type. [`registry`] builds components by type:
@@ -32,6 +33,7 @@ pub mod delivery;
 pub mod jetstream;
 pub mod local;
 pub mod outbox;
+pub mod raw;
 pub mod registry;
 pub mod schedule;
 pub mod streams;
