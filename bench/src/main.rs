@@ -118,9 +118,10 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     rounds: usize,
     /// Deliveries in flight per subscriber in the pub/sub benchmark, the same for every route:
-    /// the sidecars' maxInFlight/maxAckPending and the direct consumer's max_ack_pending.
-    #[arg(long, default_value_t = 64)]
-    delivery_window: usize,
+    /// the sidecars' maxInFlight/maxAckPending and the direct consumer's max_ack_pending. Every
+    /// route runs at each (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [64usize, 1000])]
+    delivery_windows: Vec<usize>,
     /// Seconds of the paced (1,000 events/s) latency run of the pub/sub benchmark, per route.
     #[arg(long, default_value_t = 5.0)]
     paced_seconds: f64,
@@ -191,13 +192,16 @@ async fn run(args: Args) -> Result<()> {
     }
     if matches!(args.which, Which::Pubsub | Which::All) {
         ensure!(args.paced_seconds.is_finite() && args.paced_seconds > 0.0, "--paced-seconds must be positive");
-        ensure!(args.delivery_window > 0, "--delivery-window must be at least 1");
+        ensure!(
+            !args.delivery_windows.is_empty() && args.delivery_windows.iter().all(|w| *w > 0),
+            "--delivery-windows must list windows of at least 1"
+        );
         let context = detect_context();
         let pubsub_settings = pubsub::PubSubSettings {
             seconds: args.seconds,
             in_flight: args.in_flight,
             paced_seconds: args.paced_seconds,
-            delivery_window: args.delivery_window,
+            delivery_windows: args.delivery_windows.clone(),
         };
         let report = pubsub::run(&pubsub_settings, context).await?;
         let block = report.to_markdown();
