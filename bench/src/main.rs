@@ -134,8 +134,8 @@ struct Args {
     /// serve's --max-batch-size for the batching setting.
     #[arg(long, default_value_t = 64)]
     max_batch_size: u32,
-    /// serve's --max-batch-wait-ms.
-    #[arg(long, default_value_t = 2)]
+    /// serve's --max-batch-wait-ms (0, serve's default: a batch takes what is queued).
+    #[arg(long, default_value_t = 0)]
     max_batch_wait_ms: u64,
     /// Training runs per framework in the training benchmark (alternating burn and Python).
     #[arg(long, default_value_t = 3)]
@@ -145,6 +145,11 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     write: Option<PathBuf>,
 }
+
+/// mimalloc, as tandemd and the services use: the load this process generates (gRPC clients,
+/// the subscriber app, burn's training) shares the machine's cores with what it measures.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> Result<()> {
     let args = Args::parse();

@@ -7,6 +7,9 @@ use clap::Parser;
 use tandem_ingest::{Ingest, Options};
 use tandem_pipeline::service;
 
+#[global_allocator]
+static ALLOCATOR: service::Allocator = service::Allocator;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let options = Options::parse();

@@ -1,5 +1,11 @@
 //! Dynamic batching: concurrent `predict` calls queue here, and one task runs them as few
 //! forward passes as it can, up to a maximum batch size and a maximum wait.
+//!
+//! With no wait (the default) a pass takes what is queued when it starts, so a lone request
+//! runs at once and, under load, the requests that arrive during one pass fill the next. A
+//! wait makes a pass that is not full linger for more; with closed-loop clients no more than
+//! the batch size, that lockstep (every pass waiting for the last client's next request) costs
+//! more than it saves (BENCHMARKS.md, serving).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -82,6 +88,8 @@ async fn run(options: BatchingOptions, slot: Arc<ModelSlot>, mut queue: mpsc::Re
             // Take what is already queued without waiting; then wait until the deadline.
             let next = match queue.try_recv() {
                 Ok(job) => Some(job),
+                // No wait: the pass runs with what is queued (no timer, not even a yield).
+                Err(mpsc::error::TryRecvError::Empty) if options.max_wait.is_zero() => None,
                 Err(mpsc::error::TryRecvError::Empty) => {
                     tokio::time::timeout_at(deadline, queue.recv()).await.ok().flatten()
                 }
@@ -161,4 +169,102 @@ pub fn wrong_feature_count(found: usize, model: &LoadedModel) -> Status {
         "wrong feature count: samples have {found} features, model {} takes {}",
         model.version, model.feature_count
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_model::{Classifier, Device, MlpConfig, Standardizer};
+
+    const FEATURES: usize = 4;
+
+    fn batcher(max_batch_size: usize, max_wait: Duration) -> Batcher {
+        let device = Device::default();
+        let config = MlpConfig { num_features: FEATURES, hidden: vec![8], num_classes: 3 };
+        let classifier = Classifier::new(&config, 7, &device).unwrap();
+        let standardizer = Standardizer { mean: vec![0.0; FEATURES], std: vec![1.0; FEATURES] };
+        let slot = Arc::new(ModelSlot::default());
+        slot.swap_if_newer(Arc::new(LoadedModel::new("m1", 1, classifier, standardizer, &device)));
+        Batcher::start(BatchingOptions { max_batch_size, max_wait }, slot)
+    }
+
+    /// Sends `requests` predicts of one sample each at once; returns when all are answered.
+    async fn predict_together(batcher: &Batcher, requests: usize) {
+        let calls: Vec<_> = (0..requests)
+            .map(|i| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { batcher.predict(vec![vec![i as f32; FEATURES]]).await })
+            })
+            .collect();
+        for call in calls {
+            let answer = call.await.unwrap().unwrap();
+            assert_eq!(answer.model_version, "m1");
+            assert_eq!(answer.predictions.len(), 1);
+        }
+    }
+
+    // One runtime thread: the requests are all queued before the batching task runs, so what
+    // is measured is how the batcher groups a queue, not scheduling luck.
+    #[tokio::test(flavor = "current_thread")]
+    async fn queued_requests_share_forward_passes_up_to_the_batch_size() {
+        let b = batcher(4, Duration::ZERO);
+        predict_together(&b, 10).await;
+        assert_eq!(b.samples.load(Ordering::Relaxed), 10);
+        assert_eq!(b.batches.load(Ordering::Relaxed), 3, "10 queued samples, at most 4 per pass");
+
+        let unbatched = batcher(1, Duration::ZERO);
+        predict_together(&unbatched, 5).await;
+        assert_eq!(unbatched.batches.load(Ordering::Relaxed), 5, "batch size 1: one pass per sample");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_request_with_more_samples_than_the_batch_size_runs_whole() {
+        let b = batcher(2, Duration::ZERO);
+        let answer = b.predict(vec![vec![0.5; FEATURES]; 5]).await.unwrap();
+        assert_eq!(answer.predictions.len(), 5);
+        assert_eq!(b.batches.load(Ordering::Relaxed), 1);
+    }
+
+    /// Sends one request, lets the batcher take it, then sends a second; returns the passes run.
+    async fn first_then_second(max_wait: Duration) -> u64 {
+        let b = batcher(2, max_wait);
+        let sent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let first = tokio::spawn({
+            let (b, sent) = (b.clone(), sent.clone());
+            async move {
+                sent.store(true, Ordering::SeqCst);
+                b.predict(vec![vec![1.0; FEATURES]]).await
+            }
+        });
+        // The first request is sent and no longer queued: the batcher holds it.
+        let mut polls = 0;
+        while !(sent.load(Ordering::SeqCst) && b.queue.capacity() == b.queue.max_capacity()) {
+            assert!(polls < 10_000, "the batcher never took the first request");
+            polls += 1;
+            tokio::task::yield_now().await;
+        }
+        let second = b.predict(vec![vec![2.0; FEATURES]]).await.unwrap();
+        assert_eq!(second.predictions.len(), 1);
+        first.await.unwrap().unwrap();
+        b.batches.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_wait_gathers_requests_that_arrive_after_the_first() {
+        // The pass starts as soon as it is full (2), long before the 60 s wait ends.
+        assert_eq!(first_then_second(Duration::from_secs(60)).await, 1, "both requests in one pass");
+        // Without a wait the first request runs alone, at once.
+        assert_eq!(first_then_second(Duration::ZERO).await, 2);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn without_a_model_requests_are_unavailable() {
+        let b = Batcher::start(
+            BatchingOptions { max_batch_size: 4, max_wait: Duration::ZERO },
+            Arc::new(ModelSlot::default()),
+        );
+        let status = b.predict(vec![vec![0.0; FEATURES]]).await.unwrap_err();
+        assert_eq!(status.code(), tandem_sdk::Code::Unavailable);
+        assert!(status.message().contains("no model loaded yet"), "{}", status.message());
+    }
 }

@@ -6,8 +6,10 @@
 //! is loaded, UNAVAILABLE says so.
 //!
 //! - Dynamic batching ([`batcher`]): concurrent requests queue; one forward pass takes every
-//!   queued sample up to `--max-batch-size`, waiting at most `--max-batch-wait-ms` for more
-//!   after the first. `--max-batch-size 1` turns batching off (the benchmark's baseline).
+//!   sample queued when it starts, up to `--max-batch-size`, and requests that arrive while it
+//!   runs make up the next one. By default a pass never waits for more (a lone request runs at
+//!   once); `--max-batch-wait-ms` above 0 lets a pass that is not full wait that long for more.
+//!   `--max-batch-size 1` turns batching off (the benchmark's baseline).
 //! - Hot swap ([`model`]): on `model.ready` the new entry is fetched from train (`get_model`
 //!   through the mesh) and decoded off the request path; the swap itself replaces one `Arc`
 //!   under a lock held for a pointer write. A batch in flight keeps the model it started with,
@@ -39,8 +41,10 @@ pub struct Options {
     /// Most samples in one forward pass (1: no batching).
     #[arg(long, env = "TANDEM_MAX_BATCH_SIZE", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     pub max_batch_size: u32,
-    /// Longest wait for more requests after the first one of a batch, in milliseconds.
-    #[arg(long, env = "TANDEM_MAX_BATCH_WAIT_MS", default_value_t = 2)]
+    /// Longest wait for more requests after the first one of a batch, in milliseconds. 0 (the
+    /// default): a batch takes what is queued and starts; under load the requests that arrive
+    /// during one forward pass fill the next.
+    #[arg(long, env = "TANDEM_MAX_BATCH_WAIT_MS", default_value_t = 0)]
     pub max_batch_wait_ms: u64,
     /// burn device: cpu (flex), cuda, cuda:N.
     #[arg(long, env = "TANDEM_DEVICE", default_value = "cpu")]

@@ -33,14 +33,27 @@ impl LoadedModel {
         {
             return Err(format!("model {}'s preprocessing does not match its feature count", entry.model_version));
         }
-        Ok(LoadedModel {
-            version: entry.model_version.clone(),
-            sequence: entry.sequence,
-            feature_count: config.num_features,
-            standardizer: Standardizer { mean: entry.preprocessing.mean.clone(), std: entry.preprocessing.std.clone() },
+        let standardizer =
+            Standardizer { mean: entry.preprocessing.mean.clone(), std: entry.preprocessing.std.clone() };
+        Ok(LoadedModel::new(&entry.model_version, entry.sequence, classifier, standardizer, device))
+    }
+
+    /// A model from its parts; `standardizer` must have one mean and std per feature.
+    pub fn new(
+        version: &str,
+        sequence: u64,
+        classifier: Classifier,
+        standardizer: Standardizer,
+        device: &Device,
+    ) -> LoadedModel {
+        LoadedModel {
+            version: version.to_string(),
+            sequence,
+            feature_count: classifier.config().num_features,
+            standardizer,
             classifier: Mutex::new(classifier),
             device: device.clone(),
-        })
+        }
     }
 
     /// Standardizes and predicts `samples` (each of `feature_count` finite values). CPU work.

@@ -7,6 +7,9 @@ use clap::Parser;
 use tandem_pipeline::service;
 use tandem_train::{Options, Train};
 
+#[global_allocator]
+static ALLOCATOR: service::Allocator = service::Allocator;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let options = Options::parse();
