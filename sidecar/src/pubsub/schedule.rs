@@ -139,18 +139,14 @@ impl Schedule {
         self.queues.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds a pending delivery, due at `due` (unix ms).
+    /// Adds a pending delivery, due at `due` (unix ms). Each delivery is added once: when its
+    /// event is published, or when the outbox is read at start (before any publish).
     pub fn add(&self, key: &SubscriptionKey, seq: u64, due: u64, ordered: bool) {
         let mut queues = self.queues();
         let queue = match queues.get_mut(key) {
             Some(queue) => queue,
             None => queues.entry(key.clone()).or_default(),
         };
-        if queue.in_flight.contains(&seq) {
-            return;
-        }
-        queue.ready.remove(&seq);
-        queue.delayed.retain(|(_, s)| *s != seq);
         queue.delayed.insert((due, seq));
         if ordered {
             queue.ordered.insert(seq);
