@@ -311,6 +311,61 @@ pub async fn a_stuck_subscriber_holds_back_only_its_own_events(broker: &Broker) 
     }
 }
 
+/// A subscriber that holds its events keeps them in the backlog; once `maxBacklog` events wait,
+/// publishing answers RESOURCE_EXHAUSTED with the reason, and nothing accepted is lost: when the
+/// subscriber answers, every accepted event arrives and publishing works again.
+pub async fn a_full_backlog_refuses_publishes_until_the_subscriber_catches_up(broker: &Broker) {
+    const MAX_BACKLOG: usize = 5;
+    let etcd = Etcd::start().await;
+    let res = broker.resources(&[("maxBacklog", "5"), ("deliveryTimeout", "120s")]);
+    let inbox = Inbox::default();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let inbox_c = inbox.clone();
+    let app = TestApp::start(AppServer::new().subscribe("pubsub", "held", move |event| {
+        let (inbox, mut released) = (inbox_c.clone(), released.clone());
+        async move {
+            // Probes pass at once; the events under test wait for the release.
+            if !event.data.starts_with(b"probe-") {
+                let _ = released.wait_for(|go| *go).await;
+            }
+            inbox.push(event);
+            EventOutcome::Success
+        }
+    }))
+    .await;
+    let _subscriber = sidecar("holder", &etcd, &res, Some(&app)).await;
+    let publisher = sidecar("boss", &etcd, &res, None).await;
+    let client = publisher.client();
+    wait_until_subscribed(&client, "held", &inbox).await;
+
+    // Publish until the backlog refuses (the probes may still take a place for a moment).
+    let mut accepted = Vec::new();
+    let refusal = loop {
+        assert!(accepted.len() <= 3 * MAX_BACKLOG, "{} events accepted and none refused", accepted.len());
+        let payload = format!("h-{}", accepted.len());
+        match client.publish("pubsub", "held", payload.clone().into_bytes(), "text/plain").await {
+            Ok(()) => accepted.push(payload),
+            Err(status) => break status,
+        }
+    };
+    eprintln!("{}: refused after {} events: {}", broker.kind(), accepted.len(), refusal.message());
+    assert_eq!(refusal.code(), Code::ResourceExhausted, "{refusal:?}");
+    let reason = refusal.message().to_lowercase();
+    assert!(reason.contains("maxbacklog 5"), "the reason names the limit: {refusal:?}");
+    assert!(accepted.len() >= MAX_BACKLOG - 1, "only {} accepted before the refusal", accepted.len());
+
+    release.send(true).unwrap();
+    eventually(Duration::from_secs(30), "every accepted event delivered", || async {
+        accepted.iter().all(|p| inbox.has(p))
+    })
+    .await;
+    eventually(Duration::from_secs(30), "publishing works again once the backlog drained", || async {
+        client.publish("pubsub", "held", b"after".to_vec(), "text/plain").await.is_ok()
+    })
+    .await;
+    eventually(Duration::from_secs(30), "the event after the drain", || async { inbox.has("after") }).await;
+}
+
 pub async fn bad_publishes_are_refused_with_the_reason(broker: &Broker) {
     let etcd = Etcd::start().await;
     let res = broker.resources(&[]);

@@ -30,6 +30,11 @@ async fn a_stuck_subscriber_holds_back_only_its_own_events() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_backlog_refuses_publishes_until_the_subscriber_catches_up() {
+    cases::a_full_backlog_refuses_publishes_until_the_subscriber_catches_up(&Broker::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_wait_for_a_subscriber_that_is_down_and_survive_the_publishers_kill_9() {
     cases::events_wait_for_a_subscriber_that_is_down_and_survive_the_publishers_kill_9(&Broker::Embedded).await;
 }

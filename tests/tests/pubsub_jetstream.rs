@@ -29,6 +29,12 @@ async fn retry_redelivers_drop_drops_and_exhausted_events_go_to_the_dead_letter_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_backlog_refuses_publishes_until_the_subscriber_catches_up() {
+    let broker = Broker::jetstream().await;
+    cases::a_full_backlog_refuses_publishes_until_the_subscriber_catches_up(&broker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_subscriber_holds_back_only_its_own_events() {
     let broker = Broker::jetstream().await;
     cases::a_stuck_subscriber_holds_back_only_its_own_events(&broker).await;

@@ -372,7 +372,16 @@ impl JetStreamPubSub {
             PublishErrorKind::BrokenPipe => {
                 PubSubError::Unavailable(format!("pub/sub '{name}': the connection to {url} broke: {error}"))
             }
-            _ => PubSubError::Refused(format!("pub/sub '{name}': JetStream refused the event: {error}")),
+            _ => {
+                // A full stream is the backlog limit the component set: say so in its terms.
+                let hint = match self.settings.max_backlog {
+                    Some(max) if error.to_string().contains("maximum messages") => {
+                        format!(" (the stream holds at most maxBacklog {max} events; a subscriber is too slow or down)")
+                    }
+                    _ => String::new(),
+                };
+                PubSubError::Refused(format!("pub/sub '{name}': JetStream refused the event: {error}{hint}"))
+            }
         }
     }
 
