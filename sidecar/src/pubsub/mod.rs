@@ -7,9 +7,10 @@
 //! - Its [`delivery`] loop hands each pending delivery to one live instance of the subscriber
 //!   app (replicas compete for events) through the subscriber's sidecar, which calls the app's
 //!   `OnTopicEvent`, taking them from the in-memory [`schedule`] (at most `maxInFlight` in
-//!   flight per subscription, so a slow subscriber holds back only its own events). SUCCESS and DROP end the delivery; RETRY, errors and timeouts retry it with
-//!   exponential backoff until `maxDeliveryAttempts`, then the event goes to the subscription's
-//!   dead-letter topic, or is dropped and logged.
+//!   flight per subscription, so a slow subscriber holds back only its own events). SUCCESS
+//!   and DROP end the delivery; RETRY, errors and timeouts retry it with exponential backoff
+//!   until `maxDeliveryAttempts`, then the event goes to the subscription's dead-letter topic,
+//!   or is dropped and logged.
 //! - [`subscriptions`]: each subscriber's sidecar asks its app for its subscriptions
 //!   (`ListTopicSubscriptions`) and records them in etcd, without a lease, so events are kept for
 //!   a subscriber whose instances are all down and delivered when one comes back.
