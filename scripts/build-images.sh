@@ -69,8 +69,10 @@ libs=()
 for image in "${images[@]}"; do
     binary=$(binary_of "$image")
     if [ "$image" = etcd ]; then
-        source=$(command -v etcd || true)
-        [ -n "$source" ] || { echo "build-images: no etcd on PATH (apt-get install etcd-server)" >&2; exit 1; }
+        if ! source=$(command -v etcd); then
+            echo "build-images: no etcd on PATH (apt-get install etcd-server)" >&2
+            exit 1
+        fi
     else
         source=$target_dir/$profile_dir/$binary
         [ -x "$source" ] || { echo "build-images: $source is missing (run without --no-build)" >&2; exit 1; }

@@ -58,6 +58,22 @@ impl RunContext {
     }
 }
 
+#[cfg(test)]
+impl RunContext {
+    /// A fixed context for report tests.
+    pub fn example(tandemd_workers: &str) -> RunContext {
+        RunContext {
+            cpus: 2,
+            cpu_model: "Test CPU".into(),
+            profile: "release",
+            date: "2026-01-01".into(),
+            load_average: "0.10".into(),
+            commit: "abc1234".into(),
+            tandemd_workers: tandemd_workers.into(),
+        }
+    }
+}
+
 /// `abc1234`, or `abc1234 plus uncommitted changes`, for the current directory. BENCHMARKS.md
 /// does not count: one run writing several sections changes it before the later ones measure.
 fn git_commit() -> Option<String> {

@@ -421,15 +421,7 @@ mod tests {
     fn report(mesh_p50_us: u64, mesh_calls_per_second: u64, peak_rss: u64) -> InvokeReport {
         let memory = Memory { rss: 9_000_000, peak: peak_rss };
         InvokeReport {
-            context: RunContext {
-                cpus: 2,
-                cpu_model: "Test CPU".into(),
-                profile: "release",
-                date: "2026-01-01".into(),
-                load_average: "0.10".into(),
-                commit: "abc1234".into(),
-                tandemd_workers: "2".into(),
-            },
+            context: RunContext::example("2"),
             settings: Settings {
                 payload_bytes: 1024,
                 warmup_calls: 500,

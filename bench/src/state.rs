@@ -541,15 +541,7 @@ mod tests {
     fn report(values: [(u64, u64); 5]) -> StateReport {
         let memory = Memory { rss: 9_000_000, peak: 12_000_000 };
         StateReport {
-            context: RunContext {
-                cpus: 2,
-                cpu_model: "Test CPU".into(),
-                profile: "release",
-                date: "2026-01-01".into(),
-                load_average: "0.10".into(),
-                commit: "abc1234".into(),
-                tandemd_workers: "1, tandemd's default".into(),
-            },
+            context: RunContext::example("1, tandemd's default"),
             settings: Settings {
                 payload_bytes: 1024,
                 warmup_calls: 500,

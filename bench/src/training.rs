@@ -349,15 +349,7 @@ mod tests {
 
     fn report(burn: [f64; 3], python: [f64; 3]) -> TrainingReport {
         TrainingReport {
-            context: RunContext {
-                cpus: 2,
-                cpu_model: "Test CPU".into(),
-                profile: "release",
-                date: "2026-01-01".into(),
-                load_average: "0.10".into(),
-                commit: "abc1234".into(),
-                tandemd_workers: "1".into(),
-            },
+            context: RunContext::example("1"),
             config: TrainingConfig::default(),
             train_samples: 1438,
             test_samples: 359,

@@ -3,24 +3,14 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use tandem_ingest::{Ingest, Options};
 use tandem_pipeline::service;
 
 #[global_allocator]
 static ALLOCATOR: service::Allocator = service::Allocator;
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let options = Options::parse();
-    service::init_logging();
-    match run(options).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("tandem-ingest: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+fn main() -> ExitCode {
+    service::run_main("tandem-ingest", run)
 }
 
 async fn run(options: Options) -> anyhow::Result<()> {

@@ -263,21 +263,8 @@ impl Classifier {
     }
 
     fn input_tensor<R: AsRef<[f32]>>(&self, samples: &[R]) -> Result<Tensor<2>, ModelError> {
-        if samples.is_empty() {
-            return Err(ModelError::NoSamples);
-        }
         let expected = self.config.num_features;
-        let mut flat = Vec::with_capacity(samples.len() * expected);
-        for (sample, row) in samples.iter().enumerate() {
-            let row = row.as_ref();
-            if row.len() != expected {
-                return Err(ModelError::FeatureCount { sample, expected, found: row.len() });
-            }
-            if let Some(feature) = row.iter().position(|value| !value.is_finite()) {
-                return Err(ModelError::NonFinite { sample, feature, value: row[feature] });
-            }
-            flat.extend_from_slice(row);
-        }
+        let flat = flatten_samples(samples, expected)?;
         Ok(Tensor::<2>::from_data(TensorData::new(flat, [samples.len(), expected]), &self.device))
     }
 }
@@ -317,6 +304,26 @@ fn argmax(values: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// `samples` as one row-major buffer, once each is checked: at least one sample, `expected`
+/// values each, all finite (errors name the sample and feature).
+pub(crate) fn flatten_samples<R: AsRef<[f32]>>(samples: &[R], expected: usize) -> Result<Vec<f32>, ModelError> {
+    if samples.is_empty() {
+        return Err(ModelError::NoSamples);
+    }
+    let mut flat = Vec::with_capacity(samples.len() * expected);
+    for (sample, row) in samples.iter().enumerate() {
+        let row = row.as_ref();
+        if row.len() != expected {
+            return Err(ModelError::FeatureCount { sample, expected, found: row.len() });
+        }
+        if let Some(feature) = row.iter().position(|value| !value.is_finite()) {
+            return Err(ModelError::NonFinite { sample, feature, value: row[feature] });
+        }
+        flat.extend_from_slice(row);
+    }
+    Ok(flat)
 }
 
 #[cfg(test)]

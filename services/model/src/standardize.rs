@@ -122,21 +122,8 @@ impl Standardizer {
     /// Standardizes rows of raw features (e.g. a predict request); every row needs
     /// `num_features()` finite values.
     pub fn transform_rows<R: AsRef<[f32]>>(&self, rows: &[R], device: &Device) -> Result<Vec<Vec<f32>>, ModelError> {
-        if rows.is_empty() {
-            return Err(ModelError::NoSamples);
-        }
         let expected = self.num_features();
-        let mut flat = Vec::with_capacity(rows.len() * expected);
-        for (sample, row) in rows.iter().enumerate() {
-            let row = row.as_ref();
-            if row.len() != expected {
-                return Err(ModelError::FeatureCount { sample, expected, found: row.len() });
-            }
-            if let Some(feature) = row.iter().position(|value| !value.is_finite()) {
-                return Err(ModelError::NonFinite { sample, feature, value: row[feature] });
-            }
-            flat.extend_from_slice(row);
-        }
+        let flat = crate::model::flatten_samples(rows, expected)?;
         let x = self.transform_tensor(features_tensor(&flat, expected, device));
         Ok(to_f32(x).chunks(expected).map(<[f32]>::to_vec).collect())
     }

@@ -6,7 +6,9 @@
 /// malloc and free under load.
 pub use mimalloc::MiMalloc as Allocator;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -42,7 +44,34 @@ pub enum StartError {
 }
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`).
-pub fn init_logging() {
+/// A service's whole `main`: parses its options (`O`), sets up logging and runs `run` on a
+/// multi-threaded tokio runtime. An error ends the process with exit code 1, the error and its
+/// causes on stderr after the service's `name`.
+pub fn run_main<O, F, E>(name: &str, run: impl FnOnce(O) -> F) -> ExitCode
+where
+    O: clap::Parser,
+    F: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let options = O::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("{name}: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{name}: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();

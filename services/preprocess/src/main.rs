@@ -3,24 +3,14 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use tandem_pipeline::service;
 use tandem_preprocess::{Options, Preprocess};
 
 #[global_allocator]
 static ALLOCATOR: service::Allocator = service::Allocator;
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let options = Options::parse();
-    service::init_logging();
-    match run(options).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("tandem-preprocess: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+fn main() -> ExitCode {
+    service::run_main("tandem-preprocess", run)
 }
 
 async fn run(options: Options) -> anyhow::Result<()> {
