@@ -120,23 +120,23 @@ async fn attempt(
             return Outcome::SubscriberAway;
         }
     };
-    let settled = pubsub.outbox.modify(seq, |record| {
-        let index = record.deliveries.iter().position(|d| d.app_id == app_id)?;
+    let settled = pubsub.outbox.modify(seq, |deliveries| {
+        let index = deliveries.iter().position(|d| d.app_id == app_id)?;
         Some(match answer {
             TopicEventResponseStatus::Success => {
-                record.deliveries.remove(index);
+                deliveries.remove(index);
                 Settled::Done
             }
             TopicEventResponseStatus::Drop => {
-                record.deliveries.remove(index);
+                deliveries.remove(index);
                 Settled::Dropped
             }
             TopicEventResponseStatus::Retry => {
-                let pending = &mut record.deliveries[index];
+                let pending = &mut deliveries[index];
                 pending.attempts += 1;
                 if pending.attempts >= policy.max_attempts {
                     let dead_letter_topic = pending.dead_letter_topic.clone();
-                    record.deliveries.remove(index);
+                    deliveries.remove(index);
                     Settled::Exhausted { dead_letter_topic }
                 } else {
                     pending.next_attempt_unix_ms = now_ms() + policy.backoff(pending.attempts).as_millis() as u64;
