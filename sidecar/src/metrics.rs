@@ -7,7 +7,8 @@
 //! - `tandem_pubsub_events_total`: pub/sub events by component, topic and what happened
 //!   (`published`, `delivered`, `retried`, `dead_lettered`, `dropped`);
 //!   `tandem_pubsub_backlog`: events waiting in a component's outbox;
-//!   `tandem_pubsub_in_flight`: events handed to a subscriber and not yet answered, per topic.
+//!   `tandem_pubsub_in_flight`: events handed to a subscriber and not yet answered, per topic;
+//!   `tandem_pubsub_delivery_batch_size`: events per call to a subscriber's sidecar.
 //! - `tandem_live_instances`: live instances per app-id, from discovery.
 //! - `process_resident_memory_bytes`, `process_cpu_seconds_total`: this process.
 //! - `tandem_trace_context_invalid_total`: malformed `traceparent` values (ignored: a new trace
@@ -75,6 +76,11 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.00005, 2.0, 20))
 }
 
+fn batch_histogram() -> Histogram {
+    // 1, 2, 4, ... 64 events (the most one call carries), then more.
+    Histogram::new(exponential_buckets(1.0, 2.0, 7))
+}
+
 pub struct Metrics {
     registry: Registry,
     api_requests: Family<ApiLabels, Counter>,
@@ -84,6 +90,7 @@ pub struct Metrics {
     pubsub_events: Family<PubSubLabels, Counter>,
     pubsub_backlog: Family<ComponentLabels, Gauge>,
     pubsub_in_flight: Family<TopicLabels, Gauge>,
+    pubsub_delivery_batch: Family<ComponentLabels, Histogram, fn() -> Histogram>,
     live_instances: Family<AppLabels, Gauge>,
     resident_memory: Gauge,
     cpu_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -105,6 +112,8 @@ impl Metrics {
         let pubsub_events = Family::<PubSubLabels, Counter>::default();
         let pubsub_backlog = Family::<ComponentLabels, Gauge>::default();
         let pubsub_in_flight = Family::<TopicLabels, Gauge>::default();
+        let pubsub_delivery_batch =
+            Family::<ComponentLabels, Histogram, fn() -> Histogram>::new_with_constructor(batch_histogram);
         let live_instances = Family::<AppLabels, Gauge>::default();
         let resident_memory = Gauge::default();
         let cpu_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
@@ -118,6 +127,11 @@ impl Metrics {
             "tandem_pubsub_in_flight",
             "Events handed to a subscriber and not yet answered",
             pubsub_in_flight.clone(),
+        );
+        registry.register(
+            "tandem_pubsub_delivery_batch_size",
+            "Events per delivery call to a subscriber's sidecar",
+            pubsub_delivery_batch.clone(),
         );
         registry.register("tandem_live_instances", "Live instances per app-id", live_instances.clone());
         registry.register("process_resident_memory_bytes", "Resident memory of this process", resident_memory.clone());
@@ -147,6 +161,7 @@ impl Metrics {
             pubsub_events,
             pubsub_backlog,
             pubsub_in_flight,
+            pubsub_delivery_batch,
             live_instances,
             resident_memory,
             cpu_seconds,
@@ -194,6 +209,11 @@ impl Metrics {
             self.pubsub_in_flight.get_or_create(&TopicLabels { pubsub: pubsub.into(), topic: topic.into() }).clone();
         gauge.inc();
         InFlight(gauge)
+    }
+
+    /// Counts one delivery call carrying `events` events.
+    pub fn pubsub_delivery_batch(&self, pubsub: &str, events: usize) {
+        self.pubsub_delivery_batch.get_or_create(&ComponentLabels { pubsub: pubsub.into() }).observe(events as f64);
     }
 
     /// Refreshes the gauges that mirror other state, then renders everything as Prometheus text.

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use opentelemetry::trace::{Span as _, Tracer as _, TracerProvider as _};
-use tandem_sdk::{AppServer, CallOptions, EventOutcome, Reply, SidecarClient, Status, TraceContext};
+use tandem_sdk::{AppServer, BulkEntry, CallOptions, EventOutcome, Reply, SidecarClient, Status, TraceContext};
 use tandem_tests::otlp::{self, Collector, by_name};
 use tandem_tests::pubsub::{Inbox, wait_until_subscribed};
 use tandem_tests::{Etcd, RunningSidecar, Sidecar, TestApp, eventually};
@@ -156,6 +156,85 @@ async fn a_chain_of_invocation_and_pub_sub_is_one_trace() {
 
     // The log lines of a call carry its trace id.
     b_sidecar.wait_for_log(&format!("trace_id={}", trace.trace_id())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_delivered_in_one_call_each_keep_their_own_spans() {
+    const EVENTS: usize = 8;
+    let collector = Collector::start().await;
+    let endpoint = collector.endpoint();
+    let etcd = Etcd::start().await;
+    let tracer_provider = otlp::app_tracer_provider("app-c", &endpoint);
+    let inbox = Inbox::default();
+    let app = {
+        let (inbox, tracer) = (inbox.clone(), tracer_provider.tracer("app-c"));
+        TestApp::start(AppServer::new().subscribe("pubsub", "burst", move |event| {
+            let parent = event.trace.as_ref().map(TraceContext::to_context).unwrap_or_default();
+            tracer.start_with_context("c.consume", &parent).end();
+            inbox.push(event);
+            async { EventOutcome::Success }
+        }))
+        .await
+    };
+    let subscriber = traced("burst-c", &etcd, &endpoint).app_port(app.port()).spawn().await;
+    let publisher = traced("burst-p", &etcd, &endpoint).spawn().await;
+    subscriber.wait_ready().await;
+    publisher.wait_ready().await;
+    let client = publisher.client();
+    wait_until_subscribed(&client, "burst", &inbox).await;
+
+    // One bulk publish: its events become durable together, so they are due together.
+    let (sum, count) = (
+        r#"tandem_pubsub_delivery_batch_size_sum{pubsub="pubsub"}"#,
+        r#"tandem_pubsub_delivery_batch_size_count{pubsub="pubsub"}"#,
+    );
+    // Every probe settled (so counted) before the burst.
+    let backlog = r#"tandem_pubsub_backlog{pubsub="pubsub"}"#;
+    eventually(Duration::from_secs(20), "the probes settled", || {
+        let publisher = &publisher;
+        async move { metric(publisher, backlog).await == 0.0 }
+    })
+    .await;
+    let before = (metric(&publisher, sum).await, metric(&publisher, count).await);
+    let entries = (0..EVENTS)
+        .map(|i| BulkEntry {
+            entry_id: i.to_string(),
+            data: format!("burst-{i}").into_bytes(),
+            content_type: "text/plain".into(),
+        })
+        .collect();
+    assert_eq!(client.bulk_publish("pubsub", "burst", entries).await.unwrap(), []);
+    eventually(Duration::from_secs(20), "the burst at the subscriber", || {
+        let all = (0..EVENTS).all(|i| inbox.has(&format!("burst-{i}")));
+        async move { all }
+    })
+    .await;
+    let after = (metric(&publisher, sum).await, metric(&publisher, count).await);
+    assert_eq!((after.0 - before.0, after.1 - before.1), (EVENTS as f64, 1.0), "all {EVENTS} events in one call");
+
+    // The trace of the bulk publish: each event has its own delivery span, its own span at
+    // the subscriber's sidecar (named as for a lone event) and the app's span under that.
+    otlp::flush(&tracer_provider).await;
+    let first = inbox.events().into_iter().find(|e| e.data == b"burst-0").expect("burst-0 arrived");
+    let trace_id = first.trace.expect("the event carries its trace").trace_id();
+    let spans = collector.wait_for_trace(&trace_id, 1 + 3 * EVENTS).await;
+    let named = |name: &str| spans.iter().filter(|s| s.name == name).collect::<Vec<_>>();
+    let delivers = named("deliver burst to burst-c");
+    let received = named("tandem.internal.v1.Mesh/DeliverEvent");
+    let consumed = named("c.consume");
+    assert_eq!((delivers.len(), received.len(), consumed.len()), (EVENTS, EVENTS, EVENTS), "{spans:#?}");
+    assert!(named("tandem.internal.v1.Mesh/DeliverEvents").is_empty(), "the batch itself has no span");
+    let mut parents: Vec<&str> = received.iter().map(|s| s.parent_span_id.as_str()).collect();
+    parents.sort_unstable();
+    parents.dedup();
+    assert_eq!(parents.len(), EVENTS, "each received span has a parent of its own");
+    for span in &received {
+        assert!(delivers.iter().any(|d| d.span_id == span.parent_span_id), "parent of {span:?}");
+        assert_eq!((span.service.as_str(), span.kind), ("burst-c", SERVER));
+    }
+    for span in &consumed {
+        assert!(received.iter().any(|r| r.span_id == span.parent_span_id), "parent of {span:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,11 +6,13 @@ use std::time::Duration;
 
 use tandem_proto::internal::mesh_server::Mesh;
 use tandem_proto::internal::{
-    DeliverEventRequest, DeliverEventResponse, InternalInvokeRequest, InternalInvokeResponse,
+    DeliverEventRequest, DeliverEventResponse, DeliverEventsRequest, DeliverEventsResponse, EventDeliveryOutcome,
+    InternalInvokeRequest, InternalInvokeResponse,
 };
-use tandem_proto::runtime::TopicEventResponse;
+use tandem_proto::runtime::{TopicEventRequest, TopicEventResponse};
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::channels::never_sent;
 use super::headers::{self, CALLEE_APP_ID, CALLER_APP_ID};
@@ -19,6 +21,12 @@ use crate::app_channel::AppChannel;
 use crate::deadline;
 use crate::error::MeshError;
 use crate::pubsub::streams::StreamSubscriptions;
+use crate::telemetry;
+
+/// The method whose server span each event of a batched delivery gets, so that a trace looks
+/// the same whether its event travelled alone or in a batch (the batch has no span of its own:
+/// [`telemetry::layer::PER_ITEM_SPANS`]).
+const DELIVER_EVENT_PATH: &str = "/tandem.internal.v1.Mesh/DeliverEvent";
 
 pub struct MeshInbound {
     app_id: String,
@@ -36,9 +44,11 @@ impl MeshInbound {
 
     /// The app this sidecar fronts, when `target` names it and it can be called.
     fn local_app(&self, target: String) -> Result<&AppChannel, MeshError> {
-        if target != self.app_id {
-            return Err(MeshError::WrongApp { local: self.app_id.clone(), requested: target });
-        }
+        self.check_target(target)?;
+        self.app()
+    }
+
+    fn app(&self) -> Result<&AppChannel, MeshError> {
         self.app.as_ref().ok_or_else(|| MeshError::AppHasNoPort { app_id: self.app_id.clone() })
     }
 
@@ -94,19 +104,61 @@ impl MeshInbound {
     async fn deliver_event(&self, request: Request<DeliverEventRequest>) -> Result<DeliverEventResponse, MeshError> {
         let deadline = deadline::from_metadata(request.metadata()).map_err(MeshError::InvalidArgument)?;
         let call = request.into_inner();
-        if call.target_app_id != self.app_id {
-            return Err(MeshError::WrongApp { local: self.app_id.clone(), requested: call.target_app_id });
-        }
+        self.check_target(call.target_app_id)?;
         let event = call.event.ok_or_else(|| MeshError::InvalidArgument("the delivery carries no event".into()))?;
-        // A streaming subscription of the app takes the event before OnTopicEvent would.
+        let response = self.event_to_app(event, deadline).await?;
+        Ok(DeliverEventResponse { response: Some(response) })
+    }
+
+    /// Hands each event of a batch to the app, all at once, each in a span of its own (child of
+    /// its delivery attempt, as for `DeliverEvent`); one outcome per event, in order.
+    async fn deliver_events(&self, request: Request<DeliverEventsRequest>) -> Result<DeliverEventsResponse, MeshError> {
+        let deadline = deadline::from_metadata(request.metadata()).map_err(MeshError::InvalidArgument)?;
+        let call = request.into_inner();
+        self.check_target(call.target_app_id)?;
+        let deliveries = call.deliveries.into_iter().map(|delivery| {
+            let parent = telemetry::context::from_fields(&delivery.traceparent, &delivery.tracestate);
+            let span = telemetry::layer::server_span(DELIVER_EVENT_PATH, parent);
+            let answer = async move {
+                let event = delivery
+                    .event
+                    .ok_or_else(|| MeshError::InvalidArgument("a delivery of the batch carries no event".into()))?;
+                self.event_to_app(event, deadline).await
+            };
+            let traced = span.clone();
+            async move {
+                let answer = answer.instrument(span).await;
+                if answer.is_err() {
+                    telemetry::record_error(&traced);
+                }
+                outcome(answer)
+            }
+        });
+        Ok(DeliverEventsResponse { outcomes: futures_util::future::join_all(deliveries).await })
+    }
+
+    fn check_target(&self, target: String) -> Result<(), MeshError> {
+        if target != self.app_id {
+            return Err(MeshError::WrongApp { local: self.app_id.clone(), requested: target });
+        }
+        Ok(())
+    }
+
+    /// One event to the app: a streaming subscription of the app takes it before
+    /// `OnTopicEvent` would.
+    async fn event_to_app(
+        &self,
+        event: TopicEventRequest,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<TopicEventResponse, MeshError> {
         let wait = deadline.map(deadline::remaining).unwrap_or(STREAM_ANSWER_TIMEOUT);
         if let Some(answer) = self.streams.deliver(event.clone(), wait).await {
             return match answer {
-                Ok(status) => Ok(DeliverEventResponse { response: Some(TopicEventResponse { status: status as i32 }) }),
+                Ok(status) => Ok(TopicEventResponse { status: status as i32 }),
                 Err(reason) => Err(MeshError::Remote(Status::unavailable(reason))),
             };
         }
-        let app = self.local_app(call.target_app_id)?;
+        let app = self.app()?;
         let topic = event.topic.clone();
         let mut app_request = Request::new(event);
         if let Some(deadline) = deadline {
@@ -117,8 +169,25 @@ impl MeshInbound {
         let describe = || (self.app_id.clone(), format!("OnTopicEvent({topic})"));
         let result = within_deadline(deadline, describe, app.callback_client().on_topic_event(app_request)).await?;
         match result {
-            Ok(response) => Ok(DeliverEventResponse { response: Some(response.into_inner()) }),
+            Ok(response) => Ok(response.into_inner()),
             Err(status) => Err(self.app_failure(app, status)),
+        }
+    }
+}
+
+/// A batched event's outcome, as `DeliverEvent` would have answered it.
+fn outcome(answer: Result<TopicEventResponse, MeshError>) -> EventDeliveryOutcome {
+    match answer {
+        Ok(response) => EventDeliveryOutcome { response: Some(response), ..Default::default() },
+        Err(error) => {
+            let not_delivered = error.is_not_delivered();
+            let status = Status::from(error);
+            EventDeliveryOutcome {
+                response: None,
+                code: status.code() as i32,
+                message: status.message().to_string(),
+                not_delivered,
+            }
         }
     }
 }
@@ -130,6 +199,13 @@ impl Mesh for MeshInbound {
         request: Request<DeliverEventRequest>,
     ) -> Result<Response<DeliverEventResponse>, Status> {
         MeshInbound::deliver_event(self, request).await.map(Response::new).map_err(Status::from)
+    }
+
+    async fn deliver_events(
+        &self,
+        request: Request<DeliverEventsRequest>,
+    ) -> Result<Response<DeliverEventsResponse>, Status> {
+        MeshInbound::deliver_events(self, request).await.map(Response::new).map_err(Status::from)
     }
 
     async fn invoke(

@@ -9,8 +9,10 @@ use std::time::Duration;
 use tandem_proto::common::{InvokeRequest, InvokeResponse};
 
 use tandem_proto::internal::mesh_client::MeshClient;
-use tandem_proto::internal::{DeliverEventRequest, InternalInvokeRequest};
-use tandem_proto::runtime::TopicEventRequest;
+use tandem_proto::internal::{
+    DeliverEventRequest, DeliverEventsRequest, EventDelivery, EventDeliveryOutcome, InternalInvokeRequest,
+};
+use tandem_proto::runtime::TopicEventResponse;
 use tandem_proto::runtime::topic_event_response::TopicEventResponseStatus;
 
 use super::channels::{PeerChannels, never_sent};
@@ -20,7 +22,7 @@ use crate::config::validate_name;
 use crate::deadline;
 use crate::discovery::{Instance, RoutingTable};
 use crate::error::{MeshError, status_says_not_delivered, strip_not_delivered};
-use crate::pubsub::delivery::{Deliver, DeliveryError};
+use crate::pubsub::delivery::{Deliver, DeliveryError, EventToDeliver};
 use crate::telemetry;
 use tracing::Instrument;
 
@@ -148,56 +150,235 @@ impl Invoker {
 
 #[tonic::async_trait]
 impl Deliver for Invoker {
-    /// Like an invocation: to one live instance, moving on only when the event provably did
-    /// not reach an app.
+    /// Like an invocation: each event to one live instance, moving on with only the events that
+    /// provably did not reach an app. Several events travel in one `DeliverEvents` call.
     async fn deliver(
         &self,
         app_id: &str,
-        event: TopicEventRequest,
+        events: Vec<EventToDeliver>,
         timeout: Duration,
-    ) -> Result<TopicEventResponseStatus, DeliveryError> {
-        let instances = self.candidates(app_id, false).map_err(|e| DeliveryError::SubscriberAway(e.to_string()))?;
+    ) -> Vec<Result<TopicEventResponseStatus, DeliveryError>> {
+        let instances = match self.candidates(app_id, false) {
+            Ok(instances) => instances,
+            Err(e) => return events.iter().map(|_| Err(DeliveryError::SubscriberAway(e.to_string()))).collect(),
+        };
+        let mut outcomes: Vec<Option<Result<TopicEventResponseStatus, DeliveryError>>> =
+            events.iter().map(|_| None).collect();
         let mut last_error = String::new();
         for instance in &instances {
-            let mut client = match self.mesh_client(&instance.internal_address) {
+            let waiting: Vec<usize> = (0..events.len()).filter(|i| outcomes[*i].is_none()).collect();
+            if waiting.is_empty() {
+                break;
+            }
+            let client = match self.mesh_client(&instance.internal_address) {
                 Ok(client) => client,
                 Err(e) => {
                     last_error = e;
                     continue;
                 }
             };
-            let mut request = tonic::Request::new(DeliverEventRequest {
-                target_app_id: app_id.to_string(),
-                event: Some(event.clone()),
-            });
-            request.set_timeout(timeout);
-            // The delivery attempt's span (made by the delivery loop) is the subscriber side's parent.
-            telemetry::inject_current(request.metadata_mut());
-            match tokio::time::timeout(timeout, client.deliver_event(request)).await {
-                Err(_) => {
-                    return Err(DeliveryError::Failed(format!("no answer from app-id '{app_id}' within {timeout:?}")));
-                }
-                Ok(Ok(response)) => {
-                    let status = response.into_inner().response.map(|r| r.status).unwrap_or_default();
-                    return TopicEventResponseStatus::try_from(status).map_err(|_| {
-                        DeliveryError::Failed(format!("app-id '{app_id}' answered an unknown event status {status}"))
-                    });
-                }
-                Ok(Err(status)) if never_sent(&status) || status_says_not_delivered(&status) => {
-                    last_error = format!("{}: {}", instance.internal_address, status.message());
-                }
-                Ok(Err(status)) => {
-                    return Err(DeliveryError::Failed(format!(
-                        "app-id '{app_id}': {:?}: {}",
-                        status.code(),
-                        status.message()
-                    )));
+            let batch: Vec<&EventToDeliver> = waiting.iter().map(|i| &events[*i]).collect();
+            let answers = if let [one] = batch.as_slice() {
+                vec![deliver_one(client, app_id, one, timeout).await]
+            } else {
+                deliver_batch(client, app_id, &batch, timeout).await
+            };
+            for (index, answer) in waiting.into_iter().zip(answers) {
+                match answer {
+                    Answer::Settled(outcome) => outcomes[index] = Some(outcome),
+                    Answer::NotDelivered(why) => last_error = format!("{}: {why}", instance.internal_address),
                 }
             }
         }
-        Err(DeliveryError::SubscriberAway(format!(
-            "no instance of app-id '{app_id}' could take the event ({} tried): {last_error}",
-            instances.len()
-        )))
+        outcomes
+            .into_iter()
+            .map(|outcome| {
+                outcome.unwrap_or_else(|| {
+                    Err(DeliveryError::SubscriberAway(format!(
+                        "no instance of app-id '{app_id}' could take the event ({} tried): {last_error}",
+                        instances.len()
+                    )))
+                })
+            })
+            .collect()
+    }
+}
+
+/// What one instance made of one event.
+enum Answer {
+    /// The app answered, or failed it (an attempt used up).
+    Settled(Result<TopicEventResponseStatus, DeliveryError>),
+    /// It provably did not reach the app; another instance may take it.
+    NotDelivered(String),
+}
+
+/// One event, in a `DeliverEvent` call of its own.
+async fn deliver_one(
+    mut client: MeshClient<GrpcConnection>,
+    app_id: &str,
+    delivery: &EventToDeliver,
+    timeout: Duration,
+) -> Answer {
+    let mut request = tonic::Request::new(DeliverEventRequest {
+        target_app_id: app_id.to_string(),
+        event: Some(delivery.event.clone()),
+    });
+    request.set_timeout(timeout);
+    // The delivery attempt's span is the subscriber side's parent.
+    telemetry::context::inject_metadata(&delivery.parent, request.metadata_mut());
+    match tokio::time::timeout(timeout, client.deliver_event(request)).await {
+        Err(_) => Answer::Settled(Err(no_answer(app_id, timeout))),
+        Ok(Ok(response)) => Answer::Settled(event_status(app_id, response.into_inner().response)),
+        Ok(Err(status)) if never_sent(&status) || status_says_not_delivered(&status) => {
+            Answer::NotDelivered(status.message().to_string())
+        }
+        Ok(Err(status)) => Answer::Settled(Err(failed(app_id, status.code(), status.message()))),
+    }
+}
+
+/// Several events in one `DeliverEvents` call; one answer per event, in order.
+async fn deliver_batch(
+    mut client: MeshClient<GrpcConnection>,
+    app_id: &str,
+    batch: &[&EventToDeliver],
+    timeout: Duration,
+) -> Vec<Answer> {
+    let deliveries = batch
+        .iter()
+        .map(|delivery| {
+            let (traceparent, tracestate) = telemetry::context::to_fields(&delivery.parent);
+            EventDelivery { event: Some(delivery.event.clone()), traceparent, tracestate }
+        })
+        .collect();
+    let mut request = tonic::Request::new(DeliverEventsRequest { target_app_id: app_id.to_string(), deliveries });
+    request.set_timeout(timeout);
+    let every = |answer: &dyn Fn() -> Answer| batch.iter().map(|_| answer()).collect::<Vec<_>>();
+    match tokio::time::timeout(timeout, client.deliver_events(request)).await {
+        Err(_) => every(&|| Answer::Settled(Err(no_answer(app_id, timeout)))),
+        Ok(Err(status)) if never_sent(&status) || status_says_not_delivered(&status) => {
+            every(&|| Answer::NotDelivered(status.message().to_string()))
+        }
+        Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+            // A sidecar from before batched delivery: one call per event.
+            let singles = batch.iter().map(|delivery| deliver_one(client.clone(), app_id, delivery, timeout));
+            futures_util::future::join_all(singles).await
+        }
+        Ok(Err(status)) => every(&|| Answer::Settled(Err(failed(app_id, status.code(), status.message())))),
+        Ok(Ok(response)) => {
+            let outcomes = response.into_inner().outcomes;
+            if outcomes.len() != batch.len() {
+                let why = format!("answered {} outcomes for {} events", outcomes.len(), batch.len());
+                return every(&|| Answer::Settled(Err(DeliveryError::Failed(format!("app-id '{app_id}': {why}")))));
+            }
+            outcomes
+                .into_iter()
+                .map(|outcome| match outcome {
+                    EventDeliveryOutcome { not_delivered: true, message, .. } => Answer::NotDelivered(message),
+                    EventDeliveryOutcome { response: Some(response), .. } => {
+                        Answer::Settled(event_status(app_id, Some(response)))
+                    }
+                    EventDeliveryOutcome { code, message, .. } => {
+                        Answer::Settled(Err(failed(app_id, tonic::Code::from(code), &message)))
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+fn event_status(app_id: &str, response: Option<TopicEventResponse>) -> Result<TopicEventResponseStatus, DeliveryError> {
+    let status = response.map(|r| r.status).unwrap_or_default();
+    TopicEventResponseStatus::try_from(status)
+        .map_err(|_| DeliveryError::Failed(format!("app-id '{app_id}' answered an unknown event status {status}")))
+}
+
+fn no_answer(app_id: &str, timeout: Duration) -> DeliveryError {
+    DeliveryError::Failed(format!("no answer from app-id '{app_id}' within {timeout:?}"))
+}
+
+fn failed(app_id: &str, code: tonic::Code, message: &str) -> DeliveryError {
+    DeliveryError::Failed(format!("app-id '{app_id}': {code:?}: {message}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+    use tandem_proto::internal::mesh_server::{Mesh, MeshServer};
+    use tandem_proto::internal::{
+        DeliverEventResponse, DeliverEventsResponse, InternalInvokeRequest as InvokeCall, InternalInvokeResponse,
+    };
+    use tandem_proto::runtime::TopicEventRequest;
+    use tonic::{Request, Response, Status};
+
+    /// A sidecar from before batched delivery: `DeliverEvents` is unknown to it.
+    #[derive(Default)]
+    struct OldPeer {
+        single_calls: Arc<AtomicUsize>,
+    }
+
+    #[tonic::async_trait]
+    impl Mesh for OldPeer {
+        async fn invoke(&self, _: Request<InvokeCall>) -> Result<Response<InternalInvokeResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+
+        async fn deliver_event(
+            &self,
+            request: Request<DeliverEventRequest>,
+        ) -> Result<Response<DeliverEventResponse>, Status> {
+            self.single_calls.fetch_add(1, Ordering::SeqCst);
+            let status = if request.into_inner().event.is_some_and(|e| e.id == "refused") {
+                TopicEventResponseStatus::Drop
+            } else {
+                TopicEventResponseStatus::Success
+            };
+            Ok(Response::new(DeliverEventResponse { response: Some(TopicEventResponse { status: status as i32 }) }))
+        }
+
+        async fn deliver_events(
+            &self,
+            _: Request<DeliverEventsRequest>,
+        ) -> Result<Response<DeliverEventsResponse>, Status> {
+            Err(Status::unimplemented("unknown method"))
+        }
+    }
+
+    fn event(id: &str) -> EventToDeliver {
+        EventToDeliver {
+            event: TopicEventRequest { id: id.into(), topic: "t".into(), ..Default::default() },
+            parent: opentelemetry::trace::SpanContext::empty_context(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_batched_delivery_gets_one_call_per_event() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let peer = OldPeer::default();
+        let single_calls = peer.single_calls.clone();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(MeshServer::new(peer))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let connection = GrpcConnection::new(&address).unwrap();
+        let client = MeshClient::with_origin(connection.clone(), connection.origin());
+        let events = [event("a"), event("refused"), event("c")];
+        let batch: Vec<&EventToDeliver> = events.iter().collect();
+        let answers = deliver_batch(client, "app", &batch, Duration::from_secs(10)).await;
+        let statuses: Vec<_> = answers
+            .into_iter()
+            .map(|answer| match answer {
+                Answer::Settled(Ok(status)) => status,
+                Answer::Settled(Err(e)) => panic!("failed: {e:?}"),
+                Answer::NotDelivered(why) => panic!("not delivered: {why}"),
+            })
+            .collect();
+        use TopicEventResponseStatus::{Drop, Success};
+        assert_eq!(statuses, [Success, Drop, Success], "each event's own answer, in order");
+        assert_eq!(single_calls.load(Ordering::SeqCst), 3);
+        server.abort();
     }
 }

@@ -1,7 +1,13 @@
 //! The delivery loop of one `pubsub.embedded` component: takes the due deliveries from the
-//! component's [`schedule`](super::schedule), hands each to the subscriber through a
-//! [`Deliver`], and settles the outcome in the outbox (done, retry later, or dead-letter/drop
+//! component's [`schedule`](super::schedule), hands them to the subscriber through a
+//! [`Deliver`], and settles each outcome in the outbox (done, retry later, or dead-letter/drop
 //! after the last attempt) and in the schedule.
+//!
+//! Deliveries of one subscription that are due together go out together, up to [`MAX_BATCH`]
+//! events in one call to the subscriber's sidecar (which hands each to the app on its own, all
+//! at once). Under load they come due in groups (a group commit makes many publishes durable
+//! at once), so one call carries many events; a lone event travels alone, as soon as it is
+//! durable. Each event keeps its own attempt, span and outcome.
 //!
 //! The schedule keeps a subscription that asks for order (`tandem.ordered`) to one delivery at
 //! a time, its oldest unsettled event of the topic: events reach it in publish order (per
@@ -35,16 +41,24 @@ pub enum DeliveryError {
     Failed(String),
 }
 
-/// Hands an event to one live instance of a subscriber app.
+/// An event for a subscriber, with the span context of its delivery attempt (the parent of
+/// the subscriber side's span).
+pub struct EventToDeliver {
+    pub event: TopicEventRequest,
+    pub parent: opentelemetry::trace::SpanContext,
+}
+
+/// Hands events to live instances of a subscriber app.
 #[tonic::async_trait]
 pub trait Deliver: Send + Sync + 'static {
-    /// The app's answer, or why there was none.
+    /// Each event to one live instance of `app_id`: the app's answer, or why there was none.
+    /// One outcome per event, in order.
     async fn deliver(
         &self,
         app_id: &str,
-        event: TopicEventRequest,
+        events: Vec<EventToDeliver>,
         timeout: Duration,
-    ) -> Result<TopicEventResponseStatus, DeliveryError>;
+    ) -> Vec<Result<TopicEventResponseStatus, DeliveryError>>;
 }
 
 enum Settled {
@@ -54,18 +68,24 @@ enum Settled {
     Exhausted { dead_letter_topic: String },
 }
 
-/// Runs the delivery loop of `pubsub` until `stop`.
+/// Runs the delivery loop of `pubsub` until `stop`. The deliveries due at once for one
+/// subscription go out together, up to [`MAX_BATCH`] per call.
 pub async fn run(pubsub: Arc<EmbeddedPubSub>, deliverer: Arc<dyn Deliver>, stop: CancellationToken) {
     loop {
         let now = now_ms();
         let (due, next) = pubsub.schedule.take_due(now);
-        for (key, seq) in due {
-            let (pubsub, deliverer) = (pubsub.clone(), deliverer.clone());
-            tokio::spawn(async move {
-                let outcome = deliver_one(&pubsub, deliverer.as_ref(), &key, seq).await;
-                pubsub.schedule.finish(&key, seq, outcome, now_ms());
-                pubsub.wake.notify_one();
-            });
+        for (key, seqs) in by_subscription(due) {
+            for batch in seqs.chunks(MAX_BATCH) {
+                let (pubsub, deliverer, key, batch) = (pubsub.clone(), deliverer.clone(), key.clone(), batch.to_vec());
+                tokio::spawn(async move {
+                    let outcomes = deliver_batch(&pubsub, deliverer.as_ref(), &key, batch).await;
+                    let now = now_ms();
+                    for (seq, outcome) in outcomes {
+                        pubsub.schedule.finish(&key, seq, outcome, now);
+                    }
+                    pubsub.wake.notify_one();
+                });
+            }
         }
         let wait = next.map_or(IDLE_WAIT, |at| Duration::from_millis(at.saturating_sub(now_ms())).min(IDLE_WAIT));
         tokio::select! {
@@ -76,38 +96,83 @@ pub async fn run(pubsub: Arc<EmbeddedPubSub>, deliverer: Arc<dyn Deliver>, stop:
     }
 }
 
-/// Reads one scheduled delivery from the outbox and attempts it.
-async fn deliver_one(pubsub: &EmbeddedPubSub, deliverer: &dyn Deliver, key: &SubscriptionKey, seq: u64) -> Outcome {
-    match pubsub.outbox.pending(seq, &key.app_id) {
-        // The route is the subscriber's, so it is set per delivery, not stored in the event.
-        Ok(Some((event, pending))) => {
-            attempt(pubsub, deliverer, seq, &key.app_id, TopicEventRequest { path: pending.path, ..event }).await
-        }
-        // Settled already: nothing left to do.
-        Ok(None) => Outcome::Finished,
-        Err(e) => {
-            tracing::error!(pubsub = %pubsub.name, topic = %key.topic, app_id = %key.app_id, seq, error = %e, "cannot read a pending delivery; it will be retried");
-            Outcome::RetryAt(now_ms() + pubsub.policy.initial_retry_delay.as_millis() as u64)
+/// Deliveries at most in one call to a subscriber's sidecar.
+pub const MAX_BATCH: usize = 64;
+
+/// Groups due deliveries (which come grouped by subscription) by subscription.
+fn by_subscription(due: Vec<(SubscriptionKey, u64)>) -> Vec<(SubscriptionKey, Vec<u64>)> {
+    let mut grouped: Vec<(SubscriptionKey, Vec<u64>)> = Vec::new();
+    for (key, seq) in due {
+        match grouped.last_mut() {
+            Some((last, seqs)) if *last == key => seqs.push(seq),
+            _ => grouped.push((key, vec![seq])),
         }
     }
+    grouped
 }
 
-/// One delivery attempt and its outcome, settled in the outbox.
-async fn attempt(
+/// Reads scheduled deliveries of one subscription from the outbox, attempts them in one go,
+/// and settles each: the schedule's outcome per delivery.
+async fn deliver_batch(
     pubsub: &EmbeddedPubSub,
     deliverer: &dyn Deliver,
+    key: &SubscriptionKey,
+    seqs: Vec<u64>,
+) -> Vec<(u64, Outcome)> {
+    let mut outcomes = Vec::with_capacity(seqs.len());
+    let mut attempts = Vec::with_capacity(seqs.len());
+    for seq in seqs {
+        match pubsub.outbox.pending(seq, &key.app_id) {
+            // The route is the subscriber's, so it is set per delivery, not stored in the event.
+            Ok(Some((event, pending))) => {
+                let event = TopicEventRequest { path: pending.path, ..event };
+                // A span per attempt, child of the publish call (its context travels in the event).
+                let span = crate::telemetry::delivery_span(&pubsub.name, &event, &key.app_id);
+                attempts.push((seq, event, span));
+            }
+            // Settled already: nothing left to do.
+            Ok(None) => outcomes.push((seq, Outcome::Finished)),
+            Err(e) => {
+                tracing::error!(pubsub = %pubsub.name, topic = %key.topic, app_id = %key.app_id, seq, error = %e, "cannot read a pending delivery; it will be retried");
+                outcomes.push((seq, Outcome::RetryAt(now_ms() + pubsub.policy.initial_retry_delay.as_millis() as u64)));
+            }
+        }
+    }
+    if attempts.is_empty() {
+        return outcomes;
+    }
+    let in_flight: Vec<_> = attempts
+        .iter()
+        .map(|(_, event, _)| pubsub.metrics.pubsub_delivery_in_flight(&pubsub.name, &event.topic))
+        .collect();
+    let events = attempts
+        .iter()
+        .map(|(_, event, span)| EventToDeliver {
+            event: event.clone(),
+            parent: crate::telemetry::context::of_span(span),
+        })
+        .collect();
+    pubsub.metrics.pubsub_delivery_batch(&pubsub.name, attempts.len());
+    let answers = deliverer.deliver(&key.app_id, events, pubsub.policy.timeout).await;
+    drop(in_flight);
+    for ((seq, event, span), answer) in attempts.into_iter().zip(answers) {
+        let outcome = settle(pubsub, seq, &key.app_id, event, answer).instrument(span.clone()).await;
+        outcomes.push((seq, outcome));
+    }
+    outcomes
+}
+
+/// Records one delivery attempt's outcome in the outbox (within the attempt's span).
+async fn settle(
+    pubsub: &EmbeddedPubSub,
     seq: u64,
     app_id: &str,
     event: TopicEventRequest,
+    outcome: Result<TopicEventResponseStatus, DeliveryError>,
 ) -> Outcome {
     let policy = &pubsub.policy;
-    // A span per attempt, child of the publish call (its context travels in the event).
-    let span = crate::telemetry::delivery_span(&pubsub.name, &event, app_id);
-    let in_flight = pubsub.metrics.pubsub_delivery_in_flight(&pubsub.name, &event.topic);
-    let outcome = deliverer.deliver(app_id, event.clone(), policy.timeout).instrument(span.clone()).await;
-    drop(in_flight);
     if !matches!(outcome, Ok(TopicEventResponseStatus::Success)) {
-        crate::telemetry::record_error(&span);
+        crate::telemetry::record_error(&tracing::Span::current());
     }
     let (topic, id) = (event.topic.as_str(), event.id.as_str());
     let answer = match &outcome {
@@ -198,5 +263,18 @@ async fn dead_letter(pubsub: &EmbeddedPubSub, mut event: TopicEventRequest, app_
             pubsub.metrics.pubsub_event(&pubsub.name, &original, "dropped");
             tracing::error!(pubsub = %pubsub.name, topic = %original, dead_letter_topic = topic, id, app_id, error = %e, "event dropped: it could not be dead-lettered");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_deliveries_group_by_subscription_in_order() {
+        let (a, b) = (SubscriptionKey::new("a", "t"), SubscriptionKey::new("b", "t"));
+        let due = vec![(a.clone(), 1), (a.clone(), 3), (b.clone(), 2), (b.clone(), 4)];
+        assert_eq!(by_subscription(due), [(a, vec![1, 3]), (b, vec![2, 4])]);
+        assert!(by_subscription(Vec::new()).is_empty());
     }
 }

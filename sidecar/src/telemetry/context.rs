@@ -59,6 +59,23 @@ pub fn from_extensions(extensions: Option<&Struct>) -> Incoming {
     Incoming::from_values(text(TRACEPARENT), text(TRACESTATE))
 }
 
+/// The trace context carried as two plain fields (empty `traceparent`: none), as batched
+/// deliveries between sidecars carry one per event.
+pub fn from_fields(traceparent: &str, tracestate: &str) -> Incoming {
+    Incoming::from_values(
+        (!traceparent.is_empty()).then_some(traceparent),
+        (!tracestate.is_empty()).then_some(tracestate),
+    )
+}
+
+/// `span` as (`traceparent`, `tracestate`) field values; empty for an invalid span context.
+pub fn to_fields(span: &SpanContext) -> (String, String) {
+    if !span.is_valid() {
+        return (String::new(), String::new());
+    }
+    (traceparent(span), span.trace_state().header())
+}
+
 /// Parses a `traceparent` (and its `tracestate`) as the W3C Trace Context spec says: version
 /// `00` is exactly `00-<32 hex trace-id>-<16 hex parent-id>-<2 hex flags>`; a later version
 /// may append fields; version `ff`, all-zero ids and upper-case hex are invalid.
@@ -167,6 +184,17 @@ mod tests {
         ] {
             assert!(parse(bad, None).is_none(), "{bad:?} should be refused");
         }
+    }
+
+    #[test]
+    fn plain_fields_carry_the_context_and_tell_absent_from_malformed() {
+        let span = parse(VALID, Some("k=v")).unwrap();
+        let (parent, state) = to_fields(&span);
+        assert_eq!((parent.as_str(), state.as_str()), (VALID, "k=v"));
+        assert_eq!(from_fields(&parent, &state), Incoming::Parent(span));
+        assert_eq!(from_fields("", ""), Incoming::Absent);
+        assert_eq!(from_fields("00-zz", ""), Incoming::Malformed);
+        assert_eq!(to_fields(&SpanContext::empty_context()), (String::new(), String::new()));
     }
 
     #[test]

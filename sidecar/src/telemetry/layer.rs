@@ -12,6 +12,9 @@ use tracing::Instrument;
 
 use super::context::{self, Incoming};
 
+/// Calls whose handlers make a span per item they carry (a batch), so the call gets none.
+pub const PER_ITEM_SPANS: &[&str] = &["/tandem.internal.v1.Mesh/DeliverEvents"];
+
 /// Wraps a gRPC service in [`Traced`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TraceLayer;
@@ -44,6 +47,9 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if PER_ITEM_SPANS.contains(&request.uri().path()) {
+            return Box::pin(self.inner.call(request));
+        }
         let span = server_span(request.uri().path(), context::from_headers(request.headers()));
         let call = self.inner.call(request);
         Box::pin(async move {

@@ -38,7 +38,9 @@ pub fn from_sled(dir: &Path) -> Result<usize, String> {
         match OutboxRecord::decode(value.as_ref()) {
             Ok(record) if !record.deliveries.is_empty() => records.push((seq, record)),
             Ok(_) => {}
-            Err(e) => tracing::error!(outbox = %dir.display(), seq, error = %e, "unreadable sled outbox record; left out"),
+            Err(e) => {
+                tracing::error!(outbox = %dir.display(), seq, error = %e, "unreadable sled outbox record; left out")
+            }
         }
     }
     drop(tree);

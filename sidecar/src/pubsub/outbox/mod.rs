@@ -127,7 +127,8 @@ impl Outbox {
 
     fn open_with(path: &Path, max_backlog: usize, limits: Limits) -> Result<Outbox, PubSubError> {
         let shown = path.display().to_string();
-        let storage = |what: &str, e: &dyn std::fmt::Display| PubSubError::Storage(format!("outbox {shown}: {what}: {e}"));
+        let storage =
+            |what: &str, e: &dyn std::fmt::Display| PubSubError::Storage(format!("outbox {shown}: {what}: {e}"));
         if path.exists() && !path.is_dir() {
             return Err(PubSubError::Storage(format!("outbox {shown} is not a directory")));
         }
@@ -298,7 +299,11 @@ impl Shared {
             if let Some(active) = state.segments.get(&state.active) {
                 files.push(active.file.clone());
             }
-            SyncWork { files, dir_dirty: std::mem::take(&mut state.dir_dirty), retired: std::mem::take(&mut state.retired) }
+            SyncWork {
+                files,
+                dir_dirty: std::mem::take(&mut state.dir_dirty),
+                retired: std::mem::take(&mut state.retired),
+            }
         };
         let dir = self.dir.clone();
         match tokio::task::spawn_blocking(move || work.run(&dir)).await {
@@ -396,10 +401,20 @@ impl State {
             let file = Arc::new(log::open_segment(dir, id, false)?);
             if intact < bytes.len() as u64 {
                 if position + 1 == ids.len() {
-                    tracing::warn!(outbox = shown, segment = id, offset = intact, "the log ends in a torn write (a crash); cut back to the last whole entry");
+                    tracing::warn!(
+                        outbox = shown,
+                        segment = id,
+                        offset = intact,
+                        "the log ends in a torn write (a crash); cut back to the last whole entry"
+                    );
                     file.set_len(intact)?;
                 } else {
-                    tracing::error!(outbox = shown, segment = id, offset = intact, "damaged outbox entry; the rest of this segment is skipped");
+                    tracing::error!(
+                        outbox = shown,
+                        segment = id,
+                        offset = intact,
+                        "damaged outbox entry; the rest of this segment is skipped"
+                    );
                 }
             }
             state.segments.insert(id, Segment { file, size: intact, live: 0, live_bytes: 0 });
@@ -481,7 +496,8 @@ impl State {
         let seq = self.next_seq;
         let (segment, offset, frame_len) = self.append(Kind::Record, seq, record)?;
         self.next_seq += 1;
-        let event = record.event.as_ref().filter(|e| self.cached_bytes + e.encoded_len() <= self.limits.cache_bytes).cloned();
+        let event =
+            record.event.as_ref().filter(|e| self.cached_bytes + e.encoded_len() <= self.limits.cache_bytes).cloned();
         self.cached_bytes += event.as_ref().map_or(0, Message::encoded_len);
         let indexed = Indexed { segment, offset, frame_len, deliveries: record.deliveries.clone(), event };
         self.count(&indexed, true);
