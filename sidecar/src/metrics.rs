@@ -168,18 +168,21 @@ impl Metrics {
         }
     }
 
-    /// Runs one API call, counting it and its latency by method and answer.
-    pub async fn observe_api<T>(
-        &self,
-        method: &str,
-        call: impl Future<Output = Result<T, Status>>,
-    ) -> Result<T, Status> {
+    /// Runs one API call, counting it and its latency by method and answer. A combinator, not
+    /// an async fn: that would hold `call` twice (as its argument and while awaiting it).
+    pub fn observe_api<'a, T: 'a>(
+        &'a self,
+        method: &'static str,
+        call: impl Future<Output = Result<T, Status>> + 'a,
+    ) -> impl Future<Output = Result<T, Status>> + 'a {
+        use futures_util::FutureExt;
         let started = Instant::now();
-        let result = call.await;
-        let labels = ApiLabels { method: method.to_string(), code: code_of(&result) };
-        self.api_latency.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
-        self.api_requests.get_or_create(&labels).inc();
-        result
+        call.map(move |result| {
+            let labels = ApiLabels { method: method.to_string(), code: code_of(&result) };
+            self.api_latency.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+            self.api_requests.get_or_create(&labels).inc();
+            result
+        })
     }
 
     pub fn invocation<T>(&self, target_app: &str, result: &Result<T, Status>) {

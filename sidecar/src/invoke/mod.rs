@@ -21,6 +21,10 @@ use crate::error::MeshError;
 
 /// Runs `call` within the caller's deadline (if any). Calls that end after the deadline, by
 /// our timer or with the next hop's CANCELLED/DEADLINE_EXCEEDED, answer DEADLINE_EXCEEDED.
+///
+/// Callers pass a generated client's call boxed: its future is kilobytes, and an async fn
+/// holds a future argument twice (once as the argument, once while awaiting it), so every
+/// wrapper would double it and every move copy it (BENCHMARKS.md, pub/sub).
 pub(crate) async fn within_deadline<T>(
     deadline: Option<Instant>,
     describe: impl Fn() -> (String, String),

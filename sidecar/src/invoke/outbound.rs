@@ -96,7 +96,7 @@ impl Invoker {
             // One span per attempt; the peer's server span is its child.
             let span = telemetry::invoke_span(&target_app_id, &method);
             telemetry::context::inject_metadata(&telemetry::context::of_span(&span), request.metadata_mut());
-            let result = within_deadline(deadline, describe, client.invoke(request)).instrument(span.clone()).await;
+            let result = within_deadline(deadline, describe, Box::pin(client.invoke(request))).instrument(span.clone()).await;
             if !matches!(result, Ok(Ok(_))) {
                 telemetry::record_error(&span);
             }
@@ -226,7 +226,7 @@ async fn deliver_one(
     request.set_timeout(timeout);
     // The delivery attempt's span is the subscriber side's parent.
     telemetry::context::inject_metadata(&delivery.parent, request.metadata_mut());
-    match tokio::time::timeout(timeout, client.deliver_event(request)).await {
+    match tokio::time::timeout(timeout, Box::pin(client.deliver_event(request))).await {
         Err(_) => Answer::Settled(Err(no_answer(app_id, timeout))),
         Ok(Ok(response)) => Answer::Settled(event_status(app_id, response.into_inner().response)),
         Ok(Err(status)) if never_sent(&status) || status_says_not_delivered(&status) => {
@@ -253,7 +253,7 @@ async fn deliver_batch(
     let mut request = tonic::Request::new(DeliverEventsRequest { target_app_id: app_id.to_string(), deliveries });
     request.set_timeout(timeout);
     let every = |answer: &dyn Fn() -> Answer| batch.iter().map(|_| answer()).collect::<Vec<_>>();
-    match tokio::time::timeout(timeout, client.deliver_events(request)).await {
+    match tokio::time::timeout(timeout, Box::pin(client.deliver_events(request))).await {
         Err(_) => every(&|| Answer::Settled(Err(no_answer(app_id, timeout)))),
         Ok(Err(status)) if never_sent(&status) || status_says_not_delivered(&status) => {
             every(&|| Answer::NotDelivered(status.message().to_string()))
