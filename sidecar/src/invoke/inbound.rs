@@ -90,7 +90,8 @@ impl MeshInbound {
         crate::telemetry::inject_current(app_request.metadata_mut());
 
         let describe = || (self.app_id.clone(), method.clone());
-        let result = within_deadline(deadline, describe, Box::pin(app.callback_client().on_invoke(app_request))).await?;
+        let result =
+            within_deadline(deadline, describe, Box::pin(app.callback_client().on_invoke(app_request))).await?;
         match result {
             Ok(response) => {
                 let metadata = headers::outgoing(response.metadata());
@@ -167,7 +168,8 @@ impl MeshInbound {
         // The hop's parent in the metadata; the event's extensions keep the publisher's.
         crate::telemetry::inject_current(app_request.metadata_mut());
         let describe = || (self.app_id.clone(), format!("OnTopicEvent({topic})"));
-        let result = within_deadline(deadline, describe, Box::pin(app.callback_client().on_topic_event(app_request))).await?;
+        let result =
+            within_deadline(deadline, describe, Box::pin(app.callback_client().on_topic_event(app_request))).await?;
         match result {
             Ok(response) => Ok(response.into_inner()),
             Err(status) => Err(self.app_failure(app, status)),

@@ -96,7 +96,8 @@ impl Invoker {
             // One span per attempt; the peer's server span is its child.
             let span = telemetry::invoke_span(&target_app_id, &method);
             telemetry::context::inject_metadata(&telemetry::context::of_span(&span), request.metadata_mut());
-            let result = within_deadline(deadline, describe, Box::pin(client.invoke(request))).instrument(span.clone()).await;
+            let result =
+                within_deadline(deadline, describe, Box::pin(client.invoke(request))).instrument(span.clone()).await;
             if !matches!(result, Ok(Ok(_))) {
                 telemetry::record_error(&span);
             }
