@@ -2,7 +2,7 @@
 //! (ingest, preprocess, train, serve).
 //!
 //! - [`device`]: pick a burn [`Device`] by name at run time (`"cpu"`/`"flex"` by default,
-//!   `"cuda"`/`"cuda:N"` when built with the `cuda` feature).
+//!   `"cuda"`/`"cuda:N"` with the `cuda` feature, `"vulkan"`/`"vulkan:N"` with the `vulkan` feature).
 //! - [`dataset`]: an in-memory labelled [`Dataset`] (the bundled digits set or a user's CSV file),
 //!   its content-hash [`Dataset::version`] and a seeded, stratified [`Dataset::split`].
 //! - [`standardize`]: the [`Standardizer`] (per-feature mean/std fitted with burn tensors) and the

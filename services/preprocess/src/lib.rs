@@ -43,7 +43,7 @@ use tandem_pipeline::service::ServiceArgs;
 pub struct Options {
     #[command(flatten)]
     pub service: ServiceArgs,
-    /// burn device for the transform: cpu (flex), cuda, cuda:N.
+    /// burn device for the transform: cpu (flex), cuda, cuda:N, vulkan, vulkan:N (GPUs need a tandem-model feature).
     #[arg(long, env = "TANDEM_DEVICE", default_value = "cpu")]
     pub device: String,
 }

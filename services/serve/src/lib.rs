@@ -46,7 +46,7 @@ pub struct Options {
     /// during one forward pass fill the next.
     #[arg(long, env = "TANDEM_MAX_BATCH_WAIT_MS", default_value_t = 0)]
     pub max_batch_wait_ms: u64,
-    /// burn device: cpu (flex), cuda, cuda:N.
+    /// burn device: cpu (flex), cuda, cuda:N, vulkan, vulkan:N (GPUs need a tandem-model feature).
     #[arg(long, env = "TANDEM_DEVICE", default_value = "cpu")]
     pub device: String,
     /// How often to ask train for its latest model version (a missed model.ready is caught up).

@@ -44,7 +44,7 @@ pub struct Options {
     /// Hidden layer widths, comma-separated.
     #[arg(long, env = "TANDEM_HIDDEN", value_delimiter = ',', default_values_t = TrainingConfig::default().hidden)]
     pub hidden: Vec<usize>,
-    /// burn device: cpu (flex), cuda, cuda:N.
+    /// burn device: cpu (flex), cuda, cuda:N, vulkan, vulkan:N (GPUs need a tandem-model feature).
     #[arg(long, env = "TANDEM_DEVICE", default_value = "cpu")]
     pub device: String,
 }
