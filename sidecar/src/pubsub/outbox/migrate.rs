@@ -29,7 +29,8 @@ pub fn from_sled(dir: &Path) -> Result<usize, String> {
     for id in log::segment_ids(dir).map_err(|e| e.to_string())? {
         std::fs::remove_file(log::segment_path(dir, id)).map_err(|e| e.to_string())?;
     }
-    let db = crate::durability::sled_config(dir).open().map_err(|e| format!("opening it: {e}"))?;
+    // No background flusher: nothing writes sled's files once the handle is dropped.
+    let db = crate::durability::sled_config(dir).flush_every_ms(None).open().map_err(|e| format!("opening it: {e}"))?;
     let tree = db.open_tree(SLED_TREE).map_err(|e| e.to_string())?;
     let mut records = Vec::new();
     for item in tree.iter() {

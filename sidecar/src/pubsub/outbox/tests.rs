@@ -209,7 +209,8 @@ async fn events_past_the_cache_are_read_back_from_disk() {
 async fn an_outbox_written_by_sled_is_converted_without_losing_events() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let db = crate::durability::sled_config(dir.path()).open().unwrap();
+        // No background flusher, so the lock goes with the handle.
+        let db = crate::durability::sled_config(dir.path()).flush_every_ms(None).open().unwrap();
         let tree = db.open_tree("tandem_outbox").unwrap();
         let mut waiting = record("old-2", &["a", "b"]);
         waiting.deliveries[1].attempts = 4;
@@ -217,7 +218,7 @@ async fn an_outbox_written_by_sled_is_converted_without_losing_events() {
         tree.insert(5u64.to_be_bytes(), waiting.encode_to_vec()).unwrap();
         db.flush().unwrap();
     }
-    let outbox = Outbox::open(dir.path(), 10).unwrap();
+    let outbox = open_when_sled_lets_go(dir.path());
     let records = outbox.records_after(None, 10);
     let seqs: Vec<u64> = records.iter().map(|(seq, _)| *seq).collect();
     assert_eq!(seqs, [2, 5]);
@@ -228,4 +229,18 @@ async fn an_outbox_written_by_sled_is_converted_without_losing_events() {
     drop(outbox);
     let outbox = Outbox::open(dir.path(), 10).unwrap();
     assert_eq!(ids(&outbox), ["old-1", "old-2", "new"]);
+}
+
+/// sled's I/O threads may hold its file lock for a moment after the last handle is dropped.
+fn open_when_sled_lets_go(path: &Path) -> Outbox {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Outbox::open(path, 10) {
+            Ok(outbox) => return outbox,
+            Err(e) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => panic!("opening the outbox: {e}"),
+        }
+    }
 }
