@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use opentelemetry::trace::{Span as _, Tracer as _, TracerProvider as _};
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tandem_sdk::{AppServer, BulkEntry, CallOptions, EventOutcome, Reply, SidecarClient, Status, TraceContext};
 use tandem_tests::otlp::{self, Collector, by_name};
 use tandem_tests::pubsub::{Inbox, wait_until_subscribed};
@@ -38,6 +39,18 @@ fn traced(app_id: &str, etcd: &Etcd, collector_endpoint: &str) -> Sidecar {
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
 }
 
+/// App C: consumes `topic` into `inbox`, continuing each event's trace in a `c.consume` span.
+async fn consuming_app(topic: &str, tracer_provider: &SdkTracerProvider, inbox: &Inbox) -> TestApp {
+    let (inbox, tracer) = (inbox.clone(), tracer_provider.tracer("app-c"));
+    TestApp::start(AppServer::new().subscribe("pubsub", topic, move |event| {
+        let parent = event.trace.as_ref().map(TraceContext::to_context).unwrap_or_default();
+        tracer.start_with_context("c.consume", &parent).end();
+        inbox.push(event);
+        async { EventOutcome::Success }
+    }))
+    .await
+}
+
 /// Calls `client` until app-id `target` answers `method` (its sidecar is routed to).
 async fn wait_until_routed(client: &SidecarClient, target: &str, method: &str) {
     eventually(Duration::from_secs(30), &format!("app-id '{target}' routable"), || {
@@ -57,17 +70,7 @@ async fn a_chain_of_invocation_and_pub_sub_is_one_trace() {
     // App C consumes topic `chain`, continuing the event's trace in its own span.
     let c_tracer = otlp::app_tracer_provider("app-c", &endpoint);
     let inbox = Inbox::default();
-    let c_app = {
-        let (inbox, tracer) = (inbox.clone(), c_tracer.tracer("app-c"));
-        TestApp::start(AppServer::new().subscribe("pubsub", "chain", move |event| {
-            let parent = event.trace.as_ref().map(TraceContext::to_context).unwrap_or_default();
-            let mut span = tracer.start_with_context("c.consume", &parent);
-            span.end();
-            inbox.push(event);
-            async { EventOutcome::Success }
-        }))
-        .await
-    };
+    let c_app = consuming_app("chain", &c_tracer, &inbox).await;
     let c_sidecar = traced("trace-c", &etcd, &endpoint).app_port(c_app.port()).spawn().await;
 
     // App B serves `work`: a span of its own, then a publish that continues it.
@@ -166,16 +169,7 @@ async fn events_delivered_in_one_call_each_keep_their_own_spans() {
     let etcd = Etcd::start().await;
     let tracer_provider = otlp::app_tracer_provider("app-c", &endpoint);
     let inbox = Inbox::default();
-    let app = {
-        let (inbox, tracer) = (inbox.clone(), tracer_provider.tracer("app-c"));
-        TestApp::start(AppServer::new().subscribe("pubsub", "burst", move |event| {
-            let parent = event.trace.as_ref().map(TraceContext::to_context).unwrap_or_default();
-            tracer.start_with_context("c.consume", &parent).end();
-            inbox.push(event);
-            async { EventOutcome::Success }
-        }))
-        .await
-    };
+    let app = consuming_app("burst", &tracer_provider, &inbox).await;
     let subscriber = traced("burst-c", &etcd, &endpoint).app_port(app.port()).spawn().await;
     let publisher = traced("burst-p", &etcd, &endpoint).spawn().await;
     subscriber.wait_ready().await;
