@@ -109,12 +109,18 @@ pub fn entries(bytes: &[u8]) -> (Vec<Entry<'_>>, u64) {
 pub fn read_payload(file: &File, offset: u64, frame_len: u32) -> io::Result<Vec<u8>> {
     let mut bytes = vec![0; frame_len as usize];
     file.read_exact_at(&mut bytes, offset)?;
-    let entry = parse(&bytes, offset)
-        .filter(|e| e.frame_len == frame_len)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("no whole entry at offset {offset}")))?;
-    let payload_len = entry.payload.len();
+    let payload_len = payload(&bytes, offset, frame_len)?.len();
     bytes.drain(..bytes.len() - payload_len);
     Ok(bytes)
+}
+
+/// The payload of the frame of `frame_len` bytes at the start of `bytes` (from `offset` of its
+/// segment, for the error), checked.
+pub fn payload(bytes: &[u8], offset: u64, frame_len: u32) -> io::Result<&[u8]> {
+    parse(bytes, offset)
+        .filter(|e| e.frame_len == frame_len)
+        .map(|e| e.payload)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("no whole entry at offset {offset}")))
 }
 
 /// The file of segment `id` in `dir`.

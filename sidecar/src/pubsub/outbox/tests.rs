@@ -244,3 +244,40 @@ fn open_when_sled_lets_go(path: &Path) -> Outbox {
         }
     }
 }
+
+#[tokio::test]
+async fn an_entry_still_in_the_write_buffer_reads_back_and_is_written_at_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let no_cache = Limits { segment_bytes: SEGMENT_BYTES, cache_bytes: 0 };
+    let outbox = Outbox::open_with(dir.path(), 10, no_cache).unwrap();
+    // Stored without a sync: the entry is in the buffer only, and not cached.
+    let seq = outbox.shared.state().insert(dir.path(), &sized("buffered", 300)).unwrap();
+    assert!(!outbox.shared.state().buffer.is_empty());
+    let (event, pending) = outbox.pending(seq, "a").unwrap().unwrap();
+    assert_eq!((event.id.as_str(), event.data.len(), pending.app_id.as_str()), ("buffered", 300, "a"));
+    drop(outbox);
+
+    let outbox = Outbox::open_with(dir.path(), 10, no_cache).unwrap();
+    assert_eq!(ids(&outbox), ["buffered"], "closing the outbox wrote its buffer");
+}
+
+#[tokio::test]
+async fn a_settled_delivery_reaches_the_file_without_another_publish() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(dir.path(), 10).unwrap();
+    let seq = outbox.push(&record("e", &["a"])).await.unwrap();
+    assert!(outbox.shared.state().buffer.is_empty(), "a publish is written before it is acknowledged");
+    settle(&outbox, seq);
+
+    let segment = *log::segment_ids(dir.path()).unwrap().last().unwrap();
+    let written = || {
+        let bytes = log::read_segment(dir.path(), segment).unwrap();
+        log::entries(&bytes).0.iter().any(|e| e.kind == Kind::Deliveries && e.seq == seq)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !written() {
+        assert!(std::time::Instant::now() < deadline, "the settled delivery was never written");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(outbox.shared.state().buffer.is_empty());
+}
