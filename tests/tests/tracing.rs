@@ -161,6 +161,80 @@ async fn a_chain_of_invocation_and_pub_sub_is_one_trace() {
     b_sidecar.wait_for_log(&format!("trace_id={}", trace.trace_id())).await;
 }
 
+/// Sidecars that export nothing still carry the trace: app B gets the caller's trace with the
+/// sidecars' own span as its parent, so does app C through pub/sub, and B's sidecar logs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_that_export_nothing_still_carry_the_trace() {
+    let etcd = Etcd::start().await;
+    let inbox = Inbox::default();
+    let c_app = TestApp::start(AppServer::new().subscribe("pubsub", "quiet", {
+        let inbox = inbox.clone();
+        move |event| {
+            inbox.push(event);
+            async { EventOutcome::Success }
+        }
+    }))
+    .await;
+    let c_sidecar = Sidecar::new("quiet-c").etcd(&etcd).app_port(c_app.port()).spawn().await;
+
+    // App B records the trace context each call brings, then publishes within it.
+    let seen: Arc<Mutex<Vec<Option<TraceContext>>>> = Arc::default();
+    let b_client: Arc<OnceLock<SidecarClient>> = Arc::default();
+    let b_app = {
+        let (seen, client) = (seen.clone(), b_client.clone());
+        TestApp::start(AppServer::new().handler("ping", |_| async { Ok(Reply::text("pong")) }).handler(
+            "work",
+            move |call| {
+                seen.lock().unwrap().push(call.trace.clone());
+                let client = client.get().expect("B's sidecar client is set before calls arrive").clone();
+                async move {
+                    let options = CallOptions::default().trace_context(call.trace);
+                    client.publish_with("pubsub", "quiet", call.data, "text/plain", options).await?;
+                    Ok(Reply::text("published"))
+                }
+            },
+        ))
+        .await
+    };
+    let b_sidecar = Sidecar::new("quiet-b")
+        .etcd(&etcd)
+        .app_port(b_app.port())
+        .arg("--log-level")
+        .arg("info,tandem_sidecar=trace")
+        .spawn()
+        .await;
+    assert!(b_client.set(b_sidecar.client()).is_ok(), "B's client is set once");
+    let a_sidecar = Sidecar::new("quiet-a").etcd(&etcd).spawn().await;
+    let a_client = a_sidecar.client();
+    for sidecar in [&a_sidecar, &b_sidecar, &c_sidecar] {
+        sidecar.wait_ready().await;
+    }
+    wait_until_routed(&a_client, "quiet-b", "ping").await;
+    wait_until_subscribed(&b_sidecar.client(), "quiet", &inbox).await;
+    seen.lock().unwrap().clear();
+
+    let caller = TraceContext::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", None).unwrap();
+    let options = CallOptions::default().trace_context(Some(caller.clone()));
+    let reply = a_client.invoke_with("quiet-b", "work", b"quiet-chain".to_vec(), options).await.unwrap();
+    assert_eq!(reply.data, b"published");
+
+    let at_b = seen.lock().unwrap().clone();
+    let at_b = at_b.first().cloned().flatten().expect("app B got a traceparent");
+    assert_eq!(at_b.trace_id(), caller.trace_id(), "app B continues the caller's trace");
+    assert_ne!(at_b.span_id(), caller.span_id(), "the sidecars' hop is B's parent, not the caller");
+    assert!(at_b.is_sampled(), "the caller's sampling decision travels on");
+    eventually(Duration::from_secs(20), "the event at app C", || {
+        let has = inbox.has("quiet-chain");
+        async move { has }
+    })
+    .await;
+    let at_c = inbox.events().into_iter().find(|e| e.data == b"quiet-chain").and_then(|e| e.trace);
+    let at_c = at_c.expect("app C got the event's trace context");
+    assert_eq!(at_c.trace_id(), caller.trace_id(), "the event continues the trace");
+    assert_ne!(at_c.span_id(), at_b.span_id(), "C's parent is a sidecar span, not B's");
+    b_sidecar.wait_for_log(&format!("trace_id={}", caller.trace_id())).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_delivered_in_one_call_each_keep_their_own_spans() {
     const EVENTS: usize = 8;

@@ -146,6 +146,9 @@ pub fn inject_extensions(span: &SpanContext, extensions: &mut Option<Struct>) {
 /// The span context of the `tracing` span `span` (the invalid context when it has none,
 /// e.g. when tracing is not set up).
 pub fn of_span(span: &tracing::Span) -> SpanContext {
+    if super::propagate::installed() {
+        return super::propagate::of_span(span).unwrap_or_else(SpanContext::empty_context);
+    }
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     span.context().span().span_context().clone()
 }

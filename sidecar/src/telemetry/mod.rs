@@ -6,6 +6,8 @@
 //! - [`layer`]: [`TraceLayer`], the tower layer that gives every call of the app-facing API
 //!   and of the internal API a server span.
 //! - [`export`]: the bounded export queue and its thread; spans it drops are counted.
+//! - [`propagate`]: when nothing is exported, the span context each span carries, without
+//!   OpenTelemetry spans.
 //!
 //! Spans are `tracing` spans (target [`SPAN_TARGET`]) turned into OpenTelemetry spans by
 //! `tracing-opentelemetry`, so a log line written inside a call shows the call's span and its
@@ -20,14 +22,15 @@
 //! | the subscriber's sidecar | `tandem.internal.v1.Mesh/DeliverEvent` | server | the delivery attempt |
 //!
 //! Configuration is OpenTelemetry's standard environment: `OTEL_EXPORTER_OTLP_ENDPOINT` (or
-//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`; unset: nothing is exported, spans are still made so
-//! that trace context flows), `OTEL_SERVICE_NAME` (default: the app-id),
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`; unset: nothing is exported, and each span carries only
+//! its trace context, so that it still flows from hop to hop), `OTEL_SERVICE_NAME` (default: the app-id),
 //! `OTEL_TRACES_SAMPLER`/`OTEL_TRACES_SAMPLER_ARG` (default `parentbased_always_on`),
 //! `OTEL_BSP_*` for the export queue and `OTEL_EXPORTER_OTLP_TIMEOUT`.
 
 pub mod context;
 pub mod export;
 pub mod layer;
+pub mod propagate;
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -181,7 +184,21 @@ pub fn init(log_level: &str, format: LogFormat, settings: &TraceSettings) -> Res
         )?);
     }
     let provider = provider.build();
-    let span_layer = tracing_opentelemetry::layer()
+    // tandemd's spans only; its warnings and errors too where they become span events.
+    let span_filter = || {
+        filter_fn(|meta| {
+            if meta.is_span() {
+                meta.target() == SPAN_TARGET
+            } else {
+                *meta.level() <= tracing::Level::WARN && meta.target().starts_with("tandem_sidecar")
+            }
+        })
+        .with_max_level_hint(tracing::Level::INFO)
+    };
+    // Exporting: OpenTelemetry spans. Not: only their context, carried from hop to hop.
+    let exporting = settings.endpoint.is_some();
+    let otel_layer = exporting.then(|| {
+        tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("tandemd"))
         .with_location(false)
         .with_threads(false)
@@ -189,20 +206,13 @@ pub fn init(log_level: &str, format: LogFormat, settings: &TraceSettings) -> Res
         .with_target(false)
         .with_tracked_inactivity(false)
         .with_context_activation(false)
-        .with_filter(
-            filter_fn(|meta| {
-                // Tandemd's spans, and its warnings and errors as events of the span they happen in.
-                if meta.is_span() {
-                    meta.target() == SPAN_TARGET
-                } else {
-                    *meta.level() <= tracing::Level::WARN && meta.target().starts_with("tandem_sidecar")
-                }
-            })
-            .with_max_level_hint(tracing::Level::INFO),
-        );
+        .with_filter(span_filter())
+    });
+    let propagation_layer = (!exporting).then(|| propagate::PropagationLayer::install().with_filter(span_filter()));
     tracing_subscriber::registry()
         .with(log_layer.with_filter(log_filter))
-        .with(span_layer)
+        .with(otel_layer)
+        .with(propagation_layer)
         .try_init()
         .map_err(|e| format!("cannot install the tracing subscriber: {e}"))?;
     if let Some(bad) = bad_filter {
@@ -214,7 +224,7 @@ pub fn init(log_level: &str, format: LogFormat, settings: &TraceSettings) -> Res
         }
         None => tracing::debug!("OTEL_EXPORTER_OTLP_ENDPOINT is not set; spans are not exported"),
     }
-    Ok(Telemetry { provider, exporting: settings.endpoint.is_some() })
+    Ok(Telemetry { provider, exporting })
 }
 
 /// Makes `span` a child of `incoming` (counting a malformed one) and records its trace id as
@@ -225,6 +235,9 @@ pub(crate) fn start_span(span: &tracing::Span, incoming: Incoming, what: &str) {
         Incoming::Malformed => {
             counters().invalid_trace_context.inc();
             tracing::debug!(call = what, "malformed traceparent ignored; the call starts a new trace");
+        }
+        Incoming::Parent(parent) if propagate::installed() => {
+            propagate::set_parent(span, &parent);
         }
         Incoming::Parent(parent) => {
             let _ = span.set_parent(Incoming::Parent(parent).into_context());
@@ -288,10 +301,7 @@ pub fn inject_current(metadata: &mut tonic::metadata::MetadataMap) {
 
 /// The trace id of the current span, as hex (for tests and logs); `None` outside a span.
 pub fn current_trace_id() -> Option<String> {
-    let span = tracing::Span::current();
-    let context = span.context();
-    use opentelemetry::trace::TraceContextExt;
-    let id = context.span().span_context().trace_id();
+    let id = current().trace_id();
     (id != opentelemetry::trace::TraceId::INVALID).then(|| id.to_string())
 }
 
