@@ -516,7 +516,7 @@ impl PubSubReport {
         out.push_str(&format!(
             "- Events of {payload}, published durably and delivered to a subscriber app. **pubsub.embedded** and \
              **pubsub.jetstream**: `PublishEvent` to tandemd `bench-pub` (no app), which answers once the event is \
-             durable (embedded: flushed to its sled outbox; jetstream: JetStream's PubAck); tandemd `bench-sub` \
+             durable (embedded: written to its outbox log and synced with `fdatasync`; jetstream: JetStream's PubAck); tandemd `bench-sub` \
              hands each event to the app's `OnTopicEvent` (in the bench process), which answers SUCCESS. \
              **Direct**: the bench process publishes to a JetStream stream of its own with async-nats, waiting for \
              each PubAck, and consumes it through a durable pull consumer (max_ack_pending = the window, batches \
