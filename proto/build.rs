@@ -11,6 +11,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }
-    tonic_prost_build::configure().build_client(true).build_server(true).compile_protos(&protos, &["."])?;
+    // An event's payload is shared, not copied, as it is cloned on its way (cached in the
+    // outbox, handed to a delivery, retried).
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .bytes(".dapr.proto.runtime.v1.PublishEventRequest.data")
+        .bytes(".dapr.proto.runtime.v1.TopicEventRequest.data")
+        .compile_protos(&protos, &["."])?;
     Ok(())
 }

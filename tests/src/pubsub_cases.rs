@@ -407,7 +407,7 @@ pub async fn raw_payload_events_reach_the_app_without_a_cloudevent_envelope(brok
     let publish = |data: &str, content_type: &str, raw: &str| PublishEventRequest {
         pubsub_name: "pubsub".into(),
         topic: "feed".into(),
-        data: data.as_bytes().to_vec(),
+        data: data.as_bytes().to_vec().into(),
         data_content_type: content_type.into(),
         metadata: metadata(&[("rawPayload", raw)]),
     };
@@ -559,7 +559,7 @@ pub async fn a_streaming_subscription_receives_events_and_answers_on_the_stream(
         let mut retried = false;
         while let Ok(Some(message)) = incoming.message().await {
             let Some(Resp::EventMessage(event)) = message.subscribe_topic_events_response_type else { continue };
-            let status = if event.data == b"tick-3" && !retried {
+            let status = if event.data[..] == b"tick-3"[..] && !retried {
                 retried = true;
                 TopicEventResponseStatus::Retry
             } else {

@@ -189,7 +189,7 @@ async fn raw_payloads_are_bare_on_the_stream_and_other_clients_messages_arrive_r
     dapr.publish_event(PublishEventRequest {
         pubsub_name: "pubsub".into(),
         topic: "ext".into(),
-        data: b"bare bytes".to_vec(),
+        data: b"bare bytes".to_vec().into(),
         data_content_type: "text/plain".into(),
         metadata: [("rawPayload".to_string(), "true".to_string())].into(),
     })

@@ -118,7 +118,7 @@ impl From<TopicEventRequest> for TopicEvent {
             kind: event.r#type,
             pubsub_name: event.pubsub_name,
             topic: event.topic,
-            data: event.data,
+            data: event.data.into(),
             data_content_type: event.data_content_type,
             path: event.path,
         }

@@ -175,7 +175,7 @@ impl SidecarClient {
         let mut request = Request::new(PublishEventRequest {
             pubsub_name: pubsub.into(),
             topic: topic.into(),
-            data: data.into(),
+            data: data.into().into(),
             data_content_type: content_type.into(),
             metadata: Default::default(),
         });

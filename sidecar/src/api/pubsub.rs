@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::pin::Pin;
 
 use crate::pubsub::streams::StreamSubscriptions;
+use prost::bytes::Bytes;
 use tandem_proto::runtime::subscribe_topic_events_request_alpha1::SubscribeTopicEventsRequestType as RequestType;
 use tandem_proto::runtime::subscribe_topic_events_response_alpha1::SubscribeTopicEventsResponseType as ResponseType;
 use tandem_proto::runtime::topic_event_response::TopicEventResponseStatus;
@@ -214,10 +215,11 @@ impl PubSubApi {
         &self,
         pubsub_name: &str,
         topic: &str,
-        data: Vec<u8>,
+        data: impl Into<Bytes>,
         content_type: String,
         raw: bool,
     ) -> Result<TopicEventRequest, Status> {
+        let data = data.into();
         if !raw {
             return Ok(self.cloud_event(pubsub_name, topic, data, content_type));
         }
@@ -227,7 +229,7 @@ impl PubSubApi {
     }
 
     /// A new CloudEvent (with a new id) carrying `data`, sent by this app.
-    fn cloud_event(&self, pubsub_name: &str, topic: &str, data: Vec<u8>, content_type: String) -> TopicEventRequest {
+    fn cloud_event(&self, pubsub_name: &str, topic: &str, data: Bytes, content_type: String) -> TopicEventRequest {
         let data_content_type =
             if content_type.is_empty() { default_content_type(&data).to_string() } else { content_type };
         // The publish call's span is the parent of every delivery of the event (as Dapr does).

@@ -48,11 +48,17 @@ pub fn check_content_type(content_type: &str) -> Result<(), String> {
 }
 
 /// A raw event: `data` and its content type, and what delivery needs.
-pub fn event(id: String, pubsub_name: &str, topic: &str, data: Vec<u8>, content_type: &str) -> TopicEventRequest {
+pub fn event(
+    id: String,
+    pubsub_name: &str,
+    topic: &str,
+    data: impl Into<prost::bytes::Bytes>,
+    content_type: &str,
+) -> TopicEventRequest {
     TopicEventRequest {
         id,
         data_content_type: if content_type.is_empty() { DEFAULT_CONTENT_TYPE } else { content_type }.to_string(),
-        data,
+        data: data.into(),
         topic: topic.to_string(),
         pubsub_name: pubsub_name.to_string(),
         ..Default::default()
