@@ -120,7 +120,9 @@ async fn deliver_batch(
     seqs: Vec<u64>,
 ) -> Vec<(u64, Outcome)> {
     let mut outcomes = Vec::with_capacity(seqs.len());
+    // Each attempt's sequence number, event id and span; its event goes to the deliverer.
     let mut attempts = Vec::with_capacity(seqs.len());
+    let mut events = Vec::with_capacity(seqs.len());
     for seq in seqs {
         match pubsub.outbox.pending(seq, &key.app_id) {
             // The route is the subscriber's, so it is set per delivery, not stored in the event.
@@ -128,7 +130,9 @@ async fn deliver_batch(
                 let event = TopicEventRequest { path: pending.path, ..event };
                 // A span per attempt, child of the publish call (its context travels in the event).
                 let span = crate::telemetry::delivery_span(&pubsub.name, &event, &key.app_id);
-                attempts.push((seq, event, span));
+                let parent = crate::telemetry::context::of_span(&span);
+                attempts.push((seq, event.id.clone(), span));
+                events.push(EventToDeliver { event, parent });
             }
             // Settled already: nothing left to do.
             Ok(None) => outcomes.push((seq, Outcome::Finished)),
@@ -141,22 +145,13 @@ async fn deliver_batch(
     if attempts.is_empty() {
         return outcomes;
     }
-    let in_flight: Vec<_> = attempts
-        .iter()
-        .map(|(_, event, _)| pubsub.metrics.pubsub_delivery_in_flight(&pubsub.name, &event.topic))
-        .collect();
-    let events = attempts
-        .iter()
-        .map(|(_, event, span)| EventToDeliver {
-            event: event.clone(),
-            parent: crate::telemetry::context::of_span(span),
-        })
-        .collect();
+    let in_flight: Vec<_> =
+        attempts.iter().map(|_| pubsub.metrics.pubsub_delivery_in_flight(&pubsub.name, &key.topic)).collect();
     pubsub.metrics.pubsub_delivery_batch(&pubsub.name, attempts.len());
     let answers = deliverer.deliver(&key.app_id, events, pubsub.policy.timeout).await;
     drop(in_flight);
-    for ((seq, event, span), answer) in attempts.into_iter().zip(answers) {
-        let outcome = settle(pubsub, seq, &key.app_id, event, answer).instrument(span.clone()).await;
+    for ((seq, id, span), answer) in attempts.into_iter().zip(answers) {
+        let outcome = settle(pubsub, seq, key, &id, answer).instrument(span.clone()).await;
         outcomes.push((seq, outcome));
     }
     outcomes
@@ -166,15 +161,15 @@ async fn deliver_batch(
 async fn settle(
     pubsub: &EmbeddedPubSub,
     seq: u64,
-    app_id: &str,
-    event: TopicEventRequest,
+    key: &SubscriptionKey,
+    id: &str,
     outcome: Result<TopicEventResponseStatus, DeliveryError>,
 ) -> Outcome {
     let policy = &pubsub.policy;
     if !matches!(outcome, Ok(TopicEventResponseStatus::Success)) {
         crate::telemetry::record_error(&tracing::Span::current());
     }
-    let (topic, id) = (event.topic.as_str(), event.id.as_str());
+    let (topic, app_id) = (key.topic.as_str(), key.app_id.as_str());
     let answer = match &outcome {
         Ok(status) => *status,
         Err(DeliveryError::Failed(_)) => TopicEventResponseStatus::Retry,
@@ -184,6 +179,12 @@ async fn settle(
             tracing::debug!(pubsub = %pubsub.name, topic, id, app_id, reason, "the subscriber is away; the event waits");
             return Outcome::SubscriberAway;
         }
+    };
+    // A retry may be the last attempt, and the event is gone from the outbox once settled: it
+    // is read first (from memory while fresh) for the dead-letter topic. Not on the happy path.
+    let event = match answer {
+        TopicEventResponseStatus::Retry => pubsub.outbox.pending(seq, app_id).ok().flatten().map(|(event, _)| event),
+        _ => None,
     };
     let settled = pubsub.outbox.modify(seq, |deliveries| {
         let index = deliveries.iter().position(|d| d.app_id == app_id)?;
@@ -227,7 +228,13 @@ async fn settle(
             Outcome::RetryAt(next_attempt_unix_ms)
         }
         Ok(Some(Some(Settled::Exhausted { dead_letter_topic }))) => {
-            dead_letter(pubsub, event, app_id, &dead_letter_topic, &reason(&outcome)).await;
+            match event {
+                Some(event) => dead_letter(pubsub, event, app_id, &dead_letter_topic, &reason(&outcome)).await,
+                None => {
+                    pubsub.metrics.pubsub_event(&pubsub.name, topic, "dropped");
+                    tracing::error!(pubsub = %pubsub.name, topic, id, app_id, "event dropped after its last delivery attempt: it could not be read back to dead-letter it");
+                }
+            }
             Outcome::Finished
         }
         // The delivery was settled already.
