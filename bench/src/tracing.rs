@@ -1,7 +1,7 @@
 //! The tracing scenario: what exporting every span costs an invocation. Two meshes of the
 //! invocation scenario run side by side (each its own etcd, app B and two tandemds) and differ
-//! only in tracing: the untraced one has no `OTEL_EXPORTER_OTLP_ENDPOINT` (spans are made, as
-//! always, but not exported); the traced one samples every call (`traceidratio`, 1.0) and
+//! only in tracing: the untraced one has no `OTEL_EXPORTER_OTLP_ENDPOINT` (no OpenTelemetry
+//! spans are made, only the trace context is carried on); the traced one samples every call (`traceidratio`, 1.0) and
 //! exports its spans over OTLP/gRPC to a collector inside this process on loopback. The load
 //! takes the two mesh routes in turn, so both see the same machine.
 
@@ -121,7 +121,7 @@ impl TracingReport {
             "- Call: the invocation benchmark's mesh route (app B's `echo` with a {payload} B payload, \
              `SidecarClient::invoke` -> tandemd A -> tandemd B -> app B) on two meshes started side by side, \
              each with its own etcd, app B and tandemds (runtime threads: {workers}). **untraced**: no \
-             `OTEL_EXPORTER_OTLP_ENDPOINT` (spans are made, nothing is exported). **traced**: every call sampled \
+             `OTEL_EXPORTER_OTLP_ENDPOINT` (no OpenTelemetry spans, only the trace context carried on). **traced**: every call sampled \
              (`OTEL_TRACES_SAMPLER=traceidratio`, `OTEL_TRACES_SAMPLER_ARG=1.0`), three spans per call (A's API \
              call, A's attempt, B's inbound call) exported over OTLP/gRPC to a collector in the bench process on \
              loopback that decodes every export and counts its spans.\n\
