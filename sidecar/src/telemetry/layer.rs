@@ -71,13 +71,12 @@ pub fn server_span(path: &str, incoming: Incoming) -> tracing::Span {
     let span = tracing::info_span!(
         target: super::SPAN_TARGET,
         "grpc",
-        otel.name = tracing::field::Empty,
-        otel.kind = tracing::field::Empty,
+        otel.name = name,
+        otel.kind = "server",
         otel.status_code = tracing::field::Empty,
         rpc.grpc.status_code = tracing::field::Empty,
         trace_id = tracing::field::Empty,
     );
-    super::name_for_export(&span, name, "server");
     super::start_span(&span, incoming, name);
     span
 }

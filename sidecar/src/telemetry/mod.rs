@@ -6,6 +6,7 @@
 //! - [`layer`]: [`TraceLayer`], the tower layer that gives every call of the app-facing API
 //!   and of the internal API a server span.
 //! - [`export`]: the bounded export queue and its thread; spans it drops are counted.
+//! - [`log_fields`]: text log lines without the fields meant for OpenTelemetry.
 //! - [`propagate`]: when nothing is exported, the span context each span carries, without
 //!   OpenTelemetry spans.
 //!
@@ -30,6 +31,7 @@
 pub mod context;
 pub mod export;
 pub mod layer;
+pub mod log_fields;
 pub mod propagate;
 
 use std::sync::LazyLock;
@@ -167,7 +169,7 @@ pub fn init(log_level: &str, format: LogFormat, settings: &TraceSettings) -> Res
     let log_filter = log_filter
         .or(filter_fn(|meta| meta.is_span() && meta.target() == SPAN_TARGET).with_max_level_hint(tracing::Level::INFO));
     let log_layer = match format {
-        LogFormat::Text => fmt::layer().with_ansi(false).boxed(),
+        LogFormat::Text => fmt::layer().with_ansi(false).fmt_fields(log_fields::LogFields::new()).boxed(),
         LogFormat::Json => fmt::layer().json().boxed(),
     };
 
@@ -227,16 +229,6 @@ pub fn init(log_level: &str, format: LogFormat, settings: &TraceSettings) -> Res
     Ok(Telemetry { provider, exporting })
 }
 
-/// Gives `span` its OpenTelemetry name and kind, where spans are exported (before it starts).
-/// Where they are not, the fields stay empty: nobody reads them, and the log layer would
-/// format them for every span (about 5% of a sidecar's CPU under pub/sub load).
-pub(crate) fn name_for_export(span: &tracing::Span, name: impl std::fmt::Display, kind: &'static str) {
-    if !propagate::installed() {
-        span.record("otel.name", tracing::field::display(name));
-        span.record("otel.kind", kind);
-    }
-}
-
 /// Makes `span` a child of `incoming` (counting a malformed one) and records its trace id as
 /// the `trace_id` field, which log lines inside it show. `what` names the call in the log.
 pub(crate) fn start_span(span: &tracing::Span, incoming: Incoming, what: &str) {
@@ -267,12 +259,11 @@ pub fn invoke_span(target_app_id: &str, method: &str) -> tracing::Span {
     let span = tracing::info_span!(
         target: SPAN_TARGET,
         "invoke",
-        otel.name = tracing::field::Empty,
-        otel.kind = tracing::field::Empty,
+        otel.name = %format_args!("invoke {target_app_id}/{method}"),
+        otel.kind = "client",
         otel.status_code = tracing::field::Empty,
         trace_id = tracing::field::Empty,
     );
-    name_for_export(&span, format_args!("invoke {target_app_id}/{method}"), "client");
     start_span(&span, Incoming::Absent, "invoke");
     span
 }
@@ -284,14 +275,13 @@ pub fn delivery_span(pubsub: &str, event: &tandem_proto::runtime::TopicEventRequ
         target: SPAN_TARGET,
         parent: None,
         "deliver",
-        otel.name = tracing::field::Empty,
-        otel.kind = tracing::field::Empty,
+        otel.name = %format_args!("deliver {} to {app_id}", event.topic),
+        otel.kind = "producer",
         otel.status_code = tracing::field::Empty,
         pubsub,
         event_id = %event.id,
         trace_id = tracing::field::Empty,
     );
-    name_for_export(&span, format_args!("deliver {} to {app_id}", event.topic), "producer");
     start_span(&span, context::from_extensions(event.extensions.as_ref()), "delivery");
     span
 }
