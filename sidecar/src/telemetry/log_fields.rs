@@ -52,7 +52,9 @@ impl<'writer> FormatFields<'writer> for LogFields {
     }
 }
 
-/// Passes every field but OpenTelemetry's on to the wrapped visitor.
+/// Passes every field but OpenTelemetry's on to the wrapped visitor: the methods
+/// [`DefaultVisitor`](tracing_subscriber::fmt::format::DefaultVisitor) has of its own; numbers
+/// and booleans reach `record_debug` through `Visit`'s defaults, as they would there.
 struct WithoutOpenTelemetry<V>(V);
 
 impl<V: Visit> Visit for WithoutOpenTelemetry<V> {
@@ -65,30 +67,6 @@ impl<V: Visit> Visit for WithoutOpenTelemetry<V> {
     fn record_str(&mut self, field: &Field, value: &str) {
         if !for_opentelemetry(field) {
             self.0.record_str(field, value);
-        }
-    }
-
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        if !for_opentelemetry(field) {
-            self.0.record_i64(field, value);
-        }
-    }
-
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        if !for_opentelemetry(field) {
-            self.0.record_u64(field, value);
-        }
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        if !for_opentelemetry(field) {
-            self.0.record_bool(field, value);
-        }
-    }
-
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        if !for_opentelemetry(field) {
-            self.0.record_f64(field, value);
         }
     }
 

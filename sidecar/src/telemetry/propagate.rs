@@ -12,7 +12,7 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use opentelemetry::trace::{SpanContext, SpanKind, TraceContextExt, TraceFlags, TraceState};
+use opentelemetry::trace::{SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceState};
 use opentelemetry_sdk::trace::{Config, IdGenerator, SamplingDecision, ShouldSample};
 use tracing::Subscriber;
 use tracing::span::{Attributes, Id};
@@ -49,6 +49,11 @@ pub fn installed() -> bool {
 
 /// A new span's context, child of `parent` (a new trace when there is none).
 fn child_of(parent: Option<&SpanContext>, name: &str) -> SpanContext {
+    continued(parent, name, ids().ids.new_span_id())
+}
+
+/// The context of span `span_id` as a child of `parent`: its trace, the sampler's decision.
+fn continued(parent: Option<&SpanContext>, name: &str, span_id: SpanId) -> SpanContext {
     let ids = ids();
     let parent = parent.filter(|p| p.is_valid());
     let trace_id = parent.map_or_else(|| ids.ids.new_trace_id(), |p| p.trace_id());
@@ -63,7 +68,7 @@ fn child_of(parent: Option<&SpanContext>, name: &str) -> SpanContext {
     } else {
         sampling.trace_state
     };
-    SpanContext::new(trace_id, ids.ids.new_span_id(), flags, false, state)
+    SpanContext::new(trace_id, span_id, flags, false, state)
 }
 
 /// Gives each span it sees (filter it to tandemd's spans) a span context: see the module docs.
@@ -121,18 +126,9 @@ pub fn of_span(span: &tracing::Span) -> Option<SpanContext> {
 /// Makes `span` (given a context by the layer) a child of `parent`; `false` when the span has
 /// no context of the layer's.
 pub fn set_parent(span: &tracing::Span, parent: &SpanContext) -> bool {
-    with_carried(span, |context| {
-        let child = child_of(Some(parent), span.metadata().map_or("span", |m| m.name()));
-        // The span keeps its own id; trace, flags and state come from the new parent.
-        *context = SpanContext::new(
-            child.trace_id(),
-            context.span_id(),
-            child.trace_flags(),
-            false,
-            child.trace_state().clone(),
-        );
-    })
-    .is_some()
+    let name = span.metadata().map_or("span", |m| m.name());
+    // The span keeps its own id; trace, flags and state come from the new parent.
+    with_carried(span, |context| *context = continued(Some(parent), name, context.span_id())).is_some()
 }
 
 #[cfg(test)]

@@ -349,12 +349,12 @@ impl Shared {
                 retired: std::mem::take(&mut state.retired),
             }
         };
-        let exclusive = work.files.len() > 1 || work.dir_dirty || !work.retired.is_empty();
-        let _turn = if exclusive {
-            Either::Exclusive(self.syncing.write().unwrap_or_else(|p| p.into_inner()))
+        let (_alone, _together);
+        if work.files.len() > 1 || work.dir_dirty || !work.retired.is_empty() {
+            _alone = self.syncing.write().unwrap_or_else(|p| p.into_inner());
         } else {
-            Either::Shared(self.syncing.read().unwrap_or_else(|p| p.into_inner()))
-        };
+            _together = self.syncing.read().unwrap_or_else(|p| p.into_inner());
+        }
         work.run(&self.dir).map_err(|(error, work)| {
             // Tried again at the next sync.
             let mut state = self.state();
@@ -373,12 +373,6 @@ impl Drop for Shared {
             tracing::warn!(outbox = %self.shown, error = %e, "the last settled deliveries could not be written");
         }
     }
-}
-
-/// A round's hold on [`Shared::syncing`].
-enum Either<'a> {
-    Shared(#[allow(dead_code)] std::sync::RwLockReadGuard<'a, ()>),
-    Exclusive(#[allow(dead_code)] std::sync::RwLockWriteGuard<'a, ()>),
 }
 
 struct SyncWork {
