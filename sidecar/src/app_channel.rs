@@ -9,8 +9,8 @@ use tandem_proto::runtime::app_callback_health_check_client::AppCallbackHealthCh
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
-use crate::invoke::connection::GrpcConnection;
 use crate::readiness::Readiness;
+use tandem_transport::GrpcConnection;
 
 /// The one HTTP/2 connection to the app (`host:port`), made on first use.
 #[derive(Debug, Clone)]

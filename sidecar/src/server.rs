@@ -1,5 +1,6 @@
 //! Serving gRPC on a bound listener: HTTP/2 over hyper with TCP_NODELAY on every accepted
-//! socket and a graceful drain on shutdown.
+//! socket, whose writes of a turn go out together ([`tandem_transport::Coalescing`]), and a
+//! graceful drain on shutdown.
 //!
 //! tonic's own `Server` is not used because it wraps every service in a `grpc-timeout` layer
 //! that answers an expired deadline with CANCELLED before our handler can answer
@@ -49,7 +50,10 @@ where
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-        let connection = http2.serve_connection(TokioIo::new(stream), TowerToHyperService::new(routes.clone()));
+        let connection = http2.serve_connection(
+            TokioIo::new(tandem_transport::Coalescing::new(stream)),
+            TowerToHyperService::new(routes.clone()),
+        );
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {

@@ -28,7 +28,6 @@ use tandem_proto::runtime::{
 };
 use tokio::net::TcpListener;
 use tonic::metadata::MetadataMap;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use crate::TraceContext;
@@ -219,13 +218,14 @@ impl AppServer {
         self
     }
 
-    /// Serves on `listener` (TCP_NODELAY on) until `shutdown` resolves.
+    /// Serves on `listener` (TCP_NODELAY on, writes of a turn sent together:
+    /// [`tandem_transport::Coalescing`]) until `shutdown` resolves.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), tonic::transport::Error> {
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = tandem_transport::incoming(listener);
         let health = HealthService { check: self.health.clone() };
         tonic::transport::Server::builder()
             .add_service(

@@ -10,8 +10,8 @@ use tandem_proto::runtime::{
     BulkPublishRequest, BulkPublishRequestEntry, DeleteStateRequest, GetMetadataRequest, GetMetadataResponse,
     GetStateRequest, InvokeServiceRequest, PublishEventRequest, SaveStateRequest, ShutdownRequest,
 };
+use tandem_transport::GrpcConnection;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
 use crate::TraceContext;
@@ -90,17 +90,15 @@ pub struct BulkFailure {
 /// A client of the local sidecar. Cheap to clone: clones share one HTTP/2 connection.
 #[derive(Debug, Clone)]
 pub struct SidecarClient {
-    inner: DaprClient<Channel>,
+    inner: DaprClient<GrpcConnection>,
 }
 
 impl SidecarClient {
     /// Connects to `address` (`host:port`); the connection is made on first use.
     pub fn new(address: &str) -> Result<Self, Status> {
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| Status::invalid_argument(format!("'{address}' is not a valid sidecar address: {e}")))?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(2));
-        let inner = DaprClient::new(endpoint.connect_lazy())
+        let connection = GrpcConnection::new(address)
+            .map_err(|e| Status::invalid_argument(format!("'{address}' is not a valid sidecar address: {e}")))?;
+        let inner = DaprClient::with_origin(connection.clone(), connection.origin())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
         Ok(SidecarClient { inner })
@@ -133,14 +131,10 @@ impl SidecarClient {
         let mut request = Request::new(InvokeServiceRequest { id: app_id.to_string(), message: Some(message) });
         apply_options(&mut request, &options)?;
         let mut client = self.inner.clone();
-        // tonic's channel gives up at the deadline itself (like every gRPC client) but reports
-        // it as CANCELLED; callers get the standard DEADLINE_EXCEEDED instead.
-        let response = client.invoke_service(request).await.map_err(|status| match options.timeout {
-            Some(timeout) if is_local_timeout(&status) => {
-                Status::deadline_exceeded(format!("no answer from app-id '{app_id}' within {timeout:?}"))
-            }
-            _ => status,
-        })?;
+        let response = within(options.timeout, client.invoke_service(request), |timeout| {
+            format!("no answer from app-id '{app_id}' within {timeout:?}")
+        })
+        .await?;
         let metadata = response.metadata().clone();
         let response = response.into_inner();
         Ok(Response {
@@ -180,7 +174,11 @@ impl SidecarClient {
             metadata: Default::default(),
         });
         apply_options(&mut request, &options)?;
-        self.inner.clone().publish_event(request).await?;
+        let mut client = self.inner.clone();
+        within(options.timeout, client.publish_event(request), |timeout| {
+            format!("the sidecar did not confirm the publish within {timeout:?}")
+        })
+        .await?;
         Ok(())
     }
 
@@ -271,16 +269,20 @@ impl SidecarClient {
     }
 }
 
-/// Whether tonic's client-side `grpc-timeout` enforcement ended the call.
-fn is_local_timeout(status: &Status) -> bool {
-    let mut source = std::error::Error::source(status);
-    while let Some(err) = source {
-        if err.downcast_ref::<tonic::TimeoutExpired>().is_some() {
-            return true;
+/// Waits for `call` at most `timeout` (when there is one), then answers DEADLINE_EXCEEDED with
+/// `message(timeout)`. The sidecar gets the deadline too (`grpc-timeout`) and answers it
+/// itself; this bounds the wait should it not answer at all.
+async fn within<T>(
+    timeout: Option<Duration>,
+    call: impl Future<Output = Result<T, Status>>,
+    message: impl FnOnce(Duration) -> String,
+) -> Result<T, Status> {
+    match timeout {
+        None => call.await,
+        Some(timeout) => {
+            tokio::time::timeout(timeout, call).await.map_err(|_| Status::deadline_exceeded(message(timeout)))?
         }
-        source = err.source();
     }
-    false
 }
 
 fn apply_options<T>(request: &mut Request<T>, options: &CallOptions) -> Result<(), Status> {

@@ -6,8 +6,8 @@ use std::error::Error as _;
 use std::sync::{Arc, Mutex};
 use tonic::Status;
 
-use super::connection::GrpcConnection;
 use crate::discovery::RoutingTable;
+use tandem_transport::GrpcConnection;
 
 /// True when the call provably never reached the peer: the connection could not be made, or
 /// the request was still queued when its connection closed. Such a call may go elsewhere.

@@ -1,11 +1,9 @@
 //! Service invocation: app -> its sidecar ([`outbound`]) -> peer sidecar ([`inbound`]) -> peer app.
 //!
-//! - [`connection`]: a gRPC client connection over one HTTP/2 connection.
 //! - [`channels`]: the pool of connections to peer sidecars; which failures mean "never sent".
 //! - [`headers`]: which metadata travels between the apps.
 
 pub mod channels;
-pub mod connection;
 pub mod headers;
 pub mod inbound;
 pub mod outbound;

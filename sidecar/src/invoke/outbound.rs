@@ -16,7 +16,6 @@ use tandem_proto::runtime::TopicEventResponse;
 use tandem_proto::runtime::topic_event_response::TopicEventResponseStatus;
 
 use super::channels::{PeerChannels, never_sent};
-use super::connection::GrpcConnection;
 use super::within_deadline;
 use crate::config::validate_name;
 use crate::deadline;
@@ -24,6 +23,7 @@ use crate::discovery::{Instance, RoutingTable};
 use crate::error::{MeshError, status_says_not_delivered, strip_not_delivered};
 use crate::pubsub::delivery::{Deliver, DeliveryError, EventToDeliver};
 use crate::telemetry;
+use tandem_transport::GrpcConnection;
 use tracing::Instrument;
 
 /// One call an app asked its sidecar to make.

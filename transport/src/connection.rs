@@ -1,8 +1,10 @@
-//! A gRPC client connection: one HTTP/2 connection to `host:port` over hyper, TCP_NODELAY on,
-//! made on first use and made again once it has closed.
+//! A gRPC client connection: one HTTP/2 connection to `host:port` over hyper, on a
+//! [`Coalescing`](crate::Coalescing) socket ([`dial`](crate::dial)), made on first use and made
+//! again once it has closed.
 //!
 //! Used instead of tonic's `Channel`, whose buffer puts one more task hand-off on every call;
 //! on the invocation path a sidecar is a client twice per call, so that hand-off is paid twice.
+//! It has no timeout of its own: callers bound their calls.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,7 +15,6 @@ use std::time::Duration;
 use http::Uri;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 use tonic::ConnectError;
 use tonic::body::Body;
 
@@ -92,11 +93,7 @@ impl GrpcConnection {
 /// Dials `address` and opens HTTP/2 on it. Every failure here happens before a request was
 /// written, so it is reported as tonic's [`ConnectError`] (see [`super::channels::never_sent`]).
 async fn connect(address: &str) -> Result<SendRequest<Body>, BoxError> {
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
-        .await
-        .map_err(|_| ConnectError(format!("connecting to {address} timed out after {CONNECT_TIMEOUT:?}").into()))?
-        .map_err(|e| ConnectError(Box::new(e)))?;
-    stream.set_nodelay(true).map_err(|e| ConnectError(Box::new(e)))?;
+    let stream = crate::dial(address, CONNECT_TIMEOUT).await.map_err(|e| ConnectError(Box::new(e)))?;
     let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
