@@ -153,12 +153,11 @@ impl MeshInbound {
         deadline: Option<std::time::Instant>,
     ) -> Result<TopicEventResponse, MeshError> {
         let wait = deadline.map(deadline::remaining).unwrap_or(STREAM_ANSWER_TIMEOUT);
-        if let Some(answer) = self.streams.deliver(event.clone(), wait).await {
-            return match answer {
-                Ok(status) => Ok(TopicEventResponse { status: status as i32 }),
-                Err(reason) => Err(MeshError::Remote(Status::unavailable(reason))),
-            };
-        }
+        let event = match self.streams.deliver(event, wait).await {
+            Ok(Ok(status)) => return Ok(TopicEventResponse { status: status as i32 }),
+            Ok(Err(reason)) => return Err(MeshError::Remote(Status::unavailable(reason))),
+            Err(no_stream) => no_stream,
+        };
         let app = self.app()?;
         let topic = event.topic.clone();
         let mut app_request = Request::new(event);

@@ -34,9 +34,10 @@ impl LocalApp {
         event: TopicEventRequest,
         timeout: Duration,
     ) -> Result<TopicEventResponseStatus, DeliveryError> {
-        if let Some(answer) = self.streams.deliver(event.clone(), timeout).await {
-            return answer.map_err(DeliveryError::SubscriberAway);
-        }
+        let event = match self.streams.deliver(event, timeout).await {
+            Ok(answer) => return answer.map_err(DeliveryError::SubscriberAway),
+            Err(no_stream) => no_stream,
+        };
         let Some(app) = &self.app else {
             return Err(DeliveryError::SubscriberAway(format!(
                 "app-id '{}' has no app port and no streaming subscription to topic '{}' is open",

@@ -166,16 +166,22 @@ impl StreamSubscriptions {
         self.changed.subscribe()
     }
 
-    /// Hands `event` to one open stream of its topic and waits for the app's answer; `None`
-    /// when no stream is open for it here.
+    /// Hands `event` to one open stream of its topic and waits for the app's answer; the event
+    /// back when no stream is open for it here (so that it can go to `OnTopicEvent` uncopied).
     pub async fn deliver(
         &self,
         event: TopicEventRequest,
         timeout: Duration,
-    ) -> Option<Result<TopicEventResponseStatus, String>> {
+    ) -> Result<Result<TopicEventResponseStatus, String>, TopicEventRequest> {
         let stream = {
             let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
-            let open = streams.get(&(event.pubsub_name.clone(), event.topic.clone()))?;
+            // Most apps open no stream: no key to build then.
+            if streams.is_empty() {
+                return Err(event);
+            }
+            let Some(open) = streams.get(&(event.pubsub_name.clone(), event.topic.clone())) else {
+                return Err(event);
+            };
             open[self.round_robin.fetch_add(1, Ordering::Relaxed) % open.len()].clone()
         };
         let (answer, answered) = oneshot::channel();
@@ -190,6 +196,6 @@ impl StreamSubscriptions {
             Err(_) => Err(format!("no answer on the subscription stream within {timeout:?}")),
         };
         stream.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-        Some(result)
+        Ok(result)
     }
 }
