@@ -96,8 +96,8 @@ pub struct SidecarClient {
 impl SidecarClient {
     /// Connects to `address` (`host:port`); the connection is made on first use.
     pub fn new(address: &str) -> Result<Self, Status> {
-        let connection = GrpcConnection::new(address)
-            .map_err(|e| Status::invalid_argument(format!("'{address}' is not a valid sidecar address: {e}")))?;
+        let connection =
+            GrpcConnection::new(address).map_err(|e| Status::invalid_argument(format!("the sidecar address: {e}")))?;
         let inner = DaprClient::with_origin(connection.clone(), connection.origin())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
@@ -300,4 +300,30 @@ fn apply_options<T>(request: &mut Request<T>, options: &CallOptions) -> Result<(
         trace.inject(request.metadata_mut());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn an_address_without_a_port_is_refused_by_name() {
+        let status = SidecarClient::new("localhost").unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains("'localhost'") && status.message().contains("host:port"), "{status:?}");
+        assert!(SidecarClient::new("127.0.0.1:50001").is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_call_that_outlives_its_deadline_answers_deadline_exceeded() {
+        let never = std::future::pending::<Result<(), Status>>();
+        let status =
+            within(Some(Duration::from_millis(20)), never, |t| format!("nothing within {t:?}")).await.unwrap_err();
+        assert_eq!(status.code(), Code::DeadlineExceeded);
+        assert_eq!(status.message(), "nothing within 20ms");
+        let answered = within(Some(Duration::from_secs(60)), async { Ok(7) }, |_| String::new()).await;
+        assert_eq!(answered.unwrap(), 7);
+        assert_eq!(within(None, async { Ok(8) }, |_| String::new()).await.unwrap(), 8);
+    }
 }
