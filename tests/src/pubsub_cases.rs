@@ -20,14 +20,15 @@ use crate::{Etcd, Nats, RunningSidecar, Sidecar, TestApp, eventually, free_port,
 pub enum Broker {
     /// `pubsub.embedded`: no broker.
     Embedded,
-    /// `pubsub.jetstream` on this NATS server.
-    JetStream(Nats),
+    /// `pubsub.jetstream` on this NATS server (boxed: a running server is large, `Embedded` is
+    /// nothing).
+    JetStream(Box<Nats>),
 }
 
 impl Broker {
     /// `pubsub.jetstream` on a NATS server of its own.
     pub async fn jetstream() -> Broker {
-        Broker::JetStream(Nats::start().await)
+        Broker::JetStream(Box::new(Nats::start().await))
     }
 
     /// The component type.
