@@ -1,6 +1,6 @@
 //! Serving gRPC on a bound listener: HTTP/2 over hyper with TCP_NODELAY on every accepted
-//! socket, whose writes of a turn go out together ([`tandem_transport::Coalescing`]), and a
-//! graceful drain on shutdown.
+//! socket, whose writes go out together while the connection is busy
+//! ([`tandem_transport::Coalescing`]), and a graceful drain on shutdown.
 //!
 //! tonic's own `Server` is not used because it wraps every service in a `grpc-timeout` layer
 //! that answers an expired deadline with CANCELLED before our handler can answer

@@ -153,7 +153,7 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::Wake;
+    use std::task::{Wake, Waker};
 
     /// A socket that records each write call.
     #[derive(Default)]
@@ -191,6 +191,12 @@ mod tests {
         }
     }
 
+    /// A waker that counts its wakes.
+    fn counting_waker() -> (Arc<CountingWaker>, Waker) {
+        let woken = Arc::new(CountingWaker::default());
+        (woken.clone(), woken.into())
+    }
+
     /// A socket on which every send counts as recent (no timing in the tests).
     fn socket() -> Coalescing<Recording> {
         Coalescing::with_busy_gap(Recording::default(), Duration::from_secs(3600))
@@ -211,8 +217,7 @@ mod tests {
 
     #[test]
     fn an_idle_connection_sends_at_once() {
-        let woken = Arc::new(CountingWaker::default());
-        let waker = woken.clone().into();
+        let (woken, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         let mut socket = socket();
         write(&mut socket, &mut cx, b"headers");
@@ -224,9 +229,21 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_that_is_not_busy_sends_every_flush() {
+        let (woken, waker) = counting_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut socket = Coalescing::with_busy_gap(Recording::default(), Duration::ZERO);
+        for frame in [b"first", b"other"] {
+            write(&mut socket, &mut cx, frame);
+            flush(&mut socket, &mut cx);
+        }
+        assert_eq!(socket.inner.writes, [b"first".to_vec(), b"other".to_vec()]);
+        assert_eq!(woken.0.load(Ordering::SeqCst), 0, "nothing put off");
+    }
+
+    #[test]
     fn a_busy_connection_sends_a_turn_with_the_next() {
-        let woken = Arc::new(CountingWaker::default());
-        let waker = woken.clone().into();
+        let (woken, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         let mut socket = socket();
         write(&mut socket, &mut cx, b"first");
@@ -248,7 +265,7 @@ mod tests {
 
     #[test]
     fn shutdown_sends_what_is_buffered_first() {
-        let waker = Arc::new(CountingWaker::default()).into();
+        let (_, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         let mut socket = socket();
         write(&mut socket, &mut cx, b"first");
@@ -262,7 +279,7 @@ mod tests {
 
     #[test]
     fn a_full_buffer_is_sent_before_it_grows_further() {
-        let waker = Arc::new(CountingWaker::default()).into();
+        let (_, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         let mut socket = socket();
         write(&mut socket, &mut cx, b"x");

@@ -218,7 +218,7 @@ impl AppServer {
         self
     }
 
-    /// Serves on `listener` (TCP_NODELAY on, writes of a turn sent together:
+    /// Serves on `listener` (TCP_NODELAY on; a busy connection's writes sent together:
     /// [`tandem_transport::Coalescing`]) until `shutdown` resolves.
     pub async fn serve(
         self,
