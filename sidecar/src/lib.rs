@@ -16,7 +16,7 @@
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`telemetry`]: spans for every call and delivery, W3C trace context across hops, OTLP
 //!   export, and the log set-up (log lines inside a call carry its trace id).
-//! - [`server`]: serving gRPC on a bound listener with TCP_NODELAY and a graceful drain.
+//! - gRPC is served by `tandem_transport::serve_grpc` (HTTP/2 on gathering sockets, graceful drain).
 //! - [`deadline`]: the caller's deadline, carried hop to hop.
 //! - [`error`]: the domain error and its one mapping to `tonic::Status`.
 //! - [`readiness`]: what /readyz reports.
@@ -37,7 +37,6 @@ pub mod probe;
 pub mod pubsub;
 pub mod readiness;
 pub mod runtime;
-pub mod server;
 pub mod state;
 pub mod telemetry;
 

@@ -31,7 +31,7 @@ use crate::pubsub::{DeliveryTargets, PubSubs};
 use crate::readiness::Readiness;
 use crate::state::registry::{self, StoreContext};
 use crate::telemetry::TraceLayer;
-use crate::{admin, components, server};
+use crate::{admin, components};
 use tower::Layer;
 
 /// The addresses the sidecar actually bound (ports of 0 resolved).
@@ -171,13 +171,13 @@ pub async fn run(
         async move { token.cancelled().await }
     };
     let servers: Vec<JoinHandle<()>> = vec![
-        tokio::spawn(server::serve_grpc(
+        tokio::spawn(tandem_transport::serve_grpc(
             grpc_listener,
             TraceLayer.layer(Routes::new(dapr)),
             stopped(&serving_stop),
             drain,
         )),
-        tokio::spawn(server::serve_grpc(
+        tokio::spawn(tandem_transport::serve_grpc(
             internal_listener,
             TraceLayer.layer(Routes::new(mesh)),
             stopped(&serving_stop),

@@ -7,28 +7,20 @@
 //! - [`GrpcConnection`]: a gRPC client transport on one such HTTP/2 connection, without the
 //!   task hand-off of tonic's `Channel`.
 //! - [`dial`]: a connection to `host:port` on such a socket.
-//! - [`incoming`]: accepted connections for tonic's server, each such a socket.
+//! - [`serve_grpc`]: a gRPC server on such sockets, with a graceful drain.
 
 mod coalesce;
 mod connection;
+mod serve;
 
 use std::io;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio_stream::{Stream, StreamExt};
-use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
+use tokio::net::TcpStream;
 
 pub use coalesce::Coalescing;
 pub use connection::GrpcConnection;
-
-impl Connected for Coalescing<TcpStream> {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.get_ref().connect_info()
-    }
-}
+pub use serve::serve_grpc;
 
 /// Dials `host:port` with TCP_NODELAY on, giving up after `timeout`.
 pub async fn dial(address: &str, timeout: Duration) -> io::Result<Coalescing<TcpStream>> {
@@ -37,9 +29,4 @@ pub async fn dial(address: &str, timeout: Duration) -> io::Result<Coalescing<Tcp
     })??;
     stream.set_nodelay(true)?;
     Ok(Coalescing::new(stream))
-}
-
-/// The connections `listener` accepts, TCP_NODELAY on, for tonic's `serve_with_incoming*`.
-pub fn incoming(listener: TcpListener) -> impl Stream<Item = io::Result<Coalescing<TcpStream>>> {
-    TcpIncoming::from(listener).with_nodelay(Some(true)).map(|accepted| accepted.map(Coalescing::new))
 }

@@ -28,11 +28,11 @@ async fn run(options: Options) -> anyhow::Result<()> {
     service::wait_for_sidecar(&sidecar, &options.service.sidecar, options.service.sidecar_wait()).await?;
     let publisher = tokio::spawn(async move { ingest.publish().await });
     tokio::select! {
-        served = &mut server => served??,
+        served = &mut server => served?,
         published = publisher => {
             published??;
             // Everything is published: keep answering `status` until stopped.
-            server.await??;
+            server.await?;
         }
     }
     Ok(())

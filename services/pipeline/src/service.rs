@@ -128,7 +128,7 @@ pub async fn bind(args: &ServiceArgs) -> Result<TcpListener, StartError> {
 }
 
 /// Serves `server` on `listener` until SIGINT or SIGTERM.
-pub async fn serve_until_signal(server: AppServer, listener: TcpListener) -> Result<(), tonic::transport::Error> {
+pub async fn serve_until_signal(server: AppServer, listener: TcpListener) {
     let address: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?address, "serving the app-callback API");
     server.serve(listener, shutdown_signal()).await

@@ -20,6 +20,6 @@ async fn run(options: Options) -> anyhow::Result<()> {
     let server = tokio::spawn(service::serve_until_signal(preprocess.app_server(), listener));
     service::wait_for_sidecar(&sidecar, &options.service.sidecar, options.service.sidecar_wait()).await?;
     tokio::spawn(async move { preprocess.wait_for_train().await });
-    server.await??;
+    server.await?;
     Ok(())
 }

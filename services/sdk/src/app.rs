@@ -7,7 +7,7 @@
 //! AppServer::new()
 //!     .handler("echo", |call| async move { Ok(Reply::bytes(call.data)) })
 //!     .serve(listener, std::future::pending())
-//!     .await?;
+//!     .await;
 //! # Ok(()) }
 //! ```
 
@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tandem_proto::common::{InvokeRequest, InvokeResponse};
 use tandem_proto::prost_types::Any;
@@ -28,6 +29,7 @@ use tandem_proto::runtime::{
 };
 use tokio::net::TcpListener;
 use tonic::metadata::MetadataMap;
+use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
 use crate::TraceContext;
@@ -219,25 +221,20 @@ impl AppServer {
     }
 
     /// Serves on `listener` (TCP_NODELAY on; a busy connection's writes sent together:
-    /// [`tandem_transport::Coalescing`]) until `shutdown` resolves.
-    pub async fn serve(
-        self,
-        listener: TcpListener,
-        shutdown: impl Future<Output = ()>,
-    ) -> Result<(), tonic::transport::Error> {
-        let incoming = tandem_transport::incoming(listener);
+    /// [`tandem_transport::Coalescing`]) until `shutdown` resolves, then stops accepting and
+    /// gives the calls in flight up to [`DRAIN`] to finish.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         let health = HealthService { check: self.health.clone() };
-        tonic::transport::Server::builder()
-            .add_service(
-                AppCallbackServer::new(self)
-                    .max_decoding_message_size(usize::MAX)
-                    .max_encoding_message_size(usize::MAX),
-            )
-            .add_service(AppCallbackHealthCheckServer::new(health))
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await
+        let routes = Routes::new(
+            AppCallbackServer::new(self).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX),
+        )
+        .add_service(AppCallbackHealthCheckServer::new(health));
+        tandem_transport::serve_grpc(listener, routes, shutdown, DRAIN).await
     }
 }
+
+/// How long [`AppServer::serve`] waits, once told to stop, for the calls in flight.
+pub const DRAIN: Duration = Duration::from_secs(10);
 
 #[tonic::async_trait]
 impl AppCallback for AppServer {

@@ -21,6 +21,6 @@ async fn run(options: Options) -> anyhow::Result<()> {
     let server = tokio::spawn(service::serve_until_signal(serve.app_server(), listener));
     service::wait_for_sidecar(&sidecar, &options.service.sidecar, options.service.sidecar_wait()).await?;
     tokio::spawn(serve.clone().follow_registry(options.model_poll()));
-    server.await??;
+    server.await?;
     Ok(())
 }

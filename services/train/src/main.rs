@@ -22,6 +22,6 @@ async fn run(options: Options) -> anyhow::Result<()> {
     let server = tokio::spawn(service::serve_until_signal(train.app_server(), listener));
     service::wait_for_sidecar(&sidecar, &options.service.sidecar, options.service.sidecar_wait()).await?;
     train.resume().await?;
-    server.await??;
+    server.await?;
     Ok(())
 }

@@ -42,8 +42,10 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use prometheus_client::metrics::counter::Counter;
+use tracing::Subscriber;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
+use tracing_subscriber::Registry;
+use tracing_subscriber::filter::{EnvFilter, FilterExt, FilterFn, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, fmt};
@@ -161,18 +163,6 @@ pub fn init(log_level: &str, format: LogFormat, settings: &TraceSettings) -> Res
         Ok(filter) => (filter, None),
         Err(e) => (EnvFilter::new("info"), Some(e.to_string())),
     };
-    // Request spans pass the log filter whatever the level, so every line logged inside a
-    // call shows the call's trace id.
-    // The hints (tandemd's spans are INFO) keep the global level filter honest: without them it
-    // would be TRACE, and every `log` record of a dependency (sled logs a lot at debug/trace)
-    // would be turned into a tracing event only to be filtered out.
-    let log_filter = log_filter
-        .or(filter_fn(|meta| meta.is_span() && meta.target() == SPAN_TARGET).with_max_level_hint(tracing::Level::INFO));
-    let log_layer = match format {
-        LogFormat::Text => fmt::layer().with_ansi(false).fmt_fields(log_fields::LogFields::new()).boxed(),
-        LogFormat::Json => fmt::layer().json().boxed(),
-    };
-
     let resource = Resource::builder()
         .with_service_name(settings.service_name.clone())
         .with_attribute(KeyValue::new("tandem.component", "tandemd"))
@@ -186,20 +176,9 @@ pub fn init(log_level: &str, format: LogFormat, settings: &TraceSettings) -> Res
         )?);
     }
     let provider = provider.build();
-    // tandemd's spans only; its warnings and errors too where they become span events.
-    let span_filter = || {
-        filter_fn(|meta| {
-            if meta.is_span() {
-                meta.target() == SPAN_TARGET
-            } else {
-                *meta.level() <= tracing::Level::WARN && meta.target().starts_with("tandem_sidecar")
-            }
-        })
-        .with_max_level_hint(tracing::Level::INFO)
-    };
     // Exporting: OpenTelemetry spans. Not: only their context, carried from hop to hop.
     let exporting = settings.endpoint.is_some();
-    let otel_layer = exporting.then(|| {
+    let span_layer = if exporting {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("tandemd"))
             .with_location(false)
@@ -209,12 +188,11 @@ pub fn init(log_level: &str, format: LogFormat, settings: &TraceSettings) -> Res
             .with_tracked_inactivity(false)
             .with_context_activation(false)
             .with_filter(span_filter())
-    });
-    let propagation_layer = (!exporting).then(|| propagate::PropagationLayer::install().with_filter(span_filter()));
-    tracing_subscriber::registry()
-        .with(log_layer.with_filter(log_filter))
-        .with(otel_layer)
-        .with(propagation_layer)
+            .boxed()
+    } else {
+        propagate::PropagationLayer::install().with_filter(span_filter()).boxed()
+    };
+    subscriber(log_filter, format, span_layer)
         .try_init()
         .map_err(|e| format!("cannot install the tracing subscriber: {e}"))?;
     if let Some(bad) = bad_filter {
@@ -227,6 +205,41 @@ pub fn init(log_level: &str, format: LogFormat, settings: &TraceSettings) -> Res
         None => tracing::debug!("OTEL_EXPORTER_OTLP_ENDPOINT is not set; spans are not exported"),
     }
     Ok(Telemetry { provider, exporting })
+}
+
+/// What makes tandemd's spans: OpenTelemetry's layer, or the [`propagate::PropagationLayer`].
+type SpanLayer = Box<dyn Layer<Registry> + Send + Sync>;
+
+/// The process's subscriber: log lines in `format` through `log_filter`, and `span_layer`
+/// (filtered to tandemd's spans). Every layer is filtered, and none is an `Option`: a layer
+/// without a filter (a `None` one included) wants every callsite, which made every
+/// dependency's span up to the log level a real one (h2's connection span, entered on every
+/// poll of every connection).
+fn subscriber(log_filter: EnvFilter, format: LogFormat, span_layer: SpanLayer) -> impl Subscriber + Send + Sync {
+    // Request spans pass the log filter whatever the level, so every line logged inside a
+    // call shows the call's trace id.
+    // The hints (tandemd's spans are INFO) keep the global level filter honest: without them it
+    // would be TRACE, and every `log` record of a dependency (sled logs a lot at debug/trace)
+    // would be turned into a tracing event only to be filtered out.
+    let log_filter = log_filter
+        .or(filter_fn(|meta| meta.is_span() && meta.target() == SPAN_TARGET).with_max_level_hint(tracing::Level::INFO));
+    let log_layer = match format {
+        LogFormat::Text => fmt::layer().with_ansi(false).fmt_fields(log_fields::LogFields::new()).boxed(),
+        LogFormat::Json => fmt::layer().json().boxed(),
+    };
+    tracing_subscriber::registry().with(span_layer).with(log_layer.with_filter(log_filter))
+}
+
+/// tandemd's spans only; its warnings and errors too where they become span events.
+fn span_filter() -> FilterFn<impl Fn(&tracing::Metadata<'_>) -> bool> {
+    filter_fn(|meta| {
+        if meta.is_span() {
+            meta.target() == SPAN_TARGET
+        } else {
+            *meta.level() <= tracing::Level::WARN && meta.target().starts_with("tandem_sidecar")
+        }
+    })
+    .with_max_level_hint(tracing::Level::INFO)
 }
 
 /// Makes `span` a child of `incoming` (counting a malformed one) and records its trace id as
@@ -326,6 +339,21 @@ mod tests {
 
         let err = TraceSettings::from_vars("a", |k| (k == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "localhost".into()));
         assert!(err.unwrap_err().contains("'localhost'"));
+    }
+
+    #[test]
+    fn only_tandemds_spans_are_made_whatever_the_log_level() {
+        let span_layer = propagate::PropagationLayer::for_test().with_filter(span_filter()).boxed();
+        let subscriber = subscriber(EnvFilter::new("info,tandem_sidecar=debug"), LogFormat::Text, span_layer);
+        tracing::subscriber::with_default(subscriber, || {
+            let ours = tracing::info_span!(target: SPAN_TARGET, "grpc");
+            assert!(!ours.is_disabled(), "tandemd's spans are made");
+            // What h2 makes for every connection and enters on every poll of it.
+            let dependency = tracing::debug_span!(target: "h2::proto::connection", "Connection");
+            assert!(dependency.is_disabled(), "a dependency's debug span is not made at log level info");
+            let own_debug = tracing::debug_span!(target: "tandem_sidecar::pubsub", "work");
+            assert!(!own_debug.is_disabled(), "the log level still enables tandemd's own debug spans");
+        });
     }
 
     #[test]

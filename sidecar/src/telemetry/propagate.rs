@@ -82,7 +82,7 @@ impl PropagationLayer {
     }
 
     #[cfg(test)]
-    fn for_test() -> Self {
+    pub(super) fn for_test() -> Self {
         PropagationLayer(())
     }
 }

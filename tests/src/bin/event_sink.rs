@@ -39,8 +39,5 @@ async fn main() {
             }
         }
     });
-    if let Err(e) = server.serve(listener, std::future::pending()).await {
-        eprintln!("event-sink: {e}");
-        std::process::exit(1);
-    }
+    server.serve(listener, std::future::pending()).await;
 }

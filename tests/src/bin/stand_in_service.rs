@@ -27,8 +27,5 @@ async fn main() {
         let status = status.clone();
         async move { Ok(Reply { content_type: "application/json".into(), ..Reply::bytes(status.into_bytes()) }) }
     });
-    if let Err(e) = server.serve(listener, std::future::pending()).await {
-        eprintln!("{name}: {e}");
-        std::process::exit(1);
-    }
+    server.serve(listener, std::future::pending()).await;
 }

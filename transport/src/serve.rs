@@ -1,10 +1,14 @@
 //! Serving gRPC on a bound listener: HTTP/2 over hyper with TCP_NODELAY on every accepted
-//! socket, whose writes go out together while the connection is busy
-//! ([`tandem_transport::Coalescing`]), and a graceful drain on shutdown.
+//! socket, whose writes go out together while the connection is busy ([`Coalescing`]), and a
+//! graceful drain on shutdown.
 //!
-//! tonic's own `Server` is not used because it wraps every service in a `grpc-timeout` layer
-//! that answers an expired deadline with CANCELLED before our handler can answer
-//! DEADLINE_EXCEEDED; here the handlers own the caller's deadline (see [`crate::deadline`]).
+//! tonic's own `Server` is not used:
+//! - It wraps every service in a `grpc-timeout` layer that answers an expired deadline with
+//!   CANCELLED before the handler can answer DEADLINE_EXCEEDED; here the handlers own the
+//!   caller's deadline (tandemd's `deadline` module).
+//! - That layer also arms a timer for every call that has a deadline, and the router under
+//!   it costs more per call: for the SDK's app server this was a fifth of the app's CPU
+//!   under the pub/sub benchmark's load (BENCHMARKS.md).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,6 +19,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tonic::body::Body;
+
+use crate::Coalescing;
 
 /// Serves `routes` on `listener` until `shutdown` resolves, then stops accepting and waits up
 /// to `drain` for in-flight calls to finish.
@@ -50,10 +56,8 @@ where
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-        let connection = http2.serve_connection(
-            TokioIo::new(tandem_transport::Coalescing::new(stream)),
-            TowerToHyperService::new(routes.clone()),
-        );
+        let connection =
+            http2.serve_connection(TokioIo::new(Coalescing::new(stream)), TowerToHyperService::new(routes.clone()));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
