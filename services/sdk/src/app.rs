@@ -223,6 +223,10 @@ impl AppServer {
     /// Serves on `listener` (TCP_NODELAY on; a busy connection's writes sent together:
     /// [`tandem_transport::Coalescing`]) until `shutdown` resolves, then stops accepting and
     /// gives the calls in flight up to [`DRAIN`] to finish.
+    ///
+    /// A handler runs to its end even after the caller's deadline has passed: the sidecar
+    /// answers the caller DEADLINE_EXCEEDED itself, and the server does not arm a timer per
+    /// call to cancel the handler (tonic's `Server` did, at a cost on every call).
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         let health = HealthService { check: self.health.clone() };
         let routes = Routes::new(
