@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tandem_sdk::{AppServer, Code, EventOutcome, SidecarClient};
+use tandem_sdk::{AppServer, BulkEntry, Code, EventOutcome, SidecarClient};
 use tokio::process::{Child, Command};
 use tokio::sync::RwLock;
 
@@ -309,6 +309,56 @@ pub async fn a_stuck_subscriber_holds_back_only_its_own_events(broker: &Broker) 
     .await;
     for i in 0..50 {
         assert_eq!(healthy.count(&format!("w-{i}")), 1, "w-{i}: once to the healthy subscriber");
+    }
+}
+
+/// One slow event takes one place in the subscription's window, not its whole delivery batch:
+/// while the app holds it, the events published after it keep arriving, and once it is
+/// answered its place is free again.
+pub async fn a_slow_event_holds_back_no_other(broker: &Broker) {
+    let etcd = Etcd::start().await;
+    let res = broker.resources(&[("maxInFlight", "3"), ("deliveryTimeout", "120s")]);
+    let inbox = Inbox::default();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let inbox_c = inbox.clone();
+    let app = TestApp::start(AppServer::new().subscribe("pubsub", "mixed", move |event| {
+        let (inbox, mut released) = (inbox_c.clone(), released.clone());
+        async move {
+            let slow = event.data == b"slow";
+            inbox.push(event);
+            if slow {
+                let _ = released.wait_for(|go| *go).await;
+            }
+            EventOutcome::Success
+        }
+    }))
+    .await;
+    let _subscriber = sidecar("mixed", &etcd, &res, Some(&app)).await;
+    let publisher = sidecar("boss", &etcd, &res, None).await;
+    let client = publisher.client();
+    wait_until_subscribed(&client, "mixed", &inbox).await;
+
+    // In one bulk publish, so that they are stored together and the slow event shares its
+    // delivery with others.
+    let mut entries = vec![BulkEntry::new("slow", b"slow".to_vec(), "text/plain")];
+    entries.extend((0..30).map(|i| BulkEntry::new(format!("f-{i}"), format!("f-{i}").into_bytes(), "text/plain")));
+    let failed = client.bulk_publish("pubsub", "mixed", entries).await.unwrap();
+    assert!(failed.is_empty(), "every entry is published: {failed:?}");
+    eventually(Duration::from_secs(30), "all 30 events after the slow one, while the app holds it", || async {
+        (0..30).all(|i| inbox.has(&format!("f-{i}")))
+    })
+    .await;
+    assert_eq!(inbox.count("slow"), 1, "the slow event reached the app once and is held there");
+
+    release.send(true).unwrap();
+    client.publish("pubsub", "mixed", b"after".to_vec(), "text/plain").await.unwrap();
+    eventually(Duration::from_secs(30), "an event published after the slow one was answered", || async {
+        inbox.has("after")
+    })
+    .await;
+    assert_eq!(inbox.count("slow"), 1, "the slow event, once answered, is not delivered again");
+    for i in 0..30 {
+        assert_eq!(inbox.count(&format!("f-{i}")), 1, "f-{i}: once, nothing failed");
     }
 }
 

@@ -25,6 +25,11 @@ async fn an_always_failing_subscriber_ends_in_the_dead_letter_topic_without_bloc
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_event_holds_back_no_other() {
+    cases::a_slow_event_holds_back_no_other(&Broker::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_subscriber_holds_back_only_its_own_events() {
     cases::a_stuck_subscriber_holds_back_only_its_own_events(&Broker::Embedded).await;
 }

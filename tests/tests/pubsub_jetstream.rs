@@ -35,6 +35,12 @@ async fn a_full_backlog_refuses_publishes_until_the_subscriber_catches_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_event_holds_back_no_other() {
+    let broker = Broker::jetstream().await;
+    cases::a_slow_event_holds_back_no_other(&broker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_subscriber_holds_back_only_its_own_events() {
     let broker = Broker::jetstream().await;
     cases::a_stuck_subscriber_holds_back_only_its_own_events(&broker).await;

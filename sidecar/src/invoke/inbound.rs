@@ -1,13 +1,15 @@
 //! The receiving side: `tandem.internal.v1.Mesh` served on the internal port, delivering each
 //! call to the app this sidecar fronts.
 
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use futures_util::stream::{FuturesUnordered, Stream};
 use tandem_proto::internal::mesh_server::Mesh;
 use tandem_proto::internal::{
-    DeliverEventRequest, DeliverEventResponse, DeliverEventsRequest, DeliverEventsResponse, EventDeliveryOutcome,
-    InternalInvokeRequest, InternalInvokeResponse,
+    AnsweredEvent, DeliverEventRequest, DeliverEventResponse, DeliverEventsRequest, DeliverEventsResponse,
+    EventDelivery, EventDeliveryOutcome, InternalInvokeRequest, InternalInvokeResponse,
 };
 use tandem_proto::runtime::{TopicEventRequest, TopicEventResponse};
 use tonic::metadata::MetadataValue;
@@ -28,11 +30,15 @@ use crate::telemetry;
 /// [`telemetry::layer::PER_ITEM_SPANS`]).
 const DELIVER_EVENT_PATH: &str = "/tandem.internal.v1.Mesh/DeliverEvent";
 
+#[derive(Clone)]
 pub struct MeshInbound {
     app_id: String,
     app: Option<AppChannel>,
     streams: Arc<StreamSubscriptions>,
 }
+
+/// The answers of a `StreamDeliverEvents` call, each sent once the app has given it.
+pub type AnsweredEvents = Pin<Box<dyn Stream<Item = Result<AnsweredEvent, Status>> + Send>>;
 
 /// How long an event waits for the app's answer on a subscription stream without a deadline.
 const STREAM_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -111,31 +117,53 @@ impl MeshInbound {
         Ok(DeliverEventResponse { response: Some(response) })
     }
 
-    /// Hands each event of a batch to the app, all at once, each in a span of its own (child of
-    /// its delivery attempt, as for `DeliverEvent`); one outcome per event, in order.
+    /// Hands each event of a batch to the app, all at once; one outcome per event, in order.
     async fn deliver_events(&self, request: Request<DeliverEventsRequest>) -> Result<DeliverEventsResponse, MeshError> {
         let deadline = deadline::from_metadata(request.metadata()).map_err(MeshError::InvalidArgument)?;
         let call = request.into_inner();
         self.check_target(call.target_app_id)?;
-        let deliveries = call.deliveries.into_iter().map(|delivery| {
-            let parent = telemetry::context::from_fields(&delivery.traceparent, &delivery.tracestate);
-            let span = telemetry::layer::server_span(DELIVER_EVENT_PATH, parent);
-            let answer = async move {
-                let event = delivery
-                    .event
-                    .ok_or_else(|| MeshError::InvalidArgument("a delivery of the batch carries no event".into()))?;
-                Box::pin(self.event_to_app(event, deadline)).await
-            };
-            let traced = span.clone();
-            async move {
-                let answer = answer.instrument(span).await;
-                if answer.is_err() {
-                    telemetry::record_error(&traced);
+        let answers = call.deliveries.into_iter().map(|delivery| self.answer(delivery, deadline));
+        Ok(DeliverEventsResponse { outcomes: futures_util::future::join_all(answers).await })
+    }
+
+    /// Hands each event of a batch to the app, all at once, and sends each outcome as soon as
+    /// the app has given it, so that a slow event holds back no other.
+    async fn stream_deliver_events(&self, request: Request<DeliverEventsRequest>) -> Result<AnsweredEvents, MeshError> {
+        let deadline = deadline::from_metadata(request.metadata()).map_err(MeshError::InvalidArgument)?;
+        let call = request.into_inner();
+        self.check_target(call.target_app_id)?;
+        let inbound = Arc::new(self.clone());
+        let answers: FuturesUnordered<_> = call
+            .deliveries
+            .into_iter()
+            .enumerate()
+            .map(|(index, delivery)| {
+                let inbound = inbound.clone();
+                async move {
+                    let outcome = inbound.answer(delivery, deadline).await;
+                    Ok(AnsweredEvent { index: index as u32, outcome: Some(outcome) })
                 }
-                outcome(answer)
-            }
-        });
-        Ok(DeliverEventsResponse { outcomes: futures_util::future::join_all(deliveries).await })
+            })
+            .collect();
+        Ok(Box::pin(answers))
+    }
+
+    /// One event of a batch to the app, in a span of its own (child of its delivery attempt,
+    /// as for `DeliverEvent`), so that a trace looks the same whether it travelled alone or not.
+    async fn answer(&self, delivery: EventDelivery, deadline: Option<Instant>) -> EventDeliveryOutcome {
+        let parent = telemetry::context::from_fields(&delivery.traceparent, &delivery.tracestate);
+        let span = telemetry::layer::server_span(DELIVER_EVENT_PATH, parent);
+        let answer = async move {
+            let event = delivery
+                .event
+                .ok_or_else(|| MeshError::InvalidArgument("a delivery of the batch carries no event".into()))?;
+            Box::pin(self.event_to_app(event, deadline)).await
+        };
+        let answer = answer.instrument(span.clone()).await;
+        if answer.is_err() {
+            telemetry::record_error(&span);
+        }
+        outcome(answer)
     }
 
     fn check_target(&self, target: String) -> Result<(), MeshError> {
@@ -207,6 +235,15 @@ impl Mesh for MeshInbound {
         request: Request<DeliverEventsRequest>,
     ) -> Result<Response<DeliverEventsResponse>, Status> {
         MeshInbound::deliver_events(self, request).await.map(Response::new).map_err(Status::from)
+    }
+
+    type StreamDeliverEventsStream = AnsweredEvents;
+
+    async fn stream_deliver_events(
+        &self,
+        request: Request<DeliverEventsRequest>,
+    ) -> Result<Response<AnsweredEvents>, Status> {
+        MeshInbound::stream_deliver_events(self, request).await.map(Response::new).map_err(Status::from)
     }
 
     async fn invoke(

@@ -10,7 +10,8 @@ use tandem_proto::common::{InvokeRequest, InvokeResponse};
 
 use tandem_proto::internal::mesh_client::MeshClient;
 use tandem_proto::internal::{
-    DeliverEventRequest, DeliverEventsRequest, EventDelivery, EventDeliveryOutcome, InternalInvokeRequest,
+    AnsweredEvent, DeliverEventRequest, DeliverEventsRequest, EventDelivery, EventDeliveryOutcome,
+    InternalInvokeRequest,
 };
 use tandem_proto::runtime::TopicEventResponse;
 use tandem_proto::runtime::topic_event_response::TopicEventResponseStatus;
@@ -21,9 +22,10 @@ use crate::config::validate_name;
 use crate::deadline;
 use crate::discovery::{Instance, RoutingTable};
 use crate::error::{MeshError, status_says_not_delivered, strip_not_delivered};
-use crate::pubsub::delivery::{Deliver, DeliveryError, EventToDeliver};
+use crate::pubsub::delivery::{Answered, Deliver, DeliveryError, EventToDeliver};
 use crate::telemetry;
 use tandem_transport::GrpcConnection;
+use tokio::sync::mpsc;
 use tracing::Instrument;
 
 /// One call an app asked its sidecar to make.
@@ -152,22 +154,28 @@ impl Invoker {
 #[tonic::async_trait]
 impl Deliver for Invoker {
     /// Like an invocation: each event to one live instance, moving on with only the events that
-    /// provably did not reach an app. Several events travel in one `DeliverEvents` call.
+    /// provably did not reach an app. Several events travel in one `StreamDeliverEvents` call,
+    /// whose answers come back one by one as the app gives them.
     async fn deliver(
         &self,
         app_id: &str,
         events: Vec<EventToDeliver>,
         timeout: Duration,
-    ) -> Vec<Result<TopicEventResponseStatus, DeliveryError>> {
+        answered: mpsc::UnboundedSender<Answered>,
+    ) {
         let instances = match self.candidates(app_id, false) {
             Ok(instances) => instances,
-            Err(e) => return events.iter().map(|_| Err(DeliveryError::SubscriberAway(e.to_string()))).collect(),
+            Err(e) => {
+                for index in 0..events.len() {
+                    let _ = answered.send((index, Err(DeliveryError::SubscriberAway(e.to_string()))));
+                }
+                return;
+            }
         };
-        let mut outcomes: Vec<Option<Result<TopicEventResponseStatus, DeliveryError>>> =
-            events.iter().map(|_| None).collect();
+        let mut settled = vec![false; events.len()];
         let mut last_error = String::new();
         for instance in &instances {
-            let waiting: Vec<usize> = (0..events.len()).filter(|i| outcomes[*i].is_none()).collect();
+            let waiting: Vec<usize> = (0..events.len()).filter(|i| !settled[*i]).collect();
             if waiting.is_empty() {
                 break;
             }
@@ -179,29 +187,31 @@ impl Deliver for Invoker {
                 }
             };
             let batch: Vec<&EventToDeliver> = waiting.iter().map(|i| &events[*i]).collect();
-            let answers = if let [one] = batch.as_slice() {
-                vec![deliver_one(client, app_id, one, timeout).await]
-            } else {
-                deliver_batch(client, app_id, &batch, timeout).await
-            };
-            for (index, answer) in waiting.into_iter().zip(answers) {
+            let mut on_answer = |position: usize, answer: Answer| {
+                let index = waiting[position];
                 match answer {
-                    Answer::Settled(outcome) => outcomes[index] = Some(outcome),
+                    Answer::Settled(outcome) => {
+                        settled[index] = true;
+                        let _ = answered.send((index, outcome));
+                    }
                     Answer::NotDelivered(why) => last_error = format!("{}: {why}", instance.internal_address),
                 }
+            };
+            if let [one] = batch.as_slice() {
+                on_answer(0, deliver_one(client, app_id, one, timeout).await);
+            } else {
+                deliver_streamed(client, app_id, &batch, timeout, &mut on_answer).await;
             }
         }
-        outcomes
-            .into_iter()
-            .map(|outcome| {
-                outcome.unwrap_or_else(|| {
-                    Err(DeliveryError::SubscriberAway(format!(
-                        "no instance of app-id '{app_id}' could take the event ({} tried): {last_error}",
-                        instances.len()
-                    )))
-                })
-            })
-            .collect()
+        for index in (0..events.len()).filter(|i| !settled[*i]) {
+            let _ = answered.send((
+                index,
+                Err(DeliveryError::SubscriberAway(format!(
+                    "no instance of app-id '{app_id}' could take the event ({} tried): {last_error}",
+                    instances.len()
+                ))),
+            ));
+        }
     }
 }
 
@@ -237,6 +247,66 @@ async fn deliver_one(
     }
 }
 
+/// Several events in one `StreamDeliverEvents` call: `on_answer` gets each event's answer (by
+/// its place in `batch`) as it comes, exactly once per event.
+async fn deliver_streamed(
+    mut client: MeshClient<GrpcConnection>,
+    app_id: &str,
+    batch: &[&EventToDeliver],
+    timeout: Duration,
+    on_answer: &mut (dyn FnMut(usize, Answer) + Send),
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut every = |answer: &dyn Fn() -> Answer| (0..batch.len()).for_each(|i| on_answer(i, answer()));
+    let mut stream = match tokio::time::timeout_at(
+        deadline,
+        Box::pin(client.stream_deliver_events(batch_request(app_id, batch, timeout))),
+    )
+    .await
+    {
+        Err(_) => return every(&|| Answer::Settled(Err(no_answer(app_id, timeout)))),
+        Ok(Err(status)) if never_sent(&status) || status_says_not_delivered(&status) => {
+            return every(&|| Answer::NotDelivered(status.message().to_string()));
+        }
+        Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+            // A sidecar from before streamed answers: all of them at the end of the call.
+            let answers = deliver_batch(client, app_id, batch, timeout).await;
+            return answers.into_iter().enumerate().for_each(|(i, answer)| on_answer(i, answer));
+        }
+        Ok(Err(status)) => return every(&|| Answer::Settled(Err(failed(app_id, status.code(), status.message())))),
+        Ok(Ok(response)) => response.into_inner(),
+    };
+    let mut answered = vec![false; batch.len()];
+    // Why the events still without an answer have none, once the stream stops giving them.
+    let unanswered = loop {
+        match tokio::time::timeout_at(deadline, stream.message()).await {
+            Err(_) => break no_answer(app_id, timeout),
+            Ok(Ok(Some(AnsweredEvent { index, outcome }))) => {
+                let index = index as usize;
+                if answered.get(index) != Some(&false) {
+                    break DeliveryError::Failed(format!(
+                        "app-id '{app_id}': its sidecar answered event {index} of {} twice or out of range",
+                        batch.len()
+                    ));
+                }
+                answered[index] = true;
+                on_answer(index, answer_of(app_id, outcome.unwrap_or_default()));
+            }
+            Ok(Ok(None)) => {
+                break DeliveryError::Failed(format!("app-id '{app_id}': its sidecar ended the answers early"));
+            }
+            Ok(Err(status)) => break failed(app_id, status.code(), status.message()),
+        }
+        if answered.iter().all(|done| *done) {
+            return;
+        }
+    };
+    // Sent, so maybe delivered: each counts as an attempt.
+    for (index, _) in answered.iter().enumerate().filter(|(_, done)| !**done) {
+        on_answer(index, Answer::Settled(Err(unanswered.clone())));
+    }
+}
+
 /// Several events in one `DeliverEvents` call; one answer per event, in order.
 async fn deliver_batch(
     mut client: MeshClient<GrpcConnection>,
@@ -244,17 +314,8 @@ async fn deliver_batch(
     batch: &[&EventToDeliver],
     timeout: Duration,
 ) -> Vec<Answer> {
-    let deliveries = batch
-        .iter()
-        .map(|delivery| {
-            let (traceparent, tracestate) = telemetry::context::to_fields(&delivery.parent);
-            EventDelivery { event: Some(delivery.event.clone()), traceparent, tracestate }
-        })
-        .collect();
-    let mut request = tonic::Request::new(DeliverEventsRequest { target_app_id: app_id.to_string(), deliveries });
-    request.set_timeout(timeout);
     let every = |answer: &dyn Fn() -> Answer| batch.iter().map(|_| answer()).collect::<Vec<_>>();
-    match tokio::time::timeout(timeout, Box::pin(client.deliver_events(request))).await {
+    match tokio::time::timeout(timeout, Box::pin(client.deliver_events(batch_request(app_id, batch, timeout)))).await {
         Err(_) => every(&|| Answer::Settled(Err(no_answer(app_id, timeout)))),
         Ok(Err(status)) if never_sent(&status) || status_says_not_delivered(&status) => {
             every(&|| Answer::NotDelivered(status.message().to_string()))
@@ -271,18 +332,32 @@ async fn deliver_batch(
                 let why = format!("answered {} outcomes for {} events", outcomes.len(), batch.len());
                 return every(&|| Answer::Settled(Err(DeliveryError::Failed(format!("app-id '{app_id}': {why}")))));
             }
-            outcomes
-                .into_iter()
-                .map(|outcome| match outcome {
-                    EventDeliveryOutcome { not_delivered: true, message, .. } => Answer::NotDelivered(message),
-                    EventDeliveryOutcome { response: Some(response), .. } => {
-                        Answer::Settled(event_status(app_id, Some(response)))
-                    }
-                    EventDeliveryOutcome { code, message, .. } => {
-                        Answer::Settled(Err(failed(app_id, tonic::Code::from(code), &message)))
-                    }
-                })
-                .collect()
+            outcomes.into_iter().map(|outcome| answer_of(app_id, outcome)).collect()
+        }
+    }
+}
+
+/// The request of a batched delivery: each event with its delivery attempt's trace context.
+fn batch_request(app_id: &str, batch: &[&EventToDeliver], timeout: Duration) -> tonic::Request<DeliverEventsRequest> {
+    let deliveries = batch
+        .iter()
+        .map(|delivery| {
+            let (traceparent, tracestate) = telemetry::context::to_fields(&delivery.parent);
+            EventDelivery { event: Some(delivery.event.clone()), traceparent, tracestate }
+        })
+        .collect();
+    let mut request = tonic::Request::new(DeliverEventsRequest { target_app_id: app_id.to_string(), deliveries });
+    request.set_timeout(timeout);
+    request
+}
+
+/// What the subscriber's sidecar made of one event of a batch.
+fn answer_of(app_id: &str, outcome: EventDeliveryOutcome) -> Answer {
+    match outcome {
+        EventDeliveryOutcome { not_delivered: true, message, .. } => Answer::NotDelivered(message),
+        EventDeliveryOutcome { response: Some(response), .. } => Answer::Settled(event_status(app_id, Some(response))),
+        EventDeliveryOutcome { code, message, .. } => {
+            Answer::Settled(Err(failed(app_id, tonic::Code::from(code), &message)))
         }
     }
 }
@@ -313,7 +388,8 @@ mod tests {
     use tandem_proto::runtime::TopicEventRequest;
     use tonic::{Request, Response, Status};
 
-    /// A sidecar from before batched delivery: `DeliverEvents` is unknown to it.
+    /// A sidecar from before batched delivery: `DeliverEvents` and `StreamDeliverEvents` are
+    /// unknown to it.
     #[derive(Default)]
     struct OldPeer {
         single_calls: Arc<AtomicUsize>,
@@ -344,6 +420,15 @@ mod tests {
         ) -> Result<Response<DeliverEventsResponse>, Status> {
             Err(Status::unimplemented("unknown method"))
         }
+
+        type StreamDeliverEventsStream = super::super::inbound::AnsweredEvents;
+
+        async fn stream_deliver_events(
+            &self,
+            _: Request<DeliverEventsRequest>,
+        ) -> Result<Response<Self::StreamDeliverEventsStream>, Status> {
+            Err(Status::unimplemented("unknown method"))
+        }
     }
 
     fn event(id: &str) -> EventToDeliver {
@@ -354,7 +439,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_peer_without_batched_delivery_gets_one_call_per_event() {
+    async fn a_peer_without_batched_or_streamed_delivery_gets_one_call_per_event() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let peer = OldPeer::default();
@@ -368,13 +453,18 @@ mod tests {
         let client = MeshClient::with_origin(connection.clone(), connection.origin());
         let events = [event("a"), event("refused"), event("c")];
         let batch: Vec<&EventToDeliver> = events.iter().collect();
-        let answers = deliver_batch(client, "app", &batch, Duration::from_secs(10)).await;
+        let mut answers: Vec<Option<Answer>> = batch.iter().map(|_| None).collect();
+        let mut on_answer = |index: usize, answer: Answer| {
+            assert!(answers[index].replace(answer).is_none(), "event {index} answered twice");
+        };
+        deliver_streamed(client, "app", &batch, Duration::from_secs(10), &mut on_answer).await;
         let statuses: Vec<_> = answers
             .into_iter()
             .map(|answer| match answer {
-                Answer::Settled(Ok(status)) => status,
-                Answer::Settled(Err(e)) => panic!("failed: {e:?}"),
-                Answer::NotDelivered(why) => panic!("not delivered: {why}"),
+                Some(Answer::Settled(Ok(status))) => status,
+                Some(Answer::Settled(Err(e))) => panic!("failed: {e:?}"),
+                Some(Answer::NotDelivered(why)) => panic!("not delivered: {why}"),
+                None => panic!("an event got no answer"),
             })
             .collect();
         use TopicEventResponseStatus::{Drop, Success};

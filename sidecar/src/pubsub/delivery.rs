@@ -9,6 +9,12 @@
 //! at once), so one call carries many events; a lone event travels alone, as soon as it is
 //! durable. Each event keeps its own attempt, span and outcome.
 //!
+//! The subscriber's sidecar sends each event's answer as soon as the app gives it
+//! (`StreamDeliverEvents`), and each is settled in the outbox as it comes. The batch's places
+//! in the window come back together, so that the next call is a full batch again (smaller ones
+//! cost more CPU per event under load), unless the call takes longer than [`STALLED`]: then
+//! each comes back with its answer, so that one slow event holds back only itself.
+//!
 //! The schedule keeps a subscription that asks for order (`tandem.ordered`) to one delivery at
 //! a time, its oldest unsettled event of the topic: events reach it in publish order (per
 //! publisher), one at a time.
@@ -18,6 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tandem_proto::runtime::TopicEventRequest;
 use tandem_proto::runtime::topic_event_response::TopicEventResponseStatus;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -48,17 +55,22 @@ pub struct EventToDeliver {
     pub parent: opentelemetry::trace::SpanContext,
 }
 
+/// One event's outcome: its place in the events handed over, and the app's answer or why there
+/// was none.
+pub type Answered = (usize, Result<TopicEventResponseStatus, DeliveryError>);
+
 /// Hands events to live instances of a subscriber app.
 #[tonic::async_trait]
 pub trait Deliver: Send + Sync + 'static {
-    /// Each event to one live instance of `app_id`: the app's answer, or why there was none.
-    /// One outcome per event, in order.
+    /// Each event to one live instance of `app_id`. Sends each event's outcome on `answered` as
+    /// soon as it is known, exactly once per event, and returns once every event has one.
     async fn deliver(
         &self,
         app_id: &str,
         events: Vec<EventToDeliver>,
         timeout: Duration,
-    ) -> Vec<Result<TopicEventResponseStatus, DeliveryError>>;
+        answered: mpsc::UnboundedSender<Answered>,
+    );
 }
 
 enum Settled {
@@ -77,14 +89,7 @@ pub async fn run(pubsub: Arc<EmbeddedPubSub>, deliverer: Arc<dyn Deliver>, stop:
         for (key, seqs) in by_subscription(due) {
             for batch in seqs.chunks(MAX_BATCH) {
                 let (pubsub, deliverer, key, batch) = (pubsub.clone(), deliverer.clone(), key.clone(), batch.to_vec());
-                tokio::spawn(async move {
-                    let outcomes = deliver_batch(&pubsub, deliverer.as_ref(), &key, batch).await;
-                    let now = now_ms();
-                    for (seq, outcome) in outcomes {
-                        pubsub.schedule.finish(&key, seq, outcome, now);
-                    }
-                    pubsub.wake.notify_one();
-                });
+                tokio::spawn(async move { deliver_batch(&pubsub, deliverer.as_ref(), &key, batch).await });
             }
         }
         let wait = next.map_or(IDLE_WAIT, |at| Duration::from_millis(at.saturating_sub(now_ms())).min(IDLE_WAIT));
@@ -99,6 +104,10 @@ pub async fn run(pubsub: Arc<EmbeddedPubSub>, deliverer: Arc<dyn Deliver>, stop:
 /// Deliveries at most in one call to a subscriber's sidecar.
 pub const MAX_BATCH: usize = 64;
 
+/// How long a delivery call may take before the places of its answered events are given back
+/// one by one instead of with the whole batch's (see the module docs).
+pub const STALLED: Duration = Duration::from_millis(50);
+
 /// Groups due deliveries (which come grouped by subscription) by subscription.
 fn by_subscription(due: Vec<(SubscriptionKey, u64)>) -> Vec<(SubscriptionKey, Vec<u64>)> {
     let mut grouped: Vec<(SubscriptionKey, Vec<u64>)> = Vec::new();
@@ -112,15 +121,15 @@ fn by_subscription(due: Vec<(SubscriptionKey, u64)>) -> Vec<(SubscriptionKey, Ve
 }
 
 /// Reads scheduled deliveries of one subscription from the outbox, attempts them in one go,
-/// and settles each: the schedule's outcome per delivery.
-async fn deliver_batch(
-    pubsub: &EmbeddedPubSub,
-    deliverer: &dyn Deliver,
-    key: &SubscriptionKey,
-    seqs: Vec<u64>,
-) -> Vec<(u64, Outcome)> {
-    let mut outcomes = Vec::with_capacity(seqs.len());
-    // Each attempt's sequence number, event id and span; its event goes to the deliverer.
+/// and settles each as its answer comes (in the outbox, then in the schedule), so that a slow
+/// event holds only its own place in the window.
+async fn deliver_batch(pubsub: &EmbeddedPubSub, deliverer: &dyn Deliver, key: &SubscriptionKey, seqs: Vec<u64>) {
+    let finish = |seq: u64, outcome: Outcome| {
+        pubsub.schedule.finish(key, seq, outcome, now_ms());
+        pubsub.wake.notify_one();
+    };
+    // Each attempt's sequence number, event id, span and in-flight gauge; its event goes to
+    // the deliverer.
     let mut attempts = Vec::with_capacity(seqs.len());
     let mut events = Vec::with_capacity(seqs.len());
     for seq in seqs {
@@ -131,30 +140,65 @@ async fn deliver_batch(
                 // A span per attempt, child of the publish call (its context travels in the event).
                 let span = crate::telemetry::delivery_span(&pubsub.name, &event, &key.app_id);
                 let parent = crate::telemetry::context::of_span(&span);
-                attempts.push((seq, event.id.clone(), span));
+                let in_flight = pubsub.metrics.pubsub_delivery_in_flight(&pubsub.name, &key.topic);
+                attempts.push((seq, event.id.clone(), span, Some(in_flight)));
                 events.push(EventToDeliver { event, parent });
             }
             // Settled already: nothing left to do.
-            Ok(None) => outcomes.push((seq, Outcome::Finished)),
+            Ok(None) => finish(seq, Outcome::Finished),
             Err(e) => {
                 tracing::error!(pubsub = %pubsub.name, topic = %key.topic, app_id = %key.app_id, seq, error = %e, "cannot read a pending delivery; it will be retried");
-                outcomes.push((seq, Outcome::RetryAt(now_ms() + pubsub.policy.initial_retry_delay.as_millis() as u64)));
+                finish(seq, Outcome::RetryAt(now_ms() + pubsub.policy.initial_retry_delay.as_millis() as u64));
             }
         }
     }
     if attempts.is_empty() {
-        return outcomes;
+        return;
     }
-    let in_flight: Vec<_> =
-        attempts.iter().map(|_| pubsub.metrics.pubsub_delivery_in_flight(&pubsub.name, &key.topic)).collect();
     pubsub.metrics.pubsub_delivery_batch(&pubsub.name, attempts.len());
-    let answers = deliverer.deliver(&key.app_id, events, pubsub.policy.timeout).await;
-    drop(in_flight);
-    for ((seq, id, span), answer) in attempts.into_iter().zip(answers) {
-        let outcome = settle(pubsub, seq, key, &id, answer).instrument(span.clone()).await;
-        outcomes.push((seq, outcome));
+    let (answered, mut answers) = mpsc::unbounded_channel();
+    let delivering = deliverer.deliver(&key.app_id, events, pubsub.policy.timeout, answered);
+    let settling = async {
+        // Each event is settled in the outbox as its answer comes. Its place in the window is
+        // given back with the whole batch's, so that the next delivery is a full batch again,
+        // unless the batch takes longer than STALLED: then at once, so that a slow event holds
+        // back no other for long.
+        let mut held = Vec::new();
+        let stalled = tokio::time::sleep(STALLED);
+        tokio::pin!(stalled);
+        let mut is_stalled = false;
+        loop {
+            tokio::select! {
+                answer = answers.recv() => {
+                    let Some((index, answer)) = answer else { break };
+                    let Some((seq, id, span, in_flight)) = attempts.get_mut(index) else { continue };
+                    // A second answer for an event would be a deliverer's bug: the first stands.
+                    if in_flight.take().is_none() {
+                        continue;
+                    }
+                    let outcome = settle(pubsub, *seq, key, id, answer).instrument(span.clone()).await;
+                    if is_stalled {
+                        finish(*seq, outcome);
+                    } else {
+                        held.push((*seq, outcome));
+                    }
+                }
+                _ = &mut stalled, if !is_stalled => {
+                    is_stalled = true;
+                    held.drain(..).for_each(|(seq, outcome)| finish(seq, outcome));
+                }
+            }
+        }
+        held.into_iter().for_each(|(seq, outcome)| finish(seq, outcome));
+    };
+    tokio::join!(delivering, settling);
+    // A deliverer that left an event without an answer would leave its place taken for good.
+    for (seq, _, _, in_flight) in &attempts {
+        if in_flight.is_some() {
+            tracing::error!(pubsub = %pubsub.name, topic = %key.topic, app_id = %key.app_id, seq, "a delivery got no outcome; it will be retried");
+            finish(*seq, Outcome::RetryAt(now_ms() + pubsub.policy.initial_retry_delay.as_millis() as u64));
+        }
     }
-    outcomes
 }
 
 /// Records one delivery attempt's outcome in the outbox (within the attempt's span).

@@ -13,7 +13,8 @@ use tracing::Instrument;
 use super::context::{self, Incoming};
 
 /// Calls whose handlers make a span per item they carry (a batch), so the call gets none.
-pub const PER_ITEM_SPANS: &[&str] = &["/tandem.internal.v1.Mesh/DeliverEvents"];
+pub const PER_ITEM_SPANS: &[&str] =
+    &["/tandem.internal.v1.Mesh/DeliverEvents", "/tandem.internal.v1.Mesh/StreamDeliverEvents"];
 
 /// Wraps a gRPC service in [`Traced`].
 #[derive(Debug, Clone, Copy, Default)]
