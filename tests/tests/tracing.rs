@@ -291,7 +291,9 @@ async fn events_delivered_in_one_call_each_keep_their_own_spans() {
     let received = named("tandem.internal.v1.Mesh/DeliverEvent");
     let consumed = named("c.consume");
     assert_eq!((delivers.len(), received.len(), consumed.len()), (EVENTS, EVENTS, EVENTS), "{spans:#?}");
-    assert!(named("tandem.internal.v1.Mesh/DeliverEvents").is_empty(), "the batch itself has no span");
+    for batch_call in ["tandem.internal.v1.Mesh/StreamDeliverEvents", "tandem.internal.v1.Mesh/DeliverEvents"] {
+        assert!(named(batch_call).is_empty(), "the batch itself ({batch_call}) has no span");
+    }
     let mut parents: Vec<&str> = received.iter().map(|s| s.parent_span_id.as_str()).collect();
     parents.sort_unstable();
     parents.dedup();
