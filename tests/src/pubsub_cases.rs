@@ -254,6 +254,30 @@ pub async fn an_always_failing_subscriber_ends_in_the_dead_letter_topic_without_
     }
 }
 
+/// An app subscribed to `topic` that records every event it gets and answers SUCCESS, except
+/// that it holds those `hold` picks (by their data) until the returned sender sends `true`.
+async fn holding_subscriber(
+    topic: &str,
+    hold: fn(&[u8]) -> bool,
+) -> (TestApp, Inbox, tokio::sync::watch::Sender<bool>) {
+    let inbox = Inbox::default();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let inbox_c = inbox.clone();
+    let app = TestApp::start(AppServer::new().subscribe("pubsub", topic, move |event| {
+        let (inbox, mut released) = (inbox_c.clone(), released.clone());
+        async move {
+            let held = hold(&event.data);
+            inbox.push(event);
+            if held {
+                let _ = released.wait_for(|go| *go).await;
+            }
+            EventOutcome::Success
+        }
+    }))
+    .await;
+    (app, inbox, release)
+}
+
 /// A subscriber that takes events and never answers holds `maxInFlight` of them and no more,
 /// while another app-id subscribed to the same topic gets every event: the in-flight limit is
 /// per subscription, so a slow subscriber holds back only its own events. Once it answers, it
@@ -262,18 +286,8 @@ pub async fn a_stuck_subscriber_holds_back_only_its_own_events(broker: &Broker) 
     const MAX_IN_FLIGHT: usize = 3;
     let etcd = Etcd::start().await;
     let res = broker.resources(&[("maxInFlight", "3"), ("deliveryTimeout", "120s")]);
-    let (stuck, healthy) = (Inbox::default(), Inbox::default());
-    let (release, released) = tokio::sync::watch::channel(false);
-    let stuck_c = stuck.clone();
-    let stuck_app = TestApp::start(AppServer::new().subscribe("pubsub", "work", move |event| {
-        let (stuck, mut released) = (stuck_c.clone(), released.clone());
-        async move {
-            stuck.push(event);
-            let _ = released.wait_for(|go| *go).await;
-            EventOutcome::Success
-        }
-    }))
-    .await;
+    let healthy = Inbox::default();
+    let (stuck_app, stuck, release) = holding_subscriber("work", |_| true).await;
     let fine = subscriber("work", &healthy).await;
     let _stuck_sidecar = sidecar("stuck", &etcd, &res, Some(&stuck_app)).await;
     let _fine_sidecar = sidecar("fine", &etcd, &res, Some(&fine)).await;
@@ -318,21 +332,7 @@ pub async fn a_stuck_subscriber_holds_back_only_its_own_events(broker: &Broker) 
 pub async fn a_slow_event_holds_back_no_other(broker: &Broker) {
     let etcd = Etcd::start().await;
     let res = broker.resources(&[("maxInFlight", "3"), ("deliveryTimeout", "120s")]);
-    let inbox = Inbox::default();
-    let (release, released) = tokio::sync::watch::channel(false);
-    let inbox_c = inbox.clone();
-    let app = TestApp::start(AppServer::new().subscribe("pubsub", "mixed", move |event| {
-        let (inbox, mut released) = (inbox_c.clone(), released.clone());
-        async move {
-            let slow = event.data == b"slow";
-            inbox.push(event);
-            if slow {
-                let _ = released.wait_for(|go| *go).await;
-            }
-            EventOutcome::Success
-        }
-    }))
-    .await;
+    let (app, inbox, release) = holding_subscriber("mixed", |data| data == b"slow").await;
     let _subscriber = sidecar("mixed", &etcd, &res, Some(&app)).await;
     let publisher = sidecar("boss", &etcd, &res, None).await;
     let client = publisher.client();
