@@ -557,6 +557,74 @@ pub async fn a_subscription_that_asks_for_order_gets_events_in_publish_order(bro
     assert_eq!(steps, expected, "in publish order, each once, the retried ones in their place");
 }
 
+/// The SDK's streaming subscription ([`SidecarClient::subscribe`]): bad subscriptions refused by
+/// name; RETRY redelivers, DROP does not, exhausted events reach the dead-letter topic (itself
+/// read from a stream), with answers given from another task through [`tandem_sdk::StreamAnswers`].
+pub async fn the_sdks_event_stream_retries_drops_and_dead_letters(broker: &Broker) {
+    use tandem_sdk::SubscriptionOptions;
+
+    let etcd = Etcd::start().await;
+    let res =
+        broker.resources(&[("maxDeliveryAttempts", "3"), ("initialRetryDelay", "20ms"), ("maxRetryDelay", "100ms")]);
+    let sub = sidecar("stream-worker", &etcd, &res, None).await;
+    let publisher = sidecar("stream-boss", &etcd, &res, None).await;
+    sub.wait_ready().await;
+    let client = sub.client();
+
+    let routed = SubscriptionOptions { route: "/jobs".into(), ..Default::default() };
+    let err = client.subscribe("pubsub", "jobs", &routed).await.err().expect("a route is refused");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("'jobs'") && err.message().contains("route"), "{err:?}");
+    let err = client.subscribe("nope", "jobs", &Default::default()).await.err().expect("an unknown pub/sub");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("'nope'"), "{err:?}");
+    let err = client.subscribe("pubsub", "", &Default::default()).await.err().expect("an empty topic");
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let options = SubscriptionOptions { dead_letter_topic: "jobs-dead".into(), ..Default::default() };
+    let mut jobs = client.subscribe("pubsub", "jobs", &options).await.unwrap();
+    let mut dead = client.subscribe("pubsub", "jobs-dead", &Default::default()).await.unwrap();
+    let (inbox, dead_inbox) = (Inbox::default(), Inbox::default());
+    let answers = jobs.answers();
+    let seen = inbox.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(event)) = jobs.next().await {
+            let payload = String::from_utf8_lossy(&event.data).into_owned();
+            let id = event.id.clone();
+            seen.push(event);
+            let outcome = match payload.as_str() {
+                "retry-once" if seen.count("retry-once") == 1 => EventOutcome::Retry,
+                "drop" => EventOutcome::Drop,
+                "fail" => EventOutcome::Retry,
+                _ => EventOutcome::Success,
+            };
+            let answers = answers.clone();
+            tokio::spawn(async move { answers.answer(&id, outcome).expect("the stream is open") });
+        }
+    });
+    let seen_dead = dead_inbox.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(event)) = dead.next().await {
+            let id = event.id.clone();
+            seen_dead.push(event);
+            dead.answer(&id, EventOutcome::Success).expect("the stream is open");
+        }
+    });
+
+    let client = publisher.client();
+    wait_until_subscribed(&client, "jobs", &inbox).await;
+    for job in ["ok", "retry-once", "drop", "fail"] {
+        client.publish("pubsub", "jobs", job.as_bytes().to_vec(), "text/plain").await.unwrap();
+    }
+    eventually(Duration::from_secs(20), "'fail' in the dead-letter topic", || async { dead_inbox.has("fail") }).await;
+    eventually(Duration::from_secs(20), "'retry-once' redelivered", || async { inbox.count("retry-once") == 2 }).await;
+    assert_eq!(inbox.count("fail"), 3, "exactly maxDeliveryAttempts attempts");
+    assert_eq!(inbox.count("ok"), 1);
+    assert_eq!(inbox.count("drop"), 1, "DROP is not delivered again");
+    assert_eq!(dead_inbox.count("fail"), 1);
+    assert!(!dead_inbox.has("drop") && !dead_inbox.has("ok"), "{:?}", dead_inbox.payloads());
+}
+
 pub async fn a_streaming_subscription_receives_events_and_answers_on_the_stream(broker: &Broker) {
     use tandem_proto::runtime::dapr_client::DaprClient;
     use tandem_proto::runtime::subscribe_topic_events_request_alpha1::SubscribeTopicEventsRequestType as Req;

@@ -74,6 +74,11 @@ async fn a_subscription_that_asks_for_order_gets_events_in_publish_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdks_event_stream_retries_drops_and_dead_letters() {
+    cases::the_sdks_event_stream_retries_drops_and_dead_letters(&Broker::jetstream().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streaming_subscription_receives_events_and_answers_on_the_stream() {
     cases::a_streaming_subscription_receives_events_and_answers_on_the_stream(&Broker::jetstream().await).await;
 }

@@ -137,6 +137,16 @@ pub enum EventOutcome {
     Drop,
 }
 
+impl From<EventOutcome> for TopicEventResponseStatus {
+    fn from(outcome: EventOutcome) -> Self {
+        match outcome {
+            EventOutcome::Success => TopicEventResponseStatus::Success,
+            EventOutcome::Retry => TopicEventResponseStatus::Retry,
+            EventOutcome::Drop => TopicEventResponseStatus::Drop,
+        }
+    }
+}
+
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 type Handler = Arc<dyn Fn(Invocation) -> BoxFuture<Result<Reply, Status>> + Send + Sync>;
 type HealthCheck = Arc<dyn Fn() -> BoxFuture<Result<(), Status>> + Send + Sync>;
@@ -311,12 +321,7 @@ impl AppCallback for AppServer {
         if hop.is_some() {
             event.trace = hop;
         }
-        let outcome = (subscription.handler)(event).await;
-        let status = match outcome {
-            EventOutcome::Success => TopicEventResponseStatus::Success,
-            EventOutcome::Retry => TopicEventResponseStatus::Retry,
-            EventOutcome::Drop => TopicEventResponseStatus::Drop,
-        };
+        let status = TopicEventResponseStatus::from((subscription.handler)(event).await);
         Ok(Response::new(TopicEventResponse { status: status as i32 }))
     }
 }

@@ -90,7 +90,7 @@ pub struct BulkFailure {
 /// A client of the local sidecar. Cheap to clone: clones share one HTTP/2 connection.
 #[derive(Debug, Clone)]
 pub struct SidecarClient {
-    inner: DaprClient<GrpcConnection>,
+    pub(crate) inner: DaprClient<GrpcConnection>,
 }
 
 impl SidecarClient {

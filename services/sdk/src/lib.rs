@@ -6,6 +6,8 @@
 //! - [`app`]: [`AppServer`], which serves the app-callback API (`AppCallback.OnInvoke`,
 //!   `ListTopicSubscriptions`, `OnTopicEvent`, `AppCallbackHealthCheck.HealthCheck`) from plain
 //!   async handler functions.
+//! - [`stream`]: [`EventStream`], a streaming subscription (`SidecarClient::subscribe`): a
+//!   topic's events read from a stream to the sidecar and answered on it, with no callback API.
 //! - [`trace`]: [`TraceContext`], the W3C trace context that handlers receive with each call
 //!   and event and that calls can carry, so app code continues the trace in its own spans.
 //!
@@ -14,10 +16,12 @@
 
 pub mod app;
 pub mod client;
+pub mod stream;
 pub mod trace;
 
 pub use app::{AppServer, EventOutcome, Invocation, Reply, SubscriptionOptions, TopicEvent};
 pub use client::{BulkEntry, BulkFailure, CallOptions, SidecarClient, StateEntry};
+pub use stream::{EventStream, StreamAnswers};
 pub use tandem_proto as proto;
 pub use tonic::{Code, Status};
 pub use trace::TraceContext;
