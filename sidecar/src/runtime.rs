@@ -293,6 +293,7 @@ impl Discovery {
                 app,
                 pubsubs,
                 readiness: readiness.clone(),
+                streams: streams.clone(),
             };
             tokio::spawn(subscriptions.run(background_stop));
         }

@@ -44,6 +44,12 @@ impl TestApp {
         Self::start_counted(server, Arc::new(AtomicUsize::new(0))).await
     }
 
+    /// Serves `server` on `port` (one a sidecar was already told, from [`crate::free_port`]).
+    pub async fn start_on(server: AppServer, port: u16) -> TestApp {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("binding a test app's port");
+        Self::serve(server, listener, Arc::new(AtomicUsize::new(0)))
+    }
+
     /// An app whose `whoami` answers `name` and whose `echo` returns the payload, with the
     /// caller's app-id in the `caller` response header. Counts the calls it serves.
     pub async fn named(name: &str) -> TestApp {
@@ -68,6 +74,10 @@ impl TestApp {
 
     async fn start_counted(server: AppServer, calls: Arc<AtomicUsize>) -> TestApp {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding a test app");
+        Self::serve(server, listener, calls)
+    }
+
+    fn serve(server: AppServer, listener: TcpListener, calls: Arc<AtomicUsize>) -> TestApp {
         let address = listener.local_addr().expect("bound");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {

@@ -625,6 +625,47 @@ pub async fn the_sdks_event_stream_retries_drops_and_dead_letters(broker: &Broke
     assert!(!dead_inbox.has("drop") && !dead_inbox.has("ok"), "{:?}", dead_inbox.payloads());
 }
 
+/// An app that serves `OnTopicEvent` for one topic and reads another from a stream: when its
+/// sidecar records the app's own list (here: once the app comes up, after the stream opened),
+/// the stream's subscription stays.
+pub async fn an_apps_listed_subscriptions_leave_its_streams_alone(broker: &Broker) {
+    let etcd = Etcd::start().await;
+    let res = broker.resources(&[]);
+    let app_port = free_port();
+    let sub = Sidecar::new("mixed").etcd(&etcd).resources(res.path()).app_port(app_port).spawn().await;
+    let publisher = sidecar("mixer", &etcd, &res, None).await;
+    // The stream opens while the app is still down, so before its list is recorded.
+    let client = sub.client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut stream = loop {
+        match client.subscribe("pubsub", "streamed", &Default::default()).await {
+            Ok(stream) => break stream,
+            // UNAVAILABLE until the sidecar reaches etcd.
+            Err(e) => assert!(Instant::now() < deadline, "no stream opened within 20 s: {e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let streamed = Inbox::default();
+    let seen = streamed.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(event)) = stream.next().await {
+            let id = event.id.clone();
+            seen.push(event);
+            let _ = stream.answer(&id, EventOutcome::Success);
+        }
+    });
+    let listed = Inbox::default();
+    let _app = TestApp::start_on(AppServer::new().subscribe("pubsub", "listed", listed.accept()), app_port).await;
+    sub.wait_for_log("app subscriptions registered").await;
+
+    let client = publisher.client();
+    wait_until_subscribed(&client, "listed", &listed).await;
+    wait_until_subscribed(&client, "streamed", &streamed).await;
+    client.publish("pubsub", "streamed", b"after".to_vec(), "text/plain").await.unwrap();
+    eventually(Duration::from_secs(20), "'after' on the stream", || async { streamed.has("after") }).await;
+    assert!(!listed.has("after"), "{:?}", listed.payloads());
+}
+
 pub async fn a_streaming_subscription_receives_events_and_answers_on_the_stream(broker: &Broker) {
     use tandem_proto::runtime::dapr_client::DaprClient;
     use tandem_proto::runtime::subscribe_topic_events_request_alpha1::SubscribeTopicEventsRequestType as Req;

@@ -79,6 +79,11 @@ async fn the_sdks_event_stream_retries_drops_and_dead_letters() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apps_listed_subscriptions_leave_its_streams_alone() {
+    cases::an_apps_listed_subscriptions_leave_its_streams_alone(&Broker::jetstream().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streaming_subscription_receives_events_and_answers_on_the_stream() {
     cases::a_streaming_subscription_receives_events_and_answers_on_the_stream(&Broker::jetstream().await).await;
 }

@@ -35,6 +35,10 @@ pub struct Subscriber {
     /// Whether the subscriber wants this topic's events in publish order (per publisher).
     #[serde(default)]
     pub ordered: bool,
+    /// Recorded by a streaming subscription (`SubscribeTopicEventsAlpha1`), not from the app's
+    /// `ListTopicSubscriptions`: the app's list never removes it.
+    #[serde(default)]
+    pub streaming: bool,
 }
 
 /// An immutable view of the namespace.
@@ -208,6 +212,7 @@ mod tests {
             dead_letter_topic: String::new(),
             path: String::new(),
             ordered: false,
+            streaming: false,
         };
         b.add_subscription("pubsub", "raw", sub("prep"));
         b.add_subscription("pubsub", "raw", sub("audit"));

@@ -119,6 +119,7 @@ impl StreamSubscriptions {
             dead_letter_topic: dead_letter_topic.to_string(),
             path: String::new(),
             ordered,
+            streaming: true,
         };
         let value = serde_json::to_vec(&subscriber).map_err(|e| e.to_string())?;
         registry

@@ -1,7 +1,8 @@
 //! The subscriber side: asks the app which topics it subscribes to and records them in etcd,
 //! where every publisher's routing table finds them. Done whenever the app becomes healthy
 //! (so an app restarted with other subscriptions is picked up); subscriptions the app no
-//! longer lists are removed. Each pub/sub component also hears the app's list
+//! longer lists are removed, except those of streaming subscriptions ([`StreamSubscriptions`]),
+//! which the app does not list: they stay, as when their stream closes. Each pub/sub component also hears the app's list
 //! ([`crate::pubsub::PubSub::set_app_subscriptions`]), for components that consume on the
 //! subscriber's side.
 //!
@@ -21,6 +22,7 @@ use tonic::Code;
 
 use crate::app_channel::AppChannel;
 use crate::discovery::{Backoff, Subscriber, keys};
+use crate::pubsub::streams::StreamSubscriptions;
 use crate::pubsub::{LocalSubscription, PubSubs};
 use crate::readiness::Readiness;
 
@@ -32,6 +34,8 @@ pub struct SubscriptionRegistrar {
     /// The pub/sub components of this sidecar; subscriptions to others are refused (logged).
     pub pubsubs: PubSubs,
     pub readiness: Arc<Readiness>,
+    /// The streaming subscriptions open here, whose records stay whatever the app lists.
+    pub streams: Arc<StreamSubscriptions>,
 }
 
 impl SubscriptionRegistrar {
@@ -101,6 +105,7 @@ impl SubscriptionRegistrar {
                 dead_letter_topic: subscription.dead_letter_topic.clone(),
                 path: route_of(&subscription),
                 ordered: wants_order(&subscription.metadata),
+                streaming: false,
             };
             let value = serde_json::to_vec(&subscriber).map_err(|e| e.to_string())?;
             for_component.push(LocalSubscription {
@@ -112,17 +117,23 @@ impl SubscriptionRegistrar {
             self.client.put(key.as_str(), value, None).await.map_err(|e| format!("writing {key}: {e}"))?;
             wanted.insert(key);
         }
-        // Remove this app's subscriptions that the app no longer lists.
+        // Remove this app's subscriptions that the app no longer lists, but not those that
+        // streaming subscriptions recorded (the app lists none of them).
         let prefix = format!("{}subscriptions/", keys::namespace_prefix(&self.namespace));
         let existing = self
             .client
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix().with_keys_only()))
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(|e| format!("listing {prefix}: {e}"))?;
         for kv in existing.kvs() {
             let Ok(key) = std::str::from_utf8(kv.key()) else { continue };
-            let ours = matches!(keys::parse(&self.namespace, key), Some(keys::DiscoveryKey::Subscription { app_id, .. }) if app_id == self.app_id);
-            if ours && !wanted.contains(key) {
+            let Some(keys::DiscoveryKey::Subscription { pubsub, topic, app_id }) = keys::parse(&self.namespace, key)
+            else {
+                continue;
+            };
+            let streaming = serde_json::from_slice::<Subscriber>(kv.value()).is_ok_and(|s| s.streaming)
+                || self.streams.has_stream(pubsub, &topic);
+            if app_id == self.app_id && !wanted.contains(key) && !streaming {
                 self.client.delete(key, None).await.map_err(|e| format!("removing {key}: {e}"))?;
                 tracing::info!(key, "removed a subscription the app no longer lists");
             }
