@@ -13,9 +13,9 @@
 //!   every span over OTLP/gRPC to a collector inside the bench, one exporting nothing; their
 //!   throughput compared.
 //! - `pubsub`: starts etcd, `nats-server -js` and two tandemds, and measures durable publish
-//!   to delivery of 1 KiB events for `pubsub.embedded` and `pubsub.jetstream` against NATS
-//!   JetStream used directly with async-nats: delivered events/s, and p50/p99 latency at a
-//!   paced 1,000 events/s.
+//!   to delivery of 1 KiB events for `pubsub.embedded` and `pubsub.jetstream` (each delivered
+//!   through `OnTopicEvent` and through a streaming subscription) against NATS JetStream used
+//!   directly with async-nats: delivered events/s, and p50/p99 latency at a paced 1,000 events/s.
 //! - `serving`: the AI pipeline's `predict` with 64 concurrent clients, dynamic batching
 //!   against batch size 1 (see [`serving`]); needs the pipeline binaries built in the same
 //!   target directory (`cargo build --release --workspace`).
@@ -41,7 +41,7 @@
 //! - [`invoke`]: the invocation scenario: the processes and the two routes.
 //! - [`state`]: the state scenario: the processes, the operations, and its report.
 //! - [`tracing`]: the tracing scenario: a traced and an untraced mesh, and its report.
-//! - [`pubsub`]: the pub/sub scenario: the processes, the three routes, and its report.
+//! - [`pubsub`]: the pub/sub scenario: the processes, the five routes, and its report.
 //! - [`load`]: the load both apply: warm-up, sequential calls, calls in flight, rounds that
 //!   take the routes in turn, CPU use meanwhile.
 //! - [`stats`]: percentiles (nearest rank), throughput, ratios.

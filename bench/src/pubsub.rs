@@ -6,11 +6,13 @@
 //! behind tandemd `bench-sub`, and tandemd `bench-pub` without an app. Both sidecars declare two
 //! components, `embedded` (`pubsub.embedded`) and `jetstream` (`pubsub.jetstream` on that
 //! server). Every event carries 1 KiB whose first 8 bytes are its sequence number, so the app
-//! records when each one first arrived. Three routes:
+//! records when each one first arrived. Five routes:
 //! - `direct`: async-nats publishes to a JetStream stream of its own and waits for each PubAck;
 //!   a durable pull consumer in this process acks each message on arrival.
 //! - `embedded` and `jetstream`: `PublishEvent` to `bench-pub`, which answers once the event
 //!   is durable; the app's `OnTopicEvent` answers SUCCESS.
+//! - the same two with a streaming subscription (`SubscribeTopicEventsAlpha1`) instead: the app
+//!   reads the events from a stream it holds open to `bench-sub` and answers SUCCESS on it.
 //!
 //! For each route: **throughput**, `in_flight` publishes kept going for `seconds`, events/s
 //! delivered (first publish to last delivery); and **latency** at a paced 1,000 events/s,
@@ -31,6 +33,7 @@ use tandem_tests::{Etcd, Nats, RunningSidecar, Sidecar, TestApp};
 use tokio_stream::StreamExt;
 
 use crate::machine::RunContext;
+use crate::procfs;
 use crate::report::{bytes, latency, thousands, times};
 use crate::stats::{LatencySummary, ratio};
 
@@ -56,21 +59,29 @@ pub struct PubSubSettings {
     pub delivery_windows: Vec<usize>,
 }
 
+/// How the events travel; the discriminant indexes [`Sinks`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
     Direct,
     Embedded,
+    EmbeddedStream,
     JetStream,
+    JetStreamStream,
 }
 
 impl Route {
-    pub const ALL: [Route; 3] = [Route::Direct, Route::Embedded, Route::JetStream];
+    pub const ALL: [Route; 5] =
+        [Route::Direct, Route::Embedded, Route::EmbeddedStream, Route::JetStream, Route::JetStreamStream];
+    /// The routes through the sidecars.
+    const SIDECAR: [Route; 4] = [Route::Embedded, Route::EmbeddedStream, Route::JetStream, Route::JetStreamStream];
 
     pub fn label(self) -> &'static str {
         match self {
             Route::Direct => "NATS JetStream direct (async-nats)",
-            Route::Embedded => "pubsub.embedded (2 sidecars)",
-            Route::JetStream => "pubsub.jetstream (2 sidecars)",
+            Route::Embedded => "pubsub.embedded (2 sidecars), OnTopicEvent",
+            Route::EmbeddedStream => "pubsub.embedded (2 sidecars), streaming subscription",
+            Route::JetStream => "pubsub.jetstream (2 sidecars), OnTopicEvent",
+            Route::JetStreamStream => "pubsub.jetstream (2 sidecars), streaming subscription",
         }
     }
 
@@ -78,8 +89,16 @@ impl Route {
     fn component(self) -> &'static str {
         match self {
             Route::Direct => "direct",
-            Route::Embedded => "embedded",
-            Route::JetStream => "jetstream",
+            Route::Embedded | Route::EmbeddedStream => "embedded",
+            Route::JetStream | Route::JetStreamStream => "jetstream",
+        }
+    }
+
+    /// The topic: the app serves `OnTopicEvent` for one and holds streams open for the other.
+    fn topic(self) -> &'static str {
+        match self {
+            Route::EmbeddedStream | Route::JetStreamStream => STREAM_TOPIC,
+            _ => TOPIC,
         }
     }
 }
@@ -130,7 +149,7 @@ fn payload(seq: usize) -> Vec<u8> {
 /// Where the app's events go: the recorder of the run in progress, per route.
 #[derive(Default, Clone)]
 struct Sinks {
-    current: Arc<std::sync::Mutex<[Option<Arc<Recorder>>; 3]>>,
+    current: Arc<std::sync::Mutex<[Option<Arc<Recorder>>; Route::ALL.len()]>>,
 }
 
 impl Sinks {
@@ -154,17 +173,53 @@ struct Bench {
     _resources: ResourcesDir,
     _subscriber: RunningSidecar,
     _publisher: RunningSidecar,
+    _streams: Vec<AbortOnDrop>,
+    /// The processes whose CPU time the throughput runs count, in [`WATCHED`]'s order.
+    watched: Vec<u32>,
     client: SidecarClient,
     sinks: Sinks,
     js: jetstream::Context,
 }
 
 const TOPIC: &str = "bench";
+/// The processes whose CPU time is counted per delivered event.
+pub const WATCHED: [&str; 4] = ["bench process", "tandemd bench-pub", "tandemd bench-sub", "nats-server"];
+const STREAM_TOPIC: &str = "bench-stream";
+
+/// A task that ends with the run that started it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What the app does with each event, whichever way it came: probes go to `probes`, the
+/// run's events to its recorder.
+fn take(route: Route, sinks: &Sinks, probes: &Inbox, event: tandem_sdk::TopicEvent) {
+    if event.data.starts_with(b"probe-") {
+        probes.push(event);
+    } else {
+        sinks.record(route, &event.data);
+    }
+}
 
 impl Bench {
     async fn start(window: usize) -> Result<Bench> {
         let etcd = Etcd::start().await;
+        let own_pid = std::process::id();
+        let earlier_servers = procfs::children_named(own_pid, "nats-server")?;
         let nats = Nats::start().await;
+        let nats_pid = match procfs::children_named(own_pid, "nats-server")?
+            .into_iter()
+            .filter(|pid| !earlier_servers.contains(pid))
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
+            [pid] => *pid,
+            other => bail!("expected one new nats-server child of this process, found {other:?}"),
+        };
         let url = nats.url();
         let window_text = window.to_string();
         let resources = ResourcesDir::new(&[
@@ -179,11 +234,7 @@ impl Bench {
             server = server.subscribe(route.component(), TOPIC, move |event| {
                 let (sinks, probes) = (sinks.clone(), probes.clone());
                 async move {
-                    if event.data.starts_with(b"probe-") {
-                        probes.push(event);
-                    } else {
-                        sinks.record(route, &event.data);
-                    }
+                    take(route, &sinks, &probes, event);
                     EventOutcome::Success
                 }
             });
@@ -194,13 +245,31 @@ impl Bench {
         let publisher = Sidecar::new("bench-pub").etcd(&etcd).resources(resources.path()).spawn().await;
         subscriber.wait_ready().await;
         publisher.wait_ready().await;
+        let mut streams = Vec::new();
+        for route in [Route::EmbeddedStream, Route::JetStreamStream] {
+            let mut stream = subscriber
+                .client()
+                .subscribe(route.component(), STREAM_TOPIC, &Default::default())
+                .await
+                .with_context(|| format!("opening the streaming subscription of {}", route.label()))?;
+            let (sinks, probes) = (sinks.clone(), probes.clone());
+            streams.push(AbortOnDrop(tokio::spawn(async move {
+                while let Ok(Some(event)) = stream.next().await {
+                    let id = event.id.clone();
+                    take(route, &sinks, &probes, event);
+                    if stream.answer(&id, EventOutcome::Success).is_err() {
+                        return;
+                    }
+                }
+            })));
+        }
         let client = publisher.client();
-        // Probe each component until the subscription has reached the publisher.
-        for route in [Route::Embedded, Route::JetStream] {
+        // Probe each route until the subscription has reached the publisher.
+        for route in Route::SIDECAR {
             let before = probes.events().len();
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
-                let _ = client.publish(route.component(), TOPIC, b"probe-1".to_vec(), "text/plain").await;
+                let _ = client.publish(route.component(), route.topic(), b"probe-1".to_vec(), "text/plain").await;
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 if probes.events().len() > before {
                     break;
@@ -208,6 +277,8 @@ impl Bench {
                 ensure!(Instant::now() < deadline, "the {} subscription never reached the publisher", route.label());
             }
         }
+        let pid = |sidecar: &RunningSidecar| sidecar.pid().context("a running tandemd has a pid");
+        let watched = vec![own_pid, pid(&publisher)?, pid(&subscriber)?, nats_pid];
         let native = async_nats::connect(url.as_str()).await.context("connecting to nats-server")?;
         let js = jetstream::new(native);
         Ok(Bench {
@@ -217,6 +288,8 @@ impl Bench {
             _resources: resources,
             _subscriber: subscriber,
             _publisher: publisher,
+            _streams: streams,
+            watched,
             client,
             sinks,
             js,
@@ -266,7 +339,7 @@ impl Bench {
 #[derive(Clone)]
 enum Publisher {
     Direct { js: jetstream::Context, subject: String },
-    Sidecar { client: SidecarClient, component: &'static str },
+    Sidecar { client: SidecarClient, route: Route },
 }
 
 impl Publisher {
@@ -275,8 +348,8 @@ impl Publisher {
             Publisher::Direct { js, subject } => {
                 js.publish(subject.clone(), data.into()).await?.await?;
             }
-            Publisher::Sidecar { client, component } => {
-                client.publish(component, TOPIC, data, "application/octet-stream").await?;
+            Publisher::Sidecar { client, route } => {
+                client.publish(route.component(), route.topic(), data, "application/octet-stream").await?;
             }
         }
         Ok(())
@@ -295,6 +368,8 @@ pub struct RunFigures {
     /// First publish to last delivery.
     pub delivery_time: Duration,
     pub latency: Option<LatencySummary>,
+    /// CPU time of each of [`WATCHED`] over the run (throughput runs only).
+    pub cpu: Option<Vec<Duration>>,
 }
 
 impl RunFigures {
@@ -304,6 +379,12 @@ impl RunFigures {
 
     pub fn acked_per_second(&self) -> f64 {
         self.published as f64 / self.publish_time.as_secs_f64().max(1e-9)
+    }
+
+    /// CPU µs per delivered event of each of [`WATCHED`].
+    pub fn cpu_per_event(&self) -> Option<Vec<f64>> {
+        let per_event = |cpu: &Duration| cpu.as_secs_f64() * 1e6 / self.delivered.max(1) as f64;
+        Some(self.cpu.as_ref()?.iter().map(per_event).collect())
     }
 }
 
@@ -400,6 +481,7 @@ async fn run_once(
         publish_time: Duration::from_nanos(last_ack.load(Ordering::SeqCst).saturating_sub(began)),
         delivery_time: Duration::from_nanos(last_delivery.saturating_sub(began)),
         latency: if in_flight.is_none() { LatencySummary::from_samples(samples) } else { None },
+        cpu: None,
     }
 }
 
@@ -448,10 +530,15 @@ pub async fn run(settings: &PubSubSettings, context: RunContext) -> Result<PubSu
                     }
                     _ => {
                         bench.sinks.set(route, Some(recorder.clone()));
-                        (Publisher::Sidecar { client: bench.client.clone(), component: route.component() }, None)
+                        (Publisher::Sidecar { client: bench.client.clone(), route }, None)
                     }
                 };
-                let measured = run_once(publisher, recorder, in_flight, Duration::from_secs_f64(seconds)).await;
+                let cpu_before = cpu_times(&bench.watched)?;
+                let mut measured = run_once(publisher, recorder, in_flight, Duration::from_secs_f64(seconds)).await;
+                if in_flight.is_some() {
+                    let after = cpu_times(&bench.watched)?;
+                    measured.cpu = Some(after.iter().zip(&cpu_before).map(|(a, b)| a.saturating_sub(*b)).collect());
+                }
                 bench.sinks.set(route, None);
                 if let Some(task) = consumer {
                     task.abort();
@@ -487,6 +574,11 @@ pub async fn run(settings: &PubSubSettings, context: RunContext) -> Result<PubSu
     Ok(PubSubReport { context, settings: settings.clone(), routes, nats_version })
 }
 
+/// CPU time so far of each of `pids`.
+fn cpu_times(pids: &[u32]) -> Result<Vec<Duration>> {
+    pids.iter().map(|pid| procfs::cpu_time(*pid)).collect()
+}
+
 impl PubSubReport {
     fn route(&self, route: Route, window: usize) -> Option<&RouteResult> {
         self.routes.iter().find(|r| r.route == route && r.window == window)
@@ -500,13 +592,13 @@ impl PubSubReport {
         )
     }
 
-    /// The target's reading: pubsub.embedded over direct at the window where that ratio is
-    /// lowest (a pass must hold at every window measured).
-    pub fn embedded_over_direct(&self) -> Option<(usize, f64)> {
+    /// The target's reading for `route`: its rate over direct at the window where that ratio
+    /// is lowest (a pass must hold at every window measured).
+    pub fn lowest_over_direct(&self, route: Route) -> Option<(usize, f64)> {
         self.settings
             .delivery_windows
             .iter()
-            .filter_map(|&w| Some((w, self.over_direct(Route::Embedded, w)?)))
+            .filter_map(|&w| Some((w, self.over_direct(route, w)?)))
             .min_by(|a, b| a.1.total_cmp(&b.1))
     }
 
@@ -517,7 +609,9 @@ impl PubSubReport {
             "- Events of {payload}, published durably and delivered to a subscriber app. **pubsub.embedded** and \
              **pubsub.jetstream**: `PublishEvent` to tandemd `bench-pub` (no app), which answers once the event is \
              durable (embedded: written to its outbox log and synced with `fdatasync`; jetstream: JetStream's PubAck); tandemd `bench-sub` \
-             hands each event to the app's `OnTopicEvent` (in the bench process), which answers SUCCESS. \
+             hands each event to the app (in the bench process), which answers SUCCESS: through the app's \
+             `OnTopicEvent`, one call per event, or through a streaming subscription (`SubscribeTopicEventsAlpha1`, \
+             the SDK's `SidecarClient::subscribe`) that the app holds open to `bench-sub`, one message each way per event. \
              **Direct**: the bench process publishes to a JetStream stream of its own with async-nats, waiting for \
              each PubAck, and consumes it through a durable pull consumer (max_ack_pending = the window, batches \
              of up to the window), acking each message. **Window**: deliveries in flight to the subscriber, the \
@@ -564,7 +658,6 @@ impl PubSubReport {
                 t.duplicates + p.duplicates,
             ));
         }
-        let embedded = self.embedded_over_direct();
         // JetStream's direct consumer sometimes falls far behind its own publisher and stays
         // there (it then reads the backlog back from its file store): the baseline collapses
         // (seen here: 9,400 delivered against 77,000 acks/s) and every ratio would flatter Tandem.
@@ -575,12 +668,32 @@ impl PubSubReport {
             .filter(|r| r.throughput.delivered_per_second() < 0.5 * r.throughput.acked_per_second())
             .map(|r| r.window.to_string())
             .collect();
-        let verdict = if !collapsed.is_empty() {
-            "NOT JUDGED: the direct baseline collapsed, rerun"
-        } else if embedded.is_some_and(|(_, r)| r >= MIN_EMBEDDED_RATIO) {
-            "PASS"
-        } else {
-            "MISS"
+        out.push_str(&format!(
+            "\nCPU time per delivered event in the throughput runs (user + system, from /proc/<pid>/stat, 10 ms \
+             resolution; etcd is left out, it does next to nothing once the subscriptions are found):\n\n\
+             | route | window | {} | **all of these** |\n|---|---:|{}---:|\n",
+            WATCHED.join(" | "),
+            "---:|".repeat(WATCHED.len()),
+        ));
+        for r in &self.routes {
+            let Some(per_event) = r.throughput.cpu_per_event() else { continue };
+            let cells: Vec<String> = per_event.iter().map(|us| format!("{us:.1} µs")).collect();
+            out.push_str(&format!(
+                "| {} | {} | {} | **{:.1} µs** |\n",
+                r.route.label(),
+                r.window,
+                cells.join(" | "),
+                per_event.iter().sum::<f64>()
+            ));
+        }
+        let verdict = |route: Route| {
+            if !collapsed.is_empty() {
+                "NOT JUDGED: the direct baseline collapsed, rerun"
+            } else if self.lowest_over_direct(route).is_some_and(|(_, r)| r >= MIN_EMBEDDED_RATIO) {
+                "PASS"
+            } else {
+                "MISS"
+            }
         };
         let per_window = |route: Route| {
             self.settings
@@ -591,10 +704,15 @@ impl PubSubReport {
                 .join(", ")
         };
         out.push_str(&format!(
-            "\nTarget: pubsub.embedded delivers >= {MIN_EMBEDDED_RATIO}x the direct JetStream rate at every window: \
-             {} -> **{verdict}**. pubsub.jetstream: {}.\n",
+            "\nTarget: pubsub.embedded delivers >= {MIN_EMBEDDED_RATIO}x the direct JetStream rate at every window. \
+             Through `OnTopicEvent`: {} -> **{}**. Through a streaming subscription: {} -> **{}**. \
+             pubsub.jetstream (no target): {} through `OnTopicEvent`, {} through a streaming subscription.\n",
             per_window(Route::Embedded),
+            verdict(Route::Embedded),
+            per_window(Route::EmbeddedStream),
+            verdict(Route::EmbeddedStream),
             per_window(Route::JetStream),
+            per_window(Route::JetStreamStream),
         ));
         if !collapsed.is_empty() {
             out.push_str(&format!(
