@@ -117,6 +117,8 @@ impl StreamAnswers {
             .send(SubscribeTopicEventsRequestAlpha1 {
                 subscribe_topic_events_request_type: Some(RequestType::EventProcessed(processed)),
             })
-            .map_err(|_| Status::unavailable(format!("the subscription stream is closed; event '{id}' was not answered")))
+            .map_err(|_| {
+                Status::unavailable(format!("the subscription stream is closed; event '{id}' was not answered"))
+            })
     }
 }
