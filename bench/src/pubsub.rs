@@ -172,7 +172,7 @@ struct Bench {
     _app: TestApp,
     _resources: ResourcesDir,
     _subscriber: RunningSidecar,
-    _publisher: RunningSidecar,
+    publisher: RunningSidecar,
     _streams: Vec<AbortOnDrop>,
     /// The processes whose CPU time the throughput runs count, in [`WATCHED`]'s order.
     watched: Vec<u32>,
@@ -287,13 +287,21 @@ impl Bench {
             _app: app,
             _resources: resources,
             _subscriber: subscriber,
-            _publisher: publisher,
+            publisher,
             _streams: streams,
             watched,
             client,
             sinks,
             js,
         })
+    }
+
+    /// The publisher's pubsub.embedded delivery calls so far and the events they carried, from
+    /// its `tandem_pubsub_delivery_batch_size` histogram.
+    async fn delivery_calls(&self) -> Result<(f64, f64)> {
+        let (status, text) = self.publisher.get("/metrics").await.map_err(|e| anyhow::anyhow!("GET /metrics: {e}"))?;
+        ensure!(status == 200, "GET /metrics of bench-pub answered {status}");
+        Ok(histogram_count_and_sum(&text, "tandem_pubsub_delivery_batch_size"))
     }
 
     /// A direct JetStream stream and durable consumer for one run, consumed into `recorder`.
@@ -370,6 +378,9 @@ pub struct RunFigures {
     pub latency: Option<LatencySummary>,
     /// CPU time of each of [`WATCHED`] over the run (throughput runs only).
     pub cpu: Option<Vec<Duration>>,
+    /// pubsub.embedded's delivery calls from the publisher's sidecar over the run, and the
+    /// events they carried (throughput runs only).
+    pub delivery_calls: Option<(f64, f64)>,
 }
 
 impl RunFigures {
@@ -482,6 +493,7 @@ async fn run_once(
         delivery_time: Duration::from_nanos(last_delivery.saturating_sub(began)),
         latency: if in_flight.is_none() { LatencySummary::from_samples(samples) } else { None },
         cpu: None,
+        delivery_calls: None,
     }
 }
 
@@ -534,10 +546,13 @@ pub async fn run(settings: &PubSubSettings, context: RunContext) -> Result<PubSu
                     }
                 };
                 let cpu_before = cpu_times(&bench.watched)?;
+                let calls_before = bench.delivery_calls().await?;
                 let mut measured = run_once(publisher, recorder, in_flight, Duration::from_secs_f64(seconds)).await;
                 if in_flight.is_some() {
                     let after = cpu_times(&bench.watched)?;
                     measured.cpu = Some(after.iter().zip(&cpu_before).map(|(a, b)| a.saturating_sub(*b)).collect());
+                    let calls = bench.delivery_calls().await?;
+                    measured.delivery_calls = Some((calls.0 - calls_before.0, calls.1 - calls_before.1));
                 }
                 bench.sinks.set(route, None);
                 if let Some(task) = consumer {
@@ -572,6 +587,18 @@ pub async fn run(settings: &PubSubSettings, context: RunContext) -> Result<PubSu
     .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     .unwrap_or_else(|_| "nats-server (version unknown)".into());
     Ok(PubSubReport { context, settings: settings.clone(), routes, nats_version })
+}
+
+/// `NAME_count` and `NAME_sum` of a Prometheus text histogram, summed over its label sets.
+fn histogram_count_and_sum(text: &str, name: &str) -> (f64, f64) {
+    let total = |suffix: &str| {
+        let metric = format!("{name}{suffix}");
+        text.lines()
+            .filter(|line| line.strip_prefix(metric.as_str()).is_some_and(|rest| rest.starts_with([' ', '{'])))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    (total("_count"), total("_sum"))
 }
 
 /// CPU time so far of each of `pids`.
@@ -671,15 +698,19 @@ impl PubSubReport {
         out.push_str(&format!(
             "\nCPU time per delivered event in the throughput runs (user + system, from /proc/<pid>/stat, 10 ms \
              resolution; etcd is left out, it does next to nothing once the subscriptions are found):\n\n\
-             | route | window | {} | **all of these** |\n|---|---:|{}---:|\n",
+             | route | window | {} | **all of these** | events per delivery call (embedded) |\n|---|---:|{}---:|---:|\n",
             WATCHED.join(" | "),
             "---:|".repeat(WATCHED.len()),
         ));
         for r in &self.routes {
             let Some(per_event) = r.throughput.cpu_per_event() else { continue };
             let cells: Vec<String> = per_event.iter().map(|us| format!("{us:.1} µs")).collect();
+            let batch = match r.throughput.delivery_calls {
+                Some((calls, events)) if calls > 0.0 => format!("{:.1}", events / calls),
+                _ => "-".into(),
+            };
             out.push_str(&format!(
-                "| {} | {} | {} | **{:.1} µs** |\n",
+                "| {} | {} | {} | **{:.1} µs** | {batch} |\n",
                 r.route.label(),
                 r.window,
                 cells.join(" | "),
@@ -722,5 +753,23 @@ impl PubSubReport {
             ));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_histograms_count_and_sum_add_up_over_its_label_sets() {
+        let text = "# HELP tandem_pubsub_delivery_batch_size Events per delivery call\n\
+                    tandem_pubsub_delivery_batch_size_sum{topic=\"a\"} 640.0\n\
+                    tandem_pubsub_delivery_batch_size_count{topic=\"a\"} 10\n\
+                    tandem_pubsub_delivery_batch_size_bucket{topic=\"a\",le=\"64.0\"} 10\n\
+                    tandem_pubsub_delivery_batch_size_sum{topic=\"b\"} 6.0\n\
+                    tandem_pubsub_delivery_batch_size_count{topic=\"b\"} 3\n\
+                    tandem_pubsub_delivery_batch_size_counter 99\n";
+        assert_eq!(histogram_count_and_sum(text, "tandem_pubsub_delivery_batch_size"), (13.0, 646.0));
+        assert_eq!(histogram_count_and_sum(text, "tandem_other"), (0.0, 0.0));
     }
 }
