@@ -38,8 +38,10 @@ pub struct StreamAnswers {
 
 impl SidecarClient {
     /// Subscribes to `topic` of pub/sub component `pubsub` over a stream. Returns once the
-    /// sidecar has recorded the subscription, so events published from then on reach it.
-    /// `options.route` must be empty: a stream receives all of its topic's events.
+    /// sidecar has recorded the subscription in etcd, where publishers' sidecars find it (their
+    /// routing follows etcd within moments); from then on events of the topic are kept for this
+    /// app, also while no stream of it is open. `options.route` must be empty: a stream receives
+    /// all of its topic's events.
     pub async fn subscribe(
         &self,
         pubsub: &str,
