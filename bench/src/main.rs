@@ -45,6 +45,7 @@
 //! - [`load`]: the load both apply: warm-up, sequential calls, calls in flight, rounds that
 //!   take the routes in turn, CPU use meanwhile.
 //! - [`stats`]: percentiles (nearest rank), throughput, ratios.
+//! - [`prometheus`]: samples read from tandemd's `/metrics`.
 //! - [`procfs`]: resident memory and CPU time from `/proc/<pid>/{status,stat}`, and how busy
 //!   the machine was from `/proc/stat`.
 //! - [`training`]: the training scenario (burn against PyTorch) and its report.
@@ -57,6 +58,7 @@ mod invoke;
 mod load;
 mod machine;
 mod procfs;
+mod prometheus;
 mod pubsub;
 mod report;
 mod serving;

@@ -34,6 +34,7 @@ use tokio_stream::StreamExt;
 
 use crate::machine::RunContext;
 use crate::procfs;
+use crate::prometheus::sum_of;
 use crate::report::{bytes, latency, thousands, times};
 use crate::stats::{LatencySummary, ratio};
 
@@ -301,7 +302,8 @@ impl Bench {
     async fn delivery_calls(&self) -> Result<(f64, f64)> {
         let (status, text) = self.publisher.get("/metrics").await.map_err(|e| anyhow::anyhow!("GET /metrics: {e}"))?;
         ensure!(status == 200, "GET /metrics of bench-pub answered {status}");
-        Ok(histogram_count_and_sum(&text, "tandem_pubsub_delivery_batch_size"))
+        let histogram = "tandem_pubsub_delivery_batch_size";
+        Ok((sum_of(&text, &format!("{histogram}_count")), sum_of(&text, &format!("{histogram}_sum"))))
     }
 
     /// A direct JetStream stream and durable consumer for one run, consumed into `recorder`.
@@ -545,14 +547,18 @@ pub async fn run(settings: &PubSubSettings, context: RunContext) -> Result<PubSu
                         (Publisher::Sidecar { client: bench.client.clone(), route }, None)
                     }
                 };
+                // Only pubsub.embedded's throughput runs count delivery calls (the histogram is its).
+                let count_calls = in_flight.is_some() && route.component() == "embedded";
+                let calls_before = if count_calls { Some(bench.delivery_calls().await?) } else { None };
                 let cpu_before = cpu_times(&bench.watched)?;
-                let calls_before = bench.delivery_calls().await?;
                 let mut measured = run_once(publisher, recorder, in_flight, Duration::from_secs_f64(seconds)).await;
                 if in_flight.is_some() {
                     let after = cpu_times(&bench.watched)?;
                     measured.cpu = Some(after.iter().zip(&cpu_before).map(|(a, b)| a.saturating_sub(*b)).collect());
-                    let calls = bench.delivery_calls().await?;
-                    measured.delivery_calls = Some((calls.0 - calls_before.0, calls.1 - calls_before.1));
+                }
+                if let Some((calls_then, events_then)) = calls_before {
+                    let (calls, events) = bench.delivery_calls().await?;
+                    measured.delivery_calls = Some((calls - calls_then, events - events_then));
                 }
                 bench.sinks.set(route, None);
                 if let Some(task) = consumer {
@@ -587,18 +593,6 @@ pub async fn run(settings: &PubSubSettings, context: RunContext) -> Result<PubSu
     .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     .unwrap_or_else(|_| "nats-server (version unknown)".into());
     Ok(PubSubReport { context, settings: settings.clone(), routes, nats_version })
-}
-
-/// `NAME_count` and `NAME_sum` of a Prometheus text histogram, summed over its label sets.
-fn histogram_count_and_sum(text: &str, name: &str) -> (f64, f64) {
-    let total = |suffix: &str| {
-        let metric = format!("{name}{suffix}");
-        text.lines()
-            .filter(|line| line.strip_prefix(metric.as_str()).is_some_and(|rest| rest.starts_with([' ', '{'])))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    (total("_count"), total("_sum"))
 }
 
 /// CPU time so far of each of `pids`.
@@ -753,23 +747,5 @@ impl PubSubReport {
             ));
         }
         out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_histograms_count_and_sum_add_up_over_its_label_sets() {
-        let text = "# HELP tandem_pubsub_delivery_batch_size Events per delivery call\n\
-                    tandem_pubsub_delivery_batch_size_sum{topic=\"a\"} 640.0\n\
-                    tandem_pubsub_delivery_batch_size_count{topic=\"a\"} 10\n\
-                    tandem_pubsub_delivery_batch_size_bucket{topic=\"a\",le=\"64.0\"} 10\n\
-                    tandem_pubsub_delivery_batch_size_sum{topic=\"b\"} 6.0\n\
-                    tandem_pubsub_delivery_batch_size_count{topic=\"b\"} 3\n\
-                    tandem_pubsub_delivery_batch_size_counter 99\n";
-        assert_eq!(histogram_count_and_sum(text, "tandem_pubsub_delivery_batch_size"), (13.0, 646.0));
-        assert_eq!(histogram_count_and_sum(text, "tandem_other"), (0.0, 0.0));
     }
 }

@@ -13,6 +13,7 @@ use tandem_tests::otlp::Collector;
 use crate::invoke::{CALLEE, CALLER, Mesh};
 use crate::load::{self, RouteFigures, Settings};
 use crate::machine::RunContext;
+use crate::prometheus::sum_of;
 use crate::report::{Section, latency, per_call, precise_times, thousands, throughput_cpu_rows, times};
 use crate::stats::ratio;
 
@@ -83,8 +84,8 @@ pub async fn run(settings: &Settings, context: RunContext) -> Result<TracingRepo
     tokio::time::sleep(Duration::from_secs(6)).await;
     let mut spans = SpanCounts { received: collector.count(), ..Default::default() };
     for text in traced.sidecar_metrics().await? {
-        spans.exported += sample(&text, "tandem_trace_spans_exported_total") as u64;
-        spans.dropped += sample(&text, "tandem_trace_spans_dropped_total") as u64;
+        spans.exported += sum_of(&text, "tandem_trace_spans_exported_total") as u64;
+        spans.dropped += sum_of(&text, "tandem_trace_spans_dropped_total") as u64;
     }
     drop((untraced, traced));
     Ok(TracingReport {
@@ -94,14 +95,6 @@ pub async fn run(settings: &Settings, context: RunContext) -> Result<TracingRepo
         traced: traced_figures.only_processes(&[0, 3, 4]),
         spans,
     })
-}
-
-/// The value of an unlabelled Prometheus sample, 0 when absent.
-fn sample(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 impl TracingReport {
