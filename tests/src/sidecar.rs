@@ -245,6 +245,18 @@ impl RunningSidecar {
         http::get(self.admin_addr(), path).await
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn scrape(&self) -> String {
+        let (code, body) = self.get("/metrics").await.expect("scraping /metrics");
+        assert_eq!(code, 200, "/metrics answered {code}: {body}");
+        body
+    }
+
+    /// The value of one sample of `/metrics` (see [`sample`]).
+    pub async fn metric(&self, series: &str) -> f64 {
+        sample(&self.scrape().await, series)
+    }
+
     /// Waits until /readyz answers 200.
     pub async fn wait_ready(&self) {
         let admin = self.admin_addr();
@@ -350,6 +362,15 @@ impl Drop for RunningSidecar {
             let _ = child.start_kill();
         }
     }
+}
+
+/// The value of the sample `series` (name with labels, exactly as exposed) in Prometheus text,
+/// 0 when absent.
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|value| value.trim().parse().expect("a numeric sample"))
+        .unwrap_or(0.0)
 }
 
 #[cfg(test)]

@@ -4,27 +4,14 @@ use std::time::Duration;
 
 use tandem_sdk::{AppServer, Code, EventOutcome, TopicEvent};
 use tandem_tests::pubsub::{Inbox, wait_until_subscribed};
-use tandem_tests::{Etcd, InvokeMesh, RunningSidecar, Sidecar, TestApp, eventually};
-
-/// The value of the sample `series` (name with labels, exactly as exposed), 0 when absent.
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .map(|value| value.trim().parse().expect("a numeric sample"))
-        .unwrap_or(0.0)
-}
-
-async fn scrape(sidecar: &RunningSidecar) -> String {
-    let (code, body) = sidecar.get("/metrics").await.unwrap();
-    assert_eq!(code, 200);
-    body
-}
+use tandem_tests::sidecar::sample;
+use tandem_tests::{Etcd, InvokeMesh, Sidecar, TestApp, eventually};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_the_calls_made() {
     let mesh = InvokeMesh::start(2).await;
     let client = &mesh.client;
-    let before = scrape(&mesh.caller).await;
+    let before = mesh.caller.scrape().await;
 
     for _ in 0..5 {
         client.invoke("svc-b", "echo", b"x".to_vec()).await.unwrap();
@@ -35,7 +22,7 @@ async fn metrics_count_the_calls_made() {
     client.get_state("statestore", "k").await.unwrap();
     client.publish("pubsub", "nobody-listens", b"e".to_vec(), "text/plain").await.unwrap();
 
-    let after = scrape(&mesh.caller).await;
+    let after = mesh.caller.scrape().await;
     let delta = |series: &str| sample(&after, series) - sample(&before, series);
     assert_eq!(delta(r#"tandem_api_requests_total{method="InvokeService",code="OK"}"#), 5.0, "{after}");
     assert_eq!(delta(r#"tandem_api_requests_total{method="InvokeService",code="NotFound"}"#), 1.0);
@@ -78,12 +65,12 @@ async fn pubsub_in_flight_counts_deliveries_not_yet_answered() {
     let series = r#"tandem_pubsub_in_flight{pubsub="pubsub",topic="slow"}"#;
     client.publish("pubsub", "slow", b"hold".to_vec(), "text/plain").await.unwrap();
     eventually(Duration::from_secs(20), "the held event counted in flight", || async {
-        inbox.has("hold") && sample(&scrape(&publisher).await, series) == 1.0
+        inbox.has("hold") && sample(&publisher.scrape().await, series) == 1.0
     })
     .await;
     release.send(true).unwrap();
     eventually(Duration::from_secs(20), "nothing in flight once the subscriber answered", || async {
-        sample(&scrape(&publisher).await, series) == 0.0 && scrape(&publisher).await.contains(series)
+        sample(&publisher.scrape().await, series) == 0.0 && publisher.scrape().await.contains(series)
     })
     .await;
 }

@@ -11,25 +11,11 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use tandem_sdk::{AppServer, BulkEntry, CallOptions, EventOutcome, Reply, SidecarClient, Status, TraceContext};
 use tandem_tests::otlp::{self, Collector, by_name};
 use tandem_tests::pubsub::{Inbox, wait_until_subscribed};
-use tandem_tests::{Etcd, RunningSidecar, Sidecar, TestApp, eventually};
+use tandem_tests::{Etcd, Sidecar, TestApp, eventually};
 
 const SERVER: i32 = 2;
 const CLIENT: i32 = 3;
 const PRODUCER: i32 = 4;
-
-/// The value of the sample `series` (name with labels, exactly as exposed), 0 when absent.
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .map(|value| value.trim().parse().expect("a numeric sample"))
-        .unwrap_or(0.0)
-}
-
-async fn metric(sidecar: &RunningSidecar, series: &str) -> f64 {
-    let (code, body) = sidecar.get("/metrics").await.unwrap();
-    assert_eq!(code, 200);
-    sample(&body, series)
-}
 
 /// A sidecar exporting its spans to `collector` soon after they end.
 fn traced(app_id: &str, etcd: &Etcd, collector_endpoint: &str) -> Sidecar {
@@ -260,10 +246,10 @@ async fn events_delivered_in_one_call_each_keep_their_own_spans() {
     let backlog = r#"tandem_pubsub_backlog{pubsub="pubsub"}"#;
     eventually(Duration::from_secs(20), "the probes settled", || {
         let publisher = &publisher;
-        async move { metric(publisher, backlog).await == 0.0 }
+        async move { publisher.metric(backlog).await == 0.0 }
     })
     .await;
-    let before = (metric(&publisher, sum).await, metric(&publisher, count).await);
+    let before = (publisher.metric(sum).await, publisher.metric(count).await);
     let entries = (0..EVENTS)
         .map(|i| BulkEntry {
             entry_id: i.to_string(),
@@ -277,7 +263,7 @@ async fn events_delivered_in_one_call_each_keep_their_own_spans() {
         async move { all }
     })
     .await;
-    let after = (metric(&publisher, sum).await, metric(&publisher, count).await);
+    let after = (publisher.metric(sum).await, publisher.metric(count).await);
     assert_eq!((after.0 - before.0, after.1 - before.1), (EVENTS as f64, 1.0), "all {EVENTS} events in one call");
 
     // The trace of the bulk publish: each event has its own delivery span, its own span at
@@ -326,14 +312,14 @@ async fn a_malformed_traceparent_starts_a_new_trace_and_is_counted() {
     let client = caller.client();
     wait_until_routed(&client, "mal-b", "echo").await;
     let invalid = "tandem_trace_context_invalid_total";
-    let before = metric(&caller, invalid).await;
+    let before = caller.metric(invalid).await;
 
     let reply = client
         .invoke_with("mal-b", "echo", b"x".to_vec(), CallOptions::default().header("traceparent", "00-not-a-trace-01"))
         .await
         .expect("a malformed traceparent is never an error to the caller");
     assert_eq!(reply.data, b"x");
-    assert_eq!(metric(&caller, invalid).await - before, 1.0);
+    assert_eq!(caller.metric(invalid).await - before, 1.0);
 
     // The callee got a fresh, valid trace: the caller's sidecar started it.
     let trace = seen.lock().unwrap().last().cloned().flatten().expect("the app got a trace context");
@@ -374,10 +360,10 @@ async fn an_unreachable_collector_changes_nothing_for_calls_and_drops_are_counte
     for sidecar in [&caller, &callee] {
         let what = format!("dropped spans counted by {}", sidecar.app_id);
         eventually(Duration::from_secs(20), &what, || async {
-            metric(sidecar, "tandem_trace_spans_dropped_total").await >= 100.0
+            sidecar.metric("tandem_trace_spans_dropped_total").await >= 100.0
         })
         .await;
-        assert_eq!(metric(sidecar, "tandem_trace_spans_exported_total").await, 0.0);
+        assert_eq!(sidecar.metric("tandem_trace_spans_exported_total").await, 0.0);
     }
     caller.wait_for_log("cannot export spans").await;
 }
