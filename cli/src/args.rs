@@ -59,6 +59,9 @@ pub enum Command {
     State(StateCommand),
     /// List the apps and their live instances registered in etcd.
     Ls(LsArgs),
+    /// Remove app APP's subscription to TOPIC of pub/sub PUBSUB, for an app that is gone for
+    /// good: publishers then release the events they kept for it.
+    Unsubscribe(UnsubscribeArgs),
 }
 
 /// A JSON payload, given inline or as a file.
@@ -124,6 +127,20 @@ pub struct StateGetArgs {
     /// Deadline of the call.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct UnsubscribeArgs {
+    /// Pub/sub component name (e.g. `pubsub`).
+    pub pubsub: String,
+    /// Topic.
+    pub topic: String,
+    /// The subscribed app-id.
+    pub app: String,
+    /// Remove it even though the app has live instances (their sidecars record the
+    /// subscription again when the app restarts or opens a stream for the topic).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

@@ -1,14 +1,14 @@
-//! `tandem invoke`, `publish`, `state get` and `ls`: requests to a running mesh.
+//! `tandem invoke`, `publish`, `state get`, `ls` and `unsubscribe`: requests to a running mesh.
 
 use std::io::{IsTerminal, Write};
 
 use serde_json::json;
 use tandem_sdk::{CallOptions, SidecarClient};
 
-use crate::args::{Global, InvokeArgs, LsArgs, PublishArgs, StateGetArgs};
+use crate::args::{Global, InvokeArgs, LsArgs, PublishArgs, StateGetArgs, UnsubscribeArgs};
 use crate::error::CliError;
 use crate::payload;
-use crate::registry::Registry;
+use crate::registry::{self, Registry};
 
 /// Where a sidecar is expected when neither --sidecar nor etcd names one (Dapr's default port).
 pub const DEFAULT_SIDECAR: &str = "127.0.0.1:50001";
@@ -166,6 +166,26 @@ pub async fn ls(global: &Global, ls: LsArgs) -> Result<(), CliError> {
     let registry = Registry::load(&global.etcd, &global.namespace).await?;
     let text = if ls.json { ls_json(&registry) } else { ls_table(&registry, &global.etcd.join(",")) };
     print_value(text.as_bytes(), "the listing")
+}
+
+/// `tandem unsubscribe PUBSUB TOPIC APP`: deletes the subscription's record from etcd. The
+/// publishers' sidecars see it go and release the events they kept for it (`pubsub.embedded`);
+/// with `pubsub.jetstream` the events wait in the app's durable consumer, which NATS removes
+/// after `consumerInactiveThreshold`.
+pub async fn unsubscribe(global: &Global, remove: UnsubscribeArgs) -> Result<(), CliError> {
+    let UnsubscribeArgs { pubsub, topic, app, force } = &remove;
+    let namespace = &global.namespace;
+    Registry::load(&global.etcd, namespace).await?.check_unsubscribe(pubsub, topic, app, *force)?;
+    if !registry::remove_subscription(&global.etcd, namespace, pubsub, topic, app).await? {
+        return Err(CliError::not_found(format!(
+            "app '{app}''s subscription to topic '{topic}' of pub/sub '{pubsub}' was removed meanwhile"
+        )));
+    }
+    eprintln!(
+        "removed app '{app}''s subscription to topic '{topic}' of pub/sub '{pubsub}' in namespace '{namespace}': \
+         publishers release the events they kept for it"
+    );
+    Ok(())
 }
 
 fn ls_json(registry: &Registry) -> String {

@@ -11,7 +11,7 @@ pub enum ExitKind {
     Usage,
     /// 3: etcd or a sidecar could not be reached, or the app has no live instance.
     Unreachable,
-    /// 4: no such app-id, or no such state key.
+    /// 4: no such app-id, state key or subscription.
     NotFound,
     /// 130 after SIGINT (Ctrl-C), 143 after SIGTERM, 129 after SIGHUP: the shell's 128 + signal number.
     Interrupted(i32),

@@ -4,8 +4,8 @@
 //!   service process for each of ingest, preprocess (2 replicas), train and serve, with progress
 //!   bars fed by each service's `status` method, until Ctrl-C; then stops everything in reverse
 //!   order.
-//! - `tandem invoke`, `tandem publish`, `tandem state get`, `tandem ls` ([`commands`]): talk to
-//!   a running mesh through a sidecar's Dapr API and etcd.
+//! - `tandem invoke`, `tandem publish`, `tandem state get`, `tandem ls`, `tandem unsubscribe`
+//!   ([`commands`]): talk to a running mesh through a sidecar's Dapr API and etcd.
 //!
 //! Modules: [`args`] (the command line), [`error`] (errors and exit codes), [`registry`] (what
 //! etcd says about apps and their sidecars), [`commands`] (everything but `up`), [`up`],
@@ -35,5 +35,6 @@ pub async fn run(cli: args::Cli) -> Result<(), CliError> {
         Command::Publish(event) => commands::publish(&cli.global, event).await,
         Command::State(args::StateCommand::Get(get)) => commands::state_get(&cli.global, get).await,
         Command::Ls(ls) => commands::ls(&cli.global, ls).await,
+        Command::Unsubscribe(remove) => commands::unsubscribe(&cli.global, remove).await,
     }
 }

@@ -3,6 +3,7 @@
 //! tandem-sidecar's `discovery::keys`, so the CLI and the sidecars agree by construction.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::time::Duration;
 
 use etcd_client::GetOptions;
@@ -26,6 +27,44 @@ fn describe(error: &etcd_client::Error) -> String {
     }
 }
 
+/// Runs `request` on a client of the etcd at `endpoints`, connecting included, within 6 s; a
+/// clear error when etcd cannot be reached.
+async fn with_etcd<T, Request, Answer>(endpoints: &[String], request: Request) -> Result<T, CliError>
+where
+    Request: FnOnce(etcd_client::Client) -> Answer,
+    Answer: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let unreachable = |e: &dyn std::fmt::Display| {
+        CliError::unreachable(format!(
+            "cannot reach etcd at {}: {e}. Is it running? (`tandem up` starts one; --etcd or \
+             TANDEM_ETCD_ENDPOINTS names another)",
+            endpoints.join(",")
+        ))
+    };
+    let work = async {
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(3));
+        let client =
+            etcd_client::Client::connect(endpoints, Some(options)).await.map_err(|e| unreachable(&describe(&e)))?;
+        request(client).await.map_err(|e| unreachable(&describe(&e)))
+    };
+    tokio::time::timeout(Duration::from_secs(6), work).await.map_err(|_| unreachable(&"no answer within 6 s"))?
+}
+
+/// Deletes `app_id`'s subscription to `topic` of `pubsub` in `namespace`; whether it was there.
+pub async fn remove_subscription(
+    endpoints: &[String],
+    namespace: &str,
+    pubsub: &str,
+    topic: &str,
+    app_id: &str,
+) -> Result<bool, CliError> {
+    let key = keys::subscription_key(namespace, pubsub, topic, app_id);
+    let response = with_etcd(endpoints, |mut client| async move { client.delete(key, None).await }).await?;
+    Ok(response.deleted() > 0)
+}
+
 /// One namespace's discovery data, read at one moment.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Registry {
@@ -41,27 +80,11 @@ pub struct Registry {
 impl Registry {
     /// Reads the namespace from etcd; a clear error when etcd cannot be reached.
     pub async fn load(endpoints: &[String], namespace: &str) -> Result<Registry, CliError> {
-        let unreachable = |e: &dyn std::fmt::Display| {
-            CliError::unreachable(format!(
-                "cannot reach etcd at {}: {e}. Is it running? (`tandem up` starts one; --etcd or \
-                 TANDEM_ETCD_ENDPOINTS names another)",
-                endpoints.join(",")
-            ))
-        };
-        let read = async {
-            let options = etcd_client::ConnectOptions::new()
-                .with_connect_timeout(Duration::from_secs(2))
-                .with_timeout(Duration::from_secs(3));
-            let mut client =
-                etcd_client::Client::connect(endpoints, Some(options)).await.map_err(|e| unreachable(&describe(&e)))?;
-            client
-                .get(keys::namespace_prefix(namespace), Some(GetOptions::new().with_prefix()))
-                .await
-                .map_err(|e| unreachable(&describe(&e)))
-        };
-        let response = tokio::time::timeout(Duration::from_secs(6), read)
-            .await
-            .map_err(|_| unreachable(&"no answer within 6 s"))??;
+        let prefix = keys::namespace_prefix(namespace);
+        let response = with_etcd(endpoints, |mut client| async move {
+            client.get(prefix, Some(GetOptions::new().with_prefix())).await
+        })
+        .await?;
         let mut registry = Registry { namespace: namespace.to_string(), ..Default::default() };
         for kv in response.kvs() {
             let Ok(key) = std::str::from_utf8(kv.key()) else { continue };
@@ -107,6 +130,41 @@ impl Registry {
             format!("known apps: {}", self.apps.keys().cloned().collect::<Vec<_>>().join(", "))
         };
         CliError::not_found(format!("unknown app '{app_id}' in namespace '{}' ({known})", self.namespace))
+    }
+
+    /// Checks that `app_id`'s subscription to `topic` of `pubsub` may be removed: it exists
+    /// (else NotFound, naming the app's subscriptions), and the app has no live instance, whose
+    /// sidecar would record it again (else a usage error), unless `force`.
+    pub fn check_unsubscribe(&self, pubsub: &str, topic: &str, app_id: &str, force: bool) -> Result<(), CliError> {
+        let subscribed = self
+            .subscriptions
+            .get(&(pubsub.to_string(), topic.to_string()))
+            .is_some_and(|apps| apps.iter().any(|a| a == app_id));
+        if !subscribed {
+            let of_app: Vec<String> = self
+                .subscriptions
+                .iter()
+                .filter(|(_, apps)| apps.iter().any(|a| a == app_id))
+                .map(|((pubsub, topic), _)| format!("{pubsub}/{topic}"))
+                .collect();
+            let known = match of_app.is_empty() {
+                true => "it has none".to_string(),
+                false => format!("its subscriptions: {}", of_app.join(", ")),
+            };
+            return Err(CliError::not_found(format!(
+                "app '{app_id}' has no subscription to topic '{topic}' of pub/sub '{pubsub}' in namespace '{}' ({known})",
+                self.namespace
+            )));
+        }
+        let live = self.apps.get(app_id).map_or(0, Vec::len);
+        if live > 0 && !force {
+            return Err(CliError::usage(format!(
+                "app '{app_id}' has {live} live instance(s): its sidecar records the subscription again when the \
+                 app restarts or opens a stream for the topic. Stop the app first (the subscription is for an \
+                 app that is gone for good), or pass --force"
+            )));
+        }
+        Ok(())
     }
 
     /// The API address of a sidecar of `app_id` itself: the instance named `instance`, or the
@@ -185,6 +243,26 @@ mod tests {
         assert_eq!(r.instances("serve").unwrap().len(), 1, "a record under another app's key is skipped");
         assert!(r.instances("gone").unwrap().is_empty());
         assert_eq!(r.subscriptions[&("pubsub".to_string(), "model.ready".to_string())], ["serve"]);
+    }
+
+    #[test]
+    fn only_an_existing_subscription_of_an_app_without_live_instances_is_removed_unforced() {
+        let mut r = registry();
+        r.add(&keys::subscription_key("ns", "pubsub", "model.ready", "gone"), b"{}");
+        assert!(r.check_unsubscribe("pubsub", "model.ready", "gone", false).is_ok());
+        let e = r.check_unsubscribe("pubsub", "model.ready", "serve", false).unwrap_err();
+        assert_eq!(e.kind, crate::ExitKind::Usage);
+        assert!(e.message.contains("1 live instance(s)") && e.message.contains("--force"), "{}", e.message);
+        assert!(r.check_unsubscribe("pubsub", "model.ready", "serve", true).is_ok());
+        let e = r.check_unsubscribe("pubsub", "other", "serve", true).unwrap_err();
+        assert_eq!(e.kind, crate::ExitKind::NotFound);
+        assert_eq!(
+            e.message,
+            "app 'serve' has no subscription to topic 'other' of pub/sub 'pubsub' in namespace 'ns' (its \
+             subscriptions: pubsub/model.ready)"
+        );
+        let e = r.check_unsubscribe("events", "model.ready", "old", false).unwrap_err();
+        assert!(e.message.ends_with("(it has none)"), "{}", e.message);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! - `tandem_invocations_total`: service invocations by target app-id and code.
 //! - `tandem_state_operations_total`: state operations by store, operation and outcome.
 //! - `tandem_pubsub_events_total`: pub/sub events by component, topic and what happened
-//!   (`published`, `delivered`, `retried`, `dead_lettered`, `dropped`);
+//!   (`published`, `delivered`, `retried`, `dead_lettered`, `dropped`, and `unsubscribed`: kept
+//!   for a subscription that was then removed, and released);
 //!   `tandem_pubsub_backlog`: events waiting in a component's outbox;
 //!   `tandem_pubsub_in_flight`: events handed to a subscriber and not yet answered, per topic;
 //!   `tandem_pubsub_delivery_batch_size`: events per call to a subscriber's sidecar.

@@ -1,14 +1,15 @@
-//! The `tandem` CLI as a real process: `ls`, `invoke`, `publish` and `state get` against a real
-//! etcd, tandemd and app; its errors and exit codes; and `tandem up`'s process management (a
-//! child that fails to start, a stop by SIGINT), checked by pid.
+//! The `tandem` CLI as a real process: `ls`, `invoke`, `publish`, `state get` and `unsubscribe`
+//! against a real etcd, tandemd and app; its errors and exit codes; and `tandem up`'s process
+//! management (a child that fails to start, a stop by SIGINT), checked by pid.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use tandem_sdk::{AppServer, EventOutcome, Reply};
-use tandem_tests::pubsub::{Inbox, wait_until_subscribed};
+use tandem_sdk::{AppServer, Code, EventOutcome, Reply};
+use tandem_tests::pubsub::{Inbox, subscriber, wait_until_subscribed};
+use tandem_tests::pubsub_cases::{Broker, sidecar};
 use tandem_tests::{Etcd, RunningSidecar, Sidecar, TestApp, eventually, free_port, workspace_binary};
 use tokio::process::Command;
 
@@ -176,9 +177,22 @@ async fn bad_input_gets_a_clear_message_and_a_nonzero_exit_code() {
     let wrong = run(&["state", "get", "shop", "cart", "--sidecar", &other_url]).await;
     assert_fails(&wrong, 2, &["fronts app 'other', not 'shop'"]);
 
+    // unsubscribe: only an existing subscription, and not one of an app that is still running.
+    let none = run(&["unsubscribe", "pubsub", "nothing", "shop", "--etcd", &etcd]).await;
+    assert_fails(
+        &none,
+        4,
+        &["app 'shop' has no subscription to topic 'nothing' of pub/sub 'pubsub'", "its subscriptions: pubsub/orders"],
+    );
+    let live = run(&["unsubscribe", "pubsub", "orders", "shop", "--etcd", &etcd]).await;
+    assert_fails(&live, 2, &["app 'shop' has 1 live instance(s)", "--force"]);
+    let listed = run(&["ls", "--etcd", &etcd]).await;
+    assert!(stdout(&listed).contains("pubsub/orders"), "a refused unsubscribe removes nothing: {}", stdout(&listed));
+
     let nowhere = format!("http://127.0.0.1:{}", free_port());
     for args in [
         vec!["ls", "--etcd", &nowhere],
+        vec!["unsubscribe", "pubsub", "orders", "shop", "--etcd", &nowhere],
         vec!["invoke", "shop", "echo", "--etcd", &nowhere],
         vec!["state", "get", "shop", "cart", "--etcd", &nowhere],
         vec!["publish", "pubsub", "orders", "--data", "{}", "--etcd", &nowhere],
@@ -188,6 +202,81 @@ async fn bad_input_gets_a_clear_message_and_a_nonzero_exit_code() {
     }
     let no_sidecar = run(&["invoke", "shop", "echo", "--sidecar", &nowhere]).await;
     assert_fails(&no_sidecar, 3, &[&nowhere["http://".len()..]]);
+}
+
+/// The subscription of an app that is gone for good stays in etcd, so the publisher keeps its
+/// events until the backlog is full and then refuses every publish to the topic, also for the
+/// subscribers still there. `tandem unsubscribe` removes it: the publisher releases what it
+/// kept for that app (and only that), and takes publishes again.
+#[tokio::test]
+async fn unsubscribe_releases_what_a_publisher_kept_for_an_app_gone_for_good() {
+    let etcd = Etcd::start().await;
+    let endpoint = etcd.endpoint();
+    let res = Broker::Embedded.resources(&[("maxBacklog", "5")]);
+    let (gone_inbox, stays_inbox) = (Inbox::default(), Inbox::default());
+    let gone_app = subscriber("orders", &gone_inbox).await;
+    let mut gone = sidecar("gone", &etcd, &res, Some(&gone_app)).await;
+    let stays_app = subscriber("orders", &stays_inbox).await;
+    let _stays = sidecar("stays", &etcd, &res, Some(&stays_app)).await;
+    let publisher = sidecar("boss", &etcd, &res, None).await;
+    let client = publisher.client();
+    wait_until_subscribed(&client, "orders", &gone_inbox).await;
+    wait_until_subscribed(&client, "orders", &stays_inbox).await;
+    let backlog = r#"tandem_pubsub_backlog{pubsub="pubsub"}"#;
+    eventually(Duration::from_secs(20), "every probe delivered", || async { publisher.metric(backlog).await == 0.0 })
+        .await;
+
+    // 'gone' goes away for good; its subscription stays, and the publisher keeps its events.
+    gone.terminate().await;
+    drop(gone_app);
+    let mut accepted = Vec::new();
+    let refusal = loop {
+        assert!(accepted.len() <= 15, "{} events accepted and none refused", accepted.len());
+        let payload = format!("o-{}", accepted.len());
+        match client.publish("pubsub", "orders", payload.clone().into_bytes(), "text/plain").await {
+            Ok(()) => accepted.push(payload),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(refusal.code(), Code::ResourceExhausted, "{refusal:?}");
+
+    eventually(Duration::from_secs(20), "'gone' without a live instance in etcd", || async {
+        let listed = run(&["ls", "--etcd", &endpoint, "--json"]).await;
+        let json: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("ls --json prints JSON");
+        json["apps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["app_id"] == "gone" && a["instances"] == serde_json::json!([]))
+    })
+    .await;
+    let removed = run(&["unsubscribe", "pubsub", "orders", "gone", "--etcd", &endpoint]).await;
+    assert!(removed.status.success(), "{}", stderr(&removed));
+    assert!(stderr(&removed).contains("removed app 'gone''s subscription to topic 'orders'"), "{}", stderr(&removed));
+
+    eventually(Duration::from_secs(30), "the publisher released what it kept for 'gone'", || async {
+        publisher.metric(backlog).await == 0.0
+    })
+    .await;
+    let released =
+        publisher.metric(r#"tandem_pubsub_events_total{pubsub="pubsub",topic="orders",outcome="unsubscribed"}"#);
+    assert_eq!(released.await, accepted.len() as f64, "one release per event kept for 'gone'");
+    client.publish("pubsub", "orders", b"after".to_vec(), "text/plain").await.expect("publishing works again");
+    eventually(Duration::from_secs(20), "every event at the subscriber that stayed", || async {
+        stays_inbox.has("after") && accepted.iter().all(|p| stays_inbox.has(p))
+    })
+    .await;
+    assert!(accepted.iter().all(|p| !gone_inbox.has(p)), "'gone' was gone before any of them");
+    let listed = run(&["ls", "--etcd", &endpoint, "--json"]).await;
+    let json: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(json["subscriptions"][0]["apps"], serde_json::json!(["stays"]), "{json}");
+
+    // --force removes the subscription of an app that is running.
+    let forced = run(&["unsubscribe", "pubsub", "orders", "stays", "--force", "--etcd", &endpoint]).await;
+    assert!(forced.status.success(), "{}", stderr(&forced));
+    let listed = run(&["ls", "--etcd", &endpoint, "--json"]).await;
+    let json: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(json["subscriptions"], serde_json::json!([]), "{json}");
 }
 
 /// A bin dir for `tandem up`: the real tandemd, and `stand_in_service` under each service's

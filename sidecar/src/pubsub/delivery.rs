@@ -15,6 +15,9 @@
 //! cost more CPU per event under load), unless the call takes longer than [`STALLED`]: then
 //! each comes back with its answer, so that one slow event holds back only itself.
 //!
+//! A subscription that is gone from etcd has its deliveries released as they come due, with
+//! every other one it has queued: nobody would take them, and they would fill the backlog.
+//!
 //! The schedule keeps a subscription that asks for order (`tandem.ordered`) to one delivery at
 //! a time, its oldest unsettled event of the topic: events reach it in publish order (per
 //! publisher), one at a time.
@@ -128,6 +131,11 @@ async fn deliver_batch(pubsub: &EmbeddedPubSub, deliverer: &dyn Deliver, key: &S
         pubsub.schedule.finish(key, seq, outcome, now_ms());
         pubsub.wake.notify_one();
     };
+    if is_unsubscribed(pubsub, key) {
+        release(pubsub, key, &seqs).await;
+        seqs.into_iter().for_each(|seq| finish(seq, Outcome::Finished));
+        return;
+    }
     // Each attempt's sequence number, event id, span and in-flight gauge; its event goes to
     // the deliverer.
     let mut attempts = Vec::with_capacity(seqs.len());
@@ -198,6 +206,47 @@ async fn deliver_batch(pubsub: &EmbeddedPubSub, deliverer: &dyn Deliver, key: &S
             tracing::error!(pubsub = %pubsub.name, topic = %key.topic, app_id = %key.app_id, seq, "a delivery got no outcome; it will be retried");
             finish(*seq, Outcome::RetryAt(now_ms() + pubsub.policy.initial_retry_delay.as_millis() as u64));
         }
+    }
+}
+
+/// Whether `key`'s subscription is gone from etcd (its record deleted: `tandem unsubscribe`, or
+/// its app no longer lists the topic). A table not loaded yet knows nothing, so it never says so.
+fn is_unsubscribed(pubsub: &EmbeddedPubSub, key: &SubscriptionKey) -> bool {
+    let routing = pubsub.routing.current();
+    routing.synced && !routing.subscribers(&pubsub.name, &key.topic).iter().any(|s| s.app_id == key.app_id)
+}
+
+/// Releases the deliveries of a subscription that is gone: `seqs` (taken for this attempt) and
+/// every other one the schedule holds for it that is not in flight. Nobody would take them,
+/// and kept they would fill the backlog until publishing is refused for everyone.
+async fn release(pubsub: &EmbeddedPubSub, key: &SubscriptionKey, seqs: &[u64]) {
+    let queued = pubsub.schedule.take_queued(key);
+    let (topic, app_id) = (key.topic.as_str(), key.app_id.as_str());
+    let mut released = 0usize;
+    for (n, &seq) in seqs.iter().chain(&queued).enumerate() {
+        let removed = pubsub.outbox.modify(seq, |deliveries| {
+            let before = deliveries.len();
+            deliveries.retain(|d| d.app_id != app_id);
+            before != deliveries.len()
+        });
+        match removed {
+            Ok(Some(true)) => {
+                released += 1;
+                pubsub.metrics.pubsub_event(&pubsub.name, topic, "unsubscribed");
+            }
+            Ok(_) => {}
+            // Left as it is: its delivery is released when the sidecar next reads the outbox.
+            Err(e) => {
+                tracing::error!(pubsub = %pubsub.name, topic, app_id, seq, error = %e, "cannot release a delivery")
+            }
+        }
+        // A large backlog is released without holding the runtime thread for long.
+        if n % 1024 == 1023 {
+            tokio::task::yield_now().await;
+        }
+    }
+    if released > 0 {
+        tracing::warn!(pubsub = %pubsub.name, topic, app_id, released, "the subscription is gone from etcd; released the events kept for it");
     }
 }
 

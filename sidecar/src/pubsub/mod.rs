@@ -13,7 +13,9 @@
 //!   or is dropped and logged.
 //! - [`subscriptions`]: each subscriber's sidecar asks its app for its subscriptions
 //!   (`ListTopicSubscriptions`) and records them in etcd, without a lease, so events are kept for
-//!   a subscriber whose instances are all down and delivered when one comes back.
+//!   a subscriber whose instances are all down and delivered when one comes back. A
+//!   subscription whose record leaves etcd (the app stops listing it, or `tandem unsubscribe`)
+//!   has what the publisher kept for it released, not delivered ([`delivery`]).
 //! - [`streams`]: streaming subscriptions (`SubscribeTopicEventsAlpha1`), an alternative to
 //!   `OnTopicEvent` for apps that would rather not serve the callback API.
 //! - Routes: a subscription's `routes.default` is recorded with it, kept in each pending

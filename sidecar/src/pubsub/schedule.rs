@@ -200,6 +200,23 @@ impl Schedule {
         }
     }
 
+    /// Takes every delivery of `key` that is not in flight out of the schedule (ready, waiting
+    /// for a retry, or paused), for a subscription that is gone: they are released, not
+    /// attempted. Those in flight stay until their attempts finish.
+    pub fn take_queued(&self, key: &SubscriptionKey) -> Vec<u64> {
+        let mut queues = self.queues();
+        let Some(queue) = queues.get_mut(key) else { return Vec::new() };
+        let mut taken: Vec<u64> = std::mem::take(&mut queue.ready).into_iter().collect();
+        taken.extend(std::mem::take(&mut queue.delayed).into_iter().map(|(_, seq)| seq));
+        for seq in &taken {
+            queue.ordered.remove(seq);
+        }
+        if queue.is_empty() {
+            queues.remove(key);
+        }
+        taken
+    }
+
     /// Pending deliveries (ready, waiting or in flight), over all subscriptions.
     pub fn len(&self) -> usize {
         self.queues().values().map(|q| q.ready.len() + q.delayed.len() + q.in_flight.len()).sum()
@@ -317,6 +334,28 @@ mod tests {
         s.finish(&away, 1, Outcome::SubscriberAway, 2_000);
         assert_eq!(s.take_due(2_000).1, Some(3_000));
         assert_eq!(s.in_flight(&other), 1, "the other subscription is not held back");
+    }
+
+    #[test]
+    fn a_gone_subscriptions_queued_deliveries_are_taken_and_its_in_flight_ones_stay() {
+        let s = schedule(2);
+        let (gone, other) = (key("gone", "t"), key("other", "t"));
+        for seq in 1..=4 {
+            s.add(&gone, seq, 0, false);
+        }
+        s.add(&gone, 5, 10_000, false);
+        s.add(&other, 6, 0, false);
+        let (due, _) = s.take_due(1);
+        assert_eq!(seqs(&due, &gone), [1, 2]);
+        let mut queued = s.take_queued(&gone);
+        queued.sort();
+        assert_eq!(queued, [3, 4, 5], "ready and waiting ones, not those in flight");
+        assert_eq!(s.in_flight(&gone), 2);
+        assert!(s.take_queued(&gone).is_empty());
+        s.finish(&gone, 1, Outcome::Finished, 2);
+        s.finish(&gone, 2, Outcome::Finished, 2);
+        assert_eq!(s.len(), 1, "only the other subscription's delivery is left");
+        assert!(s.take_queued(&key("never", "t")).is_empty());
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! The subscriber side: asks the app which topics it subscribes to and records them in etcd,
 //! where every publisher's routing table finds them. Done whenever the app becomes healthy
 //! (so an app restarted with other subscriptions is picked up); subscriptions the app no
-//! longer lists are removed, except those of streaming subscriptions ([`StreamSubscriptions`]),
-//! which the app does not list: they stay, as when their stream closes. Each pub/sub component
-//! also hears the app's list ([`crate::pubsub::PubSub::set_app_subscriptions`]), for components
-//! that consume on the subscriber's side.
+//! longer lists are removed (and publishers release what they kept for them), except those of
+//! streaming subscriptions ([`StreamSubscriptions`]), which the app does not list: they stay,
+//! as when their stream closes. Each pub/sub component also hears the app's list
+//! ([`crate::pubsub::PubSub::set_app_subscriptions`]), for components that consume on the
+//! subscriber's side.
 //!
 //! Routes: a subscription's `routes.default` is recorded with it and reaches the app as each
 //! event's `path`. Routing rules with a `match` expression (CEL in Dapr) are not supported:
