@@ -35,6 +35,11 @@ pub enum MeshError {
     #[error("app '{app_id}' has no app port configured, so it cannot be invoked")]
     AppHasNoPort { app_id: String },
 
+    /// An event of a streaming subscription while none of its streams is open here, for an app
+    /// that does not list the topic itself: it waits for a stream (an attempt not used).
+    #[error("{reason}")]
+    NoStreamOpen { reason: String },
+
     #[error("this sidecar fronts app-id '{local}', not '{requested}' (stale routing entry)")]
     WrongApp { local: String, requested: String },
 
@@ -49,7 +54,13 @@ pub enum MeshError {
 impl MeshError {
     /// True when the call provably did not reach an app, so another instance may take it.
     pub fn is_not_delivered(&self) -> bool {
-        matches!(self, MeshError::AppNotListening { .. } | MeshError::AppHasNoPort { .. } | MeshError::WrongApp { .. })
+        matches!(
+            self,
+            MeshError::AppNotListening { .. }
+                | MeshError::AppHasNoPort { .. }
+                | MeshError::NoStreamOpen { .. }
+                | MeshError::WrongApp { .. }
+        )
     }
 }
 
@@ -64,6 +75,7 @@ impl From<MeshError> for Status {
             | MeshError::PeersUnreachable { .. }
             | MeshError::AppNotListening { .. }
             | MeshError::AppHasNoPort { .. }
+            | MeshError::NoStreamOpen { .. }
             | MeshError::WrongApp { .. } => Code::Unavailable,
             MeshError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             MeshError::Remote(status) => return strip_not_delivered(status.clone()),

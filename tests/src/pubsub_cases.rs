@@ -625,6 +625,63 @@ pub async fn the_sdks_event_stream_retries_drops_and_dead_letters(broker: &Broke
     assert!(!dead_inbox.has("drop") && !dead_inbox.has("ok"), "{:?}", dead_inbox.payloads());
 }
 
+/// Opens a streaming subscription to `topic` through `sidecar` (retrying while the sidecar has
+/// not reached etcd) and answers SUCCESS to each event, kept in `inbox`; aborting the task
+/// closes the stream.
+async fn stream_into(sidecar: &RunningSidecar, topic: &str, inbox: &Inbox) -> tokio::task::JoinHandle<()> {
+    let client = sidecar.client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut stream = loop {
+        match client.subscribe("pubsub", topic, &Default::default()).await {
+            Ok(stream) => break stream,
+            Err(e) => assert!(Instant::now() < deadline, "no stream opened within 20 s: {e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let seen = inbox.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(event)) = stream.next().await {
+            let id = event.id.clone();
+            seen.push(event);
+            let _ = stream.answer(&id, EventOutcome::Success);
+        }
+    })
+}
+
+/// While no stream of a streaming subscription is open its events wait for the next one, also
+/// when the app serves `OnTopicEvent` for the topics it lists: they are not handed to it (an
+/// app that does not list the topic would drop them, as the SDK does).
+pub async fn a_closed_streams_events_wait_for_the_next_stream_not_for_the_app(broker: &Broker) {
+    let etcd = Etcd::start().await;
+    let res = broker.resources(&[]);
+    let listed = Inbox::default();
+    let app = TestApp::start(AppServer::new().subscribe("pubsub", "listed", listed.accept())).await;
+    let sub = sidecar("two-ways", &etcd, &res, Some(&app)).await;
+    let publisher = sidecar("two-ways-boss", &etcd, &res, None).await;
+    let client = publisher.client();
+    wait_until_subscribed(&client, "listed", &listed).await;
+    let streamed = Inbox::default();
+    let reader = stream_into(&sub, "streamed", &streamed).await;
+    wait_until_subscribed(&client, "streamed", &streamed).await;
+
+    reader.abort();
+    sub.wait_for_log("streaming subscription closed").await;
+    for i in 0..3 {
+        client.publish("pubsub", "streamed", format!("meanwhile-{i}").into_bytes(), "text/plain").await.unwrap();
+    }
+    // Published after them: once it is at the app, their deliveries were under way too.
+    client.publish("pubsub", "listed", b"marker".to_vec(), "text/plain").await.unwrap();
+    eventually(Duration::from_secs(20), "the marker at the app", || async { listed.has("marker") }).await;
+
+    let next = Inbox::default();
+    let _reader = stream_into(&sub, "streamed", &next).await;
+    eventually(Duration::from_secs(30), "every event published meanwhile on the next stream", || async {
+        (0..3).all(|i| next.has(&format!("meanwhile-{i}")))
+    })
+    .await;
+    assert!(!listed.payloads().iter().any(|p| p.starts_with("meanwhile-")), "{:?}", listed.payloads());
+}
+
 /// An app that serves `OnTopicEvent` for one topic and reads another from a stream: when its
 /// sidecar records the app's own list (here: once the app comes up, after the stream opened),
 /// the stream's subscription stays.

@@ -84,6 +84,11 @@ async fn an_apps_listed_subscriptions_leave_its_streams_alone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_streams_events_wait_for_the_next_stream_not_for_the_app() {
+    cases::a_closed_streams_events_wait_for_the_next_stream_not_for_the_app(&Broker::jetstream().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streaming_subscription_receives_events_and_answers_on_the_stream() {
     cases::a_streaming_subscription_receives_events_and_answers_on_the_stream(&Broker::jetstream().await).await;
 }

@@ -22,7 +22,7 @@ use super::within_deadline;
 use crate::app_channel::AppChannel;
 use crate::deadline;
 use crate::error::MeshError;
-use crate::pubsub::streams::StreamSubscriptions;
+use crate::pubsub::streams::{Handover, StreamSubscriptions};
 use crate::telemetry;
 
 /// The method whose server span each event of a batched delivery gets, so that a trace looks
@@ -174,7 +174,7 @@ impl MeshInbound {
     }
 
     /// One event to the app: a streaming subscription of the app takes it before
-    /// `OnTopicEvent` would.
+    /// `OnTopicEvent` would, which takes only the topics the app lists (others wait for a stream).
     async fn event_to_app(
         &self,
         event: TopicEventRequest,
@@ -182,9 +182,10 @@ impl MeshInbound {
     ) -> Result<TopicEventResponse, MeshError> {
         let wait = deadline.map(deadline::remaining).unwrap_or(STREAM_ANSWER_TIMEOUT);
         let event = match self.streams.deliver(event, wait).await {
-            Ok(Ok(status)) => return Ok(TopicEventResponse { status: status as i32 }),
-            Ok(Err(reason)) => return Err(MeshError::Remote(Status::unavailable(reason))),
-            Err(no_stream) => no_stream,
+            Handover::Answered(Ok(status)) => return Ok(TopicEventResponse { status: status as i32 }),
+            Handover::Answered(Err(reason)) => return Err(MeshError::Remote(Status::unavailable(reason))),
+            Handover::Waits(reason) => return Err(MeshError::NoStreamOpen { reason }),
+            Handover::ToApp(event) => event,
         };
         let app = self.app()?;
         let topic = event.topic.clone();

@@ -1,6 +1,7 @@
 //! Delivery to the app behind this sidecar, for components whose events are consumed on the
 //! subscriber's side (`pubsub.jetstream`): an open streaming subscription of the topic takes an
-//! event first, as in the mesh's inbound delivery; otherwise the app's `OnTopicEvent`.
+//! event first, as in the mesh's inbound delivery; otherwise the app's `OnTopicEvent`, if the
+//! app lists the topic (else the event waits for a stream).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use tandem_proto::runtime::TopicEventRequest;
 use tandem_proto::runtime::topic_event_response::TopicEventResponseStatus;
 
 use super::delivery::DeliveryError;
-use super::streams::StreamSubscriptions;
+use super::streams::{Handover, StreamSubscriptions};
 use crate::app_channel::AppChannel;
 use crate::invoke::channels::never_sent;
 use crate::readiness::Readiness;
@@ -23,9 +24,11 @@ pub struct LocalApp {
 
 impl LocalApp {
     /// Whether an event of `topic` could be handed over now: a stream of it is open, or the app
-    /// passes its health check. While not, consumers wait rather than use up attempts.
+    /// lists the topic and passes its health check. While not, consumers wait rather than use
+    /// up attempts.
     pub fn can_take(&self, pubsub: &str, topic: &str) -> bool {
-        self.streams.has_stream(pubsub, topic) || (self.app.is_some() && self.readiness.app_is_healthy())
+        self.streams.has_stream(pubsub, topic)
+            || (self.app.is_some() && self.readiness.app_is_healthy() && self.streams.is_listed(pubsub, topic))
     }
 
     /// The app's answer to `event`, or why there was none.
@@ -35,8 +38,9 @@ impl LocalApp {
         timeout: Duration,
     ) -> Result<TopicEventResponseStatus, DeliveryError> {
         let event = match self.streams.deliver(event, timeout).await {
-            Ok(answer) => return answer.map_err(DeliveryError::SubscriberAway),
-            Err(no_stream) => no_stream,
+            Handover::Answered(answer) => return answer.map_err(DeliveryError::SubscriberAway),
+            Handover::Waits(reason) => return Err(DeliveryError::SubscriberAway(reason)),
+            Handover::ToApp(event) => event,
         };
         let Some(app) = &self.app else {
             return Err(DeliveryError::SubscriberAway(format!(

@@ -5,10 +5,15 @@
 //! app's answer on the same stream. A subscription stays registered when its stream closes:
 //! events wait for the next stream, as they wait for a subscriber that is down.
 //!
+//! So this is also where an event that reaches the sidecar learns its way to the app
+//! ([`StreamSubscriptions::deliver`]): to an open stream of its topic; else to `OnTopicEvent`
+//! if the app lists the topic ([`StreamSubscriptions::set_listed`]); else nowhere yet: it waits
+//! for a stream, since an app that does not list a topic would drop its events.
+//!
 //! Components that consume on the subscriber's side (`pubsub.jetstream`) learn which streams
 //! are open here through [`StreamSubscriptions::subscriptions_of`] and [`StreamSubscriptions::changes`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -44,9 +49,22 @@ struct Registry {
 /// (pubsub, topic) -> the streams open for it.
 type OpenStreams = HashMap<(String, String), Vec<Arc<OpenStream>>>;
 
+/// Where [`StreamSubscriptions::deliver`] left an event.
+pub enum Handover {
+    /// An open stream of its topic took it: the app's answer, or why none came.
+    Answered(Result<TopicEventResponseStatus, String>),
+    /// No stream of its topic is open here, and the app lists the topic: for `OnTopicEvent`.
+    ToApp(TopicEventRequest),
+    /// No stream of its topic is open here, and the app does not list the topic: it waits for a
+    /// stream. Why, in words.
+    Waits(String),
+}
+
 /// The open streams of this sidecar, by (pubsub, topic).
 pub struct StreamSubscriptions {
     streams: Mutex<OpenStreams>,
+    /// pubsub -> the topics the app lists in `ListTopicSubscriptions` (as last recorded).
+    listed: Mutex<HashMap<String, HashSet<String>>>,
     next_id: AtomicU64,
     round_robin: AtomicUsize,
     registry: OnceLock<Registry>,
@@ -58,6 +76,7 @@ impl Default for StreamSubscriptions {
     fn default() -> Self {
         StreamSubscriptions {
             streams: Mutex::default(),
+            listed: Mutex::default(),
             next_id: AtomicU64::default(),
             round_robin: AtomicUsize::default(),
             registry: OnceLock::new(),
@@ -95,6 +114,7 @@ impl Drop for StreamHandle {
         // Dropping the waiters tells deliveries in flight that no answer will come.
         self.stream.waiting.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.owner.changed.send_modify(|n| *n += 1);
+        tracing::info!(pubsub = %self.key.0, topic = %self.key.1, "streaming subscription closed");
     }
 }
 
@@ -147,6 +167,21 @@ impl StreamSubscriptions {
         Ok((StreamHandle { owner: self.clone(), key, stream }, receiver))
     }
 
+    /// The app's own subscriptions, (pubsub, topic), from its `ListTopicSubscriptions`; none
+    /// while it is away, until its list is read again.
+    pub fn set_listed(&self, listed: impl IntoIterator<Item = (String, String)>) {
+        let mut by_pubsub: HashMap<String, HashSet<String>> = HashMap::new();
+        for (pubsub, topic) in listed {
+            by_pubsub.entry(pubsub).or_default().insert(topic);
+        }
+        *self.listed.lock().unwrap_or_else(|p| p.into_inner()) = by_pubsub;
+    }
+
+    /// Whether the app lists `topic` of `pubsub` itself (so `OnTopicEvent` takes its events).
+    pub fn is_listed(&self, pubsub: &str, topic: &str) -> bool {
+        self.listed.lock().unwrap_or_else(|p| p.into_inner()).get(pubsub).is_some_and(|topics| topics.contains(topic))
+    }
+
     /// Whether a stream of `topic` of `pubsub` is open here.
     pub fn has_stream(&self, pubsub: &str, topic: &str) -> bool {
         self.streams.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&(pubsub.to_string(), topic.to_string()))
@@ -167,23 +202,23 @@ impl StreamSubscriptions {
         self.changed.subscribe()
     }
 
-    /// Hands `event` to one open stream of its topic and waits for the app's answer; the event
-    /// back when no stream is open for it here (so that it can go to `OnTopicEvent` uncopied).
-    pub async fn deliver(
-        &self,
-        event: TopicEventRequest,
-        timeout: Duration,
-    ) -> Result<Result<TopicEventResponseStatus, String>, TopicEventRequest> {
+    /// Hands `event` to one open stream of its topic and waits for the app's answer; when none
+    /// is open, says where the event goes instead (see [`Handover`]).
+    pub async fn deliver(&self, event: TopicEventRequest, timeout: Duration) -> Handover {
         let stream = {
             let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
             // Most apps open no stream: no key to build then.
-            if streams.is_empty() {
-                return Err(event);
-            }
-            let Some(open) = streams.get(&(event.pubsub_name.clone(), event.topic.clone())) else {
-                return Err(event);
+            let open = match streams.is_empty() {
+                true => None,
+                false => streams.get(&(event.pubsub_name.clone(), event.topic.clone())),
             };
-            open[self.round_robin.fetch_add(1, Ordering::Relaxed) % open.len()].clone()
+            match open {
+                Some(open) => open[self.round_robin.fetch_add(1, Ordering::Relaxed) % open.len()].clone(),
+                None => {
+                    drop(streams);
+                    return self.without_stream(event);
+                }
+            }
         };
         let (answer, answered) = oneshot::channel();
         let id = event.id.clone();
@@ -197,6 +232,18 @@ impl StreamSubscriptions {
             Err(_) => Err(format!("no answer on the subscription stream within {timeout:?}")),
         };
         stream.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-        Ok(result)
+        Handover::Answered(result)
+    }
+
+    /// Where an event goes while no stream of its topic is open here.
+    fn without_stream(&self, event: TopicEventRequest) -> Handover {
+        if self.is_listed(&event.pubsub_name, &event.topic) {
+            return Handover::ToApp(event);
+        }
+        Handover::Waits(format!(
+            "no streaming subscription to topic '{}' of '{}' is open, and the app does not list the topic; \
+             the event waits for a stream",
+            event.topic, event.pubsub_name
+        ))
     }
 }

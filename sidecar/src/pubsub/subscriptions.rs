@@ -65,13 +65,15 @@ impl SubscriptionRegistrar {
                     _ = tokio::time::sleep(backoff.step()) => {}
                 }
             }
-            // Wait until the app goes away, then start over when it is back.
+            // Wait until the app goes away, then start over when it is back. Its topics take no
+            // events meanwhile: the app that comes back may list others.
             while self.readiness.app_is_healthy() {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(poll) => {}
                 }
             }
+            self.streams.set_listed([]);
         }
     }
 
@@ -82,6 +84,8 @@ impl SubscriptionRegistrar {
             Err(status) if status.code() == Code::Unimplemented => Vec::new(),
             Err(status) => return Err(format!("ListTopicSubscriptions: {}", status.message())),
         };
+        // The app takes the events of the topics it lists from now on, whatever etcd says.
+        self.streams.set_listed(listed.iter().map(|s| (s.pubsub_name.clone(), s.topic.clone())));
         let mut wanted = BTreeSet::new();
         let mut local: BTreeMap<&str, Vec<LocalSubscription>> =
             self.pubsubs.keys().map(|n| (n.as_str(), Vec::new())).collect();
