@@ -628,7 +628,7 @@ pub async fn the_sdks_event_stream_retries_drops_and_dead_letters(broker: &Broke
 /// Opens a streaming subscription to `topic` through `sidecar` (retrying while the sidecar has
 /// not reached etcd) and answers SUCCESS to each event, kept in `inbox`; aborting the task
 /// closes the stream.
-async fn stream_into(sidecar: &RunningSidecar, topic: &str, inbox: &Inbox) -> tokio::task::JoinHandle<()> {
+pub async fn stream_into(sidecar: &RunningSidecar, topic: &str, inbox: &Inbox) -> tokio::task::JoinHandle<()> {
     let client = sidecar.client();
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut stream = loop {

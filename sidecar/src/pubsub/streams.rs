@@ -134,20 +134,21 @@ impl StreamSubscriptions {
     ) -> Result<(StreamHandle, mpsc::Receiver<TopicEventRequest>), String> {
         let registry = self.registry.get().ok_or("the sidecar has not reached etcd yet; subscribe again shortly")?;
         let key = keys::subscription_key(&registry.namespace, pubsub, topic, &registry.app_id);
+        let mut client = registry.client.clone();
+        // The app may also list the topic: its route stays, for `OnTopicEvent` while no stream
+        // is open.
+        let recorded =
+            client.get(key.as_str(), None).await.map_err(|e| format!("reading the subscription in etcd: {e}"))?;
+        let listed_route = recorded.kvs().first().and_then(|kv| serde_json::from_slice::<Subscriber>(kv.value()).ok());
         let subscriber = Subscriber {
             app_id: registry.app_id.clone(),
             dead_letter_topic: dead_letter_topic.to_string(),
-            path: String::new(),
+            path: listed_route.map(|s| s.path).unwrap_or_default(),
             ordered,
             streaming: true,
         };
         let value = serde_json::to_vec(&subscriber).map_err(|e| e.to_string())?;
-        registry
-            .client
-            .clone()
-            .put(key.as_str(), value, None)
-            .await
-            .map_err(|e| format!("recording the subscription in etcd: {e}"))?;
+        client.put(key.as_str(), value, None).await.map_err(|e| format!("recording the subscription in etcd: {e}"))?;
 
         let (events, receiver) = mpsc::channel(STREAM_BUFFER);
         let stream = Arc::new(OpenStream {

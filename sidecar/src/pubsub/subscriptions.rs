@@ -3,7 +3,8 @@
 //! (so an app restarted with other subscriptions is picked up); subscriptions the app no
 //! longer lists are removed (and publishers release what they kept for them), except those of
 //! streaming subscriptions ([`StreamSubscriptions`]), which the app does not list: they stay,
-//! as when their stream closes. Each pub/sub component also hears the app's list
+//! as when their stream closes. A topic both listed and read by a stream is one subscription
+//! with the list's route that stays like a stream's. Each pub/sub component also hears the app's list
 //! ([`crate::pubsub::PubSub::set_app_subscriptions`]), for components that consume on the
 //! subscriber's side.
 //!
@@ -86,6 +87,28 @@ impl SubscriptionRegistrar {
         };
         // The app takes the events of the topics it lists from now on, whatever etcd says.
         self.streams.set_listed(listed.iter().map(|s| (s.pubsub_name.clone(), s.topic.clone())));
+        // This app's subscriptions in etcd, each with whether a stream reads it: read first, so
+        // that a listed topic a stream also reads keeps that mark (the app's next list, without
+        // the topic, does not end the stream's subscription then).
+        let prefix = format!("{}subscriptions/", keys::namespace_prefix(&self.namespace));
+        let existing = self
+            .client
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| format!("listing {prefix}: {e}"))?;
+        let mut recorded = BTreeMap::new();
+        for kv in existing.kvs() {
+            let Ok(key) = std::str::from_utf8(kv.key()) else { continue };
+            let Some(keys::DiscoveryKey::Subscription { pubsub, topic, app_id }) = keys::parse(&self.namespace, key)
+            else {
+                continue;
+            };
+            if app_id == self.app_id {
+                let streaming = serde_json::from_slice::<Subscriber>(kv.value()).is_ok_and(|s| s.streaming)
+                    || self.streams.has_stream(pubsub, &topic);
+                recorded.insert(key.to_string(), streaming);
+            }
+        }
         let mut wanted = BTreeSet::new();
         let mut local: BTreeMap<&str, Vec<LocalSubscription>> =
             self.pubsubs.keys().map(|n| (n.as_str(), Vec::new())).collect();
@@ -110,7 +133,8 @@ impl SubscriptionRegistrar {
                 dead_letter_topic: subscription.dead_letter_topic.clone(),
                 path: route_of(&subscription),
                 ordered: wants_order(&subscription.metadata),
-                streaming: false,
+                streaming: recorded.get(&key).copied().unwrap_or(false)
+                    || self.streams.has_stream(&subscription.pubsub_name, &subscription.topic),
             };
             let value = serde_json::to_vec(&subscriber).map_err(|e| e.to_string())?;
             for_component.push(LocalSubscription {
@@ -123,23 +147,10 @@ impl SubscriptionRegistrar {
             wanted.insert(key);
         }
         // Remove this app's subscriptions that the app no longer lists, but not those that
-        // streaming subscriptions recorded (the app lists none of them).
-        let prefix = format!("{}subscriptions/", keys::namespace_prefix(&self.namespace));
-        let existing = self
-            .client
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| format!("listing {prefix}: {e}"))?;
-        for kv in existing.kvs() {
-            let Ok(key) = std::str::from_utf8(kv.key()) else { continue };
-            let Some(keys::DiscoveryKey::Subscription { pubsub, topic, app_id }) = keys::parse(&self.namespace, key)
-            else {
-                continue;
-            };
-            let streaming = serde_json::from_slice::<Subscriber>(kv.value()).is_ok_and(|s| s.streaming)
-                || self.streams.has_stream(pubsub, &topic);
-            if app_id == self.app_id && !wanted.contains(key) && !streaming {
-                self.client.delete(key, None).await.map_err(|e| format!("removing {key}: {e}"))?;
+        // streams read.
+        for (key, streaming) in &recorded {
+            if !wanted.contains(key) && !streaming {
+                self.client.delete(key.as_str(), None).await.map_err(|e| format!("removing {key}: {e}"))?;
                 tracing::info!(key, "removed a subscription the app no longer lists");
             }
         }
