@@ -61,6 +61,12 @@ impl Operation {
             Operation::Set { key, .. } | Operation::Delete { key, .. } => key,
         }
     }
+
+    pub fn precondition(&self) -> &Precondition {
+        match self {
+            Operation::Set { precondition, .. } | Operation::Delete { precondition, .. } => precondition,
+        }
+    }
 }
 
 /// What can go wrong in a store. Messages name the key (as the store saw it) or the path.

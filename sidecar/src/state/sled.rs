@@ -13,23 +13,28 @@
 //!   updated when a key is rewritten; the purger re-checks the record itself, so a stale entry
 //!   only costs one look-up when its time comes.
 //!
-//! Every [`StateStore::apply`] is one sled transaction over the state and expiry trees, then an
-//! fsync (a group commit shared with concurrent writers, see [`crate::durability`]) before it
-//! returns. Transactions run on tokio's blocking pool (sled serializes them with a process-wide
-//! lock and the sidecar may run a single runtime thread); reads are in-memory look-ups done
-//! inline: measured, the hand-off to the pool cost more than the read (BENCHMARKS.md).
-//! Expired records are invisible at once and deleted later by [`SledStore::spawn_purger`].
+//! Every [`StateStore::apply`] is atomic over the state and expiry trees, and durable (fsynced)
+//! before it returns. All of a store's writes go to one writer thread of its own, which takes
+//! every write waiting, applies them in one sled transaction in the order they came (a write
+//! whose precondition fails is taken back within it, alone), makes them durable with one flush
+//! (group commit) and answers them all. sled 0.34 writes and syncs its log once per
+//! transaction, on threads it wakes and starts for the purpose, so one transaction per write
+//! cost several times the work itself (BENCHMARKS.md). The sidecar may run a single runtime
+//! thread, which must not wait on any of it. Reads are in-memory look-ups done inline:
+//! measured, a hand-off cost more than the read.
+//! Expired records are invisible at once and deleted later by [`SledStore::spawn_purger`], on
+//! the writer thread too.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use sled::transaction::{
-    ConflictableTransactionError, ConflictableTransactionResult, TransactionError, Transactional, TransactionalTree,
-};
+use sled::transaction::{TransactionError, Transactional, TransactionalTree, UnabortableTransactionError};
+
+use tokio::sync::oneshot;
 
 use super::{Operation, Precondition, StateError, StateStore, StateValue};
-use crate::durability::GroupFlusher;
+use crate::durability;
 
 /// The on-disk format this code reads and writes: the marker in the meta tree and the first
 /// byte of every record.
@@ -51,16 +56,26 @@ const RECORD_HEADER: usize = 1 + 8 + 8;
 /// (which holds sled's global transaction lock) grows with the backlog.
 const PURGE_CHUNK: usize = 256;
 
+/// Writes the writer thread takes at most into one transaction and flush, so that a steady
+/// stream of writes still gets flushed (and answered) regularly.
+const WRITES_PER_FLUSH: usize = 256;
+
 /// The `state.sled` store. Cheap to share behind an `Arc<dyn StateStore>`.
 pub struct SledStore {
     inner: Arc<Inner>,
+    /// The store's writer thread takes its writes from here, and ends once this is dropped.
+    writer: Arc<mpsc::Sender<Job>>,
+}
+
+/// A write for the writer thread, and where its outcome goes.
+enum Job {
+    Apply { operations: Vec<Operation>, now: u64, done: oneshot::Sender<Result<(), StateError>> },
+    Purge { now: u64, done: oneshot::Sender<Result<usize, StateError>> },
 }
 
 struct Inner {
     /// Kept so the database is flushed as a whole; the trees below live in it.
     db: sled::Db,
-    /// Concurrent writers share one flush (group commit).
-    flusher: GroupFlusher,
     state: sled::Tree,
     expiry: sled::Tree,
     path: PathBuf,
@@ -178,8 +193,10 @@ impl SledStore {
 
         let state = db.open_tree(STATE_TREE).map_err(open_error)?;
         let expiry = db.open_tree(EXPIRY_TREE).map_err(open_error)?;
-        let flusher = GroupFlusher::new();
-        Ok(SledStore { inner: Arc::new(Inner { db, flusher, state, expiry, path: path.to_path_buf() }) })
+        let inner = Arc::new(Inner { db, state, expiry, path: path.to_path_buf() });
+        let writer = spawn_writer(inner.clone())
+            .map_err(|e| StateError::Internal(format!("cannot start the writer thread of state store {shown}: {e}")))?;
+        Ok(SledStore { inner, writer: Arc::new(writer) })
     }
 
     /// Deletes every record whose expiry has passed, returning how many it deleted.
@@ -187,8 +204,8 @@ impl SledStore {
     /// Walks the expiry index up to now in chunks; each chunk is one transaction that re-reads
     /// each record and deletes it only if it is still expired (a key rewritten since with a
     /// later or no TTL stays). Not flushed: a purge lost in a crash is redone by the next one,
-    /// and the records are invisible either way. Blocking; [`SledStore::spawn_purger`] runs it
-    /// on the blocking pool.
+    /// and the records are invisible either way. Blocking; [`SledStore::spawn_purger`] has the
+    /// writer thread run it.
     pub fn purge_expired(&self) -> Result<usize, StateError> {
         self.inner.purge_expired(now_ms())
     }
@@ -200,7 +217,8 @@ impl SledStore {
     ///
     /// Must be called from within a tokio runtime (it uses `tokio::spawn`).
     pub fn spawn_purger(&self, every: Duration) -> tokio::task::JoinHandle<()> {
-        let store = Arc::downgrade(&self.inner);
+        let writer = Arc::downgrade(&self.writer);
+        let path = self.inner.path.clone();
         // `interval` rejects a zero period.
         let every = every.max(Duration::from_millis(1));
         tokio::spawn(async move {
@@ -208,19 +226,35 @@ impl SledStore {
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
-                let Some(inner) = store.upgrade() else { break };
-                let path = inner.path.clone();
-                match tokio::task::spawn_blocking(move || inner.purge_expired(now_ms())).await {
+                let Some(writer) = writer.upgrade() else { break };
+                let (done, purged) = oneshot::channel();
+                let sent = writer.send(Job::Purge { now: now_ms(), done });
+                drop(writer);
+                if sent.is_err() {
+                    break;
+                }
+                match purged.await {
                     Ok(Ok(0)) => {}
                     Ok(Ok(purged)) => tracing::debug!(path = %path.display(), purged, "purged expired state keys"),
                     Ok(Err(e)) => {
                         tracing::warn!(path = %path.display(), error = %e, "purging expired state keys failed")
                     }
-                    Err(e) => tracing::warn!(path = %path.display(), error = %e, "state purge task failed"),
+                    Err(_) => break,
                 }
             }
         })
     }
+
+    fn writer_stopped(&self) -> StateError {
+        StateError::Internal(format!("the writer thread of state store {} has stopped", self.inner.path.display()))
+    }
+}
+
+/// Starts the writer thread of the store `inner`; it ends once every sender is dropped.
+fn spawn_writer(inner: Arc<Inner>) -> std::io::Result<mpsc::Sender<Job>> {
+    let (jobs, queue) = mpsc::channel();
+    std::thread::Builder::new().name("tandem-state-writer".into()).spawn(move || inner.write_loop(&queue))?;
+    Ok(jobs)
 }
 
 #[tonic::async_trait]
@@ -231,8 +265,8 @@ impl StateStore for SledStore {
 
     async fn get(&self, key: &str) -> Result<Option<StateValue>, StateError> {
         // Inline: a read is an in-memory lookup. It can wait behind a transaction being applied
-        // (sled's process-wide lock), which is short, but never on a flush: flushes run on
-        // sled's own threads and transactions are applied on the blocking pool.
+        // (sled's process-wide lock), which is short, but never on a flush: transactions and
+        // flushes run on the store's writer thread.
         self.inner.get_blocking(key, now_ms())
     }
 
@@ -240,22 +274,55 @@ impl StateStore for SledStore {
         if operations.is_empty() {
             return Ok(());
         }
-        let inner = Arc::clone(&self.inner);
         // The transaction may wait for a flush, read pages from disk and, once per million
-        // ETags, fsync the ETag counter: keep it off the (possibly single) runtime thread.
-        tokio::task::spawn_blocking(move || inner.apply_blocking(&operations, now_ms())).await.map_err(|e| {
-            StateError::Internal(format!("state transaction in {} failed: {e}", self.inner.path.display()))
-        })??;
-        self.inner
-            .flusher
-            .flush(&self.inner.db)
-            .await
-            .map_err(|e| StateError::Internal(format!("flushing state store {}: {e}", self.inner.path.display())))?;
-        Ok(())
+        // ETags, fsync the ETag counter: the writer thread does it, off the runtime thread.
+        let (done, outcome) = oneshot::channel();
+        self.writer.send(Job::Apply { operations, now: now_ms(), done }).map_err(|_| self.writer_stopped())?;
+        outcome.await.map_err(|_| self.writer_stopped())?
     }
 }
 
 impl Inner {
+    /// The writer thread: takes every job waiting (up to [`WRITES_PER_FLUSH`]), applies the
+    /// writes among them in one transaction in arrival order ([`Inner::apply_all`]), makes them
+    /// durable with one flush and then answers them. A write that fails (an ETag mismatch) is
+    /// answered at once, and leaves nothing behind.
+    fn write_loop(&self, queue: &mpsc::Receiver<Job>) {
+        while let Ok(first) = queue.recv() {
+            let mut writes = Vec::new();
+            for job in std::iter::once(first).chain(queue.try_iter().take(WRITES_PER_FLUSH - 1)) {
+                match job {
+                    Job::Apply { operations, now, done } => writes.push((operations, now, done)),
+                    // Not flushed: a purge lost in a crash is redone by the next one.
+                    Job::Purge { now, done } => {
+                        let _ = done.send(self.purge_expired(now));
+                    }
+                }
+            }
+            let batch: Vec<(&[Operation], u64)> = writes.iter().map(|(ops, now, _)| (ops.as_slice(), *now)).collect();
+            let outcomes = self.apply_all(&batch);
+            let mut applied = Vec::new();
+            for ((_, _, done), outcome) in writes.into_iter().zip(outcomes) {
+                match outcome {
+                    Ok(()) => applied.push(done),
+                    Err(e) => {
+                        let _ = done.send(Err(e));
+                    }
+                }
+            }
+            if applied.is_empty() {
+                continue;
+            }
+            let flushed = durability::flush(&self.db);
+            for done in applied {
+                let _ =
+                    done.send(flushed.clone().map_err(|e| {
+                        StateError::Internal(format!("flushing state store {}: {e}", self.path.display()))
+                    }));
+            }
+        }
+    }
+
     fn get_blocking(&self, key: &str, now: u64) -> Result<Option<StateValue>, StateError> {
         let raw = self.state.get(key.as_bytes()).map_err(|e| self.storage_error("reading", key, e))?;
         let Some(raw) = raw else { return Ok(None) };
@@ -270,66 +337,107 @@ impl Inner {
         }))
     }
 
-    fn apply_blocking(&self, operations: &[Operation], now: u64) -> Result<(), StateError> {
-        let outcome = (&self.state, &self.expiry).transaction(|(state, expiry)| {
-            for operation in operations {
-                match operation {
-                    Operation::Set { key, value, precondition, ttl } => {
-                        self.check(state, key, precondition, now)?;
-                        let etag = state.generate_id()?;
-                        let expires_at = ttl.map_or(0, |ttl| expiry_ms(now, ttl));
-                        state.insert(key.as_bytes(), Record::encode(etag, expires_at, value))?;
-                        if expires_at != 0 {
-                            expiry.insert(expiry_key(expires_at, key), &[])?;
+    /// Applies each write of `batch` (its operations, and the time it was asked for) in one
+    /// sled transaction, in order, as if one after the other: each sees the ones before it, and
+    /// one whose precondition fails is undone within the transaction and does not hold back the
+    /// others. One outcome per write. Once sled writes a transaction to its log it syncs that
+    /// write, so one transaction per batch, rather than per write, is what makes a busy store
+    /// cheap (BENCHMARKS.md). A storage error fails them all.
+    fn apply_all(&self, batch: &[(&[Operation], u64)]) -> Vec<Result<(), StateError>> {
+        if batch.is_empty() {
+            return Vec::new();
+        }
+        type Outcomes = Vec<Result<(), StateError>>;
+        let outcome: Result<Outcomes, TransactionError<std::convert::Infallible>> = (&self.state, &self.expiry)
+            .transaction(|(state, expiry)| {
+                let mut outcomes = Vec::with_capacity(batch.len());
+                for (operations, now) in batch {
+                    let mut undo = Vec::new();
+                    let outcome = self.apply_one(state, expiry, operations, *now, &mut undo)?;
+                    if outcome.is_err() {
+                        for step in undo.into_iter().rev() {
+                            match step {
+                                Undo::Restore(key, Some(previous)) => drop(state.insert(key, previous)?),
+                                Undo::Restore(key, None) => drop(state.remove(key)?),
+                                Undo::Unindex(entry) => drop(expiry.remove(entry)?),
+                            }
                         }
                     }
-                    Operation::Delete { key, precondition } => {
-                        self.check(state, key, precondition, now)?;
-                        state.remove(key.as_bytes())?;
-                    }
+                    outcomes.push(outcome);
                 }
-            }
-            Ok(())
-        });
+                Ok(outcomes)
+            });
         match outcome {
-            Ok(()) => Ok(()),
-            Err(TransactionError::Abort(e)) => Err(e),
+            Ok(outcomes) => outcomes,
+            Err(TransactionError::Abort(never)) => match never {},
             Err(TransactionError::Storage(e)) => {
-                let key = operations.first().map_or("", Operation::key);
-                Err(self.storage_error("writing a batch starting with", key, e))
+                let key = batch.first().and_then(|(ops, _)| ops.first()).map_or("", Operation::key);
+                batch.iter().map(|_| Err(self.storage_error("writing a batch starting with", key, e.clone()))).collect()
             }
         }
     }
 
-    /// Checks `precondition` against `key` as the transaction sees it (earlier operations of
-    /// the batch included). A record is decoded only when the precondition needs it, so a blind
-    /// write can still replace a damaged record.
+    /// One write's operations within [`Inner::apply_all`]'s transaction, noting in `undo` how to
+    /// take back each change. The inner result is the write's own outcome; the outer one a
+    /// storage error, which ends the transaction.
+    fn apply_one(
+        &self,
+        state: &TransactionalTree,
+        expiry: &TransactionalTree,
+        operations: &[Operation],
+        now: u64,
+        undo: &mut Vec<Undo>,
+    ) -> Result<Result<(), StateError>, UnabortableTransactionError> {
+        for operation in operations {
+            let key = operation.key();
+            if let Err(e) = self.check(state, key, operation.precondition(), now)? {
+                return Ok(Err(e));
+            }
+            undo.push(Undo::Restore(key.as_bytes().to_vec(), state.get(key.as_bytes())?));
+            match operation {
+                Operation::Set { value, ttl, .. } => {
+                    let etag = state.generate_id()?;
+                    let expires_at = ttl.map_or(0, |ttl| expiry_ms(now, ttl));
+                    state.insert(key.as_bytes(), Record::encode(etag, expires_at, value))?;
+                    let entry = expiry_key(expires_at, key);
+                    if expires_at != 0 && expiry.insert(entry.clone(), &[])?.is_none() {
+                        undo.push(Undo::Unindex(entry));
+                    }
+                }
+                Operation::Delete { .. } => drop(state.remove(key.as_bytes())?),
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// Checks `precondition` against `key` as the transaction sees it (earlier operations and
+    /// writes of the batch included). A record is decoded only when the precondition needs it,
+    /// so a blind write can still replace a damaged record.
     fn check(
         &self,
         state: &TransactionalTree,
         key: &str,
         precondition: &Precondition,
         now: u64,
-    ) -> ConflictableTransactionResult<(), StateError> {
+    ) -> Result<Result<(), StateError>, UnabortableTransactionError> {
         if *precondition == Precondition::None {
-            return Ok(());
+            return Ok(Ok(()));
         }
         let current = match state.get(key.as_bytes())? {
             None => None,
-            Some(raw) => {
-                let record = Record::decode(&raw)
-                    .map_err(|why| ConflictableTransactionError::Abort(self.corrupt_record(key, &why)))?;
-                (!record.is_expired(now)).then_some(record.etag)
-            }
+            Some(raw) => match Record::decode(&raw) {
+                Ok(record) => (!record.is_expired(now)).then_some(record.etag),
+                Err(why) => return Ok(Err(self.corrupt_record(key, &why))),
+            },
         };
         let reason = match (precondition, current) {
-            (Precondition::None, _) | (Precondition::Absent, None) => return Ok(()),
-            (Precondition::EtagMatches(want), Some(etag)) if *want == etag.to_string() => return Ok(()),
+            (Precondition::None, _) | (Precondition::Absent, None) => return Ok(Ok(())),
+            (Precondition::EtagMatches(want), Some(etag)) if *want == etag.to_string() => return Ok(Ok(())),
             (Precondition::Absent, Some(etag)) => format!("the key already exists (ETag {etag})"),
             (Precondition::EtagMatches(want), None) => format!("expected ETag {want}, but the key does not exist"),
             (Precondition::EtagMatches(want), Some(etag)) => format!("expected ETag {want}, found {etag}"),
         };
-        Err(ConflictableTransactionError::Abort(StateError::EtagMismatch { key: key.to_string(), reason }))
+        Ok(Err(StateError::EtagMismatch { key: key.to_string(), reason }))
     }
 
     fn purge_expired(&self, now: u64) -> Result<usize, StateError> {
@@ -389,6 +497,14 @@ impl Inner {
             e => StateError::Internal(format!("{what}: {e}")),
         }
     }
+}
+
+/// How to take back one change of a write that failed within a batch's transaction.
+enum Undo {
+    /// Put the key's record back as it was (`None`: absent).
+    Restore(Vec<u8>, Option<sled::IVec>),
+    /// Remove an expiry entry the write added.
+    Unindex(Vec<u8>),
 }
 
 /// One decoded record, borrowing its value from the stored bytes.
@@ -661,6 +777,32 @@ mod tests {
         assert_eq!(value(&store, "a").await, None);
         assert_eq!(value(&store, "b").await.as_deref(), Some("old"));
         assert_eq!(value(&store, "c").await, None);
+    }
+
+    #[tokio::test]
+    async fn writes_sharing_a_transaction_succeed_or_fail_each_on_their_own() {
+        let (_dir, store) = fresh();
+        store.apply(vec![set("kept", "old", Precondition::None)]).await.unwrap();
+        let now = now_ms();
+        let first = [set("a", "1", Precondition::None)];
+        // Fails at its last operation: its first, and its TTL entry, are taken back.
+        let failing = [
+            set_ttl("b", "2", Duration::from_secs(60)),
+            delete("kept", Precondition::None),
+            set("a", "x", Precondition::EtagMatches("no-such-etag".into())),
+        ];
+        // Sees the first write, which is in the same transaction.
+        let last = [set("a", "3", Precondition::Absent)];
+        let then = [set("c", "4", Precondition::None)];
+        let outcomes = store.inner.apply_all(&[(&first, now), (&failing, now), (&last, now), (&then, now)]);
+        assert!(outcomes[0].is_ok() && outcomes[3].is_ok(), "{outcomes:?}");
+        assert!(matches!(&outcomes[1], Err(StateError::EtagMismatch { key, .. }) if key == "a"), "{outcomes:?}");
+        assert!(matches!(&outcomes[2], Err(StateError::EtagMismatch { key, .. }) if key == "a"), "{outcomes:?}");
+        assert_eq!(value(&store, "a").await.as_deref(), Some("1"));
+        assert_eq!(value(&store, "b").await, None);
+        assert_eq!(value(&store, "kept").await.as_deref(), Some("old"));
+        assert_eq!(value(&store, "c").await.as_deref(), Some("4"));
+        assert_eq!(store.inner.expiry.len(), 0, "the failed write's expiry entry is gone too");
     }
 
     #[tokio::test]
