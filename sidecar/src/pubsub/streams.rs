@@ -50,6 +50,8 @@ struct Registry {
 type OpenStreams = HashMap<(String, String), Vec<Arc<OpenStream>>>;
 
 /// Where [`StreamSubscriptions::deliver`] left an event.
+// The event is handed on by value, once; boxing it would cost an allocation per event.
+#[allow(clippy::large_enum_variant)]
 pub enum Handover {
     /// An open stream of its topic took it: the app's answer, or why none came.
     Answered(Result<TopicEventResponseStatus, String>),
