@@ -194,7 +194,10 @@ fn ls_json(registry: &Registry) -> String {
     let subscriptions: Vec<_> = registry
         .subscriptions
         .iter()
-        .map(|((pubsub, topic), apps)| json!({"pubsub": pubsub, "topic": topic, "apps": apps}))
+        .map(|((pubsub, topic), subscribers)| {
+            let apps: Vec<&str> = subscribers.iter().map(|s| s.app_id.as_str()).collect();
+            json!({"pubsub": pubsub, "topic": topic, "apps": apps, "subscribers": subscribers})
+        })
         .collect();
     let all = json!({"namespace": registry.namespace, "apps": apps, "subscriptions": subscriptions});
     serde_json::to_string_pretty(&all).expect("JSON values always serialize")
@@ -231,17 +234,54 @@ fn ls_table(registry: &Registry, etcd: &str) -> String {
         }
     }
     if !registry.subscriptions.is_empty() {
-        out.push_str("\nSUBSCRIPTION (pubsub/topic)  APPS\n");
-        for ((pubsub, topic), apps) in &registry.subscriptions {
+        out.push_str("\nSUBSCRIPTION (pubsub/topic)  APPS (stream: a streaming subscription; -> route)\n");
+        for ((pubsub, topic), subscribers) in &registry.subscriptions {
+            let apps: Vec<String> = subscribers.iter().map(describe_subscriber).collect();
             let _ = writeln!(out, "{:<28} {}", format!("{pubsub}/{topic}"), apps.join(", "));
         }
     }
     out
 }
 
+/// A subscriber as `tandem ls` lists it: `app`, `app (stream)`, `app -> /route`.
+fn describe_subscriber(subscriber: &tandem_sidecar::discovery::Subscriber) -> String {
+    let mut text = subscriber.app_id.clone();
+    if subscriber.streaming {
+        text.push_str(" (stream)");
+    }
+    if !subscriber.path.is_empty() {
+        text.push_str(" -> ");
+        text.push_str(&subscriber.path);
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subscribers_are_listed_with_their_kind_and_route() {
+        let subscriber = |app: &str, streaming: bool, path: &str| tandem_sidecar::discovery::Subscriber {
+            app_id: app.into(),
+            dead_letter_topic: String::new(),
+            path: path.into(),
+            ordered: false,
+            streaming,
+        };
+        let mut registry = Registry { namespace: "ns".into(), ..Default::default() };
+        registry.apps.insert("a".into(), Vec::new());
+        registry.subscriptions.insert(
+            ("pubsub".into(), "orders".into()),
+            vec![subscriber("a", false, ""), subscriber("b", true, ""), subscriber("c", true, "/in")],
+        );
+        let table = ls_table(&registry, "http://e:1");
+        assert!(table.contains("pubsub/orders                a, b (stream), c (stream) -> /in"), "{table}");
+        let json: serde_json::Value = serde_json::from_str(&ls_json(&registry)).unwrap();
+        assert_eq!(json["subscriptions"][0]["apps"], json!(["a", "b", "c"]));
+        assert_eq!(json["subscriptions"][0]["subscribers"][2]["streaming"], true);
+        assert_eq!(json["subscriptions"][0]["subscribers"][2]["path"], "/in");
+    }
 
     #[test]
     fn sidecar_urls_become_addresses() {

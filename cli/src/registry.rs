@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use etcd_client::GetOptions;
 use serde::Serialize;
-use tandem_sidecar::discovery::InstanceRecord;
 use tandem_sidecar::discovery::keys::{self, DiscoveryKey};
+use tandem_sidecar::discovery::{InstanceRecord, Subscriber};
 
 use crate::error::CliError;
 
@@ -72,9 +72,10 @@ pub struct Registry {
     /// Every known app-id (also those without a live instance) and its live instances, sorted
     /// by instance id.
     pub apps: BTreeMap<String, Vec<InstanceRecord>>,
-    /// `(pubsub, topic)` -> subscribed app-ids.
+    /// `(pubsub, topic)` -> its subscribers, as recorded (an unreadable record: the app-id from
+    /// its key and nothing else).
     #[serde(skip)]
-    pub subscriptions: BTreeMap<(String, String), Vec<String>>,
+    pub subscriptions: BTreeMap<(String, String), Vec<Subscriber>>,
 }
 
 impl Registry {
@@ -112,7 +113,17 @@ impl Registry {
                 }
             }
             Some(DiscoveryKey::Subscription { pubsub, topic, app_id }) => {
-                self.subscriptions.entry((pubsub.to_string(), topic)).or_default().push(app_id.to_string());
+                let subscriber = serde_json::from_slice::<Subscriber>(value)
+                    .ok()
+                    .filter(|s| s.app_id == app_id)
+                    .unwrap_or_else(|| Subscriber {
+                        app_id: app_id.to_string(),
+                        dead_letter_topic: String::new(),
+                        path: String::new(),
+                        ordered: false,
+                        streaming: false,
+                    });
+                self.subscriptions.entry((pubsub.to_string(), topic)).or_default().push(subscriber);
             }
             None => {}
         }
@@ -139,12 +150,12 @@ impl Registry {
         let subscribed = self
             .subscriptions
             .get(&(pubsub.to_string(), topic.to_string()))
-            .is_some_and(|apps| apps.iter().any(|a| a == app_id));
+            .is_some_and(|subscribers| subscribers.iter().any(|s| s.app_id == app_id));
         if !subscribed {
             let of_app: Vec<String> = self
                 .subscriptions
                 .iter()
-                .filter(|(_, apps)| apps.iter().any(|a| a == app_id))
+                .filter(|(_, subscribers)| subscribers.iter().any(|s| s.app_id == app_id))
                 .map(|((pubsub, topic), _)| format!("{pubsub}/{topic}"))
                 .collect();
             let known = match of_app.is_empty() {
@@ -242,7 +253,8 @@ mod tests {
         assert_eq!(r.apps.keys().collect::<Vec<_>>(), ["gone", "old", "serve"]);
         assert_eq!(r.instances("serve").unwrap().len(), 1, "a record under another app's key is skipped");
         assert!(r.instances("gone").unwrap().is_empty());
-        assert_eq!(r.subscriptions[&("pubsub".to_string(), "model.ready".to_string())], ["serve"]);
+        let subscribers = &r.subscriptions[&("pubsub".to_string(), "model.ready".to_string())];
+        assert_eq!(subscribers.iter().map(|s| s.app_id.as_str()).collect::<Vec<_>>(), ["serve"]);
     }
 
     #[test]
