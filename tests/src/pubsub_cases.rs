@@ -692,25 +692,8 @@ pub async fn an_apps_listed_subscriptions_leave_its_streams_alone(broker: &Broke
     let sub = Sidecar::new("mixed").etcd(&etcd).resources(res.path()).app_port(app_port).spawn().await;
     let publisher = sidecar("mixer", &etcd, &res, None).await;
     // The stream opens while the app is still down, so before its list is recorded.
-    let client = sub.client();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut stream = loop {
-        match client.subscribe("pubsub", "streamed", &Default::default()).await {
-            Ok(stream) => break stream,
-            // UNAVAILABLE until the sidecar reaches etcd.
-            Err(e) => assert!(Instant::now() < deadline, "no stream opened within 20 s: {e:?}"),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
     let streamed = Inbox::default();
-    let seen = streamed.clone();
-    tokio::spawn(async move {
-        while let Ok(Some(event)) = stream.next().await {
-            let id = event.id.clone();
-            seen.push(event);
-            let _ = stream.answer(&id, EventOutcome::Success);
-        }
-    });
+    let _reader = stream_into(&sub, "streamed", &streamed).await;
     let listed = Inbox::default();
     let _app = TestApp::start_on(AppServer::new().subscribe("pubsub", "listed", listed.accept()), app_port).await;
     sub.wait_for_log("app subscriptions registered").await;
