@@ -30,7 +30,6 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sled::transaction::{TransactionError, Transactional, TransactionalTree, UnabortableTransactionError};
-
 use tokio::sync::oneshot;
 
 use super::{Operation, Precondition, StateError, StateStore, StateValue};
