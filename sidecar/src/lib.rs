@@ -10,7 +10,7 @@
 //! - [`state`]: the state stores (`state.sled`, `state.etcd`) behind one trait.
 //! - [`pubsub`]: `pubsub.embedded`, durable at-least-once delivery between sidecars.
 //! - [`components`]: Dapr-format component files.
-//! - [`durability`]: group commit, so concurrent durable writes share one flush.
+//! - [`durability`]: how sled databases are opened and flushed (one flush at a time in the process).
 //! - [`app_channel`]: the connection to the local app and its health probe.
 //! - [`admin`]: /healthz, /readyz, Dapr's health paths and /metrics.
 //! - [`metrics`]: the Prometheus metrics.
