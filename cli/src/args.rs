@@ -155,7 +155,7 @@ pub struct LsArgs {
 #[derive(Debug, Clone, Args)]
 pub struct UpArgs {
     /// Directory holding tandemd and the service binaries (default: the directory of this
-    /// `tandem` executable, i.e. target/<profile>/).
+    /// `tandem` executable, i.e. target/debug/ or target/release/).
     #[arg(long, env = "TANDEM_BIN_DIR")]
     pub bin_dir: Option<PathBuf>,
 

@@ -19,7 +19,7 @@ pub struct Service {
 }
 
 impl Service {
-    /// The workspace binary `binary` (built into target/<profile>/).
+    /// The workspace binary `binary` (built into `target/<profile>/`).
     pub fn new(binary: &str) -> Service {
         Service { binary: binary.into(), args: Vec::new(), env: Vec::new() }
     }

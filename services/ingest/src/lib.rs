@@ -7,7 +7,7 @@
 //! its state (`manifest/VERSION`, `manifest/latest`); a restarted ingest that finds its dataset
 //! already published completely does not publish it again.
 //!
-//! - [`prepare`]: options, loading, splitting, batching, the version ([`Prepared`]).
+//! - [`prepare`](mod@prepare): options, loading, splitting, batching, the version ([`Prepared`]).
 //! - [`publish`]: the service ([`Ingest`]): `status`, `probe_ack`, publishing.
 
 pub mod prepare;

@@ -9,7 +9,7 @@
 //!   mergeable [`FeatureMoments`] it can be built from when batches are seen by several workers.
 //! - [`model`]: the MLP [`Classifier`] (architecture in [`MlpConfig`]): predict classes and
 //!   probabilities, evaluate, weights to and from bytes.
-//! - [`train`]: the seeded training loop ([`train()`], Adam, shuffled minibatches) with a
+//! - [`train`](mod@train): the seeded training loop ([`train()`], Adam, shuffled minibatches) with a
 //!   per-epoch progress callback.
 //! - [`rng`]: the small seeded generator behind every random choice (splits, shuffles, weights),
 //!   so a seed gives the same model on every run, independent of burn's global RNG.
@@ -44,7 +44,7 @@
 //! ```
 //!
 //! Everything random takes an explicit seed: the same data, configuration and seed give the same
-//! weights bytes and the same test accuracy on every run (see `tests` in [`train`]).
+//! weights bytes and the same test accuracy on every run (see `tests` in [`train`](mod@train)).
 
 pub mod dataset;
 pub mod device;

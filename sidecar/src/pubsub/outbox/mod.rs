@@ -3,9 +3,9 @@
 //! record is synced to disk, so an acknowledged event survives `kill -9` of the sidecar and a
 //! power loss.
 //!
-//! The outbox is an append-only [`log`] of segment files with an index in memory: a publish
-//! appends its record, a settled attempt appends the deliveries still pending (none: the record
-//! is done), and concurrent publishes share one `fdatasync` (group commit). Nothing is ever
+//! The outbox is an append-only log (module `log`) of segment files with an index in memory: a
+//! publish appends its record, a settled attempt appends the deliveries still pending (none: the
+//! record is done), and concurrent publishes share one `fdatasync` (group commit). Nothing is ever
 //! rewritten in place, where a B-tree store spent most of the sidecar's time copying pages
 //! (BENCHMARKS.md, pub/sub).
 //!
@@ -26,7 +26,7 @@
 //! fresh event reads nothing back from disk.
 //!
 //! An outbox written by an earlier Tandem (a sled database) is converted at open, without
-//! losing its events ([`migrate`]).
+//! losing its events (module `migrate`).
 
 mod log;
 mod migrate;
