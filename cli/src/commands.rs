@@ -264,10 +264,9 @@ mod tests {
     fn subscribers_are_listed_with_their_kind_and_route() {
         let subscriber = |app: &str, streaming: bool, path: &str| tandem_sidecar::discovery::Subscriber {
             app_id: app.into(),
-            dead_letter_topic: String::new(),
             path: path.into(),
-            ordered: false,
             streaming,
+            ..Default::default()
         };
         let mut registry = Registry { namespace: "ns".into(), ..Default::default() };
         registry.apps.insert("a".into(), Vec::new());

@@ -116,13 +116,7 @@ impl Registry {
                 let subscriber = serde_json::from_slice::<Subscriber>(value)
                     .ok()
                     .filter(|s| s.app_id == app_id)
-                    .unwrap_or_else(|| Subscriber {
-                        app_id: app_id.to_string(),
-                        dead_letter_topic: String::new(),
-                        path: String::new(),
-                        ordered: false,
-                        streaming: false,
-                    });
+                    .unwrap_or_else(|| Subscriber { app_id: app_id.to_string(), ..Default::default() });
                 self.subscriptions.entry((pubsub.to_string(), topic)).or_default().push(subscriber);
             }
             None => {}

@@ -22,7 +22,7 @@ pub struct Instance {
 }
 
 /// An app-id's subscription to a topic, as published events find it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Subscriber {
     pub app_id: String,
     /// Where events that exhaust their deliveries go (same component); empty: dropped.
