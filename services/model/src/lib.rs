@@ -4,11 +4,15 @@
 //! - [`device`]: pick a burn [`Device`] by name at run time (`"cpu"`/`"flex"` by default,
 //!   `"cuda"`/`"cuda:N"` with the `cuda` feature, `"vulkan"`/`"vulkan:N"` with the `vulkan` feature).
 //! - [`dataset`]: an in-memory labelled [`Dataset`] (the bundled digits set or a user's CSV file),
-//!   its content-hash [`Dataset::version`] and a seeded, stratified [`Dataset::split`].
+//!   its content-hash [`Dataset::version`], a seeded, stratified [`Dataset::split`], and seeded
+//!   synthetic data of any size ([`Dataset::synthetic`], `synthetic:ROWS:FEATURES:CLASSES`).
 //! - [`standardize`]: the [`Standardizer`] (per-feature mean/std fitted with burn tensors) and the
 //!   mergeable [`FeatureMoments`] it can be built from when batches are seen by several workers.
 //! - [`model`]: the MLP [`Classifier`] (architecture in [`MlpConfig`]): predict classes and
 //!   probabilities, evaluate, weights to and from bytes.
+//! - [`data_parallel`]: the replica-independent half of data-parallel training: global batches
+//!   and each rank's shard, gradients and parameters as flat buffers, Adam on them, and the
+//!   trainer state (weights, moments, step) as bytes for a replica that joins late.
 //! - [`train`](mod@train): the seeded training loop ([`train()`], Adam, shuffled minibatches) with a
 //!   per-epoch progress callback.
 //! - [`rng`]: the small seeded generator behind every random choice (splits, shuffles, weights),
@@ -46,6 +50,7 @@
 //! Everything random takes an explicit seed: the same data, configuration and seed give the same
 //! weights bytes and the same test accuracy on every run (see `tests` in [`train`](mod@train)).
 
+pub mod data_parallel;
 pub mod dataset;
 pub mod device;
 pub mod model;
@@ -54,7 +59,8 @@ pub mod standardize;
 pub mod train;
 
 pub use burn::tensor::Device;
-pub use dataset::{Dataset, DatasetError, TrainTestSplit};
+pub use data_parallel::{GlobalBatches, Shard, StepGradients, StepOutcome, Trainer, TrainerState};
+pub use dataset::{Dataset, DatasetError, SyntheticSpec, TrainTestSplit};
 pub use device::{DeviceError, parse_device};
 pub use model::{Classifier, Evaluation, MlpConfig, ModelError, Prediction};
 pub use standardize::{FeatureMoments, Standardizer};

@@ -8,6 +8,7 @@
 use burn::module::{Module, Param, ParamId};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, Relu};
+use burn::optim::GradientsParams;
 use burn::store::ModuleRecord;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bytes, Device, Int, Tensor, TensorData};
@@ -88,6 +89,12 @@ impl MlpConfig {
         self.widths().iter().map(usize::to_string).collect::<Vec<_>>().join("-")
     }
 
+    /// Weights and biases in all: the length of the flat parameter buffer (see
+    /// [`crate::data_parallel`]: per layer, its `[fan_in, fan_out]` weight row-major, then its bias).
+    pub fn parameter_count(&self) -> usize {
+        self.widths().windows(2).map(|pair| pair[0] * pair[1] + pair[1]).sum()
+    }
+
     fn widths(&self) -> Vec<usize> {
         let mut widths = vec![self.num_features];
         widths.extend_from_slice(&self.hidden);
@@ -118,17 +125,27 @@ impl Mlp {
     /// `nn.Linear`), drawn from `rng`. Parameter ids are fixed (their position) so that the
     /// weights bytes depend only on the values.
     pub(crate) fn init(config: &MlpConfig, rng: &mut SeededRng, device: &Device) -> Self {
-        let widths = config.widths();
-        let layers = widths
+        Self::from_flat(config, &initial_parameters(config, rng), device)
+    }
+
+    /// The module holding `values` (the flat layout of [`MlpConfig::parameter_count`]), with the
+    /// fixed parameter ids of [`Mlp::init`], ready to train on `device`.
+    pub(crate) fn from_flat(config: &MlpConfig, values: &[f32], device: &Device) -> Self {
+        assert_eq!(values.len(), config.parameter_count(), "flat parameters of the wrong length");
+        let mut offset = 0;
+        let mut take = |len: usize| {
+            let slice = &values[offset..offset + len];
+            offset += len;
+            slice.to_vec()
+        };
+        let layers = config
+            .widths()
             .windows(2)
             .enumerate()
             .map(|(index, pair)| {
                 let (fan_in, fan_out) = (pair[0], pair[1]);
-                let bound = 1.0 / (fan_in as f32).sqrt();
-                let weight: Vec<f32> = (0..fan_in * fan_out).map(|_| rng.uniform_f32(-bound, bound)).collect();
-                let bias: Vec<f32> = (0..fan_out).map(|_| rng.uniform_f32(-bound, bound)).collect();
-                let weight = Tensor::<2>::from_data(TensorData::new(weight, [fan_in, fan_out]), device);
-                let bias = Tensor::<1>::from_data(TensorData::new(bias, [fan_out]), device);
+                let weight = Tensor::<2>::from_data(TensorData::new(take(fan_in * fan_out), [fan_in, fan_out]), device);
+                let bias = Tensor::<1>::from_data(TensorData::new(take(fan_out), [fan_out]), device);
                 Linear {
                     weight: Param::initialized(ParamId::from(2 * index as u64), weight).set_require_grad(true),
                     bias: Some(Param::initialized(ParamId::from(2 * index as u64 + 1), bias).set_require_grad(true)),
@@ -136,6 +153,36 @@ impl Mlp {
             })
             .collect();
         Self { layers, activation: Relu::new() }
+    }
+
+    /// Every weight and bias in the flat layout of [`Mlp::from_flat`].
+    pub(crate) fn to_flat(&self) -> Result<Vec<f32>, ModelError> {
+        let mut values = Vec::new();
+        for layer in &self.layers {
+            values.extend(tensor_values(layer.weight.val())?);
+            if let Some(bias) = &layer.bias {
+                values.extend(tensor_values(bias.val())?);
+            }
+        }
+        Ok(values)
+    }
+
+    /// The gradient of every parameter in the flat layout of [`Mlp::from_flat`] (zeros for a
+    /// parameter the loss does not depend on).
+    pub(crate) fn flat_gradients(&self, grads: &mut GradientsParams) -> Result<Vec<f32>, ModelError> {
+        let mut values = Vec::new();
+        for (index, layer) in self.layers.iter().enumerate() {
+            let [fan_in, fan_out] = layer.weight.val().dims();
+            match grads.remove::<2>(ParamId::from(2 * index as u64)) {
+                Some(grad) => values.extend(tensor_values(grad)?),
+                None => values.resize(values.len() + fan_in * fan_out, 0.0),
+            }
+            match grads.remove::<1>(ParamId::from(2 * index as u64 + 1)) {
+                Some(grad) => values.extend(tensor_values(grad)?),
+                None => values.resize(values.len() + fan_out, 0.0),
+            }
+        }
+        Ok(values)
     }
 
     /// Logits `[batch, num_classes]` for inputs `[batch, num_features]`.
@@ -150,6 +197,18 @@ impl Mlp {
         }
         x
     }
+}
+
+/// Seeded initial parameters in the flat layout of [`Mlp::from_flat`]: every weight and bias of a
+/// layer from `U(-k, k)`, `k = 1/sqrt(fan_in)` (PyTorch's default for `nn.Linear`).
+pub(crate) fn initial_parameters(config: &MlpConfig, rng: &mut SeededRng) -> Vec<f32> {
+    let mut values = Vec::with_capacity(config.parameter_count());
+    for pair in config.widths().windows(2) {
+        let (fan_in, fan_out) = (pair[0], pair[1]);
+        let bound = 1.0 / (fan_in as f32).sqrt();
+        values.extend((0..fan_in * fan_out + fan_out).map(|_| rng.uniform_f32(-bound, bound)));
+    }
+    values
 }
 
 /// One prediction: the most probable class and the probability of every class.
@@ -188,8 +247,21 @@ impl Classifier {
         Ok(Self { config: config.clone(), model, device: device.clone() })
     }
 
-    pub(crate) fn from_trained(config: MlpConfig, model: Mlp, device: Device) -> Self {
-        Self { config, model, device }
+    /// A classifier holding `values`, flat parameters of `config` (see [`crate::data_parallel`]).
+    pub fn from_parameters(config: &MlpConfig, values: &[f32], device: &Device) -> Result<Self, ModelError> {
+        config.validate()?;
+        if values.len() != config.parameter_count() {
+            return Err(ModelError::ArchitectureMismatch {
+                architecture: config.architecture(),
+                reason: format!("{} parameters given, it has {}", values.len(), config.parameter_count()),
+            });
+        }
+        Ok(Self { config: config.clone(), model: Mlp::from_flat(config, values, device), device: device.clone() })
+    }
+
+    /// Every weight and bias, flat (see [`crate::data_parallel`]).
+    pub fn parameters(&self) -> Result<Vec<f32>, ModelError> {
+        self.model.to_flat()
     }
 
     /// The architecture.
@@ -290,7 +362,7 @@ pub(crate) fn scalar(tensor: Tensor<1>) -> Result<f32, ModelError> {
     tensor.try_into_scalar().map_err(|err| ModelError::Backend(format!("{err:?}")))
 }
 
-fn tensor_values(tensor: Tensor<2>) -> Result<Vec<f32>, ModelError> {
+fn tensor_values<const D: usize>(tensor: Tensor<D>) -> Result<Vec<f32>, ModelError> {
     let data = tensor.try_into_data().map_err(|err| ModelError::Backend(format!("{err:?}")))?;
     data.try_into_vec::<f32>().map_err(|err| ModelError::Backend(format!("{err:?}")))
 }

@@ -48,6 +48,14 @@ impl SeededRng {
         low + (high - low) * self.unit_f64() as f32
     }
 
+    /// A standard normal float (Box-Muller; one of the pair is used).
+    pub fn normal_f32(&mut self) -> f32 {
+        // 1 - u is in (0, 1], so the logarithm is finite.
+        let radius = (-2.0 * (1.0 - self.unit_f64()).ln()).sqrt();
+        let angle = 2.0 * std::f64::consts::PI * self.unit_f64();
+        (radius * angle.cos()) as f32
+    }
+
     /// Fisher-Yates shuffle in place.
     pub fn shuffle<T>(&mut self, items: &mut [T]) {
         for i in (1..items.len()).rev() {

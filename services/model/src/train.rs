@@ -1,15 +1,12 @@
 //! The seeded training loop: Adam over minibatches shuffled by the seed, cross-entropy loss,
-//! a progress callback after every epoch.
+//! a progress callback after every epoch (one replica of [`crate::data_parallel`]).
 
-use burn::module::Module;
-use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
+use crate::data_parallel::{GlobalBatches, Trainer};
 use crate::dataset::Dataset;
-use crate::model::{Classifier, Mlp, MlpConfig, ModelError, count_correct, labels_tensor, scalar};
-use crate::rng::SeededRng;
+use crate::model::{Classifier, MlpConfig, ModelError};
 
 /// Hyper-parameters of [`train()`]. The defaults reach >= 97% test accuracy on standardized digits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,60 +50,55 @@ pub struct EpochProgress {
 /// Trains an MLP classifier on `data` (standardized features) on `device` (the plain device;
 /// autodiff is added here) and returns it ready to predict on `device`. `on_epoch` is called after
 /// every epoch. Same data, config and device kind: same weights bytes on every run.
+///
+/// This is the one-replica case of [`crate::data_parallel`]: the same global batches, gradients
+/// and Adam steps that a group of replicas computes together.
 pub fn train(
     data: &Dataset,
     config: &TrainingConfig,
     device: &Device,
     mut on_epoch: impl FnMut(&EpochProgress),
 ) -> Result<Classifier, ModelError> {
-    if config.epochs == 0 || config.batch_size == 0 {
-        return Err(ModelError::Config(format!(
-            "epochs ({}) and batch size ({}) must be > 0",
-            config.epochs, config.batch_size
-        )));
-    }
-    if !(config.learning_rate.is_finite() && config.learning_rate > 0.0) {
-        return Err(ModelError::Config(format!("learning rate {} must be > 0", config.learning_rate)));
-    }
+    config.validate()?;
     let mlp_config =
         MlpConfig { num_features: data.num_features(), hidden: config.hidden.clone(), num_classes: data.num_classes() };
-    let autodiff = device.clone().autodiff();
-    let mut rng = SeededRng::new(config.seed);
-    mlp_config.validate()?;
-    let mut model = Mlp::init(&mlp_config, &mut SeededRng::new(rng.next_u64()), &autodiff);
-    let mut optimizer = AdamConfig::new().init();
-    let loss_fn = CrossEntropyLossConfig::new().init(&autodiff);
-
-    let num_features = data.num_features();
-    let mut order: Vec<usize> = (0..data.len()).collect();
+    let trainer = Trainer::new(mlp_config, config.learning_rate, device)?;
+    let mut state = trainer.init(config.seed);
+    let mut batches = GlobalBatches::new(data.len(), config.batch_size, config.seed);
     for epoch in 1..=config.epochs {
-        rng.shuffle(&mut order);
         let mut loss_sum = 0.0f64;
-        let mut correct = 0usize;
-        for batch in order.chunks(config.batch_size) {
-            let mut features = Vec::with_capacity(batch.len() * num_features);
-            let mut labels = Vec::with_capacity(batch.len());
-            for &index in batch {
-                features.extend_from_slice(data.row(index));
-                labels.push(data.labels()[index]);
-            }
-            let input = Tensor::<2>::from_data(TensorData::new(features, [batch.len(), num_features]), &autodiff);
-            let targets = labels_tensor(&labels, &autodiff);
-            let logits = model.forward(input);
-            let loss = loss_fn.forward(logits.clone(), targets.clone());
-            correct += count_correct(logits.detach(), targets)?;
-            loss_sum += f64::from(scalar(loss.clone().detach())?) * batch.len() as f64;
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optimizer.step(config.learning_rate, model, grads);
+        let mut correct = 0.0f64;
+        for _ in 0..batches.steps_per_epoch() {
+            let shard = batches.shard(state.step, 0, 1);
+            let gradients = trainer.gradients(&state, data, &shard)?;
+            let outcome = trainer.apply(&mut state, gradients.buffer(), shard.batch_len)?;
+            loss_sum += f64::from(outcome.loss) * outcome.samples as f64;
+            correct += f64::from(outcome.accuracy) * outcome.samples as f64;
         }
         on_epoch(&EpochProgress {
             epoch,
             epochs: config.epochs,
             loss: (loss_sum / data.len() as f64) as f32,
-            train_accuracy: correct as f32 / data.len() as f32,
+            train_accuracy: (correct / data.len() as f64) as f32,
         });
     }
-    Ok(Classifier::from_trained(mlp_config, model.valid(), device.clone()))
+    trainer.classifier(&state)
+}
+
+impl TrainingConfig {
+    /// Refuses epochs or a batch size of 0 and a learning rate that is not a positive number.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if self.epochs == 0 || self.batch_size == 0 {
+            return Err(ModelError::Config(format!(
+                "epochs ({}) and batch size ({}) must be > 0",
+                self.epochs, self.batch_size
+            )));
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return Err(ModelError::Config(format!("learning rate {} must be > 0", self.learning_rate)));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
