@@ -7,6 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dapr/proto/runtime/v1/appcallback.proto",
         "tandem/internal/v1/mesh.proto",
         "tandem/internal/v1/pubsub.proto",
+        "tandem/internal/v1/group.proto",
+        "tandem/group/v1/group.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
@@ -18,6 +20,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .bytes(".dapr.proto.runtime.v1.PublishEventRequest.data")
         .bytes(".dapr.proto.runtime.v1.TopicEventRequest.data")
+        // Gradient buffers and states: megabytes that pass through without a copy.
+        .bytes(".tandem.internal.v1.GroupChunk.data")
+        .bytes(".tandem.group.v1")
         .compile_protos(&protos, &["."])?;
     Ok(())
 }

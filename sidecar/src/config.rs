@@ -72,6 +72,17 @@ pub struct Config {
     #[arg(long, env = "TANDEM_LEASE_TTL", default_value_t = 10, value_parser = clap::value_parser!(i64).range(1..=3600))]
     pub lease_ttl: i64,
 
+    /// The longest a training-group operation (all-reduce, broadcast) waits for another
+    /// member's piece before it fails with DEADLINE_EXCEEDED (e.g. 60s). A member that dies is
+    /// noticed sooner, within --lease-ttl; this bounds a member that hangs.
+    #[arg(long, env = "TANDEM_GROUP_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub group_timeout: Duration,
+
+    /// How long a training group's round waits for more members once its minimum wait, unless
+    /// the app sets its own (e.g. 2s).
+    #[arg(long, env = "TANDEM_GROUP_LAST_CALL", default_value = "2s", value_parser = parse_duration)]
+    pub group_last_call: Duration,
+
     /// How often the app's health check is probed (e.g. 500ms, 5s).
     #[arg(long, env = "TANDEM_APP_HEALTH_PROBE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub app_health_probe_interval: Duration,

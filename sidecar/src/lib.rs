@@ -4,11 +4,13 @@
 //! Modules, one per concern:
 //! - [`config`]: flags and environment variables.
 //! - [`runtime`]: wires the pieces together; start-up and the ordered shutdown.
-//! - [`api`]: the app-facing Dapr gRPC API (proto <-> domain).
+//! - [`api`]: the app-facing Dapr gRPC API and Tandem's training-group API (proto <-> domain).
 //! - [`invoke`]: service invocation, outbound (routing, balancing, failover) and inbound (to the app).
 //! - [`discovery`]: registration in etcd under a lease and the routing table watched from etcd.
 //! - [`state`]: the state stores (`state.sled`, `state.etcd`) behind one trait.
 //! - [`pubsub`]: `pubsub.embedded`, durable at-least-once delivery between sidecars.
+//! - [`group`]: training groups: rounds formed through etcd, all-reduce and broadcast carried
+//!   sidecar to sidecar (the app-facing half is [`api::group`]).
 //! - [`components`]: Dapr-format component files.
 //! - [`durability`]: how sled databases are opened and flushed (one flush at a time in the process).
 //! - [`app_channel`]: the connection to the local app and its health probe.
@@ -31,6 +33,7 @@ pub mod deadline;
 pub mod discovery;
 pub mod durability;
 pub mod error;
+pub mod group;
 pub mod invoke;
 pub mod metrics;
 pub mod probe;

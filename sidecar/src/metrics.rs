@@ -11,6 +11,11 @@
 //!   `tandem_pubsub_in_flight`: events handed to a subscriber and not yet answered, per topic;
 //!   `tandem_pubsub_delivery_batch_size`: events per call to a subscriber's sidecar.
 //! - `tandem_live_instances`: live instances per app-id, from discovery.
+//! - Training groups, per group: `tandem_group_rounds_total` (rounds this sidecar's member
+//!   entered), `tandem_group_members` (the world size of its current round, 0 when in none),
+//!   `tandem_group_all_reduce_seconds` and `tandem_group_all_reduce_bytes_total` (bytes this
+//!   sidecar sent to other members), `tandem_group_step_seconds` (from one all-reduce's end to
+//!   the next one's: a training step as the group sees it).
 //! - `process_resident_memory_bytes`, `process_cpu_seconds_total`: this process.
 //! - `tandem_trace_context_invalid_total`: malformed `traceparent` values (ignored: a new trace
 //!   started); `tandem_trace_spans_exported_total` and `tandem_trace_spans_dropped_total`:
@@ -20,7 +25,7 @@
 //! Gauges that mirror other state (instances, backlog, process) are refreshed at each scrape.
 
 use std::future::Future;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -68,6 +73,11 @@ pub struct ComponentLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabels {
+    pub group: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AppLabels {
     pub app_id: String,
 }
@@ -93,6 +103,11 @@ pub struct Metrics {
     pubsub_in_flight: Family<TopicLabels, Gauge>,
     pubsub_delivery_batch: Family<ComponentLabels, Histogram, fn() -> Histogram>,
     live_instances: Family<AppLabels, Gauge>,
+    group_rounds: Family<GroupLabels, Counter>,
+    group_members: Family<GroupLabels, Gauge>,
+    group_all_reduce: Family<GroupLabels, Histogram, fn() -> Histogram>,
+    group_all_reduce_bytes: Family<GroupLabels, Counter>,
+    group_step: Family<GroupLabels, Histogram, fn() -> Histogram>,
     resident_memory: Gauge,
     cpu_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
@@ -116,6 +131,12 @@ impl Metrics {
         let pubsub_delivery_batch =
             Family::<ComponentLabels, Histogram, fn() -> Histogram>::new_with_constructor(batch_histogram);
         let live_instances = Family::<AppLabels, Gauge>::default();
+        let group_rounds = Family::<GroupLabels, Counter>::default();
+        let group_members = Family::<GroupLabels, Gauge>::default();
+        let group_all_reduce =
+            Family::<GroupLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        let group_all_reduce_bytes = Family::<GroupLabels, Counter>::default();
+        let group_step = Family::<GroupLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
         let resident_memory = Gauge::default();
         let cpu_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register("tandem_api_requests", "Calls of the app-facing API", api_requests.clone());
@@ -135,6 +156,27 @@ impl Metrics {
             pubsub_delivery_batch.clone(),
         );
         registry.register("tandem_live_instances", "Live instances per app-id", live_instances.clone());
+        registry.register(
+            "tandem_group_rounds",
+            "Rounds of a training group this member entered",
+            group_rounds.clone(),
+        );
+        registry.register("tandem_group_members", "World size of the member's current round", group_members.clone());
+        registry.register(
+            "tandem_group_all_reduce_seconds",
+            "Time of one all-reduce of a training group",
+            group_all_reduce.clone(),
+        );
+        registry.register(
+            "tandem_group_all_reduce_bytes",
+            "Bytes this sidecar sent to other members in all-reduces",
+            group_all_reduce_bytes.clone(),
+        );
+        registry.register(
+            "tandem_group_step_seconds",
+            "Time from one all-reduce's end to the next one's",
+            group_step.clone(),
+        );
         registry.register("process_resident_memory_bytes", "Resident memory of this process", resident_memory.clone());
         registry.register("process_cpu_seconds_total", "CPU time of this process (user + system)", cpu_seconds.clone());
         let trace = crate::telemetry::counters();
@@ -164,6 +206,11 @@ impl Metrics {
             pubsub_in_flight,
             pubsub_delivery_batch,
             live_instances,
+            group_rounds,
+            group_members,
+            group_all_reduce,
+            group_all_reduce_bytes,
+            group_step,
             resident_memory,
             cpu_seconds,
         }
@@ -218,6 +265,28 @@ impl Metrics {
     /// Counts one delivery call carrying `events` events.
     pub fn pubsub_delivery_batch(&self, pubsub: &str, events: usize) {
         self.pubsub_delivery_batch.get_or_create(&ComponentLabels { pubsub: pubsub.into() }).observe(events as f64);
+    }
+
+    /// This sidecar's member of `group` entered a round of `world` members.
+    pub fn group_round(&self, group: &str, world: usize) {
+        let labels = GroupLabels { group: group.into() };
+        self.group_rounds.get_or_create(&labels).inc();
+        self.group_members.get_or_create(&labels).set(world as i64);
+    }
+
+    /// This sidecar's member of `group` left it.
+    pub fn group_left(&self, group: &str) {
+        self.group_members.get_or_create(&GroupLabels { group: group.into() }).set(0);
+    }
+
+    /// One all-reduce of `group`: its time, the bytes sent, and the time since the previous one ended.
+    pub fn group_all_reduce(&self, group: &str, took: Duration, bytes_sent: u64, step: Option<Duration>) {
+        let labels = GroupLabels { group: group.into() };
+        self.group_all_reduce.get_or_create(&labels).observe(took.as_secs_f64());
+        self.group_all_reduce_bytes.get_or_create(&labels).inc_by(bytes_sent);
+        if let Some(step) = step {
+            self.group_step.get_or_create(&labels).observe(step.as_secs_f64());
+        }
     }
 
     /// Refreshes the gauges that mirror other state, then renders everything as Prometheus text.

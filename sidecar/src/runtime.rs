@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tandem_proto::group::training_group_server::TrainingGroupServer;
+use tandem_proto::internal::group_peer_server::GroupPeerServer;
 use tandem_proto::internal::mesh_server::MeshServer;
 use tandem_proto::runtime::dapr_server::DaprServer;
 use tokio::net::TcpListener;
@@ -15,11 +17,14 @@ use tonic::service::Routes;
 
 use crate::api::DaprApi;
 use crate::api::dapr::{RUNTIME_VERSION, SidecarInfo};
+use crate::api::group::TrainingGroupApi;
 use crate::api::pubsub::PubSubApi;
 use crate::api::state::StateApi;
 use crate::app_channel::AppChannel;
 use crate::config::Config;
 use crate::discovery::{self, Backoff, InstanceRecord, Registrar, RoutingTable, RoutingWatcher};
+use crate::group::peer::GroupPeerService;
+use crate::group::{GroupSettings, Groups};
 use crate::invoke::channels::PeerChannels;
 use crate::invoke::{Invoker, MeshInbound};
 use crate::metrics::Metrics;
@@ -137,6 +142,18 @@ pub async fn run(
         app_host: config.app_host.clone(),
         app_port: config.app_port,
     };
+    let groups = Arc::new(Groups::new(
+        config.namespace.clone(),
+        instance_id.clone(),
+        internal_address.clone(),
+        GroupSettings {
+            lease_ttl: config.lease_ttl,
+            operation_timeout: config.group_timeout,
+            default_last_call: config.group_last_call,
+        },
+        peers.clone(),
+        metrics.clone(),
+    ));
     let record = InstanceRecord {
         app_id: config.app_id.clone(),
         instance_id: instance_id.clone(),
@@ -164,6 +181,13 @@ pub async fn run(
     let mesh = MeshServer::new(MeshInbound::new(config.app_id.clone(), app.clone(), streams.clone()))
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
+    // Gradient buffers and trainer states are as large as the model (and three times that).
+    let group_api = TrainingGroupServer::new(TrainingGroupApi::new(groups.clone(), metrics.clone()))
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    let group_peer = GroupPeerServer::new(GroupPeerService::new(groups.clone()))
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
 
     let drain = config.drain_timeout;
     let stopped = |token: &CancellationToken| {
@@ -173,13 +197,13 @@ pub async fn run(
     let servers: Vec<JoinHandle<()>> = vec![
         tokio::spawn(tandem_transport::serve_grpc(
             grpc_listener,
-            TraceLayer.layer(Routes::new(dapr)),
+            TraceLayer.layer(Routes::new(dapr).add_service(group_api)),
             stopped(&serving_stop),
             drain,
         )),
         tokio::spawn(tandem_transport::serve_grpc(
             internal_listener,
-            TraceLayer.layer(Routes::new(mesh)),
+            TraceLayer.layer(Routes::new(mesh).add_service(group_peer)),
             stopped(&serving_stop),
             drain,
         )),
@@ -225,6 +249,7 @@ pub async fn run(
             app: app.clone(),
             pubsubs: pubsubs.clone(),
             streams,
+            groups,
         }
         .run(registration_stop.clone(), background_stop.clone()),
     );
@@ -259,6 +284,7 @@ struct Discovery {
     app: Option<AppChannel>,
     pubsubs: PubSubs,
     streams: Arc<StreamSubscriptions>,
+    groups: Arc<Groups>,
 }
 
 impl Discovery {
@@ -266,7 +292,7 @@ impl Discovery {
     /// routing table, this instance's registration and the app's subscriptions until stopped.
     /// Returns once the lease is revoked.
     async fn run(self, registration_stop: CancellationToken, background_stop: CancellationToken) {
-        let Discovery { config, record, routing, readiness, app, pubsubs, streams } = self;
+        let Discovery { config, record, routing, readiness, app, pubsubs, streams, groups } = self;
         let mut backoff = Backoff::new();
         let client = loop {
             let attempt = tokio::select! {
@@ -283,6 +309,7 @@ impl Discovery {
             }
         };
         streams.set_registry(client.clone(), config.namespace.clone(), config.app_id.clone());
+        groups.set_etcd(client.clone());
         let watcher = RoutingWatcher::new(client.clone(), config.namespace.clone(), routing);
         tokio::spawn(watcher.run(background_stop.clone()));
         if let Some(app) = app {

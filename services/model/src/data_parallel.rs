@@ -419,8 +419,8 @@ mod tests {
                 let one = trainer.apply(&mut single, whole.buffer(), shard.batch_len).unwrap();
 
                 let mut summed = vec![0.0f32; trainer.buffer_len()];
-                for rank in 0..world {
-                    let part = trainer.gradients(&group[rank], &data, &batches.shard(step, rank, world)).unwrap();
+                for (rank, state) in group.iter().enumerate() {
+                    let part = trainer.gradients(state, &data, &batches.shard(step, rank, world)).unwrap();
                     summed.iter_mut().zip(part.buffer()).for_each(|(s, v)| *s += v);
                 }
                 let mut outcomes = Vec::new();

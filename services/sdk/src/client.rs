@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use tandem_proto::common::InvokeRequest;
 use tandem_proto::common::{Etag, StateItem};
+use tandem_proto::group::training_group_client::TrainingGroupClient;
 use tandem_proto::prost_types::Any;
 use tandem_proto::runtime::dapr_client::DaprClient;
 use tandem_proto::runtime::{
@@ -91,6 +92,7 @@ pub struct BulkFailure {
 #[derive(Debug, Clone)]
 pub struct SidecarClient {
     pub(crate) inner: DaprClient<GrpcConnection>,
+    pub(crate) group: TrainingGroupClient<GrpcConnection>,
 }
 
 impl SidecarClient {
@@ -101,7 +103,10 @@ impl SidecarClient {
         let inner = DaprClient::with_origin(connection.clone(), connection.origin())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
-        Ok(SidecarClient { inner })
+        let group = TrainingGroupClient::with_origin(connection.clone(), connection.origin())
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        Ok(SidecarClient { inner, group })
     }
 
     /// Connects to the sidecar on 127.0.0.1 at `DAPR_GRPC_PORT` (50001 when unset), as Dapr SDKs do.

@@ -8,6 +8,8 @@
 //!   async handler functions.
 //! - [`stream`]: [`EventStream`], a streaming subscription (`SidecarClient::subscribe`): a
 //!   topic's events read from a stream to the sidecar and answered on it, with no callback API.
+//! - [`group`]: [`GroupMember`], a replica's membership in a training group (Tandem's own API):
+//!   rounds with a rank and world size, all-reduce and broadcast through the sidecars.
 //! - [`trace`]: [`TraceContext`], the W3C trace context that handlers receive with each call
 //!   and event and that calls can carry, so app code continues the trace in its own spans.
 //!
@@ -16,11 +18,13 @@
 
 pub mod app;
 pub mod client;
+pub mod group;
 pub mod stream;
 pub mod trace;
 
 pub use app::{AppServer, EventOutcome, Invocation, Reply, SubscriptionOptions, TopicEvent};
 pub use client::{BulkEntry, BulkFailure, CallOptions, SidecarClient, StateEntry};
+pub use group::{AllReduced, GroupMember, GroupOptions, Round, RoundMember, Waiting};
 pub use stream::{EventStream, StreamAnswers};
 pub use tandem_proto as proto;
 pub use tonic::{Code, Status};
