@@ -13,7 +13,8 @@
 //! (component files and a state API client), [`stats`] (latency percentiles for the benchmark
 //! and the demo), [`otlp`] (an OTLP trace collector in the test process, and tracers for test
 //! apps that export to it), [`service`] (a workspace service binary as a process), [`pipeline`]
-//! (the AI pipeline: the four services, each beside its own tandemd).
+//! (the AI pipeline: the four services, each beside its own tandemd), [`training`] (train
+//! replicas in one training group, their status and step logs).
 
 pub mod app;
 pub mod compose;
@@ -31,6 +32,7 @@ pub mod service;
 pub mod sidecar;
 pub mod state;
 pub mod stats;
+pub mod training;
 
 pub use app::{TestApp, wait_for_instances};
 pub use etcd::Etcd;

@@ -1,5 +1,5 @@
-//! The AI pipeline, really started: etcd, each of `tandem-ingest`, `tandem-preprocess` (any
-//! number of replicas), `tandem-train` and `tandem-serve` beside its own tandemd (with the
+//! The AI pipeline, really started: etcd, each of `tandem-ingest`, `tandem-preprocess` and
+//! `tandem-train` (any number of replicas of each) and `tandem-serve` beside its own tandemd (with the
 //! repository's `components/<app>/` as its resources), and a `client` sidecar without an app
 //! through which the test calls the services, so every call crosses the mesh.
 
@@ -22,6 +22,8 @@ pub fn components_dir(app: &str) -> PathBuf {
 #[derive(Debug, Clone)]
 pub struct PipelineOptions {
     pub preprocess_replicas: usize,
+    /// Train replicas, one training group.
+    pub train_replicas: usize,
     pub ingest_args: Vec<String>,
     pub train_args: Vec<String>,
     pub serve_args: Vec<String>,
@@ -35,6 +37,7 @@ impl Default for PipelineOptions {
     fn default() -> Self {
         PipelineOptions {
             preprocess_replicas: 2,
+            train_replicas: 1,
             ingest_args: Vec::new(),
             train_args: Vec::new(),
             serve_args: Vec::new(),
@@ -94,7 +97,7 @@ impl Stage {
 pub struct Pipeline {
     pub ingest: Stage,
     pub preprocess: Vec<Stage>,
-    pub train: Stage,
+    pub train: Vec<Stage>,
     pub serve: Stage,
     pub client_sidecar: RunningSidecar,
     /// A client of `client_sidecar`: every call through it crosses the mesh.
@@ -108,7 +111,10 @@ impl Pipeline {
     pub async fn start(options: PipelineOptions) -> Pipeline {
         let etcd = Etcd::start().await;
         let serve = Stage::start(&etcd, app_ids::SERVE, Some(&options.serve_args)).await;
-        let train = Stage::start(&etcd, app_ids::TRAIN, options.start_train.then_some(&options.train_args[..])).await;
+        let mut train = Vec::new();
+        for _ in 0..options.train_replicas {
+            train.push(Stage::start(&etcd, app_ids::TRAIN, options.start_train.then_some(&options.train_args[..])).await);
+        }
         let mut preprocess = Vec::new();
         for _ in 0..options.preprocess_replicas {
             preprocess.push(Stage::start(&etcd, app_ids::PREPROCESS, Some(&[])).await);

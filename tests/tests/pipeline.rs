@@ -1,7 +1,7 @@
-//! The AI pipeline end to end: real etcd, four tandemd sidecars (plus a second preprocess
-//! replica and a client sidecar), the four service binaries. Digits are ingested, standardized
-//! by two competing preprocess replicas, trained on, and served; predictions go through the
-//! mesh. Then a new dataset version makes train publish a second model, which serve swaps in
+//! The AI pipeline end to end: real etcd, four tandemd sidecars (plus second preprocess and
+//! train replicas and a client sidecar), the four service binaries. Digits are ingested,
+//! standardized by two competing preprocess replicas, trained on by two train replicas in one
+//! training group, and served; predictions go through the mesh. Then a new dataset version makes train publish a second model, which serve swaps in
 //! while clients keep predicting. And every bad input gets its named error.
 
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use tandem_pipeline::messages::{
 };
 use tandem_sdk::Code;
 use tandem_tests::pipeline::{Pipeline, PipelineOptions, Stage};
+use tandem_tests::training::replica_status;
 use tandem_tests::service::Service;
 use tandem_tests::{Etcd, Sidecar, eventually};
 
@@ -36,13 +37,29 @@ fn rows_json(dataset: &Dataset) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn digits_flow_through_the_mesh_to_a_served_model_that_is_swapped_under_load() {
-    let pipeline = Pipeline::start(PipelineOptions::default()).await;
+    let pipeline = Pipeline::start(PipelineOptions { train_replicas: 2, ..PipelineOptions::default() }).await;
 
-    // 1. The first model: trained on digits, announced, loaded by serve.
+    // 1. The first model: trained on digits by two replicas in one group, announced, loaded by serve.
     let v1 = pipeline.wait_for_model(None, TRAINING_TIMEOUT).await;
-    let train: TrainStatus = pipeline.status(app_ids::TRAIN).await.expect("train status");
-    assert_eq!(train.phase, TrainPhase::Ready);
+    assert_eq!(v1, "v1", "one run, one model version");
+    let mut replicas = Vec::new();
+    for stage in &pipeline.train {
+        let status = std::sync::Mutex::new(None);
+        eventually(Duration::from_secs(60), "every train replica to have the model", || async {
+            let found = replica_status(stage.app_port).await.ok();
+            let ready = found.as_ref().is_some_and(|s: &TrainStatus| s.phase == TrainPhase::Ready);
+            *status.lock().unwrap() = found;
+            ready
+        })
+        .await;
+        replicas.push(status.into_inner().unwrap().unwrap());
+    }
+    let train = replicas[0].clone();
     assert_eq!(train.model_version.as_deref(), Some(v1.as_str()));
+    assert_eq!(replicas[1].model_version, train.model_version);
+    let group = train.group.clone().expect("trained in a group");
+    assert_eq!((group.world_size, group.members.len()), (2, 2), "{group:?}");
+    assert_eq!(group.parameters_hash, replicas[1].group.as_ref().unwrap().parameters_hash, "both hold the same model");
     let test_accuracy = train.test_accuracy.expect("a test accuracy once ready");
     assert!(test_accuracy >= 0.97, "test accuracy {test_accuracy} < 0.97");
     assert_eq!(train.batches_expected, Some(train.batches_received));

@@ -339,6 +339,7 @@ mod tests {
             loss: 0.5,
             test_accuracy: None,
             model_version: None,
+            group: None,
         };
         let serve = ServeStatus { model_version: None, requests: 0, samples: 0, batches: 0 };
         let snapshot = |train: &TrainStatus, serve: &ServeStatus| {

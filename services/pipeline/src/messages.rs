@@ -321,6 +321,45 @@ pub struct TrainStatus {
     pub loss: f32,
     pub test_accuracy: Option<f32>,
     pub model_version: Option<String>,
+    /// This replica's training group while it trains (absent in the status of a train that
+    /// predates groups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupProgress>,
+}
+
+/// A train replica's place in its training group and how the group's training goes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GroupProgress {
+    /// The group's name (one group per training run).
+    pub group: String,
+    /// Why this replica is in no round yet, while it waits for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
+    /// The current round (0: none yet); every change of membership is a new round.
+    pub round: u64,
+    pub rank: u32,
+    pub world_size: u32,
+    /// The round's members in rank order.
+    pub members: Vec<GroupMemberInfo>,
+    /// Steps completed, and of how many.
+    pub step: u64,
+    pub total_steps: u64,
+    /// The global batch's mean loss at the last step.
+    pub step_loss: f32,
+    /// Samples the whole group trains on per second (global batches over the last steps).
+    pub samples_per_second: f64,
+    /// Rounds this replica has been in.
+    pub rounds: u64,
+    /// SHA-256 of the parameters after the last step: the same on every replica of a round.
+    pub parameters_hash: String,
+}
+
+/// One member of a training group's round.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMemberInfo {
+    pub rank: u32,
+    /// The member's sidecar instance and Join stream.
+    pub member_id: String,
 }
 
 /// serve `status`.

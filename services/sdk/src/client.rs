@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use tandem_proto::common::InvokeRequest;
-use tandem_proto::common::{Etag, StateItem};
+use tandem_proto::common::state_options::StateConcurrency;
+use tandem_proto::common::{Etag, StateItem, StateOptions};
 use tandem_proto::group::training_group_client::TrainingGroupClient;
 use tandem_proto::prost_types::Any;
 use tandem_proto::runtime::dapr_client::DaprClient;
@@ -248,6 +249,28 @@ impl SidecarClient {
         };
         self.inner.clone().save_state(SaveStateRequest { store_name: store.into(), states: vec![item] }).await?;
         Ok(())
+    }
+
+    /// Saves `value` under `key` only if the key does not exist yet (first write wins, without
+    /// an ETag): `Ok(true)` when written, `Ok(false)` when the key was already there.
+    pub async fn save_state_if_absent(
+        &self,
+        store: &str,
+        key: &str,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<bool, Status> {
+        let item = StateItem {
+            key: key.into(),
+            value: value.into(),
+            etag: None,
+            metadata: Default::default(),
+            options: Some(StateOptions { concurrency: StateConcurrency::ConcurrencyFirstWrite as i32, consistency: 0 }),
+        };
+        match self.inner.clone().save_state(SaveStateRequest { store_name: store.into(), states: vec![item] }).await {
+            Ok(_) => Ok(true),
+            Err(status) if status.code() == tonic::Code::Aborted => Ok(false),
+            Err(status) => Err(status),
+        }
     }
 
     /// Deletes `key` (only if it still has `etag`, when one is given).

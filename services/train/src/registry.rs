@@ -1,33 +1,98 @@
-//! The model registry in train's state: `model/vN` (one [`ModelEntry`] per model),
-//! `model/latest` (a copy of the newest) and `model/sequence` (the last N handed out).
+//! The model registry in train's state, which every replica shares (state.etcd): `model/vN`
+//! (one [`ModelEntry`] per model), `model/latest` (a copy of the newest), `model/sequence` (the
+//! last N handed out) and `run/RUN` (the version claimed by training run RUN).
+//!
+//! Every replica of a run ends with the same parameters and tries to register them; the first
+//! to create `run/RUN` (a first-write-wins insert) names the run's one version, so a run
+//! registers exactly one model whichever replicas finish or die. A replica that finds the
+//! claim but not the entry (the claimer died in between) stores the entry itself: the same
+//! weights, under the claimed version.
 
 use tandem_pipeline::json;
 use tandem_pipeline::messages::{ModelEntry, STATE_STORE};
-use tandem_sdk::{SidecarClient, Status};
+use tandem_sdk::{Code, SidecarClient, Status};
 
 pub const LATEST: &str = "model/latest";
 const SEQUENCE: &str = "model/sequence";
+
+/// Attempts at a compare-and-swap before giving up (each loses only to another writer).
+const SWAP_ATTEMPTS: usize = 50;
 
 pub fn entry_key(version: &str) -> String {
     format!("model/{version}")
 }
 
-/// The next sequence number and its version name (`v1`, `v2`, ...), reserved in state.
-pub async fn next_version(sidecar: &SidecarClient) -> Result<(u64, String), Status> {
-    let last = match sidecar.get_state(STATE_STORE, SEQUENCE).await? {
-        Some(entry) => String::from_utf8_lossy(&entry.value).trim().parse::<u64>().unwrap_or(0),
-        None => 0,
-    };
-    let next = last + 1;
-    sidecar.save_state(STATE_STORE, SEQUENCE, next.to_string().into_bytes()).await?;
-    Ok((next, format!("v{next}")))
+fn run_key(run: &str) -> String {
+    format!("run/{run}")
 }
 
-/// Stores `entry` under its version and as the latest.
+/// The version claimed by training run `run`, if any replica has registered it.
+pub async fn claimed(sidecar: &SidecarClient, run: &str) -> Result<Option<String>, Status> {
+    Ok(sidecar.get_state(STATE_STORE, &run_key(run)).await?.map(|e| String::from_utf8_lossy(&e.value).into_owned()))
+}
+
+/// Registers `entry` (its `model_version` and `sequence` are set here) as the one model of
+/// training run `run`. Returns the registered entry and whether this call claimed the version.
+pub async fn register_once(
+    sidecar: &SidecarClient,
+    run: &str,
+    mut entry: ModelEntry,
+) -> Result<(ModelEntry, bool), Status> {
+    for _ in 0..SWAP_ATTEMPTS {
+        if let Some(version) = claimed(sidecar, run).await? {
+            if let Ok(stored) = get(sidecar, Some(&version)).await {
+                return Ok((stored, false));
+            }
+            entry.sequence = version.trim_start_matches('v').parse().map_err(|_| {
+                Status::internal(format!("run {run} claimed '{version}', which is not a registry version"))
+            })?;
+            entry.model_version = version;
+            store(sidecar, &entry).await?;
+            return Ok((entry, false));
+        }
+        let (sequence, version) = next_version(sidecar).await?;
+        if sidecar.save_state_if_absent(STATE_STORE, &run_key(run), version.clone().into_bytes()).await? {
+            entry.sequence = sequence;
+            entry.model_version = version;
+            store(sidecar, &entry).await?;
+            return Ok((entry, true));
+        }
+        // Another replica claimed the run meanwhile; the sequence number reserved here stays unused.
+    }
+    Err(Status::aborted(format!("could not register the model of run {run}: the registry kept changing")))
+}
+
+/// The next sequence number and its version name (`v1`, `v2`, ...), reserved by compare-and-swap.
+async fn next_version(sidecar: &SidecarClient) -> Result<(u64, String), Status> {
+    for _ in 0..SWAP_ATTEMPTS {
+        let current = sidecar.get_state(STATE_STORE, SEQUENCE).await?;
+        let last = current.as_ref().map_or(0, |e| String::from_utf8_lossy(&e.value).trim().parse::<u64>().unwrap_or(0));
+        let next = (last + 1).to_string().into_bytes();
+        let reserved = match &current {
+            Some(entry) => match sidecar.save_state_with(STATE_STORE, SEQUENCE, next, Some(&entry.etag), None).await {
+                Ok(()) => true,
+                Err(status) if status.code() == Code::Aborted => false,
+                Err(status) => return Err(status),
+            },
+            None => sidecar.save_state_if_absent(STATE_STORE, SEQUENCE, next).await?,
+        };
+        if reserved {
+            return Ok((last + 1, format!("v{}", last + 1)));
+        }
+    }
+    Err(Status::aborted("could not reserve a model version: the sequence kept changing"))
+}
+
+/// Stores `entry` under its version, and as the latest unless a newer one is there.
 pub async fn store(sidecar: &SidecarClient, entry: &ModelEntry) -> Result<(), Status> {
     let data = json::encode(entry);
     sidecar.save_state(STATE_STORE, &entry_key(&entry.model_version), data.clone()).await?;
-    sidecar.save_state(STATE_STORE, LATEST, data).await
+    let newer = match get(sidecar, None).await {
+        Ok(latest) => latest.sequence > entry.sequence,
+        Err(status) if status.code() == Code::NotFound => false,
+        Err(status) => return Err(status),
+    };
+    if newer { Ok(()) } else { sidecar.save_state(STATE_STORE, LATEST, data).await }
 }
 
 /// The entry of `version` (the latest when `None`); NOT_FOUND naming what is missing.

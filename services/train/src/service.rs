@@ -1,50 +1,29 @@
-//! The train service: gathering batches into state, training, `get_model`, `status`.
+//! The train service: gathering batches into shared state, training each complete dataset as
+//! a replica of the training group, registering the run's one model, `get_model`, `status`.
 
-use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-use tandem_model::{Dataset, Device, TrainingConfig};
+use sha2::{Digest, Sha256};
+use tandem_model::{Dataset, Device, Standardizer, TrainingConfig};
 use tandem_pipeline::messages::{
     Batch, FeatureMessage, FeaturesEnd, GetModelRequest, JSON, ModelEntry, ModelMetrics, ModelReady, PUBSUB,
-    STATE_STORE, Split, TrainPhase, TrainStatus, TrainingParams, batch_key, methods, topics,
+    ScalerParams, Split, TrainPhase, TrainStatus, TrainingParams, methods, topics,
 };
 use tandem_pipeline::{json, probe, service::now_rfc3339, weights};
 use tandem_sdk::{AppServer, Code, EventOutcome, SidecarClient, Status, TopicEvent};
 
+use crate::gather::{self, GatherRecord};
+use crate::progress::{Board, StepLog};
 use crate::registry;
+use crate::replica::{self, GroupSettings, Run, TrainError, Trained};
 
-/// What train knows about one dataset version, in state under `gather/VERSION`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct GatherRecord {
-    dataset_version: String,
-    /// `SPLIT/INDEX` of every batch stored.
-    received: BTreeSet<String>,
-    end: Option<FeaturesEnd>,
-    /// Set once a model was trained on it.
-    model_version: Option<String>,
-}
+/// How often a replica looks for a complete dataset that has no model yet (one whose last
+/// batches another replica received, or one a dead replica was training).
+const WATCH_EVERY: Duration = Duration::from_secs(1);
 
-impl GatherRecord {
-    fn expected(&self) -> Option<u32> {
-        self.end.as_ref().map(|end| end.counts.total_batches())
-    }
-
-    fn is_complete(&self) -> bool {
-        self.expected().is_some_and(|expected| self.received.len() as u32 >= expected)
-    }
-}
-
-const CURRENT: &str = "gather/current";
-
-fn gather_key(version: &str) -> String {
-    format!("gather/{version}")
-}
-
-fn stored_batch_key(version: &str, split: Split, index: u32) -> String {
-    format!("batch/{}", batch_key(version, split, index))
-}
+/// How long a replica waits before training a dataset again after its training failed.
+const RETRY_AFTER: Duration = Duration::from_secs(10);
 
 /// The train service; clones share one state.
 #[derive(Clone)]
@@ -56,44 +35,68 @@ struct Inner {
     sidecar: SidecarClient,
     config: TrainingConfig,
     device: Device,
-    status: Mutex<TrainStatus>,
-    /// Orders the read-modify-writes of gathering records.
-    gather_lock: tokio::sync::Mutex<()>,
+    group: GroupSettings,
+    step_log: Option<StepLog>,
+    board: Board,
     /// One training at a time.
     training_lock: tokio::sync::Mutex<()>,
+    /// The dataset version being trained, and the last one whose training failed (and when).
+    training: Mutex<Option<String>>,
+    failed: Mutex<Option<(String, Instant)>>,
+}
+
+/// A dataset ready to train on: both splits standardized, with the scaler that did it.
+pub struct Prepared {
+    pub dataset_version: String,
+    pub train_set: Dataset,
+    pub test_set: Dataset,
+    pub scaler: ScalerParams,
+}
+
+impl Prepared {
+    /// Splits `data` by `seed` and standardizes both sides with a scaler fitted on the train
+    /// side, as ingest and preprocess do in the pipeline (train on its own, `--dataset`).
+    pub fn from_dataset(data: &Dataset, test_fraction: f64, seed: u64, device: &Device) -> Result<Prepared, String> {
+        let split = data.split(test_fraction, seed).map_err(|e| e.to_string())?;
+        let standardizer = Standardizer::fit(&split.train, device);
+        let train_set = standardizer.transform(&split.train, device).map_err(|e| e.to_string())?;
+        let test_set = standardizer.transform(&split.test, device).map_err(|e| e.to_string())?;
+        let mut hasher = Sha256::new();
+        hasher.update(b"tandem-train-dataset-v1");
+        hasher.update(split.train.version());
+        hasher.update(split.test.version());
+        let dataset_version = hasher.finalize().iter().take(16).map(|byte| format!("{byte:02x}")).collect();
+        let scaler = ScalerParams { mean: standardizer.mean, std: standardizer.std, samples: split.train.len() as u64 };
+        Ok(Prepared { dataset_version, train_set, test_set, scaler })
+    }
 }
 
 impl Train {
-    pub fn new(sidecar: SidecarClient, config: TrainingConfig, device: Device) -> Train {
-        let status = TrainStatus {
-            phase: TrainPhase::Gathering,
-            dataset_version: None,
-            batches_received: 0,
-            batches_expected: None,
-            epoch: 0,
-            epochs: config.epochs as u32,
-            loss: 0.0,
-            test_accuracy: None,
-            model_version: None,
-        };
+    pub fn new(
+        sidecar: SidecarClient,
+        config: TrainingConfig,
+        device: Device,
+        group: GroupSettings,
+        step_log: Option<StepLog>,
+    ) -> Train {
+        let board = Board::new(config.epochs as u32);
         Train {
             inner: Arc::new(Inner {
                 sidecar,
                 config,
                 device,
-                status: Mutex::new(status),
-                gather_lock: tokio::sync::Mutex::new(()),
+                group,
+                step_log,
+                board,
                 training_lock: tokio::sync::Mutex::new(()),
+                training: Mutex::new(None),
+                failed: Mutex::new(None),
             }),
         }
     }
 
     pub fn status(&self) -> TrainStatus {
-        self.inner.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn update(&self, change: impl FnOnce(&mut TrainStatus)) {
-        change(&mut self.inner.status.lock().unwrap_or_else(|p| p.into_inner()));
+        self.inner.board.get()
     }
 
     pub fn app_server(&self) -> AppServer {
@@ -117,27 +120,28 @@ impl Train {
             })
     }
 
-    /// After a restart: picks up the latest model and the dataset being gathered, and trains
-    /// if that dataset is complete but has no model yet.
-    pub async fn resume(&self) -> Result<(), Status> {
-        let sidecar = &self.inner.sidecar;
-        match registry::get(sidecar, None).await {
-            Ok(entry) => self.update(|s| {
-                s.phase = TrainPhase::Ready;
-                s.model_version = Some(entry.model_version.clone());
-                s.test_accuracy = Some(entry.metrics.test_accuracy);
-                s.loss = entry.metrics.final_loss;
-                s.epoch = entry.training.epochs;
-            }),
+    /// Shows the latest model, then keeps looking for a complete dataset without a model (one
+    /// this replica gathered, one another replica completed, or one a dead replica was
+    /// training) and trains it. Runs until the process ends.
+    pub async fn watch_datasets(&self) {
+        match registry::get(&self.inner.sidecar, None).await {
+            Ok(entry) => self.show_model(&entry),
             Err(status) if status.code() == Code::NotFound => {}
-            Err(status) => return Err(status),
+            Err(status) => tracing::warn!(error = %status.message(), "cannot read the model registry yet"),
         }
-        let Some(current) = sidecar.get_state(STATE_STORE, CURRENT).await? else { return Ok(()) };
-        let version = String::from_utf8_lossy(&current.value).into_owned();
-        let record = self.load_record(&version).await?;
+        loop {
+            if let Err(status) = self.look_for_work().await {
+                tracing::debug!(error = %status.message(), "looking for a dataset to train failed; trying again");
+            }
+            tokio::time::sleep(WATCH_EVERY).await;
+        }
+    }
+
+    async fn look_for_work(&self) -> Result<(), Status> {
+        let Some(version) = gather::current(&self.inner.sidecar).await? else { return Ok(()) };
+        let record = gather::load(&self.inner.sidecar, &version).await?;
         self.show_gathering(&record);
         if record.is_complete() && record.model_version.is_none() {
-            tracing::info!(dataset_version = %version, "resuming: the dataset is complete but has no model yet");
             self.spawn_training(version);
         }
         Ok(())
@@ -174,190 +178,237 @@ impl Train {
             tracing::error!(batch = %batch.key(), "dropping a malformed feature batch");
             return Ok(());
         }
-        let key = stored_batch_key(&batch.dataset_version, batch.split, batch.batch_index);
-        self.inner.sidecar.save_state(STATE_STORE, &key, json::encode(&batch)).await?;
+        gather::store_batch(&self.inner.sidecar, &batch).await?;
         let name = format!("{}/{}", batch.split, batch.batch_index);
         self.record_progress(&batch.dataset_version, |record| {
-            record.received.insert(name);
+            record.received.insert(name.clone());
         })
         .await
     }
 
     async fn on_end(&self, end: FeaturesEnd) -> Result<(), Status> {
         let version = end.dataset_version.clone();
-        self.record_progress(&version, |record| record.end = Some(end)).await
+        self.record_progress(&version, |record| record.end = Some(end.clone())).await
     }
 
-    /// Applies `change` to the dataset's record in state; starts training once it is complete.
-    async fn record_progress(&self, version: &str, change: impl FnOnce(&mut GatherRecord)) -> Result<(), Status> {
-        let _guard = self.inner.gather_lock.lock().await;
-        let mut record = self.load_record(version).await?;
-        let was_complete = record.is_complete();
-        change(&mut record);
-        let sidecar = &self.inner.sidecar;
-        sidecar.save_state(STATE_STORE, &gather_key(version), json::encode(&record)).await?;
-        sidecar.save_state(STATE_STORE, CURRENT, version.as_bytes().to_vec()).await?;
-        self.show_gathering(&record);
-        if record.is_complete() && !was_complete && record.model_version.is_none() {
-            tracing::info!(dataset_version = version, batches = record.received.len(), "dataset complete; training");
+    /// Applies `change` to the dataset's shared record; starts training once it is complete.
+    async fn record_progress(&self, version: &str, change: impl Fn(&mut GatherRecord)) -> Result<(), Status> {
+        let (before, after) = gather::update(&self.inner.sidecar, version, change).await?;
+        self.show_gathering(&after);
+        if after.is_complete() && !before.is_complete() && after.model_version.is_none() {
+            tracing::info!(dataset_version = version, batches = after.received.len(), "dataset complete; training");
             self.spawn_training(version.to_string());
         }
         Ok(())
     }
 
-    async fn load_record(&self, version: &str) -> Result<GatherRecord, Status> {
-        match self.inner.sidecar.get_state(STATE_STORE, &gather_key(version)).await? {
-            Some(stored) => json::decode(&stored.value, "the stored gathering record").map_err(Status::internal),
-            None => Ok(GatherRecord { dataset_version: version.to_string(), ..Default::default() }),
-        }
-    }
-
     fn show_gathering(&self, record: &GatherRecord) {
-        self.update(|s| {
+        self.inner.board.update(|s| {
             if s.phase != TrainPhase::Training {
                 s.dataset_version = Some(record.dataset_version.clone());
                 s.batches_received = record.received.len() as u32;
                 s.batches_expected = record.expected();
-                if record.model_version.is_none() {
-                    s.phase = TrainPhase::Gathering;
+                match &record.model_version {
+                    None => s.phase = TrainPhase::Gathering,
+                    Some(version) if s.model_version.as_ref() != Some(version) => {
+                        s.phase = TrainPhase::Ready;
+                        s.model_version = Some(version.clone());
+                    }
+                    Some(_) => {}
                 }
             }
         });
     }
 
+    fn show_model(&self, entry: &ModelEntry) {
+        self.inner.board.update(|s| {
+            s.phase = TrainPhase::Ready;
+            s.model_version = Some(entry.model_version.clone());
+            s.test_accuracy = Some(entry.metrics.test_accuracy);
+            s.loss = entry.metrics.final_loss;
+            s.epoch = entry.training.epochs;
+            s.dataset_version = Some(entry.dataset_version.clone());
+        });
+    }
+
+    /// Trains `version` on a task of its own, unless it is being trained, or failed here a
+    /// moment ago.
     fn spawn_training(&self, version: String) {
+        {
+            let mut training = self.inner.training.lock().unwrap_or_else(|p| p.into_inner());
+            if training.is_some() {
+                return;
+            }
+            let failed = self.inner.failed.lock().unwrap_or_else(|p| p.into_inner());
+            if failed.as_ref().is_some_and(|(v, at)| *v == version && at.elapsed() < RETRY_AFTER) {
+                return;
+            }
+            *training = Some(version.clone());
+        }
         let this = self.clone();
         tokio::spawn(async move {
-            if let Err(error) = this.train_version(&version).await {
-                tracing::error!(dataset_version = %version, error = %error.message(), "training failed");
+            let outcome = this.train_version(&version).await;
+            *this.inner.training.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            if let Err(error) = outcome {
+                tracing::error!(dataset_version = %version, %error, "training failed");
+                this.inner.board.waiting(&format!("training failed: {error}"));
+                *this.inner.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some((version, Instant::now()));
             }
         });
     }
 
-    async fn train_version(&self, version: &str) -> Result<(), Status> {
+    async fn train_version(&self, version: &str) -> Result<(), TrainError> {
         let _training = self.inner.training_lock.lock().await;
-        let record = self.load_record(version).await?;
+        let sidecar = &self.inner.sidecar;
+        let failed = |what: &'static str| move |status: Status| TrainError::Group(what, status.message().to_string());
+        let record = gather::load(sidecar, version).await.map_err(failed("reading the dataset"))?;
         let Some(end) = record.end.clone() else { return Ok(()) };
         if record.model_version.is_some() {
             return Ok(());
         }
-        self.update(|s| {
-            s.phase = TrainPhase::Training;
-            s.dataset_version = Some(version.to_string());
-            s.epoch = 0;
+        self.inner.board.update(|s| s.dataset_version = Some(version.to_string()));
+        let train_set = gather::load_split(sidecar, version, Split::Train, end.counts.train_batches)
+            .await
+            .map_err(failed("reading the train split"))?;
+        let test_set = gather::load_split(sidecar, version, Split::Test, end.counts.test_batches)
+            .await
+            .map_err(failed("reading the test split"))?;
+        let prepared = Prepared { dataset_version: version.to_string(), train_set, test_set, scaler: end.scaler };
+        let Some(entry) = self.train_run(prepared).await? else { return Ok(()) };
+        gather::update(sidecar, version, |record| record.model_version = Some(entry.model_version.clone()))
+            .await
+            .map_err(failed("recording the model"))?;
+        Ok(())
+    }
+
+    /// Trains a dataset given on the command line (`--dataset`), without the pipeline.
+    pub async fn train_standalone(&self, prepared: Prepared) -> Result<Option<ModelEntry>, TrainError> {
+        let _training = self.inner.training_lock.lock().await;
+        self.inner.board.update(|s| {
+            s.dataset_version = Some(prepared.dataset_version.clone());
+            s.batches_expected = None;
         });
-        let train_set = self.load_split(version, Split::Train, end.counts.train_batches).await?;
-        let test_set = self.load_split(version, Split::Test, end.counts.test_batches).await?;
-        let config = self.inner.config.clone();
-        let device = self.inner.device.clone();
-        let this = self.clone();
+        let outcome = self.train_run(prepared).await;
+        if let Err(error) = &outcome {
+            self.inner.board.waiting(&format!("training failed: {error}"));
+        }
+        outcome
+    }
+
+    /// Trains `prepared` as a replica of the group, then registers the run's model (whichever
+    /// replica gets there first) and announces it. `None` when other replicas finished the run.
+    async fn train_run(&self, prepared: Prepared) -> Result<Option<ModelEntry>, TrainError> {
+        let inner = &self.inner;
         let started = Instant::now();
-        let version_owned = version.to_string();
-        let trained = tokio::task::spawn_blocking(move || {
-            let model = tandem_model::train(&train_set, &config, &device, |progress| {
-                tracing::info!(
-                    dataset_version = %version_owned,
-                    epoch = progress.epoch,
-                    epochs = progress.epochs,
-                    loss = progress.loss,
-                    train_accuracy = progress.train_accuracy,
-                    "epoch done"
-                );
-                this.update(|s| {
-                    s.epoch = progress.epoch as u32;
-                    s.epochs = progress.epochs as u32;
-                    s.loss = progress.loss;
-                });
-            })?;
-            let on_test = model.evaluate(&test_set)?;
-            let on_train = model.evaluate(&train_set)?;
-            Ok::<_, tandem_model::ModelError>((model.to_bytes()?, model.config().clone(), on_test, on_train))
+        let run = Run::new(&prepared.dataset_version, Arc::new(prepared.train_set), &inner.config);
+        let sidecar = inner.sidecar.clone();
+        let run_id = run.id.clone();
+        let done_elsewhere = || {
+            let (sidecar, run_id) = (sidecar.clone(), run_id.clone());
+            async move { matches!(registry::claimed(&sidecar, &run_id).await, Ok(Some(_))) }
+        };
+        if done_elsewhere().await {
+            return Ok(None);
+        }
+        let trained = replica::train(
+            &inner.sidecar,
+            &run,
+            &inner.device,
+            &inner.group,
+            &inner.board,
+            inner.step_log.as_ref(),
+            done_elsewhere,
+        )
+        .await?;
+        let Some(Trained { trainer, state }) = trained else {
+            self.show_registered(&run.id).await;
+            return Ok(None);
+        };
+        let (train_set, test_set) = (run.train_set.clone(), Arc::new(prepared.test_set));
+        let (bytes, on_test, on_train) = tokio::task::spawn_blocking(move || {
+            let model = trainer.classifier(&state)?;
+            Ok::<_, tandem_model::ModelError>((
+                model.to_bytes()?,
+                model.evaluate(&test_set)?,
+                model.evaluate(&train_set)?,
+            ))
         })
         .await
-        .map_err(|e| Status::internal(format!("the training task failed: {e}")))?;
-        let (bytes, mlp, on_test, on_train) =
-            trained.map_err(|e| Status::internal(format!("training on {version} failed: {e}")))?;
-        let training_seconds = started.elapsed().as_secs_f64();
-
-        let sidecar = &self.inner.sidecar;
-        let (sequence, model_version) = registry::next_version(sidecar).await?;
+        .map_err(|e| TrainError::Task(e.to_string()))??;
+        let mlp = &run.model;
         let entry = ModelEntry {
-            model_version: model_version.clone(),
-            sequence,
-            dataset_version: version.to_string(),
+            model_version: String::new(),
+            sequence: 0,
+            dataset_version: run.dataset_version.clone(),
             created_at: now_rfc3339(),
             feature_count: mlp.num_features as u32,
             class_count: mlp.num_classes as u32,
             hidden: mlp.hidden.iter().map(|h| *h as u32).collect(),
             weights: weights::encode(&bytes),
-            preprocessing: end.scaler.clone(),
+            preprocessing: prepared.scaler,
             metrics: ModelMetrics {
                 test_accuracy: on_test.accuracy,
                 train_accuracy: on_train.accuracy,
                 final_loss: self.status().loss,
                 train_samples: on_train.samples as u32,
                 test_samples: on_test.samples as u32,
-                training_seconds,
+                training_seconds: started.elapsed().as_secs_f64(),
             },
             training: TrainingParams {
-                epochs: self.inner.config.epochs as u32,
-                seed: self.inner.config.seed,
-                learning_rate: self.inner.config.learning_rate,
-                batch_size: self.inner.config.batch_size as u32,
+                epochs: inner.config.epochs as u32,
+                seed: inner.config.seed,
+                learning_rate: inner.config.learning_rate,
+                batch_size: inner.config.batch_size as u32,
             },
         };
-        registry::store(sidecar, &entry).await?;
-        {
-            let _guard = self.inner.gather_lock.lock().await;
-            let mut record = self.load_record(version).await?;
-            record.model_version = Some(model_version.clone());
-            sidecar.save_state(STATE_STORE, &gather_key(version), json::encode(&record)).await?;
-        }
+        let (entry, claimed) = registry::register_once(&inner.sidecar, &run.id, entry)
+            .await
+            .map_err(|status| TrainError::Group("registering the model", status.message().to_string()))?;
         tracing::info!(
-            model_version = %model_version,
-            dataset_version = version,
-            test_accuracy = on_test.accuracy,
-            train_accuracy = on_train.accuracy,
-            seconds = training_seconds,
-            "model trained and registered"
+            model_version = %entry.model_version,
+            dataset_version = %entry.dataset_version,
+            test_accuracy = entry.metrics.test_accuracy,
+            registered_here = claimed,
+            seconds = started.elapsed().as_secs_f64(),
+            "model trained; the run's model is in the registry"
         );
-        self.update(|s| {
-            s.phase = TrainPhase::Ready;
-            s.test_accuracy = Some(on_test.accuracy);
-            s.model_version = Some(model_version.clone());
-        });
+        self.show_model(&entry);
+        self.announce(&entry).await;
+        Ok(Some(entry))
+    }
+
+    /// After other replicas finished the run: show the model they registered.
+    async fn show_registered(&self, run: &str) {
+        if let Ok(Some(version)) = registry::claimed(&self.inner.sidecar, run).await
+            && let Ok(entry) = registry::get(&self.inner.sidecar, Some(&version)).await
+        {
+            self.show_model(&entry);
+        }
+    }
+
+    /// Publishes `model.ready`. Every replica that finishes announces the run's one version
+    /// (serve takes a version once), so the announcement survives the death of any of them.
+    async fn announce(&self, entry: &ModelEntry) {
         let ready = ModelReady {
-            model_version,
-            sequence,
-            dataset_version: version.to_string(),
-            test_accuracy: on_test.accuracy,
+            model_version: entry.model_version.clone(),
+            sequence: entry.sequence,
+            dataset_version: entry.dataset_version.clone(),
+            test_accuracy: entry.metrics.test_accuracy,
         };
         let data = json::encode(&ready);
         let mut delay = Duration::from_millis(100);
-        while let Err(status) = sidecar.publish(PUBSUB, topics::MODEL_READY, data.clone(), JSON).await {
-            tracing::warn!(error = %status.message(), "publishing model.ready failed; retrying in {delay:?}");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
+        for attempt in 1..=20 {
+            match self.inner.sidecar.publish(PUBSUB, topics::MODEL_READY, data.clone(), JSON).await {
+                Ok(()) => return,
+                Err(status) if attempt == 20 => {
+                    tracing::error!(error = %status.message(), "could not publish model.ready; the model stays in the registry");
+                }
+                Err(status) => {
+                    tracing::warn!(error = %status.message(), "publishing model.ready failed; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
         }
-        Ok(())
-    }
-
-    async fn load_split(&self, version: &str, split: Split, batches: u32) -> Result<Dataset, Status> {
-        let mut rows = Vec::new();
-        let mut labels = Vec::new();
-        for index in 0..batches {
-            let key = stored_batch_key(version, split, index);
-            let stored = self
-                .inner
-                .sidecar
-                .get_state(STATE_STORE, &key)
-                .await?
-                .ok_or_else(|| Status::internal(format!("batch {key} is missing from state")))?;
-            let batch: Batch = json::decode(&stored.value, "a stored batch").map_err(Status::internal)?;
-            rows.extend(batch.features);
-            labels.extend(batch.labels);
-        }
-        Dataset::from_rows(&rows, labels)
-            .map_err(|e| Status::internal(format!("the {split} split of {version} is unusable: {e}")))
     }
 }

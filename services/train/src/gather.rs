@@ -1,0 +1,121 @@
+//! Gathering a dataset's feature batches into train's shared state: each batch under
+//! `batch/VERSION/SPLIT/INDEX`, and the dataset's progress under `gather/VERSION` (which batches
+//! are in, the end marker), updated by compare-and-swap because every replica gathers the
+//! batches it happens to receive. `gather/current` names the dataset gathered last. Any
+//! replica, including one started later, reads a complete dataset back from here.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+use tandem_model::Dataset;
+use tandem_pipeline::json;
+use tandem_pipeline::messages::{Batch, FeaturesEnd, STATE_STORE, Split, batch_key};
+use tandem_sdk::{Code, SidecarClient, Status};
+
+pub const CURRENT: &str = "gather/current";
+
+/// Attempts at a compare-and-swap of a record before giving up.
+const SWAP_ATTEMPTS: usize = 50;
+
+/// What train knows about one dataset version.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GatherRecord {
+    pub dataset_version: String,
+    /// `SPLIT/INDEX` of every batch stored.
+    pub received: BTreeSet<String>,
+    pub end: Option<FeaturesEnd>,
+    /// Set once a model was trained on it.
+    pub model_version: Option<String>,
+}
+
+impl GatherRecord {
+    pub fn expected(&self) -> Option<u32> {
+        self.end.as_ref().map(|end| end.counts.total_batches())
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.expected().is_some_and(|expected| self.received.len() as u32 >= expected)
+    }
+}
+
+fn record_key(version: &str) -> String {
+    format!("gather/{version}")
+}
+
+fn stored_batch_key(version: &str, split: Split, index: u32) -> String {
+    format!("batch/{}", batch_key(version, split, index))
+}
+
+/// The record of `version` (an empty one when none is stored) and its ETag.
+async fn load_with_etag(sidecar: &SidecarClient, version: &str) -> Result<(GatherRecord, Option<String>), Status> {
+    match sidecar.get_state(STATE_STORE, &record_key(version)).await? {
+        Some(stored) => Ok((
+            json::decode(&stored.value, "the stored gathering record").map_err(Status::internal)?,
+            Some(stored.etag),
+        )),
+        None => Ok((GatherRecord { dataset_version: version.to_string(), ..Default::default() }, None)),
+    }
+}
+
+pub async fn load(sidecar: &SidecarClient, version: &str) -> Result<GatherRecord, Status> {
+    Ok(load_with_etag(sidecar, version).await?.0)
+}
+
+/// The dataset gathered last, if any.
+pub async fn current(sidecar: &SidecarClient) -> Result<Option<String>, Status> {
+    Ok(sidecar.get_state(STATE_STORE, CURRENT).await?.map(|e| String::from_utf8_lossy(&e.value).into_owned()))
+}
+
+/// Applies `change` to the record of `version` by compare-and-swap (again on a conflict with
+/// another replica), marks it current, and returns the record before and after.
+pub async fn update(
+    sidecar: &SidecarClient,
+    version: &str,
+    change: impl Fn(&mut GatherRecord),
+) -> Result<(GatherRecord, GatherRecord), Status> {
+    for _ in 0..SWAP_ATTEMPTS {
+        let (before, etag) = load_with_etag(sidecar, version).await?;
+        let mut after = before.clone();
+        change(&mut after);
+        let data = json::encode(&after);
+        let saved = match &etag {
+            Some(etag) => {
+                match sidecar.save_state_with(STATE_STORE, &record_key(version), data, Some(etag), None).await {
+                    Ok(()) => true,
+                    Err(status) if status.code() == Code::Aborted => false,
+                    Err(status) => return Err(status),
+                }
+            }
+            None => sidecar.save_state_if_absent(STATE_STORE, &record_key(version), data).await?,
+        };
+        if saved {
+            sidecar.save_state(STATE_STORE, CURRENT, version.as_bytes().to_vec()).await?;
+            return Ok((before, after));
+        }
+    }
+    Err(Status::aborted(format!("the gathering record of {version} kept changing; will retry")))
+}
+
+/// Stores a batch (idempotent: a redelivered batch overwrites itself).
+pub async fn store_batch(sidecar: &SidecarClient, batch: &Batch) -> Result<(), Status> {
+    let key = stored_batch_key(&batch.dataset_version, batch.split, batch.batch_index);
+    sidecar.save_state(STATE_STORE, &key, json::encode(batch)).await
+}
+
+/// The `batches` batches of one split, read back in order.
+pub async fn load_split(sidecar: &SidecarClient, version: &str, split: Split, batches: u32) -> Result<Dataset, Status> {
+    let mut rows = Vec::new();
+    let mut labels = Vec::new();
+    for index in 0..batches {
+        let key = stored_batch_key(version, split, index);
+        let stored = sidecar
+            .get_state(STATE_STORE, &key)
+            .await?
+            .ok_or_else(|| Status::internal(format!("batch {key} is missing from state")))?;
+        let batch: Batch = json::decode(&stored.value, "a stored batch").map_err(Status::internal)?;
+        rows.extend(batch.features);
+        labels.extend(batch.labels);
+    }
+    Dataset::from_rows(&rows, labels)
+        .map_err(|e| Status::internal(format!("the {split} split of {version} is unusable: {e}")))
+}
