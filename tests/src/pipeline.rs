@@ -113,7 +113,9 @@ impl Pipeline {
         let serve = Stage::start(&etcd, app_ids::SERVE, Some(&options.serve_args)).await;
         let mut train = Vec::new();
         for _ in 0..options.train_replicas {
-            train.push(Stage::start(&etcd, app_ids::TRAIN, options.start_train.then_some(&options.train_args[..])).await);
+            train.push(
+                Stage::start(&etcd, app_ids::TRAIN, options.start_train.then_some(&options.train_args[..])).await,
+            );
         }
         let mut preprocess = Vec::new();
         for _ in 0..options.preprocess_replicas {

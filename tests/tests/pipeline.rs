@@ -14,8 +14,8 @@ use tandem_pipeline::messages::{
 };
 use tandem_sdk::Code;
 use tandem_tests::pipeline::{Pipeline, PipelineOptions, Stage};
-use tandem_tests::training::replica_status;
 use tandem_tests::service::Service;
+use tandem_tests::training::replica_status;
 use tandem_tests::{Etcd, Sidecar, eventually};
 
 /// Generous: debug builds on a busy 2-core CI machine.

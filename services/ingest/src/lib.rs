@@ -1,6 +1,6 @@
 //! tandem-ingest: stage 1 of the AI pipeline.
 //!
-//! Loads the digits dataset (bundled, works offline) or a user's CSV file, splits it into train
+//! Loads the digits dataset (bundled, works offline), a seeded synthetic one or a user's CSV file, splits it into train
 //! and test deterministically from a seed, and publishes it on `dataset.raw` in batches that
 //! carry the dataset version (a content hash of both splits and the batching), their index and
 //! count, followed by one end-of-dataset marker with the counts. The dataset manifest is kept in

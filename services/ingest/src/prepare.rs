@@ -4,13 +4,14 @@ use std::path::PathBuf;
 
 use clap::Args;
 use sha2::{Digest, Sha256};
-use tandem_model::{Dataset, DatasetError};
+use tandem_model::{Dataset, DatasetError, SyntheticSpec};
 use tandem_pipeline::messages::{Batch, DatasetManifest, RawEnd, Split, SplitCounts};
 
 /// What to ingest and how to cut it.
 #[derive(Debug, Clone, Args)]
 pub struct DatasetOptions {
-    /// `digits` (the bundled 8x8 digits set) or the path of a CSV file with a header line.
+    /// `digits` (the bundled 8x8 digits set), `synthetic:ROWS:FEATURES:CLASSES` (a seeded
+    /// synthetic classification set, drawn from --seed) or the path of a CSV file with a header line.
     #[arg(long, env = "TANDEM_DATASET", default_value = "digits")]
     pub dataset: String,
     /// The CSV column holding the class label (integers from 0); every other column is a feature.
@@ -70,6 +71,8 @@ pub fn prepare(options: &DatasetOptions) -> Result<Prepared, IngestError> {
     let fail = |error| IngestError::Dataset { source_name: source_name.clone(), error };
     let dataset = if options.dataset == "digits" {
         Dataset::digits()
+    } else if let Some(spec) = SyntheticSpec::parse(&options.dataset).map_err(fail)? {
+        Dataset::synthetic(spec, options.seed)
     } else {
         Dataset::from_csv_file(&PathBuf::from(&options.dataset), &options.label_column).map_err(fail)?
     };
@@ -141,6 +144,23 @@ mod tests {
         assert_eq!(a.manifest.class_count, 10);
         let other_seed = prepare(&DatasetOptions { seed: 7, ..Default::default() }).unwrap();
         assert_ne!(other_seed.manifest.dataset_version, a.manifest.dataset_version);
+    }
+
+    #[test]
+    fn synthetic_datasets_are_drawn_from_the_seed_and_bad_specs_named() {
+        let options = DatasetOptions { dataset: "synthetic:500:8:3".into(), ..Default::default() };
+        let a = prepare(&options).unwrap();
+        assert_eq!(a.batches, prepare(&options).unwrap().batches);
+        let counts = a.manifest.counts;
+        assert_eq!(
+            (counts.train_samples + counts.test_samples, a.manifest.feature_count, a.manifest.class_count),
+            (500, 8, 3)
+        );
+        let other_seed = prepare(&DatasetOptions { seed: 7, ..options }).unwrap();
+        assert_ne!(other_seed.manifest.dataset_version, a.manifest.dataset_version);
+        let bad = DatasetOptions { dataset: "synthetic:500:8".into(), ..Default::default() };
+        let err = prepare(&bad).unwrap_err().to_string();
+        assert!(err.contains("synthetic dataset 'synthetic:500:8': 2 numbers given, 3 needed"), "{err}");
     }
 
     #[test]
