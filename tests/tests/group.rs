@@ -197,6 +197,38 @@ async fn a_late_joiner_waits_for_a_step_boundary_and_receives_the_state() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joiner_beyond_max_waits_without_ending_the_full_round() {
+    let etcd = Etcd::start().await;
+    let sidecars = sidecars(&etcd, 3).await;
+    let clients: Vec<SidecarClient> = sidecars.iter().map(RunningSidecar::client).collect();
+    let group = options("full", 2, 2);
+    let joined = join_all(&clients[..2], &group).await;
+    let mut joiner = clients[2].join_group(&group, 0, "fresh").await.unwrap();
+    let mut notice = None;
+    let pending = tokio::time::timeout(Duration::from_secs(1), joiner.round(|w| notice = Some(w.reason.clone()))).await;
+    assert!(pending.is_err(), "no round has a place for a third member");
+    assert_eq!(
+        notice.as_deref(),
+        Some("round 1 runs with the most members allowed (2); this member waits for a place")
+    );
+    let tasks: Vec<_> = joined
+        .into_iter()
+        .map(|(member, round)| {
+            tokio::spawn(async move {
+                for step in 0..20u64 {
+                    let reduced = member.all_reduce(&round, step, &contribution(round.rank, step, 4)).await.unwrap();
+                    assert!(!reduced.round_ends, "step {step}: the full round was ended for a joiner it cannot take");
+                }
+                member
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_joins_and_calls_get_clear_errors_and_fewer_than_min_wait_and_say_so() {
     let etcd = Etcd::start().await;
     let sidecars = sidecars(&etcd, 2).await;

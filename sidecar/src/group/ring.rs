@@ -98,9 +98,10 @@ pub async fn broadcast<L: Link + Sync>(
 
 /// `values` as little-endian bytes.
 pub fn encode(values: &[f32]) -> Bytes {
-    let mut bytes = BytesMut::with_capacity(values.len() * 4);
-    for value in values {
-        bytes.extend_from_slice(&value.to_le_bytes());
+    // Into a zeroed buffer of the final size: a loop the compiler vectorizes (megabytes a step).
+    let mut bytes = BytesMut::zeroed(values.len() * 4);
+    for (chunk, value) in bytes.chunks_exact_mut(4).zip(values) {
+        chunk.copy_from_slice(&value.to_le_bytes());
     }
     bytes.freeze()
 }

@@ -164,7 +164,8 @@ async fn drive(
                             ),
                             Ok(false) => tracing::debug!(group, "another sidecar wrote the round first"),
                             Err(error) => {
-                                tracing::warn!(group, %error, "could not write the round; trying again on the next change")
+                                tracing::warn!(group, %error, "could not write the round; trying again");
+                                recheck = Some(Instant::now() + backoff.step());
                             }
                         }
                         None
@@ -174,10 +175,20 @@ async fn drive(
                         Some(Waiting { reason, members_waiting: waiting as u32, min_members })
                     }
                     Decision::Running { joiners } => Some(Waiting {
-                        reason: format!(
-                            "round {} runs; this member joins at its next step boundary",
-                            view.round.as_ref().map_or(0, |round| round.round)
-                        ),
+                        reason: match &view.round {
+                            Some(round)
+                                if record.max_members != 0 && round.members.len() >= record.max_members as usize =>
+                            {
+                                format!(
+                                    "round {} runs with the most members allowed ({}); this member waits for a place",
+                                    round.round, record.max_members
+                                )
+                            }
+                            round => format!(
+                                "round {} runs; this member joins at its next step boundary",
+                                round.as_ref().map_or(0, |round| round.round)
+                            ),
+                        },
                         members_waiting: joiners as u32,
                         min_members: record.min_members,
                     }),
@@ -201,11 +212,17 @@ async fn drive(
             };
             match ended {
                 Some(reason) => member.end_round(&reason),
-                None => member.set_joiners_waiting(
-                    view.members
+                None => {
+                    // A joiner ends the round only if the next one can take it: a round at
+                    // max_members would re-form without it at every step.
+                    let room = record.max_members == 0
+                        || view.round.as_ref().is_some_and(|round| round.members.len() < record.max_members as usize);
+                    let joiner = view
+                        .members
                         .values()
-                        .any(|m| !view.in_round(&m.record.member_id) && view.refusal(&m.record).is_none()),
-                ),
+                        .any(|m| !view.in_round(&m.record.member_id) && view.refusal(&m.record).is_none());
+                    member.set_joiners_waiting(room && joiner);
+                }
             }
         }
 
