@@ -72,13 +72,19 @@ impl Stage {
 
     /// Starts (or restarts) the service beside this stage's sidecar.
     pub async fn start_service(&mut self, args: &[String]) {
-        let service = Service::new(&format!("tandem-{}", self.app_id))
+        self.start_service_with_env(args, &[]).await;
+    }
+
+    /// Starts (or restarts) the service with environment variables of its own.
+    pub async fn start_service_with_env(&mut self, args: &[String], env: &[(String, String)]) {
+        let mut service = Service::new(&format!("tandem-{}", self.app_id))
             .args(["--app-port".to_string(), self.app_port.to_string()])
             .args(["--sidecar".to_string(), format!("http://{}", self.sidecar.grpc_addr())])
-            .args(args.iter().cloned())
-            .spawn()
-            .await;
-        self.service = Some(service);
+            .args(args.iter().cloned());
+        for (key, value) in env {
+            service = service.env(key, value);
+        }
+        self.service = Some(service.spawn().await);
     }
 
     pub fn service(&self) -> &RunningService {

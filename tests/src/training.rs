@@ -34,6 +34,8 @@ pub struct StepLine {
 pub struct TrainGroup {
     pub replicas: Vec<Stage>,
     pub args: Vec<String>,
+    /// Environment variables of every replica's service (e.g. `RAYON_NUM_THREADS`).
+    pub env: Vec<(String, String)>,
     logs: TempDir,
     started: usize,
     pub client_sidecar: RunningSidecar,
@@ -43,11 +45,17 @@ pub struct TrainGroup {
 impl TrainGroup {
     /// Starts `count` replicas with `args` (each also gets its own `--step-log`).
     pub async fn start(etcd: &Etcd, count: usize, args: &[&str]) -> TrainGroup {
+        Self::start_with_env(etcd, count, args, &[]).await
+    }
+
+    /// As [`TrainGroup::start`], every replica's service with `env` set.
+    pub async fn start_with_env(etcd: &Etcd, count: usize, args: &[&str], env: &[(&str, &str)]) -> TrainGroup {
         let client_sidecar = Sidecar::new("client").etcd(etcd).spawn().await;
         let client = client_sidecar.client();
         let mut group = TrainGroup {
             replicas: Vec::new(),
             args: args.iter().map(|a| a.to_string()).collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             logs: tempfile::tempdir().expect("a temp dir for step logs"),
             started: 0,
             client_sidecar,
@@ -72,7 +80,9 @@ impl TrainGroup {
         args.extend(extra.iter().map(|a| a.to_string()));
         args.push("--step-log".into());
         args.push(self.step_log_path(index).display().to_string());
-        self.replicas.push(Stage::start(etcd, app_ids::TRAIN, Some(&args)).await);
+        let mut stage = Stage::start(etcd, app_ids::TRAIN, None).await;
+        stage.start_service_with_env(&args, &self.env).await;
+        self.replicas.push(stage);
         self.replicas.len() - 1
     }
 

@@ -348,6 +348,15 @@ pub struct GroupProgress {
     pub step_loss: f32,
     /// Samples the whole group trains on per second (global batches over the last steps).
     pub samples_per_second: f64,
+    /// Where this replica's steps go (means over the last steps, in milliseconds): computing
+    /// its shard's gradients, the all-reduce as the app sees it (to its sidecar, across the
+    /// group and back), applying the update.
+    #[serde(default)]
+    pub compute_ms: f64,
+    #[serde(default)]
+    pub all_reduce_ms: f64,
+    #[serde(default)]
+    pub apply_ms: f64,
     /// Rounds this replica has been in.
     pub rounds: u64,
     /// SHA-256 of the parameters after the last step: the same on every replica of a round.

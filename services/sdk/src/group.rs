@@ -116,9 +116,16 @@ impl GroupMember {
 
     /// Sums `values` element-wise over the members of `round` at `step`.
     pub async fn all_reduce(&self, round: &Round, step: u64, values: &[f32]) -> Result<AllReduced, Status> {
-        let mut data = Vec::with_capacity(values.len() * 4);
-        for value in values {
-            data.extend_from_slice(&value.to_le_bytes());
+        if round.world_size == 1 {
+            // The sum of one member is its own buffer: ask the sidecar only whether the round
+            // ends (a replica waits to join), without shipping the buffer there and back.
+            let request = AllReduceRequest { group: self.group.clone(), round: round.round, step, data: Bytes::new() };
+            let response = self.client.clone().all_reduce(request).await?.into_inner();
+            return Ok(AllReduced { values: values.to_vec(), round_ends: response.round_ends });
+        }
+        let mut data = vec![0u8; values.len() * 4];
+        for (chunk, value) in data.chunks_exact_mut(4).zip(values) {
+            chunk.copy_from_slice(&value.to_le_bytes());
         }
         let request = AllReduceRequest { group: self.group.clone(), round: round.round, step, data: Bytes::from(data) };
         let response = self.client.clone().all_reduce(request).await?.into_inner();

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tandem_pipeline::messages::{GroupMemberInfo, GroupProgress, TrainPhase, TrainStatus};
@@ -15,8 +15,17 @@ use tandem_sdk::Round;
 /// The replica's [`TrainStatus`], updated as training goes.
 pub struct Board {
     status: Mutex<TrainStatus>,
-    /// When recent steps ended and how many samples each trained on (the group's throughput).
-    recent: Mutex<VecDeque<(Instant, usize)>>,
+    /// When recent steps ended, how many samples each trained on (the group's throughput) and
+    /// where its time went.
+    recent: Mutex<VecDeque<(Instant, usize, StepTimes)>>,
+}
+
+/// Where one step's time went, as this replica saw it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepTimes {
+    pub compute: Duration,
+    pub all_reduce: Duration,
+    pub apply: Duration,
 }
 
 /// Steps the throughput is measured over.
@@ -87,28 +96,37 @@ impl Board {
         });
     }
 
-    /// A step ended: `steps` completed in all, the global batch of `samples` had mean loss `loss`.
-    pub fn step_done(&self, steps: u64, samples: usize, loss: f32, parameters_hash: String) {
-        let samples_per_second = {
+    /// A step ended: `steps` completed in all, the global batch of `samples` had mean loss
+    /// `loss`; the parameters hash when it was computed for this step.
+    pub fn step_done(&self, steps: u64, samples: usize, loss: f32, times: StepTimes, parameters_hash: Option<String>) {
+        let (samples_per_second, mean) = {
             let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-            recent.push_back((Instant::now(), samples));
+            recent.push_back((Instant::now(), samples, times));
             if recent.len() > THROUGHPUT_WINDOW + 1 {
                 recent.pop_front();
             }
-            match (recent.front(), recent.back()) {
+            let rate = match (recent.front(), recent.back()) {
                 (Some(first), Some(last)) if recent.len() > 1 => {
-                    let trained: usize = recent.iter().skip(1).map(|(_, samples)| samples).sum();
+                    let trained: usize = recent.iter().skip(1).map(|(_, samples, _)| samples).sum();
                     let seconds = (last.0 - first.0).as_secs_f64();
                     if seconds > 0.0 { trained as f64 / seconds } else { 0.0 }
                 }
                 _ => 0.0,
-            }
+            };
+            let count = recent.len() as f64;
+            let mean = |part: fn(&StepTimes) -> Duration| {
+                recent.iter().map(|(_, _, times)| part(times).as_secs_f64()).sum::<f64>() * 1e3 / count
+            };
+            (rate, [mean(|t| t.compute), mean(|t| t.all_reduce), mean(|t| t.apply)])
         };
         self.update_group(|group| {
             group.step = steps;
             group.step_loss = loss;
             group.samples_per_second = samples_per_second;
-            group.parameters_hash = parameters_hash;
+            [group.compute_ms, group.all_reduce_ms, group.apply_ms] = mean;
+            if let Some(hash) = parameters_hash {
+                group.parameters_hash = hash;
+            }
         });
     }
 

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tandem_model::data_parallel::STATISTICS;
 use tandem_model::{
@@ -16,7 +16,10 @@ use tandem_model::{
 };
 use tandem_sdk::{Code, GroupMember, GroupOptions, Round, SidecarClient, Status};
 
-use crate::progress::{Board, StepLog};
+use crate::progress::{Board, StepLog, StepTimes};
+
+/// How often `status` gets the parameters hash when no step log asks for it every step.
+const HASH_EVERY: Duration = Duration::from_secs(1);
 
 /// How replicas form a group.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -144,6 +147,7 @@ pub async fn train<F: Future<Output = bool>>(
     let mut member = join(sidecar, &options, &state).await?;
     let mut round = first_round(&mut member, board).await?;
     let mut epoch_loss = (0.0f64, 0usize);
+    let mut hashed = Instant::now();
     loop {
         if done_elsewhere().await {
             tracing::info!(run = %run.id, "other replicas finished this run; leaving the group");
@@ -184,20 +188,34 @@ pub async fn train<F: Future<Output = bool>>(
                 break None;
             }
             let shard = batches.shard(state.step, rank, world);
+            let started = Instant::now();
             let (computed, gradients) = compute(&trainer, state, &run.train_set, &shard).await?;
             state = computed;
+            let computed_at = Instant::now();
             let summed = match member.all_reduce(&round, state.step, gradients.buffer()).await {
                 Ok(summed) => summed,
                 Err(status) if round_over(&status) => break Some(status.message().to_string()),
                 Err(status) => return Err(TrainError::group("the all-reduce", status)),
             };
+            let reduced_at = Instant::now();
             let (applied, outcome) = apply(&trainer, state, summed.values, shard.batch_len).await?;
             state = applied;
-            let hash = state.parameters_hash();
-            if let Some(log) = step_log {
-                log.record(state.step, &round, outcome.loss, &hash, state.parameters());
+            let times = StepTimes {
+                compute: computed_at - started,
+                all_reduce: reduced_at - computed_at,
+                apply: reduced_at.elapsed(),
+            };
+            // Hashing megabytes of parameters costs a few ms: every step only for the step log,
+            // else for the status about once a second and at the end.
+            let hash = (step_log.is_some() || state.step == total_steps || hashed.elapsed() >= HASH_EVERY)
+                .then(|| state.parameters_hash());
+            if let Some(hash) = &hash {
+                hashed = Instant::now();
+                if let Some(log) = step_log {
+                    log.record(state.step, &round, outcome.loss, hash, state.parameters());
+                }
             }
-            board.step_done(state.step, outcome.samples, outcome.loss, hash);
+            board.step_done(state.step, outcome.samples, outcome.loss, times, hash);
             epoch_loss.0 += f64::from(outcome.loss) * outcome.samples as f64;
             epoch_loss.1 += outcome.samples;
             if state.step % steps_per_epoch == 0 {

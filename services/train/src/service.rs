@@ -204,18 +204,24 @@ impl Train {
 
     fn show_gathering(&self, record: &GatherRecord) {
         self.inner.board.update(|s| {
-            if s.phase != TrainPhase::Training {
-                s.dataset_version = Some(record.dataset_version.clone());
-                s.batches_received = record.received.len() as u32;
-                s.batches_expected = record.expected();
-                match &record.model_version {
-                    None => s.phase = TrainPhase::Gathering,
-                    Some(version) if s.model_version.as_ref() != Some(version) => {
-                        s.phase = TrainPhase::Ready;
-                        s.model_version = Some(version.clone());
-                    }
-                    Some(_) => {}
+            if s.phase == TrainPhase::Training {
+                return;
+            }
+            // This replica has the model of this dataset already, while the shared record may
+            // not say so yet (the replica that records it is a moment behind).
+            let trained_here =
+                s.phase == TrainPhase::Ready && s.dataset_version.as_deref() == Some(record.dataset_version.as_str());
+            s.dataset_version = Some(record.dataset_version.clone());
+            s.batches_received = record.received.len() as u32;
+            s.batches_expected = record.expected();
+            match &record.model_version {
+                None if trained_here => {}
+                None => s.phase = TrainPhase::Gathering,
+                Some(version) if s.model_version.as_ref() != Some(version) => {
+                    s.phase = TrainPhase::Ready;
+                    s.model_version = Some(version.clone());
                 }
+                Some(_) => {}
             }
         });
     }
