@@ -16,11 +16,15 @@ What the API schema cannot know, checked for every workload with a Tandem sideca
 - every container has CPU and memory requests and limits;
 - --resources-path is a mounted ConfigMap whose files equal components/<app>/, and --data-dir
   is a mounted volume (a PVC for StatefulSets);
+- a workload with more than one replica keeps its state in a store its replicas share
+  (state.etcd), not in each sidecar's own (state.sled);
 and for the whole: the four apps are there (train a StatefulSet, serve and preprocess
-Deployments), serve has an HPA and a PDB, the internal port is open only to sidecar pods behind
-a default deny, and etcd's members match its replicas and the sidecars' endpoints.
---self-test breaks a copy of the manifests in ways the checks must catch and fails if any
-goes unnoticed.
+Deployments), train's group minimum (TANDEM_MIN_REPLICAS / --min-replicas, at least 1) is
+within its replicas and its maximum, serve has an HPA and a PDB, the internal port is open only
+to sidecar pods behind a default deny, and etcd's members match its replicas and the sidecars'
+endpoints.
+--self-test breaks a copy of the manifests in ways the checks must catch (twelve) and fails if
+any goes unnoticed.
 """
 
 import argparse
@@ -176,6 +180,7 @@ def check(docs, flags, envs, components_dir):
                 errors.append(f"{where}: components ConfigMap {cm_name!r} is not in the manifests")
             else:
                 errors += compare_components(where, cm.get("data", {}), os.path.join(components_dir, name))
+        errors += check_shared_state(where, w, vol, configmap)
         data_dir = sargs.get("--data-dir")
         data_vol = mounts.get(data_dir)
         if data_vol is None:
@@ -194,8 +199,65 @@ def check(docs, flags, envs, components_dir):
         if not pdbs:
             errors.append("serve: no PodDisruptionBudget selecting its pods")
 
+    train = sidecar_workloads.get("train")
+    if train is not None:
+        errors += check_training_group(train)
+
     errors += check_network_policies(by_kind.get("NetworkPolicy", {}).values(), sidecar_workloads)
     errors += check_etcd(by_kind, sidecar_workloads)
+    return errors
+
+
+def check_shared_state(where, w, components_volume, configmap):
+    """Replicas must share their state: each sidecar's own sled store would split it."""
+    replicas = w["spec"].get("replicas", 1)
+    if replicas <= 1 or not components_volume or "configMap" not in components_volume:
+        return []
+    cm = configmap(components_volume["configMap"]["name"]) or {}
+    errors = []
+    for f, text in sorted(cm.get("data", {}).items()):
+        try:
+            component = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            errors.append(f"{where}: component file {f} is not YAML: {e}")
+            continue
+        kind = str(component.get("spec", {}).get("type", ""))
+        if kind.startswith("state.") and kind != "state.etcd":
+            name = component.get("metadata", {}).get("name")
+            errors.append(
+                f"{where}: {replicas} replicas but state store {name!r} ({f}) is {kind}, private to each sidecar;"
+                " replicas need a shared store (state.etcd)"
+            )
+    return errors
+
+
+def check_training_group(w):
+    """train's group minimum (and maximum) against its replicas: a minimum above them never starts a round."""
+    where = f"{w['kind']}/train"
+    replicas = w["spec"].get("replicas", 1)
+    apps = [c for c in w["spec"]["template"]["spec"].get("containers", []) if c["name"] == "train"]
+    if not apps:
+        return []
+    settings = {e["name"]: str(e.get("value")) for e in apps[0].get("env", []) if "value" in e}
+    aargs = parse_args(apps[0].get("args", []))
+    errors = []
+
+    def setting(flag, env, default):
+        value = aargs.get(flag, settings.get(env, default))
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            errors.append(f"{where}: {flag} / {env} is {value!r}, not a number")
+            return default
+
+    minimum = setting("--min-replicas", "TANDEM_MIN_REPLICAS", 1)
+    maximum = setting("--max-replicas", "TANDEM_MAX_REPLICAS", 0)
+    if minimum < 1:
+        errors.append(f"{where}: TANDEM_MIN_REPLICAS is {minimum}; a training group needs at least 1")
+    elif minimum > replicas:
+        errors.append(f"{where}: TANDEM_MIN_REPLICAS {minimum} is above its {replicas} replicas: the training group would never start a round")
+    if maximum != 0 and minimum > maximum:
+        errors.append(f"{where}: TANDEM_MIN_REPLICAS {minimum} is above TANDEM_MAX_REPLICAS {maximum}")
     return errors
 
 
@@ -317,6 +379,16 @@ def self_test(docs, flags, envs, components_dir):
             if cm["kind"] == "ConfigMap" and cm["metadata"]["name"].startswith("components-serve"):
                 cm.setdefault("data", {})["extra.yaml"] = "x: 1\n"
 
+    def train_private_store(d):
+        for cm in d:
+            if cm["kind"] == "ConfigMap" and cm["metadata"]["name"].startswith("components-train"):
+                cm["data"]["statestore.yaml"] = cm["data"]["statestore.yaml"].replace("state.etcd", "state.sled")
+
+    def group_never_starts(d):
+        app = workload(d, "train")["spec"]["template"]["spec"]["containers"][0]
+        app["env"] = [e for e in app.get("env", []) if e["name"] != "TANDEM_MIN_REPLICAS"]
+        app["env"].append({"name": "TANDEM_MIN_REPLICAS", "value": str(workload(d, "train")["spec"].get("replicas", 1) + 1)})
+
     cases = [
         (drop_sidecar, "exactly one init container 'tandemd'"),
         (plain_init, "restartPolicy: Always"),
@@ -328,6 +400,8 @@ def self_test(docs, flags, envs, components_dir):
         (internal_open, "opens the internal port to more than sidecar pods"),
         (train_deployment, "train: is a Deployment"),
         (components_drift, "components ConfigMap holds"),
+        (train_private_store, "replicas need a shared store (state.etcd)"),
+        (group_never_starts, "the training group would never start a round"),
     ]
     failures = []
     for mutate, expected in cases:

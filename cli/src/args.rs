@@ -48,8 +48,8 @@ pub struct Global {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the AI pipeline here: etcd, then tandemd + service for ingest, preprocess, train and
-    /// serve, until Ctrl-C.
-    Up(UpArgs),
+    /// serve, until Ctrl-C (a train replica that dies is restarted).
+    Up(Box<UpArgs>),
     /// Invoke METHOD on app APP through the mesh and print the answer.
     Invoke(InvokeArgs),
     /// Publish a JSON event to TOPIC of pub/sub component PUBSUB.
@@ -178,6 +178,18 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub preprocess_replicas: u16,
 
+    /// How many train replicas to run (one training group: they average their gradients).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub train_replicas: u16,
+
+    /// Pause before a train replica that died (its service or its tandemd) is started again.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub restart_delay: Duration,
+
+    /// Restarts of one train replica before `tandem up` gives up and stops everything.
+    #[arg(long, default_value_t = 5)]
+    pub max_restarts: u32,
+
     /// How long each process may take to start (sidecars ready, services answering).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub start_timeout: Duration,
@@ -221,6 +233,24 @@ pub struct UpArgs {
     /// train: learning rate.
     #[arg(long, help_heading = "Pipeline")]
     pub learning_rate: Option<f64>,
+
+    /// train: the MLP's hidden layer widths, comma-separated (e.g. 1024,1024 with
+    /// --dataset synthetic:60000:64:10 for a workload where compute matters).
+    #[arg(long, help_heading = "Pipeline")]
+    pub hidden: Option<String>,
+
+    /// train: samples per global training batch (split across the train replicas).
+    #[arg(long, help_heading = "Pipeline")]
+    pub train_batch_size: Option<u32>,
+
+    /// train: a round of the training group starts once this many replicas wait (at least 1;
+    /// train's default: 1).
+    #[arg(long, help_heading = "Pipeline", value_parser = clap::value_parser!(u32).range(1..))]
+    pub min_replicas: Option<u32>,
+
+    /// train: most replicas in a round, 0 for no limit (train's default: 0).
+    #[arg(long, help_heading = "Pipeline")]
+    pub max_replicas: Option<u32>,
 
     /// train and serve: the device to compute on.
     #[arg(long, help_heading = "Pipeline")]

@@ -1,9 +1,9 @@
 //! tandem-cli: the `tandem` command line.
 //!
 //! - `tandem up` ([`up`]): runs the AI pipeline on this machine: etcd, then a `tandemd` and a
-//!   service process for each of ingest, preprocess (2 replicas), train and serve, with progress
-//!   bars fed by each service's `status` method, until Ctrl-C; then stops everything in reverse
-//!   order.
+//!   service process for each of ingest, preprocess (2 replicas), train (`--train-replicas`, one
+//!   training group) and serve, with progress bars fed by each service's `status` method, until
+//!   Ctrl-C; restarts a train replica that dies; then stops everything in reverse order.
 //! - `tandem invoke`, `tandem publish`, `tandem state get`, `tandem ls`, `tandem unsubscribe`
 //!   ([`commands`]): talk to a running mesh through a sidecar's Dapr API and etcd.
 //!
@@ -30,7 +30,7 @@ pub use error::{CliError, ExitKind};
 pub async fn run(cli: args::Cli) -> Result<(), CliError> {
     use args::Command;
     match cli.command {
-        Command::Up(options) => up::run(options).await,
+        Command::Up(options) => up::run(*options).await,
         Command::Invoke(call) => commands::invoke(&cli.global, call).await,
         Command::Publish(event) => commands::publish(&cli.global, event).await,
         Command::State(args::StateCommand::Get(get)) => commands::state_get(&cli.global, get).await,

@@ -1,6 +1,8 @@
 //! The `tandem` CLI as a real process: `ls`, `invoke`, `publish`, `state get` and `unsubscribe`
 //! against a real etcd, tandemd and app; its errors and exit codes; and `tandem up`'s process
-//! management (a child that fails to start, a stop by SIGINT), checked by pid.
+//! management (a child that fails to start, a stop by SIGINT, a train replica killed, restarted
+//! and given up on), checked by pid; and the real pipeline with two train replicas, one of them
+//! killed while it trains.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -407,6 +409,121 @@ async fn up_stopped_by_sigint_leaves_no_child_behind() {
     assert_all_gone(&pids);
 }
 
+#[tokio::test]
+async fn up_refuses_bad_replica_options_before_starting_anything() {
+    let root = tempfile::tempdir().unwrap();
+    let run_dir = root.path().join("run");
+    let bin = stand_in_bin_dir(root.path());
+    let base = ["up", "--bin-dir", bin.to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap()];
+    let zero = run(&[&base[..], &["--train-replicas", "0"][..]].concat()).await;
+    assert_fails(&zero, 2, &["--train-replicas", "0 is not in 1..=16"]);
+    let inverted = run(&[&base[..], &["--min-replicas", "3", "--max-replicas", "2"][..]].concat()).await;
+    assert_fails(&inverted, 2, &["--min-replicas 3 is above --max-replicas 2"]);
+    assert!(started_pids(&run_dir).is_empty(), "nothing was started");
+}
+
+/// Waits (bounded) until `tandem up`'s output holds `needle`; panics with the output if
+/// `tandem up` exits first or the time is up.
+async fn wait_for_output(up: &mut tokio::process::Child, log: &Path, timeout: Duration, needle: &str) {
+    let begun = std::time::Instant::now();
+    // The condition itself panics at `timeout`, with the output; eventually's bound is a backstop.
+    eventually(timeout + Duration::from_secs(5), &format!("{needle:?} in tandem up's output"), || {
+        let exited = up.try_wait().unwrap();
+        let output = std::fs::read_to_string(log).unwrap_or_default();
+        async move {
+            assert!(exited.is_none(), "tandem up exited ({exited:?}) before printing {needle:?}:\n{output}");
+            let found = output.contains(needle);
+            assert!(found || begun.elapsed() < timeout, "no {needle:?} within {timeout:?} in:\n{output}");
+            found
+        }
+    })
+    .await;
+}
+
+fn kill_9(pid: u32) {
+    let sent = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    assert!(sent.success(), "kill -9 {pid}");
+}
+
+/// A train replica whose service dies is reported and restarted (a new tandemd and service,
+/// the pids file follows); one that dies again beyond --max-restarts stops everything.
+#[tokio::test]
+async fn up_restarts_a_train_replica_that_dies_and_gives_up_after_max_restarts() {
+    let root = tempfile::tempdir().unwrap();
+    let bin = stand_in_bin_dir(root.path());
+    let run_dir = root.path().join("run");
+    let log = root.path().join("tandem-up.log");
+    let log_file = std::fs::File::create(&log).unwrap();
+    let args = [
+        "up",
+        "--bin-dir",
+        bin.to_str().unwrap(),
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+        "--etcd-port",
+        "0",
+        "--train-replicas",
+        "2",
+        "--min-replicas",
+        "2",
+        "--restart-delay",
+        "300ms",
+        "--max-restarts",
+        "1",
+    ];
+    let mut up = tandem(&args).stdout(log_file.try_clone().unwrap()).stderr(log_file).spawn().unwrap();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for_output(&mut up, &log, Duration::from_secs(90), "all 6 sidecars ready").await;
+    wait_for_output(&mut up, &log, Duration::from_secs(30), "train-2: running, status").await;
+    let before = started_pids(&run_dir);
+    assert_eq!(before.len(), 13, "etcd, 6 sidecars and 6 services: {before:?}");
+    assert!(before.contains_key("train-1") && before.contains_key("tandemd:train-2"), "{before:?}");
+
+    // Every train replica got the group flags (the stand-in answers `status` with its args).
+    let etcd = read_log()
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("etcd").map(|rest| rest.trim().to_string()))
+        .expect("tandem up prints etcd's URL");
+    let status = run(&["invoke", "train", "status", "--etcd", &etcd]).await;
+    assert!(status.status.success(), "{}", stderr(&status));
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let passed: Vec<&str> = status["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert!(passed.windows(2).any(|pair| pair == ["--min-replicas", "2"]), "{status}");
+
+    // train-2's service dies: reported, its tandemd stopped, both started again.
+    kill_9(before["train-2"]);
+    let killed = format!("train-2 (pid {}) was killed by signal 9", before["train-2"]);
+    wait_for_output(&mut up, &log, Duration::from_secs(30), &killed).await;
+    wait_for_output(&mut up, &log, Duration::from_secs(60), "train-2 restarted (restart 1 of 1)").await;
+    let output = read_log();
+    assert!(output.contains("train-2 is down while the pipeline ran; stopping tandemd:train-2"), "{output}");
+    let after = started_pids(&run_dir);
+    assert_eq!(after.len(), 13, "the restarted pair replaces the dead one: {after:?}");
+    for name in ["train-2", "tandemd:train-2"] {
+        assert_ne!(after[name], before[name], "{name} has a new process");
+        assert!(is_alive(after[name]) && !is_alive(before[name]), "{name}: {before:?} -> {after:?}");
+    }
+    for (name, pid) in before.iter().filter(|(name, _)| !name.ends_with("train-2")) {
+        assert_eq!(after[name], *pid, "{name} kept running");
+        assert!(is_alive(*pid), "{name} kept running");
+    }
+    wait_for_output(&mut up, &log, Duration::from_secs(30), "(restarts: 1)").await;
+
+    // Its new tandemd dies too: past --max-restarts 1, tandem up stops everything.
+    kill_9(after["tandemd:train-2"]);
+    let status = tokio::time::timeout(Duration::from_secs(60), up.wait())
+        .await
+        .unwrap_or_else(|_| panic!("tandem up did not give up:\n{}", read_log()))
+        .unwrap();
+    let output = read_log();
+    assert_eq!(status.code(), Some(1), "{output}");
+    let killed = format!("tandemd:train-2 (pid {}) was killed by signal 9", after["tandemd:train-2"]);
+    assert!(output.contains(&killed), "{output}");
+    assert!(output.contains("train-2 died after being restarted once (--max-restarts 1); giving up"), "{output}");
+    assert!(output.contains("stopped 12 of 13 processes"), "{output}");
+    assert_all_gone(&after);
+}
+
 /// The README's main command, for real: `tandem up` with the pipeline's own binaries (next to
 /// `tandem` in target/<profile>/) and component files, until serve has the model.
 #[tokio::test]
@@ -455,4 +572,74 @@ async fn up_runs_the_pipeline_to_a_serving_model_then_stops_everything() {
     assert_eq!(pids.len(), 11, "{pids:?}");
     assert!(err.contains("stopped 11 of 11 processes"), "{err}");
     assert_all_gone(&pids);
+}
+
+/// Two train replicas train as one group; one replica's service is killed with SIGKILL while
+/// it trains: `tandem up` reports it, starts the pair again (the replica joins the group late),
+/// and the pipeline still ends with a serving model and its test accuracy.
+#[tokio::test]
+async fn up_with_two_train_replicas_survives_one_killed_while_training() {
+    let root = tempfile::tempdir().unwrap();
+    let run_dir = root.path().join("run");
+    let components = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("components");
+    let log = root.path().join("tandem-up.log");
+    let out = root.path().join("tandem-up.out");
+    let args = [
+        "up",
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+        "--components",
+        components.to_str().unwrap(),
+        "--etcd-port",
+        "0",
+        "--train-replicas",
+        "2",
+        "--epochs",
+        "5",
+        // Short, so the restart is done well before the survivor finishes the 5 epochs.
+        "--restart-delay",
+        "200ms",
+        "--until-serving",
+        "--ready-timeout",
+        "900s",
+    ];
+    let mut up = tandem(&args)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let read = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
+
+    // Debug builds train slowly on a busy 2-core machine: bounded, but generously.
+    wait_for_output(&mut up, &log, Duration::from_secs(900), "train-2: training").await;
+    let before = started_pids(&run_dir);
+    assert_eq!(before.len(), 13, "etcd, 6 sidecars and 6 services: {before:?}");
+    kill_9(before["train-2"]);
+    // Reported and restarted while the pipeline still runs (the survivor is still training).
+    let killed = format!("train-2 (pid {}) was killed by signal 9", before["train-2"]);
+    wait_for_output(&mut up, &log, Duration::from_secs(60), &killed).await;
+    wait_for_output(&mut up, &log, Duration::from_secs(120), "train-2 restarted (restart 1 of 5)").await;
+
+    let status = tokio::time::timeout(Duration::from_secs(1000), up.wait())
+        .await
+        .unwrap_or_else(|_| panic!("tandem up did not exit within 1000 s:\n{}", read(&log)))
+        .unwrap();
+    let (out, err) = (read(&out), read(&log));
+    assert_eq!(status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(err.contains("train-2 is down while the pipeline ran; stopping tandemd:train-2"), "{err}");
+    assert!(out.contains("the pipeline is serving"), "{out}");
+    let accuracy: f64 = out
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("test accuracy"))
+        .and_then(|rest| rest.trim().split('%').next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("no test accuracy in:\n{out}"));
+    assert!(accuracy >= 80.0, "test accuracy {accuracy}% after 5 epochs:\n{out}");
+
+    let after = started_pids(&run_dir);
+    assert_eq!(after.len(), 13, "{after:?}");
+    assert_ne!(after["train-2"], before["train-2"], "train-2 runs as a new process");
+    assert!(err.contains("stopped 13 of 13 processes"), "{err}");
+    assert_all_gone(&after);
+    assert_all_gone(&before);
 }

@@ -1,7 +1,8 @@
 //! The pipeline in containers, on the real Docker engine: the images built by
 //! scripts/build-images.sh (from the binaries of this build, FROM scratch), compose.yaml up
-//! with a local etcd image, predictions from the host through serve's published port, then
-//! `docker kill` of serve's sidecar and of a preprocess replica, recovery, and teardown with the
+//! with a local etcd image (two preprocess and two train replicas, the train replicas one
+//! training group), predictions from the host through serve's published port, then `docker
+//! kill` of serve's sidecar and of a preprocess replica, recovery, and teardown with the
 //! volumes. Without a Docker engine this test fails (it never skips under CI=true); outside CI,
 //! TANDEM_SKIP_COMPOSE_TEST=1 skips it, saying so.
 
@@ -122,6 +123,11 @@ async fn the_pipeline_runs_in_compose_serves_the_host_and_recovers_from_killed_c
     println!("serving model {version} after {:?}; classes for a drawn 0, 1, 7: {classes:?}", waited.elapsed());
     assert_eq!(project.inspect("preprocess-1", "{{.State.Status}}").await, "exited", "preprocess-1 stayed dead");
 
+    // Both train replicas ran through it (the mesh answers with either one's status).
+    for replica in ["train-1", "train-2"] {
+        assert_eq!(project.inspect(replica, "{{.State.Status}}").await, "running", "{replica}");
+        assert_eq!(project.health(&format!("{replica}-sidecar")).await, "healthy", "{replica}'s sidecar");
+    }
     let train = invoke_json(&client, "train", "status", &json!({})).await.unwrap();
     println!("train status: {train}");
     assert_eq!(train["phase"], "ready", "{train}");
@@ -158,7 +164,7 @@ async fn the_pipeline_runs_in_compose_serves_the_host_and_recovers_from_killed_c
 
     // Teardown takes the volumes with it.
     let volumes_before = project.volumes().await;
-    assert!(volumes_before.len() >= 6, "the project's named volumes: {volumes_before:?}");
+    assert!(volumes_before.len() >= 7, "the project's named volumes: {volumes_before:?}");
     let down = project.tear_down().await;
     assert!(down.status.success(), "compose down: {}", String::from_utf8_lossy(&down.stderr));
     assert_eq!(project.volumes().await, Vec::<String>::new(), "volumes left after down --volumes");

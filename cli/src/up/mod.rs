@@ -1,29 +1,36 @@
 //! `tandem up`: the whole pipeline on this machine, as child processes.
 //!
 //! 1. etcd (the local `etcd` binary), on 127.0.0.1:2379 when that is free, else a free port.
-//! 2. For each service instance (ingest, preprocess ×2, train, serve): its tandemd (every
-//!    port 0, read back from its log), then the service with `--app-port` (a free port) and
-//!    `--sidecar` (its tandemd's API). Data and a log per process under one run dir.
-//! 3. Waits until every sidecar is ready, then polls each service's `status` (ingest, train
-//!    and serve through their sidecars, i.e. through the mesh; each preprocess replica directly
+//! 2. For each service instance (ingest, preprocess ×2, train ×`--train-replicas`, serve): its
+//!    tandemd (every port 0, read back from its log), then the service with `--app-port` (a free
+//!    port) and `--sidecar` (its tandemd's API). Data and a log per process under one run dir.
+//! 3. Waits until every sidecar is ready, then polls each service's `status` (single instances
+//!    through their sidecars, i.e. through the mesh; each replica of preprocess or train directly
 //!    on its app port, since the mesh picks a replica by itself and progress is per replica)
 //!    and draws it as progress bars, until serve has the model.
 //! 4. Prints the test accuracy, where serve listens and a ready-to-paste `predict` example
 //!    (which it runs once itself), then serves until SIGINT or SIGTERM.
 //!
-//! Whatever ends the run (a signal, a process that fails to start or exits early, a timeout),
-//! every process is stopped, last started first, before `tandem up` exits
-//! ([`process::Processes::stop_all`]).
+//! While it runs, a train replica whose service or tandemd dies is restarted (a new pair, which
+//! joins the training group as a late joiner) up to `--max-restarts` times; any other process
+//! that exits, or any exit during start-up, ends the run ([`supervise`]). Whatever ends the run
+//! (a signal, such an exit, a timeout), every process is stopped, last started first, before
+//! `tandem up` exits ([`process::Processes::stop_all`]).
 //!
-//! Modules: [`plan`] (what to start), [`process`] (starting, watching and stopping children),
-//! [`progress`] (status answers to progress rows and bars), [`signals`], [`sample`].
+//! Modules: [`plan`] (what to start), [`instance`] (starting a tandemd and its service, the
+//! roster of what runs), [`process`] (starting, watching and stopping children), [`supervise`]
+//! (what a death leads to), [`progress`] (status answers to progress rows and bars),
+//! [`signals`], [`sample`].
 
+pub mod instance;
 pub mod plan;
 pub mod process;
 pub mod progress;
 pub mod sample;
 pub mod signals;
+pub mod supervise;
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -41,18 +48,26 @@ use crate::args::UpArgs;
 use crate::error::{CliError, ExitKind};
 use crate::http;
 use crate::payload::JSON;
+use instance::{Instance, Launcher, PendingInstance, Roster, free_port};
+pub use instance::{SidecarAddresses, parse_listening_line};
 use plan::Member;
 use process::Processes;
-use progress::{ProgressView, Snapshot};
+use progress::{InstanceStatus, ProgressView, Snapshot};
 use signals::Signals;
+use supervise::{RestartPolicy, Supervision};
 
 /// etcd's usual client port: other `tandem` commands find an etcd there without --etcd.
 const DEFAULT_ETCD_PORT: u16 = 2379;
+
+/// etcd's `--max-request-bytes` (64 MiB): train's model registry entries live in etcd, and a
+/// large MLP's is far above etcd's default of 1.5 MiB.
+const ETCD_MAX_REQUEST_BYTES: &str = "67108864";
 
 /// Runs `tandem up` until a signal (or, with --until-serving, until serve has the model).
 pub async fn run(options: UpArgs) -> Result<(), CliError> {
     // First, so that a Ctrl-C during start-up also stops what was started.
     let mut signals = Signals::install()?;
+    plan::check_options(&options)?;
     let etcd_binary = plan::etcd_binary()?;
     let bin_dir = plan::bin_dir(&options)?;
     let members = plan::members(&options);
@@ -62,6 +77,8 @@ pub async fn run(options: UpArgs) -> Result<(), CliError> {
     eprintln!("tandem up: data and a log of every process under {}", run_dir.path.display());
 
     let mut processes = Processes::new(run_dir.path.join("pids"));
+    let roster = Roster::default();
+    let policy = RestartPolicy { delay: options.restart_delay, max_restarts: options.max_restarts };
     let mut up = Up {
         options: &options,
         bin_dir,
@@ -69,6 +86,8 @@ pub async fn run(options: UpArgs) -> Result<(), CliError> {
         run_dir: run_dir.path.clone(),
         processes: &mut processes,
         signals: &mut signals,
+        supervision: Supervision::new(policy, roster.clone(), options.stop_timeout, options.start_timeout),
+        roster,
     };
     // The error (which process failed, its log) is printed by main, after the stop report.
     let outcome = up.run(&etcd_binary, &members).await;
@@ -126,36 +145,6 @@ impl RunDir {
     }
 }
 
-/// A started service instance.
-struct Started {
-    member: Member,
-    app_port: u16,
-    sidecar: SidecarAddresses,
-    sidecar_name: String,
-    sidecar_log: PathBuf,
-    service_log: PathBuf,
-}
-
-/// What a tandemd bound, read from its `tandemd listening` log line.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SidecarAddresses {
-    pub grpc: SocketAddr,
-    pub internal: SocketAddr,
-    pub admin: SocketAddr,
-}
-
-/// Parses tandemd's `tandemd listening ... grpc=A internal=B admin=C` line (text log format).
-pub fn parse_listening_line(line: &str) -> Option<SidecarAddresses> {
-    if !line.contains("tandemd listening") {
-        return None;
-    }
-    let field = |name: &str| -> Option<SocketAddr> {
-        let start = line.find(&format!(" {name}="))? + name.len() + 2;
-        line[start..].split_whitespace().next()?.parse().ok()
-    };
-    Some(SidecarAddresses { grpc: field("grpc")?, internal: field("internal")?, admin: field("admin")? })
-}
-
 struct Up<'a> {
     options: &'a UpArgs,
     bin_dir: PathBuf,
@@ -163,45 +152,68 @@ struct Up<'a> {
     run_dir: PathBuf,
     processes: &'a mut Processes,
     signals: &'a mut Signals,
+    /// What runs now; supervision replaces a restarted pair in it.
+    roster: Roster,
+    supervision: Supervision,
 }
 
 impl Up<'_> {
     async fn run(&mut self, etcd_binary: &Path, members: &[Member]) -> Result<(), CliError> {
         let etcd = self.start_etcd(etcd_binary).await?;
         eprintln!("  etcd          {etcd}");
-        let mut started = Vec::new();
+        let launcher = Launcher {
+            bin_dir: self.bin_dir.clone(),
+            components: self.components.clone(),
+            run_dir: self.run_dir.clone(),
+            etcd: etcd.clone(),
+        };
         for member in members {
-            let instance = self.start_member(member, &etcd).await?;
+            let instance = self.start_member(&launcher, member).await?;
             eprintln!(
                 "  {:<13} app 127.0.0.1:{}, tandemd API {} admin {}",
                 instance.member.name, instance.app_port, instance.sidecar.grpc, instance.sidecar.admin
             );
-            started.push(instance);
+            self.roster.add(instance);
         }
+        let started = self.roster.running();
         let start_timeout = self.options.start_timeout;
-        guard(
-            self.processes,
-            self.signals,
-            "while waiting for the sidecars to be ready",
-            wait_ready(&started, start_timeout),
-        )
-        .await?;
+        self.guard("while waiting for the sidecars to be ready", wait_ready(&started, start_timeout)).await?;
         eprintln!("all {} sidecars ready; running the pipeline", started.len());
 
         let mut view = ProgressView::new();
-        let watching = watch_progress(&started, &mut view, self.options.ready_timeout);
-        let snapshot = guard(self.processes, self.signals, "while the pipeline ran", watching).await;
+        // From here on a train replica that dies is restarted instead of ending the run.
+        self.supervision.arm(launcher, view.console());
+        let roster = self.roster.clone();
+        let watching = watch_progress(&roster, &mut view, self.options.ready_timeout);
+        let snapshot = self.guard("while the pipeline ran", watching).await;
         view.finish();
         let snapshot = snapshot?;
 
-        let trying = try_model(&started, self.options.dataset.as_deref());
-        let example = guard(self.processes, self.signals, "while trying the model", trying).await?;
-        self.print_summary(&snapshot, &started, &etcd, &example);
+        let trying = try_model(&roster, self.options.dataset.as_deref());
+        let example = self.guard("while trying the model", trying).await?;
+        self.print_summary(&snapshot, &etcd, &example);
         if self.options.until_serving {
             return Ok(());
         }
         eprintln!("serving until Ctrl-C (or SIGTERM)");
-        guard(self.processes, self.signals, "while serving", std::future::pending::<Result<(), CliError>>()).await
+        self.guard("while serving", std::future::pending::<Result<(), CliError>>()).await
+    }
+
+    /// Runs `work` while supervising the children and watching the signals: a child whose exit
+    /// ends the run ([`Supervision::tend`]), or SIGINT or SIGTERM, ends the wait with an error
+    /// that says so (`phase` says when it happened).
+    async fn guard<T>(&mut self, phase: &str, work: impl Future<Output = Result<T, CliError>>) -> Result<T, CliError> {
+        tokio::pin!(work);
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                result = &mut work => return result,
+                _ = tick.tick() => self.supervision.tend(self.processes, self.signals, phase).await?,
+                signal = self.signals.next() => {
+                    return Err(CliError::new(ExitKind::Interrupted(signal), format!("stopped by {}", signals::name(signal))));
+                }
+            }
+        }
     }
 
     /// Starts etcd and waits until it reports healthy; returns its client URL.
@@ -213,7 +225,7 @@ impl Up<'_> {
             None => free_port()?,
         };
         let peer_port = free_port()?;
-        let dir = self.dir_for("etcd")?;
+        let dir = instance::dir_for(&self.run_dir, "etcd")?;
         let client = format!("http://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
         let args: Vec<OsString> = [
@@ -231,6 +243,8 @@ impl Up<'_> {
             &peer,
             "--initial-cluster",
             &format!("tandem={peer}"),
+            "--max-request-bytes",
+            ETCD_MAX_REQUEST_BYTES,
         ]
         .into_iter()
         .map(OsString::from)
@@ -257,66 +271,21 @@ impl Up<'_> {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         };
-        guard(self.processes, self.signals, "while starting etcd", healthy).await?;
+        self.guard("while starting etcd", healthy).await?;
         Ok(client)
     }
 
     /// Starts one instance's tandemd, waits for its addresses, then starts the service.
-    async fn start_member(&mut self, member: &Member, etcd: &str) -> Result<Started, CliError> {
-        let dir = self.dir_for(&member.name)?;
-        let app_port = free_port()?;
-        let sidecar_name = format!("tandemd:{}", member.name);
-        let sidecar_log = dir.join("tandemd.log");
-        let mut args: Vec<OsString> = [
-            "--app-id",
-            member.app_id,
-            "--app-port",
-            &app_port.to_string(),
-            "--grpc-port",
-            "0",
-            "--internal-port",
-            "0",
-            "--admin-port",
-            "0",
-            "--etcd-endpoints",
-            etcd,
-            "--app-health-probe-interval",
-            "500ms",
-            "--drain-timeout",
-            "5s",
-            "--log-format",
-            "text",
-        ]
-        .into_iter()
-        .map(OsString::from)
-        .collect();
-        args.push("--data-dir".into());
-        args.push(dir.join("data").into());
-        if let Some(resources) = plan::resources_for(self.components.as_deref(), member.app_id) {
-            args.push("--resources-path".into());
-            args.push(resources.into());
-        }
-        let tandemd = self.bin_dir.join(plan::TANDEMD);
-        self.processes.spawn(&sidecar_name, &tandemd, &args, &[], &sidecar_log)?;
+    async fn start_member(&mut self, launcher: &Launcher, member: &Member) -> Result<Instance, CliError> {
+        let pending = launcher.start_sidecar(self.processes, member, 0)?;
         let timeout = self.options.start_timeout;
-        let what = format!("while starting {sidecar_name}");
-        let sidecar =
-            guard(self.processes, self.signals, &what, read_addresses(&sidecar_name, &sidecar_log, timeout)).await?;
-
-        let service_log = dir.join(format!("{}.log", member.binary));
-        let args = plan::service_command_line(member, app_port, &sidecar.grpc.to_string());
-        self.processes.spawn(&member.name, &self.bin_dir.join(&member.binary), &args, &[], &service_log)?;
-        Ok(Started { member: member.clone(), app_port, sidecar, sidecar_name, sidecar_log, service_log })
+        let what = format!("while starting {}", pending.sidecar_name);
+        let sidecar = self.guard(&what, wait_for_addresses(&pending, timeout)).await?;
+        launcher.start_service(self.processes, pending, sidecar)
     }
 
-    fn dir_for(&self, name: &str) -> Result<PathBuf, CliError> {
-        let dir = self.run_dir.join(name);
-        std::fs::create_dir_all(&dir).map_err(|e| CliError::failed(format!("cannot create {}: {e}", dir.display())))?;
-        Ok(dir)
-    }
-
-    fn print_summary(&self, snapshot: &Snapshot, started: &[Started], etcd: &str, example: &Example) {
-        let serve = started.iter().find(|s| s.member.app_id == plan::SERVE).expect("serve is started");
+    fn print_summary(&self, snapshot: &Snapshot, etcd: &str, example: &Example) {
+        let serve = self.roster.running_of(plan::SERVE).expect("serve runs");
         let (accuracy, model) = snapshot.trained().unwrap_or((f64::NAN, "?".into()));
         let tandem = tandem_command();
         let etcd_flag = if etcd == format!("http://127.0.0.1:{DEFAULT_ETCD_PORT}") {
@@ -343,15 +312,14 @@ impl Up<'_> {
     }
 }
 
-/// Asks train for the model (for its feature count), then sends serve the example
-/// request through ingest's sidecar: the answer proves the whole path works.
-async fn try_model(started: &[Started], dataset: Option<&str>) -> Result<Example, CliError> {
-    let sidecar_of = |app_id: &str| {
-        let instance = started.iter().find(|s| s.member.app_id == app_id).expect("every app is started");
-        SidecarClient::new(&instance.sidecar.grpc.to_string()).expect("a bound address is valid")
-    };
+/// Asks train for the model (for its feature count), then sends serve the example request,
+/// both through ingest's sidecar (the mesh picks a live train replica): the answer proves the
+/// whole path works.
+async fn try_model(roster: &Roster, dataset: Option<&str>) -> Result<Example, CliError> {
+    let ingest = roster.running_of(plan::INGEST).expect("ingest runs");
+    let sidecar = SidecarClient::new(&ingest.sidecar.grpc.to_string()).expect("a bound address is valid");
     let options = || CallOptions::default().timeout(Duration::from_secs(30)).content_type(JSON);
-    let model = sidecar_of(plan::TRAIN)
+    let model = sidecar
         .invoke_with(plan::TRAIN, "get_model", br#"{"version":null}"#.to_vec(), options())
         .await
         .map_err(|status| CliError::from_status("asking train for the model (get_model)", &status))?;
@@ -364,7 +332,7 @@ async fn try_model(started: &[Started], dataset: Option<&str>) -> Result<Example
         as usize;
     let digits = dataset.is_none_or(|dataset| dataset == "digits");
     let request = sample::predict_request(digits, feature_count);
-    let answer = sidecar_of(plan::INGEST)
+    let answer = sidecar
         .invoke_with(plan::SERVE, "predict", request.clone().into_bytes(), options())
         .await
         .map_err(|status| CliError::from_status("the example request to serve's predict", &status))?;
@@ -378,42 +346,17 @@ struct Example {
     digits: bool,
 }
 
-/// Runs `work` while watching the children and the signals: a child that exits, or SIGINT or
-/// SIGTERM, ends the wait with an error that says so (`phase` says when it happened).
-async fn guard<T>(
-    processes: &mut Processes,
-    signals: &mut Signals,
-    phase: &str,
-    work: impl Future<Output = Result<T, CliError>>,
-) -> Result<T, CliError> {
-    tokio::pin!(work);
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
+/// Waits for the `tandemd listening` line in a starting sidecar's log.
+async fn wait_for_addresses(pending: &PendingInstance, timeout: Duration) -> Result<SidecarAddresses, CliError> {
     loop {
-        tokio::select! {
-            result = &mut work => return result,
-            _ = tick.tick() => {
-                if let Some(exited) = processes.check_exits() {
-                    return Err(CliError::failed(format!("{phase}: {}", exited.report())));
-                }
-            }
-            signal = signals.next() => {
-                return Err(CliError::new(ExitKind::Interrupted(signal), format!("stopped by {}", signals::name(signal))));
-            }
-        }
-    }
-}
-
-/// Waits for the `tandemd listening` line in a sidecar's log.
-async fn read_addresses(name: &str, log: &Path, timeout: Duration) -> Result<SidecarAddresses, CliError> {
-    let started = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(addresses) = text.lines().find_map(parse_listening_line) {
+        if let Some(addresses) = pending.addresses() {
             return Ok(addresses);
         }
-        if started.elapsed() > timeout {
+        if pending.started_at.elapsed() > timeout {
+            let log = &pending.sidecar_log;
             return Err(CliError::failed(format!(
-                "{name} did not report its addresses within {timeout:?}; the last lines of its log ({}):\n{}",
+                "{} did not report its addresses within {timeout:?}; the last lines of its log ({}):\n{}",
+                pending.sidecar_name,
                 log.display(),
                 process::log_tail(log, 20)
             )));
@@ -423,9 +366,9 @@ async fn read_addresses(name: &str, log: &Path, timeout: Duration) -> Result<Sid
 }
 
 /// Waits until every sidecar's /readyz answers 200 (registered, routing loaded, app healthy).
-async fn wait_ready(started: &[Started], timeout: Duration) -> Result<(), CliError> {
+async fn wait_ready(started: &[Instance], timeout: Duration) -> Result<(), CliError> {
     let begun = Instant::now();
-    let mut waiting: Vec<&Started> = started.iter().collect();
+    let mut waiting: Vec<&Instance> = started.iter().collect();
     loop {
         let mut still = Vec::new();
         let mut reasons = Vec::new();
@@ -477,7 +420,7 @@ enum StatusSource {
 }
 
 impl StatusSource {
-    fn for_instance(instance: &Started, replicas: usize) -> StatusSource {
+    fn for_instance(instance: &Instance, replicas: usize) -> StatusSource {
         if replicas > 1 {
             let endpoint = Endpoint::from_shared(format!("http://127.0.0.1:{}", instance.app_port))
                 .expect("a loopback URL is valid")
@@ -513,30 +456,52 @@ impl StatusSource {
     }
 }
 
-/// Polls every instance's status and draws it until serve has the model (and train says how
-/// good it is); bounded by `ready_timeout` when given.
+/// Polls every running instance's status and draws it until serve has the model (and train
+/// says how good it is); bounded by `ready_timeout` when given. A restarted pair gets a new
+/// status connection, and what its predecessor answered is dropped.
 async fn watch_progress(
-    started: &[Started],
+    roster: &Roster,
     view: &mut ProgressView,
     ready_timeout: Option<Duration>,
 ) -> Result<Snapshot, CliError> {
-    let mut sources: Vec<StatusSource> = started
-        .iter()
-        .map(|instance| {
-            let replicas = started.iter().filter(|s| s.member.app_id == instance.member.app_id).count();
-            StatusSource::for_instance(instance, replicas)
-        })
-        .collect();
-    let mut snapshot =
-        Snapshot { statuses: started.iter().map(|s| (s.member.name.clone(), s.member.app_id, None)).collect() };
+    // Per instance name: the incarnation they belong to, the connection and the last answer.
+    let mut sources: HashMap<String, (u32, StatusSource)> = HashMap::new();
+    let mut answers: HashMap<String, (u32, Value)> = HashMap::new();
     let begun = Instant::now();
     loop {
-        for (source, (_, app_id, status)) in sources.iter_mut().zip(snapshot.statuses.iter_mut()) {
+        let slots = roster.slots();
+        for slot in &slots {
+            let Some(instance) = &slot.instance else { continue };
+            let name = &slot.member.name;
+            if sources.get(name).is_none_or(|(incarnation, _)| *incarnation != instance.incarnation) {
+                let replicas = slots.iter().filter(|s| s.member.app_id == slot.member.app_id).count();
+                sources.insert(name.clone(), (instance.incarnation, StatusSource::for_instance(instance, replicas)));
+            }
+            let (_, source) = sources.get_mut(name).expect("just made");
             // A missed answer keeps the last one on screen.
-            if let Some(answer) = source.status(app_id).await {
-                *status = Some(answer);
+            if let Some(answer) = source.status(slot.member.app_id).await {
+                answers.insert(name.clone(), (instance.incarnation, answer));
             }
         }
+        // The roster as it is now: supervision may have changed it while the answers came.
+        let snapshot = Snapshot {
+            instances: roster
+                .slots()
+                .into_iter()
+                .map(|slot| {
+                    let incarnation = slot.instance.as_ref().map(|instance| instance.incarnation);
+                    let status = answers
+                        .get(&slot.member.name)
+                        .filter(|(answered_by, _)| Some(*answered_by) == incarnation)
+                        .map(|(_, answer)| answer.clone());
+                    InstanceStatus {
+                        restarts: slot.restarts,
+                        down: slot.down,
+                        ..InstanceStatus::new(slot.member.name, slot.member.app_id, status)
+                    }
+                })
+                .collect(),
+        };
         view.update(&snapshot.rows());
         if snapshot.serving_model().is_some() && snapshot.trained().is_some() {
             return Ok(snapshot);
@@ -553,14 +518,6 @@ async fn watch_progress(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-}
-
-/// A loopback port that was free a moment ago.
-fn free_port() -> Result<u16, CliError> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .map_err(|e| CliError::failed(format!("cannot find a free loopback port: {e}")))
 }
 
 fn port_is_free(port: u16) -> bool {
@@ -586,16 +543,6 @@ fn tandem_command() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_listening_line_gives_the_addresses() {
-        let line = "2026-01-01T00:00:00.000Z  INFO tandem_sidecar::runtime: tandemd listening app_id=a \
-                    instance_id=x grpc=127.0.0.1:1 internal=127.0.0.1:2 admin=127.0.0.1:3";
-        let a = parse_listening_line(line).unwrap();
-        assert_eq!((a.grpc.port(), a.internal.port(), a.admin.port()), (1, 2, 3));
-        assert!(parse_listening_line("registered in etcd grpc=127.0.0.1:1").is_none());
-        assert!(parse_listening_line("tandemd listening grpc=127.0.0.1:1").is_none(), "all three are needed");
-    }
 
     #[test]
     fn a_given_run_dir_must_be_empty() {

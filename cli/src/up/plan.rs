@@ -22,13 +22,37 @@ pub const ETCD_INSTALL: &str = "sudo apt-get install -y etcd-server";
 /// One service instance: a service process and the tandemd beside it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Member {
-    /// The instance's name: the app-id, with `-N` for replicas (`preprocess-2`).
+    /// The instance's name: the app-id, with `-N` for replicas (`preprocess-2`, `train-1`).
     pub name: String,
     pub app_id: &'static str,
     /// The service binary's file name.
     pub binary: String,
     /// The service's own flags (besides --app-port and --sidecar).
     pub args: Vec<String>,
+}
+
+impl Member {
+    /// Whether the pair is started again when its service or its tandemd dies: train replicas,
+    /// which a training group absorbs when they die and takes back as late joiners. Any other
+    /// instance that dies stops the pipeline.
+    pub fn restartable(&self) -> bool {
+        self.app_id == TRAIN
+    }
+}
+
+/// Refuses option combinations that no service would accept, before anything starts.
+pub fn check_options(options: &UpArgs) -> Result<(), CliError> {
+    // A --min-replicas above --train-replicas is allowed: the group waits, and train says so.
+    if let (Some(min), Some(max)) = (options.min_replicas, options.max_replicas)
+        && max != 0
+        && min > max
+    {
+        return Err(CliError::usage(format!(
+            "--min-replicas {min} is above --max-replicas {max}: a training group could never start a round \
+             (--max-replicas 0 means no limit)"
+        )));
+    }
+    Ok(())
 }
 
 /// Every service instance, in start order.
@@ -39,13 +63,15 @@ pub fn members(options: &UpArgs) -> Vec<Member> {
         binary: format!("tandem-{app_id}"),
         args: service_args(app_id, options),
     };
+    let replicas = |app_id: &'static str, count: u16| {
+        (1..=count).map(move |replica| {
+            let name = if count == 1 { app_id.to_string() } else { format!("{app_id}-{replica}") };
+            member(name, app_id)
+        })
+    };
     let mut members = vec![member(INGEST.into(), INGEST)];
-    let replicas = options.preprocess_replicas;
-    for replica in 1..=replicas {
-        let name = if replicas == 1 { PREPROCESS.to_string() } else { format!("{PREPROCESS}-{replica}") };
-        members.push(member(name, PREPROCESS));
-    }
-    members.push(member(TRAIN.into(), TRAIN));
+    members.extend(replicas(PREPROCESS, options.preprocess_replicas));
+    members.extend(replicas(TRAIN, options.train_replicas));
     members.push(member(SERVE.into(), SERVE));
     members
 }
@@ -72,7 +98,11 @@ pub fn service_args(app_id: &str, options: &UpArgs) -> Vec<String> {
             pass("--epochs", options.epochs.map(|v| v.to_string()));
             pass("--seed", options.seed.map(|v| v.to_string()));
             pass("--learning-rate", options.learning_rate.map(|v| v.to_string()));
+            pass("--hidden", options.hidden.clone());
+            pass("--train-batch-size", options.train_batch_size.map(|v| v.to_string()));
             pass("--device", options.device.clone());
+            pass("--min-replicas", options.min_replicas.map(|v| v.to_string()));
+            pass("--max-replicas", options.max_replicas.map(|v| v.to_string()));
         }
         SERVE => {
             pass("--max-batch-size", options.max_batch_size.map(|v| v.to_string()));
@@ -180,7 +210,7 @@ mod tests {
         let mut all = vec!["tandem", "up"];
         all.extend_from_slice(args);
         match crate::args::Cli::parse_from(all).command {
-            crate::args::Command::Up(up) => up,
+            crate::args::Command::Up(up) => *up,
             _ => unreachable!(),
         }
     }
@@ -192,6 +222,65 @@ mod tests {
         let names: Vec<String> =
             members(&options(&["--preprocess-replicas", "1"])).into_iter().map(|m| m.name).collect();
         assert_eq!(names, ["ingest", "preprocess", "train", "serve"]);
+    }
+
+    fn try_options(args: &[&str]) -> Result<UpArgs, clap::Error> {
+        let mut all = vec!["tandem", "up"];
+        all.extend_from_slice(args);
+        crate::args::Cli::try_parse_from(all).map(|cli| match cli.command {
+            crate::args::Command::Up(up) => *up,
+            _ => unreachable!(),
+        })
+    }
+
+    #[test]
+    fn train_replicas_are_named_like_preprocess_replicas() {
+        let names: Vec<String> = members(&options(&["--train-replicas", "3"])).into_iter().map(|m| m.name).collect();
+        assert_eq!(names, ["ingest", "preprocess-1", "preprocess-2", "train-1", "train-2", "train-3", "serve"]);
+        let o = options(&["--train-replicas", "2", "--epochs", "4"]);
+        let trains: Vec<Member> = members(&o).into_iter().filter(|m| m.app_id == TRAIN).collect();
+        assert_eq!(trains.len(), 2);
+        assert!(trains.iter().all(|m| m.binary == "tandem-train" && m.args == ["--epochs", "4"]), "{trains:?}");
+        assert!(trains.iter().all(Member::restartable), "train replicas are restarted when they die");
+        assert!(members(&o).iter().filter(|m| m.app_id != TRAIN).all(|m| !m.restartable()));
+        assert_eq!(options(&[]).train_replicas, 1, "one train by default");
+    }
+
+    #[test]
+    fn train_replicas_must_be_at_least_one() {
+        let e = try_options(&["--train-replicas", "0"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2, "a usage error");
+        assert!(e.to_string().contains("--train-replicas") && e.to_string().contains("1..=16"), "{e}");
+        assert!(try_options(&["--train-replicas", "many"]).is_err());
+        let e = try_options(&["--min-replicas", "0"]).unwrap_err();
+        assert!(e.exit_code() == 2 && e.to_string().contains("--min-replicas"), "{e}");
+    }
+
+    #[test]
+    fn group_sizes_go_to_every_train_replica_only_when_given() {
+        let o = options(&["--train-replicas", "2", "--min-replicas", "2", "--max-replicas", "4"]);
+        for train in members(&o).iter().filter(|m| m.app_id == TRAIN) {
+            assert_eq!(train.args, ["--min-replicas", "2", "--max-replicas", "4"], "{}", train.name);
+        }
+        assert!(service_args(SERVE, &o).is_empty() && service_args(PREPROCESS, &o).is_empty());
+        assert_eq!(service_args(TRAIN, &options(&["--max-replicas", "0"])), ["--max-replicas", "0"]);
+        assert_eq!(
+            service_args(TRAIN, &options(&["--hidden", "1024,1024", "--train-batch-size", "256"])),
+            ["--hidden", "1024,1024", "--train-batch-size", "256"]
+        );
+        assert!(service_args(TRAIN, &options(&["--train-replicas", "3"])).is_empty(), "train keeps its defaults");
+        assert!(check_options(&o).is_ok());
+    }
+
+    #[test]
+    fn a_minimum_above_the_maximum_is_refused_naming_both() {
+        let e = check_options(&options(&["--min-replicas", "3", "--max-replicas", "2"])).unwrap_err();
+        assert_eq!(e.kind, crate::error::ExitKind::Usage);
+        assert!(e.message.contains("--min-replicas 3") && e.message.contains("--max-replicas 2"), "{}", e.message);
+        // 0 is no limit; a minimum above the replica count only makes the group wait.
+        assert!(check_options(&options(&["--min-replicas", "3", "--max-replicas", "0"])).is_ok());
+        assert!(check_options(&options(&["--min-replicas", "5", "--train-replicas", "2"])).is_ok());
+        assert!(check_options(&options(&["--min-replicas", "2", "--max-replicas", "2"])).is_ok());
     }
 
     #[test]

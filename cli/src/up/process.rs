@@ -1,5 +1,6 @@
 //! The child processes of `tandem up`: started with their output in a log file, watched for an
-//! early exit, and stopped in reverse start order (SIGTERM, a bounded wait, then SIGKILL).
+//! early exit, stopped one by one (the rest of a restarted pair) or all in reverse start order
+//! (SIGTERM, a bounded wait, then SIGKILL).
 //!
 //! Each child runs in its own process group, so a Ctrl-C in the terminal reaches only `tandem`,
 //! which then stops the children in order. Each child also gets SIGTERM from the kernel if
@@ -92,8 +93,21 @@ pub struct StopReport {
     pub already_gone: Vec<String>,
 }
 
-/// Every process `tandem up` started, in start order; their pids also go to a file (`NAME
-/// PID` per line) so that a person or a test can check on them.
+/// How stopping one process went.
+#[derive(Debug)]
+pub struct Stopped {
+    /// How it ended; `None` if it could not be reaped even after SIGKILL.
+    pub status: Option<ExitStatus>,
+    /// It did not exit within the timeout after SIGTERM (or a signal cut the wait short) and
+    /// was killed.
+    pub killed: bool,
+    /// The signal (SIGINT, SIGTERM, SIGHUP) that arrived while waiting, if one did.
+    pub interrupted_by: Option<i32>,
+}
+
+/// Every process `tandem up` started, in start order (a restarted pair replaces the one that
+/// died, at the end); their pids also go to a file (`NAME PID` per line, rewritten whenever the
+/// list changes) so that a person or a test can check on them.
 pub struct Processes {
     list: Vec<Process>,
     pids_file: PathBuf,
@@ -146,15 +160,46 @@ impl Processes {
         }
         let child = command.spawn().map_err(|e| cannot(e.to_string()))?;
         let pid = child.id().ok_or_else(|| cannot("it exited at once".into()))?;
-        if let Ok(mut pids) = std::fs::OpenOptions::new().create(true).append(true).open(&self.pids_file) {
-            let _ = writeln!(pids, "{name} {pid}");
-        }
         self.list.push(Process { name: name.to_string(), pid, log: log.to_path_buf(), child, exit: None });
+        self.write_pids();
         Ok(self.list.last().expect("just pushed"))
     }
 
     pub fn list(&self) -> &[Process] {
         &self.list
+    }
+
+    /// Whether `name` was started and has not ended (as far as the last check knows).
+    pub fn is_running(&self, name: &str) -> bool {
+        self.list.iter().any(|p| p.name == name && p.exit.is_none())
+    }
+
+    /// Removes `name` from the list (and the pids file) once it has ended and been reaped: a
+    /// restarted pair takes its place. A process still running is left alone.
+    pub fn forget(&mut self, name: &str) {
+        let before = self.list.len();
+        self.list.retain(|p| !(p.name == name && p.exit.is_some()));
+        if self.list.len() != before {
+            self.write_pids();
+        }
+    }
+
+    /// Stops `name` alone, as [`Processes::stop_all`] stops each process; a signal arriving
+    /// meanwhile kills it at once and is returned in [`Stopped::interrupted_by`]. `None` if no
+    /// such process is running.
+    pub async fn stop(&mut self, name: &str, timeout: Duration, signals: &mut Signals) -> Option<Stopped> {
+        let process = self.list.iter_mut().find(|p| p.name == name && p.exit.is_none())?;
+        Some(stop_process(process, timeout, false, signals).await)
+    }
+
+    /// Writes the pids file anew (through a temp file, so a reader sees the old or the new list).
+    fn write_pids(&self) {
+        let text: String = self.list.iter().map(|p| format!("{} {}\n", p.name, p.pid)).collect();
+        let temp = self.pids_file.with_extension("new");
+        let written = std::fs::File::create(&temp).and_then(|mut file| file.write_all(text.as_bytes()));
+        if written.is_ok() {
+            let _ = std::fs::rename(&temp, &self.pids_file);
+        }
     }
 
     /// The first process that ended since the last check (it is reaped; its status kept).
@@ -187,34 +232,43 @@ impl Processes {
                 report.already_gone.push(format!("{} {}", process.name, describe(status)));
                 continue;
             }
-            let mut exited = None;
-            if !hurry {
-                signal_group(process.pid, libc::SIGTERM);
-                tokio::select! {
-                    waited = tokio::time::timeout(timeout, process.child.wait()) => {
-                        exited = waited.ok().and_then(Result::ok);
-                    }
-                    _ = signals.next() => hurry = true,
-                }
+            let stopped = stop_process(process, timeout, hurry, signals).await;
+            hurry |= stopped.interrupted_by.is_some();
+            if stopped.killed {
+                report.killed.push(process.name.clone());
             }
-            let status = match exited {
-                Some(status) => status,
-                None => {
-                    report.killed.push(process.name.clone());
-                    signal_group(process.pid, libc::SIGKILL);
-                    let _ = process.child.start_kill();
-                    match tokio::time::timeout(Duration::from_secs(5), process.child.wait()).await {
-                        Ok(Ok(status)) => status,
-                        // Not reaped: kill_on_drop and PDEATHSIG remain.
-                        _ => continue,
-                    }
-                }
-            };
-            process.exit = Some(status);
-            report.stopped += 1;
+            if stopped.status.is_some() {
+                report.stopped += 1;
+            }
         }
         report
     }
+}
+
+/// SIGTERM (skipped when `hurry`), up to `timeout` for the process to exit (cut short by a
+/// signal), then SIGKILL and up to 5 s more to reap it.
+async fn stop_process(process: &mut Process, timeout: Duration, hurry: bool, signals: &mut Signals) -> Stopped {
+    let mut exited = None;
+    let mut interrupted_by = None;
+    if !hurry {
+        signal_group(process.pid, libc::SIGTERM);
+        tokio::select! {
+            waited = tokio::time::timeout(timeout, process.child.wait()) => {
+                exited = waited.ok().and_then(Result::ok);
+            }
+            signal = signals.next() => interrupted_by = Some(signal),
+        }
+    }
+    if let Some(status) = exited {
+        process.exit = Some(status);
+        return Stopped { status: Some(status), killed: false, interrupted_by };
+    }
+    signal_group(process.pid, libc::SIGKILL);
+    let _ = process.child.start_kill();
+    // Not reaped within 5 s: kill_on_drop and PDEATHSIG remain.
+    let status = tokio::time::timeout(Duration::from_secs(5), process.child.wait()).await.ok().and_then(Result::ok);
+    process.exit = status;
+    Stopped { status, killed: true, interrupted_by }
 }
 
 /// Sends `signal` to the process group the child leads (the child and anything it started).
@@ -241,6 +295,34 @@ mod tests {
         std::fs::write(&path, text).unwrap();
         assert_eq!(log_tail(&path, 3), "line 98\nline 99\nline 100");
         assert_eq!(log_tail(&dir.path().join("missing.log"), 3), "");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn one_process_is_stopped_and_forgotten_and_the_pids_file_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let pids_file = dir.path().join("pids");
+        let mut processes = Processes::new(pids_file.clone());
+        let sh = Path::new("/bin/sh");
+        let sleeper: Vec<OsString> = vec!["-c".into(), "exec sleep 30".into()];
+        let first = processes.spawn("a", sh, &sleeper, &[], &dir.path().join("a.log")).unwrap().pid;
+        processes.spawn("b", sh, &sleeper, &[], &dir.path().join("b.log")).unwrap();
+        let mut signals = Signals::install().unwrap();
+
+        processes.forget("a");
+        assert!(processes.is_running("a"), "a running process is not forgotten");
+        let stopped = processes.stop("a", Duration::from_secs(5), &mut signals).await.expect("a runs");
+        assert!(stopped.status.is_some() && !stopped.killed && stopped.interrupted_by.is_none(), "{stopped:?}");
+        assert!(!processes.is_running("a"));
+        assert!(processes.stop("a", Duration::from_secs(5), &mut signals).await.is_none(), "stopped already");
+        processes.forget("a");
+        let again = processes.spawn("a", sh, &sleeper, &[], &dir.path().join("a.log")).unwrap().pid;
+        let names: Vec<&str> = processes.list().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["b", "a"], "the new one is last, so it is stopped first");
+        let pids = std::fs::read_to_string(&pids_file).unwrap();
+        assert_eq!(pids.lines().count(), 2, "{pids}");
+        assert!(pids.contains(&format!("a {again}")) && !pids.contains(&format!("a {first}\n")), "{pids}");
+        let report = processes.stop_all(Duration::from_secs(5), &mut signals).await;
+        assert_eq!(report.stopped, 2);
     }
 
     #[tokio::test(flavor = "current_thread")]
