@@ -22,6 +22,9 @@
 //! - `training`: trains tandem-model's MLP on digits with burn and the same MLP with PyTorch
 //!   (installed from PyPI into target/bench-venv; scikit-learn when torch cannot be installed)
 //!   and compares training throughput in samples/s.
+//! - `training-scale`: data-parallel training through the mesh, one replica against two on
+//!   the synthetic dataset with a compute-bound MLP, one compute thread each, and the recovery
+//!   after a kill -9 of a replica (see [`training_scale`]); needs the pipeline binaries.
 //! - `all` (the default): invoke, state, tracing and pubsub, one after the other (not serving
 //!   or training, which need the pipeline binaries or a PyTorch install).
 //!
@@ -49,6 +52,7 @@
 //! - [`procfs`]: resident memory and CPU time from `/proc/<pid>/{status,stat}`, and how busy
 //!   the machine was from `/proc/stat`.
 //! - [`training`]: the training scenario (burn against PyTorch) and its report.
+//! - [`training_scale`]: the training-scale scenario (1 against 2 replicas, recovery) and its report.
 //! - [`machine`]: where and when: CPUs, load, build profile, date, commit, tandemd's workers.
 //! - [`serving`]: the serving scenario: the pipeline, the batching settings, its report.
 //! - [`report`]: the invocation report, the shared number formats, and the marker-delimited
@@ -66,6 +70,7 @@ mod state;
 mod stats;
 mod tracing;
 mod training;
+mod training_scale;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -91,6 +96,8 @@ enum Which {
     Pubsub,
     /// Training throughput of the pipeline's MLP in burn against PyTorch on the CPU.
     Training,
+    /// Data-parallel training through the mesh: 1 against 2 replicas, and recovery after a kill.
+    TrainingScale,
     /// Invoke, state, tracing and pubsub, one after the other (not serving or training).
     All,
     /// The pipeline's serve: dynamic batching against batch size 1, 64 clients.
@@ -142,6 +149,21 @@ struct Args {
     /// Training runs per framework in the training benchmark (alternating burn and Python).
     #[arg(long, default_value_t = 3)]
     training_runs: usize,
+    /// Training-scale benchmark: the synthetic dataset's rows (ROWS of synthetic:ROWS:64:10).
+    #[arg(long, default_value_t = 60_000)]
+    scale_rows: usize,
+    /// Training-scale benchmark: hidden layer widths, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1024usize, 1024])]
+    scale_hidden: Vec<usize>,
+    /// Training-scale benchmark: the global batches, each measured on its own (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [512usize, 4096])]
+    scale_batch_sizes: Vec<usize>,
+    /// Training-scale benchmark: steps measured per run (after 5 warm-up steps).
+    #[arg(long, default_value_t = 30)]
+    scale_steps: u64,
+    /// Training-scale benchmark: rounds (each one replica, then two).
+    #[arg(long, default_value_t = 2)]
+    scale_rounds: usize,
     /// Also write the report into this markdown file (BENCHMARKS.md), replacing only the
     /// sections of the benchmarks that ran.
     #[arg(long, value_name = "FILE")]
@@ -227,6 +249,26 @@ async fn run(args: Args) -> Result<()> {
         let block = serving::run(serving_settings, detect_context()).await?;
         println!("{block}");
         write_section(args.write.as_deref(), &serving::SERVING_SECTION, &block)?;
+    }
+    if args.which == Which::TrainingScale {
+        ensure!(args.scale_steps > 0 && args.scale_rounds > 0, "--scale-steps and --scale-rounds must be at least 1");
+        ensure!(
+            !args.scale_batch_sizes.is_empty() && args.scale_batch_sizes.iter().all(|b| *b > 0),
+            "--scale-batch-sizes must list batches of at least 1"
+        );
+        let settings = training_scale::ScaleSettings {
+            rows: args.scale_rows,
+            features: 64,
+            classes: 10,
+            hidden: args.scale_hidden.clone(),
+            batch_size: args.scale_batch_sizes[0],
+            warmup_steps: 5,
+            measured_steps: args.scale_steps,
+            rounds: args.scale_rounds,
+        };
+        let block = training_scale::run(settings, &args.scale_batch_sizes, detect_context()).await?;
+        println!("{block}");
+        write_section(args.write.as_deref(), &training_scale::TRAINING_SCALE_SECTION, &block)?;
     }
     if matches!(args.which, Which::Training) {
         let context = detect_context();
