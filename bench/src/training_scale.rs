@@ -224,7 +224,7 @@ fn markdown(settings: &ScaleSettings, context: &RunContext, measured: &[Measured
     };
     let mut out = context.measured_line();
     out.push_str(&format!(
-        "\n- Model: MLP {} ({} parameters, {:.1} MB of f32 gradients per step), Adam; data `{}` (seeded, \
+        "- Model: MLP {} ({} parameters, {:.1} MB of f32 gradients per step), Adam; data `{}` (seeded, \
          standardized, 80% train). The global batch is split across the replicas; each table is one global batch.\n",
         settings.architecture(),
         thousands(settings.parameters() as u64),
