@@ -47,6 +47,32 @@ pub async fn etcd_client(endpoints: &[String]) -> Result<etcd_client::Client, et
     etcd_client::Client::connect(endpoints, Some(options)).await
 }
 
+/// The next response of an etcd watch, or why the watch is broken: it ended, etcd cancelled it,
+/// or it went silent. A silent watch on a dead connection would hide changes forever, so after
+/// 15 s without a message it asks for progress and treats a missing answer as a broken stream.
+pub(crate) async fn next_watch_response(
+    stream: &mut etcd_client::WatchStream,
+) -> Result<etcd_client::WatchResponse, String> {
+    let message = match tokio::time::timeout(Duration::from_secs(15), stream.message()).await {
+        Ok(message) => message,
+        Err(_) => {
+            stream.request_progress().await.map_err(|e| format!("watch progress request: {e}"))?;
+            tokio::time::timeout(Duration::from_secs(5), stream.message())
+                .await
+                .map_err(|_| "watch stream stopped answering".to_string())?
+        }
+    };
+    let response = match message {
+        Ok(Some(response)) => response,
+        Ok(None) => return Err("watch stream ended".into()),
+        Err(e) => return Err(format!("watch stream: {e}")),
+    };
+    if response.canceled() {
+        return Err(format!("watch cancelled by etcd: {}", response.cancel_reason()));
+    }
+    Ok(response)
+}
+
 /// Exponential backoff between etcd retries: 100 ms doubling up to 3 s.
 #[derive(Debug)]
 pub(crate) struct Backoff {

@@ -79,29 +79,9 @@ impl Registrar {
     }
 
     async fn keep_alive(&mut self, lease_id: i64, stop: &CancellationToken) -> KeepAlive {
-        let (mut keeper, mut responses) = match self.client.lease_keep_alive(lease_id).await {
-            Ok(pair) => pair,
-            Err(e) => return KeepAlive::Lost(format!("opening keep-alive: {e}")),
-        };
-        // Three refreshes per TTL: one lost refresh never lets the lease lapse.
-        let period = Duration::from_millis((self.ttl_seconds as u64 * 1000 / 3).max(300));
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return KeepAlive::Stopped,
-                _ = tokio::time::sleep(period) => {}
-            }
-            let refreshed = tokio::time::timeout(period, async {
-                keeper.keep_alive().await?;
-                responses.message().await
-            })
-            .await;
-            match refreshed {
-                Ok(Ok(Some(response))) if response.ttl() > 0 => {}
-                Ok(Ok(Some(_))) => return KeepAlive::Lost("lease expired".into()),
-                Ok(Ok(None)) => return KeepAlive::Lost("keep-alive stream ended".into()),
-                Ok(Err(e)) => return KeepAlive::Lost(format!("keep-alive: {e}")),
-                Err(_) => return KeepAlive::Lost("keep-alive timed out".into()),
-            }
+        match keep_lease_alive(&mut self.client, lease_id, self.ttl_seconds, stop).await {
+            Ok(()) => KeepAlive::Stopped,
+            Err(reason) => KeepAlive::Lost(reason),
         }
     }
 
@@ -112,6 +92,38 @@ impl Registrar {
                 tracing::warn!(error = %e, "could not revoke lease; peers drop this instance when it expires")
             }
             Err(_) => tracing::warn!("revoking the lease timed out; peers drop this instance when it expires"),
+        }
+    }
+}
+
+/// Keeps lease `lease_id` (of `ttl_seconds`) alive until `stop` is cancelled (`Ok`), or until a
+/// refresh fails (`Err`, why: the lease may be gone). Three refreshes per TTL: one lost refresh
+/// never lets the lease lapse.
+pub(crate) async fn keep_lease_alive(
+    client: &mut Client,
+    lease_id: i64,
+    ttl_seconds: i64,
+    stop: &CancellationToken,
+) -> Result<(), String> {
+    let (mut keeper, mut responses) =
+        client.lease_keep_alive(lease_id).await.map_err(|e| format!("opening keep-alive: {e}"))?;
+    let period = Duration::from_millis((ttl_seconds as u64 * 1000 / 3).max(300));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(period) => {}
+        }
+        let refreshed = tokio::time::timeout(period, async {
+            keeper.keep_alive().await?;
+            responses.message().await
+        })
+        .await;
+        match refreshed {
+            Ok(Ok(Some(response))) if response.ttl() > 0 => {}
+            Ok(Ok(Some(_))) => return Err("lease expired".into()),
+            Ok(Ok(None)) => return Err("keep-alive stream ended".into()),
+            Ok(Err(e)) => return Err(format!("keep-alive: {e}")),
+            Err(_) => return Err("keep-alive timed out".into()),
         }
     }
 }

@@ -1,8 +1,6 @@
 //! Keeps the [`RoutingTable`] in step with etcd: list the namespace, then watch from the
 //! listed revision; on any error keep the last table, back off, and list again.
 
-use std::time::Duration;
-
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -63,25 +61,7 @@ impl RoutingWatcher {
             .map_err(|e| format!("watching {prefix}: {e}"))?;
         backoff.reset();
         loop {
-            // A silent watch on a dead connection would hide changes forever: ask for
-            // progress now and then and treat a missing answer as a broken stream.
-            let message = match tokio::time::timeout(Duration::from_secs(15), stream.message()).await {
-                Ok(message) => message,
-                Err(_) => {
-                    stream.request_progress().await.map_err(|e| format!("watch progress request: {e}"))?;
-                    tokio::time::timeout(Duration::from_secs(5), stream.message())
-                        .await
-                        .map_err(|_| "watch stream stopped answering".to_string())?
-                }
-            };
-            let response = match message {
-                Ok(Some(response)) => response,
-                Ok(None) => return Err("watch stream ended".into()),
-                Err(e) => return Err(format!("watch stream: {e}")),
-            };
-            if response.canceled() {
-                return Err(format!("watch cancelled by etcd: {}", response.cancel_reason()));
-            }
+            let response = super::next_watch_response(&mut stream).await?;
             let mut changed = false;
             for event in response.events() {
                 let Some(kv) = event.kv() else { continue };

@@ -14,6 +14,7 @@ use etcd_client::{
 use tokio_util::sync::CancellationToken;
 
 use super::rendezvous::{GroupView, LiveMember, MemberRecord, RoundRecord};
+use crate::discovery::registration::keep_lease_alive;
 
 /// Everything of one group.
 pub fn group_prefix(namespace: &str, group: &str) -> String {
@@ -57,25 +58,7 @@ impl GroupWatch {
 
     /// Waits for the next change and applies it to the view.
     pub async fn changed(&mut self) -> Result<(), String> {
-        // A silent watch on a dead connection would hide changes: ask for progress now and then
-        // and treat a missing answer as a broken stream (as discovery's watcher does).
-        let message = match tokio::time::timeout(Duration::from_secs(15), self.stream.message()).await {
-            Ok(message) => message,
-            Err(_) => {
-                self.stream.request_progress().await.map_err(|e| format!("watch progress request: {e}"))?;
-                tokio::time::timeout(Duration::from_secs(5), self.stream.message())
-                    .await
-                    .map_err(|_| "the watch stream stopped answering".to_string())?
-            }
-        };
-        let response = match message {
-            Ok(Some(response)) => response,
-            Ok(None) => return Err("the watch stream ended".into()),
-            Err(e) => return Err(format!("the watch stream: {e}")),
-        };
-        if response.canceled() {
-            return Err(format!("etcd cancelled the watch: {}", response.cancel_reason()));
-        }
+        let response = crate::discovery::next_watch_response(&mut self.stream).await?;
         for event in response.events() {
             let Some(kv) = event.kv() else { continue };
             match event.event_type() {
@@ -163,8 +146,7 @@ impl MemberLease {
         let mut client = client.clone();
         let id = client.lease_grant(ttl_seconds, None).await.map_err(|e| format!("granting a lease: {e}"))?.id();
         let (lost, stop) = (CancellationToken::new(), CancellationToken::new());
-        let period = Duration::from_millis((ttl_seconds as u64 * 1000 / 3).max(300));
-        tokio::spawn(renew(client, id, period, lost.clone(), stop.clone()));
+        tokio::spawn(renew(client, id, ttl_seconds, lost.clone(), stop.clone()));
         Ok(MemberLease { id, lost, stop })
     }
 }
@@ -175,28 +157,8 @@ impl Drop for MemberLease {
     }
 }
 
-async fn renew(mut client: Client, id: i64, period: Duration, lost: CancellationToken, stop: CancellationToken) {
-    let renewed = async {
-        let (mut keeper, mut responses) = client.lease_keep_alive(id).await.map_err(|e| e.to_string())?;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(period) => {}
-            }
-            let answer = tokio::time::timeout(period, async {
-                keeper.keep_alive().await?;
-                responses.message().await
-            })
-            .await;
-            match answer {
-                Ok(Ok(Some(response))) if response.ttl() > 0 => {}
-                Ok(Ok(_)) => return Err("the lease expired".to_string()),
-                Ok(Err(e)) => return Err(e.to_string()),
-                Err(_) => return Err("renewing the lease timed out".to_string()),
-            }
-        }
-    };
-    match renewed.await {
+async fn renew(mut client: Client, id: i64, ttl_seconds: i64, lost: CancellationToken, stop: CancellationToken) {
+    match keep_lease_alive(&mut client, id, ttl_seconds, &stop).await {
         Ok(()) => {
             // Left on purpose: revoke, so the others see it at once rather than after the TTL.
             if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(id)).await {

@@ -46,34 +46,42 @@ pub async fn all_reduce<L: Link + Sync>(
     let len = values.len();
     let segment = |index: usize| -> Range<usize> { index * len / world..(index + 1) * len / world };
     let mut ends = round_ends;
-    let mut hop = 0u32;
     // Reduce-scatter: after world - 1 hops this member holds the whole sum of segment rank + 1.
     for k in 0..world - 1 {
         let (out, into) = (segment((rank + world - k) % world), segment((rank + 2 * world - k - 1) % world));
-        let piece = Piece { data: encode(&values[out]), round_ends: ends };
-        let (_, received) = tokio::try_join!(link.send(right, hop, piece), link.receive(left, hop))?;
-        let target = &mut values[into];
-        check_len(&received, target.len(), left, hop)?;
-        for (value, bytes) in target.iter_mut().zip(received.data.chunks_exact(4)) {
-            *value += f32::from_le_bytes(bytes.try_into().expect("4 bytes"));
-        }
-        ends |= received.round_ends;
-        hop += 1;
+        let hop = k as u32;
+        ends =
+            exchange(link, hop, (right, left), values, (out, into), ends, |value, received| *value += received).await?;
     }
     // All-gather: each whole segment travels once around the ring.
     for k in 0..world - 1 {
         let (out, into) = (segment((rank + 1 + world - k) % world), segment((rank + world - k) % world));
-        let piece = Piece { data: encode(&values[out]), round_ends: ends };
-        let (_, received) = tokio::try_join!(link.send(right, hop, piece), link.receive(left, hop))?;
-        let target = &mut values[into];
-        check_len(&received, target.len(), left, hop)?;
-        for (value, bytes) in target.iter_mut().zip(received.data.chunks_exact(4)) {
-            *value = f32::from_le_bytes(bytes.try_into().expect("4 bytes"));
-        }
-        ends |= received.round_ends;
-        hop += 1;
+        let hop = (world - 1 + k) as u32;
+        ends =
+            exchange(link, hop, (right, left), values, (out, into), ends, |value, received| *value = received).await?;
     }
     Ok(ends)
+}
+
+/// One hop of the ring: sends segment `out` to the right neighbour while receiving the left
+/// neighbour's piece, which `combine` folds into segment `into`. Returns the OR-ed flag.
+async fn exchange<L: Link + Sync>(
+    link: &L,
+    hop: u32,
+    (right, left): (usize, usize),
+    values: &mut [f32],
+    (out, into): (Range<usize>, Range<usize>),
+    ends: bool,
+    combine: impl Fn(&mut f32, f32),
+) -> Result<bool, GroupError> {
+    let piece = Piece { data: encode(&values[out]), round_ends: ends };
+    let (_, received) = tokio::try_join!(link.send(right, hop, piece), link.receive(left, hop))?;
+    let target = &mut values[into];
+    check_len(&received, target.len(), left, hop)?;
+    for (value, bytes) in target.iter_mut().zip(received.data.chunks_exact(4)) {
+        combine(value, f32::from_le_bytes(bytes.try_into().expect("4 bytes")));
+    }
+    Ok(ends | received.round_ends)
 }
 
 /// Hands `data` of the member of rank `root` to every member: the root sends it to each other
