@@ -4,9 +4,11 @@
 //! - `GET /readyz`: 200 when registered in etcd, the routing table is loaded and the app's
 //!   health check passes; 503 with
 //!   every reason otherwise.
-//! - `GET /v1.0/healthz`: Dapr's readiness path, 204 when ready, 500 otherwise.
+//! - `GET /v1.0/healthz`: Dapr's readiness path, 204 when ready, 500 `ERR_HEALTH_NOT_READY`
+//!   with the reasons otherwise.
 //! - `GET /v1.0/healthz/outbound`: 204 once the sidecar can route calls (routing table
-//!   loaded from etcd), 500 before. Dapr SDKs poll it before they connect.
+//!   loaded from etcd), 500 `ERR_OUTBOUND_HEALTH_NOT_READY` before. Dapr SDKs poll it before
+//!   they connect. Both are also served on the HTTP API's port ([`dapr_health`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,10 +16,12 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
+use crate::api::error::ApiError;
 use crate::discovery::RoutingTable;
 use crate::metrics::Metrics;
 use crate::pubsub::PubSubs;
@@ -35,10 +39,24 @@ pub fn router(readiness: Arc<Readiness>, routing: RoutingTable, metrics: Arc<Met
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(AdminState { readiness: readiness.clone(), routing: routing.clone(), metrics, pubsubs })
+        .merge(dapr_health(readiness, routing))
+}
+
+/// Dapr's health paths, served on the admin port and on the HTTP API's port alike.
+#[derive(Clone)]
+struct DaprHealth {
+    readiness: Arc<Readiness>,
+    routing: RoutingTable,
+}
+
+/// `GET /v1.0/healthz` and `GET /v1.0/healthz/outbound`.
+pub fn dapr_health(readiness: Arc<Readiness>, routing: RoutingTable) -> Router {
+    Router::new()
         .route("/v1.0/healthz", get(dapr_healthz))
         .route("/v1.0/healthz/outbound", get(dapr_outbound))
-        .route("/metrics", get(metrics_text))
-        .with_state(AdminState { readiness, routing, metrics, pubsubs })
+        .with_state(DaprHealth { readiness, routing })
 }
 
 async fn metrics_text(State(state): State<AdminState>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
@@ -63,16 +81,16 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: impl Future<
 }
 
 /// Every reason the sidecar is not ready, none when it is.
-fn not_ready_reasons(state: &AdminState) -> Vec<String> {
-    let mut reasons = state.readiness.check().err().unwrap_or_default();
-    if !state.routing.current().synced {
+fn not_ready_reasons(readiness: &Readiness, routing: &RoutingTable) -> Vec<String> {
+    let mut reasons = readiness.check().err().unwrap_or_default();
+    if !routing.current().synced {
         reasons.push("routing table not loaded from etcd yet".into());
     }
     reasons
 }
 
 async fn readyz(State(state): State<AdminState>) -> (StatusCode, String) {
-    let reasons = not_ready_reasons(&state);
+    let reasons = not_ready_reasons(&state.readiness, &state.routing);
     if reasons.is_empty() {
         (StatusCode::OK, "ready\n".into())
     } else {
@@ -80,14 +98,25 @@ async fn readyz(State(state): State<AdminState>) -> (StatusCode, String) {
     }
 }
 
-async fn dapr_healthz(State(state): State<AdminState>) -> StatusCode {
-    if not_ready_reasons(&state).is_empty() { StatusCode::NO_CONTENT } else { StatusCode::INTERNAL_SERVER_ERROR }
+async fn dapr_healthz(State(state): State<DaprHealth>) -> Response {
+    let reasons = not_ready_reasons(&state.readiness, &state.routing);
+    if reasons.is_empty() {
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    let message = format!("dapr is not ready: {}", reasons.join("; "));
+    ApiError::new(tonic::Code::Unavailable, StatusCode::INTERNAL_SERVER_ERROR, "ERR_HEALTH_NOT_READY", message)
+        .into_response()
 }
 
-async fn dapr_outbound(State(state): State<AdminState>) -> StatusCode {
+async fn dapr_outbound(State(state): State<DaprHealth>) -> Response {
     if state.routing.current().synced && !state.readiness.is_shutting_down() {
-        StatusCode::NO_CONTENT
-    } else {
-        StatusCode::INTERNAL_SERVER_ERROR
+        return StatusCode::NO_CONTENT.into_response();
     }
+    let message = if state.readiness.is_shutting_down() {
+        "dapr outbound is not ready: shutting down"
+    } else {
+        "dapr outbound is not ready: routing table not loaded from etcd yet"
+    };
+    ApiError::new(tonic::Code::Unavailable, StatusCode::INTERNAL_SERVER_ERROR, "ERR_OUTBOUND_HEALTH_NOT_READY", message)
+        .into_response()
 }

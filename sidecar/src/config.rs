@@ -30,6 +30,10 @@ pub struct Config {
     #[arg(long, env = "DAPR_GRPC_PORT", default_value_t = 50001)]
     pub grpc_port: u16,
 
+    /// Port of the app-facing Dapr HTTP API (`/v1.0/...`).
+    #[arg(long, env = "DAPR_HTTP_PORT", default_value_t = 3500)]
+    pub http_port: u16,
+
     /// Port of the sidecar-to-sidecar API (tandem.internal.v1).
     #[arg(long, env = "TANDEM_INTERNAL_PORT", default_value_t = 50002)]
     pub internal_port: u16,
@@ -128,6 +132,10 @@ impl Config {
 
     pub fn grpc_addr(&self) -> SocketAddr {
         SocketAddr::new(self.listen_address, self.grpc_port)
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.listen_address, self.http_port)
     }
 
     pub fn internal_addr(&self) -> SocketAddr {

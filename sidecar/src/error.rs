@@ -64,10 +64,10 @@ impl MeshError {
     }
 }
 
-impl From<MeshError> for Status {
-    fn from(err: MeshError) -> Status {
-        let not_delivered = err.is_not_delivered();
-        let code = match &err {
+impl MeshError {
+    /// The gRPC code this error is answered with.
+    pub fn code(&self) -> Code {
+        match self {
             MeshError::InvalidArgument(_) => Code::InvalidArgument,
             MeshError::AppNotFound { .. } => Code::NotFound,
             MeshError::NoLiveInstance { .. }
@@ -78,7 +78,17 @@ impl From<MeshError> for Status {
             | MeshError::NoStreamOpen { .. }
             | MeshError::WrongApp { .. } => Code::Unavailable,
             MeshError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            MeshError::Remote(status) => status.code(),
+        }
+    }
+}
+
+impl From<MeshError> for Status {
+    fn from(err: MeshError) -> Status {
+        let not_delivered = err.is_not_delivered();
+        let code = match &err {
             MeshError::Remote(status) => return strip_not_delivered(status.clone()),
+            other => other.code(),
         };
         let mut status = Status::new(code, err.to_string());
         if not_delivered {

@@ -4,7 +4,8 @@
 //! Modules, one per concern:
 //! - [`config`]: flags and environment variables.
 //! - [`runtime`]: wires the pieces together; start-up and the ordered shutdown.
-//! - [`api`]: the app-facing Dapr gRPC API and Tandem's training-group API (proto <-> domain).
+//! - [`api`]: the app-facing API: the building blocks written once, Dapr's gRPC and HTTP front
+//!   ends over them, and Tandem's training-group API.
 //! - [`invoke`]: service invocation, outbound (routing, balancing, failover) and inbound (to the app).
 //! - [`discovery`]: registration in etcd under a lease and the routing table watched from etcd.
 //! - [`state`]: the state stores (`state.sled`, `state.etcd`) behind one trait.

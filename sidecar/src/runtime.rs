@@ -15,11 +15,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
-use crate::api::DaprApi;
-use crate::api::dapr::{RUNTIME_VERSION, SidecarInfo};
 use crate::api::group::TrainingGroupApi;
 use crate::api::pubsub::PubSubApi;
 use crate::api::state::StateApi;
+use crate::api::universal::{RUNTIME_VERSION, SidecarInfo};
+use crate::api::{DaprApi, Universal};
 use crate::app_channel::AppChannel;
 use crate::config::Config;
 use crate::discovery::{self, Backoff, InstanceRecord, Registrar, RoutingTable, RoutingWatcher};
@@ -39,10 +39,12 @@ use crate::telemetry::TraceLayer;
 use crate::{admin, components};
 use tower::Layer;
 
-/// The addresses the sidecar actually bound (ports of 0 resolved).
+/// The addresses the sidecar actually bound (ports of 0 resolved): the gRPC API, the HTTP API,
+/// the internal (sidecar-to-sidecar) API and the admin server.
 #[derive(Debug, Clone, Copy)]
 pub struct BoundAddresses {
     pub grpc: SocketAddr,
+    pub http: SocketAddr,
     pub internal: SocketAddr,
     pub admin: SocketAddr,
 }
@@ -90,11 +92,13 @@ pub async fn run(
     let state = Arc::new(StateApi::new(stores, config.max_body_size, metrics.clone()));
 
     let grpc_listener = bind("gRPC API", config.grpc_addr()).await?;
+    let http_listener = bind("HTTP API", config.http_addr()).await?;
     let internal_listener = bind("internal", config.internal_addr()).await?;
     let admin_listener = bind("admin", config.admin_addr()).await?;
     let local = |l: &TcpListener| l.local_addr().expect("a bound listener has an address");
     let bound = BoundAddresses {
         grpc: local(&grpc_listener),
+        http: local(&http_listener),
         internal: local(&internal_listener),
         admin: local(&admin_listener),
     };
@@ -174,10 +178,11 @@ pub async fn run(
     // Room for several values of --max-body-size plus keys and metadata in one request;
     // each value is checked against the limit itself, with a clearer message.
     let request_limit = config.max_body_size.saturating_mul(4);
-    let dapr =
-        DaprServer::new(DaprApi::new(info, invoker.clone(), state, pubsub_api, metrics.clone(), api_shutdown.clone()))
-            .max_decoding_message_size(request_limit)
-            .max_encoding_message_size(usize::MAX);
+    let universal =
+        Arc::new(Universal::new(info, invoker.clone(), state, pubsub_api, metrics.clone(), api_shutdown.clone()));
+    let dapr = DaprServer::new(DaprApi::new(universal.clone()))
+        .max_decoding_message_size(request_limit)
+        .max_encoding_message_size(usize::MAX);
     let mesh = MeshServer::new(MeshInbound::new(config.app_id.clone(), app.clone(), streams.clone()))
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
@@ -208,6 +213,15 @@ pub async fn run(
             drain,
         )),
         tokio::spawn(admin::serve(
+            http_listener,
+            crate::api::http::router(
+                universal.clone(),
+                config.max_body_size,
+                admin::dapr_health(readiness.clone(), routing.clone()),
+            ),
+            stopped(&serving_stop),
+        )),
+        tokio::spawn(admin::serve(
             admin_listener,
             admin::router(readiness.clone(), routing.clone(), metrics.clone(), pubsubs.clone()),
             stopped(&serving_stop),
@@ -218,6 +232,7 @@ pub async fn run(
         app_id = %config.app_id,
         instance_id = %instance_id,
         grpc = %bound.grpc,
+        http = %bound.http,
         internal = %bound.internal,
         admin = %bound.admin,
         "tandemd listening"

@@ -97,12 +97,16 @@ impl Sidecar {
             .arg(self.data_dir.clone().unwrap_or_else(|| dir.path().join("data")))
             .env("TANDEM_LOG_LEVEL", "info,tandem_sidecar=debug")
             .env_remove("DAPR_GRPC_PORT")
+            .env_remove("DAPR_HTTP_PORT")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         if !self.env.iter().any(|(key, _)| key == "DAPR_GRPC_PORT") {
             command.args(["--grpc-port", "0"]);
+        }
+        if !self.env.iter().any(|(key, _)| key == "DAPR_HTTP_PORT") {
+            command.args(["--http-port", "0"]);
         }
         command.envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(endpoints) = &self.etcd_endpoints {
@@ -143,6 +147,7 @@ pub async fn run_until_exit(args: &[&str]) -> std::process::Output {
     let run = Command::new(workspace_binary("tandemd"))
         .args(args)
         .env_remove("DAPR_GRPC_PORT")
+        .env_remove("DAPR_HTTP_PORT")
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output();
@@ -156,6 +161,7 @@ pub async fn run_until_exit(args: &[&str]) -> std::process::Output {
 #[derive(Debug, Clone, Copy)]
 pub struct Addresses {
     pub grpc: SocketAddr,
+    pub http: SocketAddr,
     pub internal: SocketAddr,
     pub admin: SocketAddr,
 }
@@ -169,13 +175,18 @@ pub fn parse_listening_line(line: &str) -> Option<Addresses> {
     if line.starts_with('{') {
         let json: serde_json::Value = serde_json::from_str(line).ok()?;
         let field = |name: &str| json["fields"][name].as_str()?.parse().ok();
-        return Some(Addresses { grpc: field("grpc")?, internal: field("internal")?, admin: field("admin")? });
+        return Some(Addresses {
+            grpc: field("grpc")?,
+            http: field("http")?,
+            internal: field("internal")?,
+            admin: field("admin")?,
+        });
     }
     let field = |name: &str| -> Option<SocketAddr> {
         let start = line.find(&format!(" {name}="))? + name.len() + 2;
         line[start..].split_whitespace().next()?.parse().ok()
     };
-    Some(Addresses { grpc: field("grpc")?, internal: field("internal")?, admin: field("admin")? })
+    Some(Addresses { grpc: field("grpc")?, http: field("http")?, internal: field("internal")?, admin: field("admin")? })
 }
 
 async fn copy_log(
@@ -225,6 +236,11 @@ impl RunningSidecar {
 
     pub fn internal_addr(&self) -> SocketAddr {
         self.addresses.internal
+    }
+
+    /// The Dapr HTTP API (`--http-port`).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.addresses.http
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
@@ -379,13 +395,14 @@ mod tests {
 
     #[test]
     fn the_listening_line_is_parsed() {
-        let line = "2026-01-01T00:00:00Z  INFO tandem_sidecar::runtime: tandemd listening app_id=a instance_id=x grpc=127.0.0.1:1 internal=127.0.0.1:2 admin=127.0.0.1:3";
+        let line = "2026-01-01T00:00:00Z  INFO tandem_sidecar::runtime: tandemd listening app_id=a instance_id=x grpc=127.0.0.1:1 http=127.0.0.1:7 internal=127.0.0.1:2 admin=127.0.0.1:3";
         let a = parse_listening_line(line).unwrap();
         assert_eq!(a.grpc.port(), 1);
+        assert_eq!(a.http.port(), 7);
         assert_eq!(a.internal.port(), 2);
         assert_eq!(a.admin.port(), 3);
         assert!(parse_listening_line("something else grpc=127.0.0.1:1").is_none());
-        let json = r#"{"level":"INFO","fields":{"message":"tandemd listening","grpc":"127.0.0.1:4","internal":"127.0.0.1:5","admin":"127.0.0.1:6"}}"#;
+        let json = r#"{"level":"INFO","fields":{"message":"tandemd listening","grpc":"127.0.0.1:4","http":"127.0.0.1:8","internal":"127.0.0.1:5","admin":"127.0.0.1:6"}}"#;
         assert_eq!(parse_listening_line(json).unwrap().admin.port(), 6);
     }
 }

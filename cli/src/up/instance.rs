@@ -114,6 +114,8 @@ impl Launcher {
             &app_port.to_string(),
             "--grpc-port",
             "0",
+            "--http-port",
+            "0",
             "--internal-port",
             "0",
             "--admin-port",

@@ -40,6 +40,10 @@ pub struct Invocation {
     pub method: String,
     pub data: Vec<u8>,
     pub content_type: String,
+    /// For a call made through Dapr's HTTP API: its verb (`GET`, `POST`, ...); empty otherwise.
+    pub http_verb: String,
+    /// For a call made through Dapr's HTTP API: its query string, as sent.
+    pub query_string: String,
     /// The caller's app-id, set by the sidecars (never by the caller itself).
     pub caller_app_id: Option<String>,
     pub metadata: MetadataMap,
@@ -260,10 +264,21 @@ impl AppCallback for AppServer {
             .handlers
             .get(&message.method)
             .ok_or_else(|| Status::unimplemented(format!("this app has no handler for method '{}'", message.method)))?;
+        let (http_verb, query_string) = match message.http_extension {
+            Some(http) => {
+                let verb = tandem_proto::common::http_extension::Verb::try_from(http.verb)
+                    .map(|verb| verb.as_str_name().to_string())
+                    .unwrap_or_default();
+                (if verb == "NONE" { String::new() } else { verb }, http.querystring)
+            }
+            None => (String::new(), String::new()),
+        };
         let call = Invocation {
             method: message.method,
             data: message.data.map(|any| any.value).unwrap_or_default(),
             content_type: message.content_type,
+            http_verb,
+            query_string,
             caller_app_id,
             trace: TraceContext::from_metadata(&metadata),
             metadata,

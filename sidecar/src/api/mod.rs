@@ -1,10 +1,15 @@
-//! The app-facing API: Dapr's `dapr.proto.runtime.v1.Dapr` service, and Tandem's own
-//! `tandem.group.v1.TrainingGroup` ([`group`]), thin layers that turn protos into domain calls
-//! and domain errors into gRPC statuses.
+//! The app-facing API. The building blocks' logic is written once ([`universal`], [`state`],
+//! [`pubsub`]) and reports failures as one [`error::ApiError`]; two front ends translate it:
+//! [`grpc`] (Dapr's `dapr.proto.runtime.v1.Dapr` service) and [`http`] (Dapr's HTTP API on
+//! `--http-port`). [`group`] serves Tandem's own `tandem.group.v1.TrainingGroup`.
 
-pub mod dapr;
+pub mod error;
 pub mod group;
+pub mod grpc;
+pub mod http;
 pub mod pubsub;
 pub mod state;
+pub mod universal;
 
-pub use dapr::DaprApi;
+pub use grpc::DaprApi;
+pub use universal::Universal;

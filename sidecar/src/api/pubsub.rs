@@ -22,6 +22,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 use tonic::Streaming;
 
+use super::error::ApiError;
 use crate::pubsub::{PubSub, PubSubs, raw};
 
 /// The CloudEvent `type` of events published through the API (Dapr's).
@@ -58,7 +59,7 @@ impl PubSubApi {
                 "the stream's first message must be the initial request, not an answer",
             ));
         };
-        self.target(&initial.pubsub_name, &initial.topic)?;
+        self.target(&initial.pubsub_name, &initial.topic).map_err(Status::from)?;
         let ordered = initial
             .metadata
             .get(tandem_proto::SUBSCRIPTION_ORDERED)
@@ -110,14 +111,15 @@ impl PubSubApi {
             .collect()
     }
 
-    pub async fn publish_event(&self, request: PublishEventRequest) -> Result<(), Status> {
+    pub async fn publish_event(&self, request: PublishEventRequest) -> Result<(), ApiError> {
         let pubsub = self.target(&request.pubsub_name, &request.topic)?;
         let raw = raw::requested(&request.metadata)
-            .map_err(|e| Status::invalid_argument(format!("publish to topic '{}': {e}", request.topic)))?
+            .map_err(|e| ApiError::pubsub_metadata(format!("publish to topic '{}': {e}", request.topic)))?
             .unwrap_or(false);
-        self.check_size(&request.topic, request.data.len()).map_err(Status::resource_exhausted)?;
+        self.check_size(&request.topic, request.data.len())
+            .map_err(|e| ApiError::too_large("ERR_PUBSUB_PUBLISH_MESSAGE", e))?;
         let event = self.event(&request.pubsub_name, &request.topic, request.data, request.data_content_type, raw)?;
-        pubsub.publish(event).await.map_err(Status::from)
+        pubsub.publish(event).await.map_err(|e| ApiError::publish(&request.pubsub_name, &request.topic, e))
     }
 
     /// BulkPublishEvent (and its Alpha1 name): the request is checked as a whole like
@@ -125,28 +127,28 @@ impl PubSubApi {
     /// as its own CloudEvent, or raw where the request's metadata asks for it (an entry's own
     /// `rawPayload` overrides the request's). Entries that are too large or cannot be stored
     /// are listed in the answer, with why.
-    pub async fn bulk_publish_event(&self, request: BulkPublishRequest) -> Result<BulkPublishResponse, Status> {
+    pub async fn bulk_publish_event(&self, request: BulkPublishRequest) -> Result<BulkPublishResponse, ApiError> {
         let pubsub = self.target(&request.pubsub_name, &request.topic)?;
         let raw_all = raw::requested(&request.metadata)
-            .map_err(|e| Status::invalid_argument(format!("bulk publish to topic '{}': {e}", request.topic)))?
+            .map_err(|e| ApiError::pubsub_metadata(format!("bulk publish to topic '{}': {e}", request.topic)))?
             .unwrap_or(false);
         let mut raw_entries = Vec::with_capacity(request.entries.len());
         let mut ids = HashSet::with_capacity(request.entries.len());
         for (index, entry) in request.entries.iter().enumerate() {
             if entry.entry_id.is_empty() {
-                return Err(Status::invalid_argument(format!(
+                return Err(ApiError::pubsub_events(format!(
                     "entry {index} of the bulk publish to topic '{}' has an empty entry_id; every entry needs one",
                     request.topic
                 )));
             }
             if !ids.insert(entry.entry_id.as_str()) {
-                return Err(Status::invalid_argument(format!(
+                return Err(ApiError::pubsub_events(format!(
                     "entry_id '{}' appears more than once in the bulk publish to topic '{}'; entry ids must be unique",
                     entry.entry_id, request.topic
                 )));
             }
             let raw = raw::requested(&entry.metadata).map_err(|e| {
-                Status::invalid_argument(format!(
+                ApiError::pubsub_metadata(format!(
                     "entry '{}' of the bulk publish to topic '{}': {e}",
                     entry.entry_id, request.topic
                 ))
@@ -164,8 +166,8 @@ impl PubSubApi {
             }
             match self.event(&request.pubsub_name, &request.topic, entry.event, entry.content_type, raw) {
                 Ok(event) => events.push(event),
-                Err(status) => {
-                    failed.push((index, entry.entry_id, status.message().to_string()));
+                Err(error) => {
+                    failed.push((index, entry.entry_id, error.message));
                     continue;
                 }
             }
@@ -187,13 +189,16 @@ impl PubSubApi {
     }
 
     /// The component a publish names, once the pub/sub and topic are known to be valid.
-    fn target(&self, pubsub_name: &str, topic: &str) -> Result<&Arc<dyn PubSub>, Status> {
+    fn target(&self, pubsub_name: &str, topic: &str) -> Result<&Arc<dyn PubSub>, ApiError> {
+        if pubsub_name.is_empty() {
+            return Err(ApiError::pubsub_name_empty());
+        }
         let pubsub = self.pubsubs.get(pubsub_name).ok_or_else(|| {
             let names = self.pubsubs.keys().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ");
-            Status::invalid_argument(format!("pub/sub '{pubsub_name}' is not found; pub/subs here: {names}"))
+            ApiError::pubsub_not_found(pubsub_name, &names)
         })?;
         if topic.is_empty() {
-            return Err(Status::invalid_argument(format!("the topic is empty (pub/sub '{pubsub_name}')")));
+            return Err(ApiError::topic_empty(pubsub_name));
         }
         Ok(pubsub)
     }
@@ -218,13 +223,13 @@ impl PubSubApi {
         data: impl Into<Bytes>,
         content_type: String,
         raw: bool,
-    ) -> Result<TopicEventRequest, Status> {
+    ) -> Result<TopicEventRequest, ApiError> {
         let data = data.into();
         if !raw {
             return Ok(self.cloud_event(pubsub_name, topic, data, content_type));
         }
         raw::check_content_type(&content_type)
-            .map_err(|e| Status::invalid_argument(format!("publish to topic '{topic}': {e}")))?;
+            .map_err(|e| ApiError::pubsub_metadata(format!("publish to topic '{topic}': {e}")))?;
         Ok(raw::event(uuid::Uuid::new_v4().to_string(), pubsub_name, topic, data, &content_type))
     }
 

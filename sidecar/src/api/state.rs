@@ -8,16 +8,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime};
 
+use std::sync::Arc;
 use tandem_proto::common::state_options::StateConcurrency;
 use tandem_proto::common::{StateItem, StateOptions};
 use tandem_proto::runtime::{
     BulkStateItem, DeleteBulkStateRequest, DeleteStateRequest, ExecuteStateTransactionRequest, GetBulkStateRequest,
     GetBulkStateResponse, GetStateRequest, GetStateResponse, RegisteredComponents, SaveStateRequest,
 };
-use tonic::Status;
 
-use std::sync::Arc;
-
+use super::error::{ApiError, StateWork};
 use crate::metrics::Metrics;
 use crate::state::registry::NamedStore;
 use crate::state::{Operation, Precondition, StateValue};
@@ -51,28 +50,23 @@ impl StateApi {
             .collect()
     }
 
-    fn store(&self, name: &str) -> Result<&NamedStore, Status> {
-        if name.is_empty() {
-            return Err(Status::invalid_argument(format!(
-                "the state store name is empty; stores here: {}",
-                self.store_names()
-            )));
+    fn store(&self, name: &str) -> Result<&NamedStore, ApiError> {
+        if self.stores.is_empty() {
+            return Err(ApiError::state_stores_not_configured(name));
         }
-        self.stores.get(name).ok_or_else(|| {
-            Status::invalid_argument(format!("state store '{name}' is not found; stores here: {}", self.store_names()))
-        })
+        self.stores.get(name).ok_or_else(|| ApiError::state_store_not_found(name, &self.store_names()))
     }
 
     fn store_names(&self) -> String {
         self.stores.keys().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ")
     }
 
-    pub async fn get_state(&self, request: GetStateRequest) -> Result<GetStateResponse, Status> {
+    pub async fn get_state(&self, request: GetStateRequest) -> Result<GetStateResponse, ApiError> {
         let store = self.store(&request.store_name)?;
         let key = store_key(store, &request.key)?;
         let found = store.store.get(&key).await;
         self.metrics.state_operation(&store.name, "get", found.is_ok());
-        let found = found.map_err(Status::from)?;
+        let found = found.map_err(|e| ApiError::state(&store.name, StateWork::Get { key: &request.key }, e))?;
         Ok(match found {
             Some(value) => {
                 GetStateResponse { metadata: response_metadata(&value), data: value.value, etag: value.etag }
@@ -82,7 +76,7 @@ impl StateApi {
     }
 
     /// Answers per key: a key that cannot be read carries its error, the others their data.
-    pub async fn get_bulk_state(&self, request: GetBulkStateRequest) -> Result<GetBulkStateResponse, Status> {
+    pub async fn get_bulk_state(&self, request: GetBulkStateRequest) -> Result<GetBulkStateResponse, ApiError> {
         let store = self.store(&request.store_name)?;
         let mut items = Vec::with_capacity(request.keys.len());
         for key in request.keys {
@@ -92,7 +86,7 @@ impl StateApi {
                     self.metrics.state_operation(&store.name, "get", read.is_ok());
                     read.map_err(|e| e.to_string())
                 }
-                Err(status) => Err(status.message().to_string()),
+                Err(error) => Err(error.message),
             };
             items.push(match read {
                 Ok(Some(value)) => BulkStateItem {
@@ -109,21 +103,21 @@ impl StateApi {
         Ok(GetBulkStateResponse { items })
     }
 
-    pub async fn save_state(&self, request: SaveStateRequest) -> Result<(), Status> {
+    pub async fn save_state(&self, request: SaveStateRequest) -> Result<(), ApiError> {
         let store = self.store(&request.store_name)?;
         let operations =
             request.states.into_iter().map(|item| self.set_operation(store, item)).collect::<Result<Vec<_>, _>>()?;
-        self.apply(store, operations).await
+        self.apply(store, operations, StateWork::Save).await
     }
 
-    pub async fn delete_state(&self, request: DeleteStateRequest) -> Result<(), Status> {
+    pub async fn delete_state(&self, request: DeleteStateRequest) -> Result<(), ApiError> {
         let store = self.store(&request.store_name)?;
         let key = store_key(store, &request.key)?;
         let precondition = delete_precondition(request.etag.map(|e| e.value));
-        self.apply(store, vec![Operation::Delete { key, precondition }]).await
+        self.apply(store, vec![Operation::Delete { key, precondition }], StateWork::Delete { key: &request.key }).await
     }
 
-    pub async fn delete_bulk_state(&self, request: DeleteBulkStateRequest) -> Result<(), Status> {
+    pub async fn delete_bulk_state(&self, request: DeleteBulkStateRequest) -> Result<(), ApiError> {
         let store = self.store(&request.store_name)?;
         let operations = request
             .states
@@ -132,42 +126,42 @@ impl StateApi {
                 let key = store_key(store, &item.key)?;
                 Ok(Operation::Delete { key, precondition: delete_precondition(item.etag.map(|e| e.value)) })
             })
-            .collect::<Result<Vec<_>, Status>>()?;
-        self.apply(store, operations).await
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        let keys = keys_of(&operations);
+        self.apply(store, operations, StateWork::Delete { key: &keys }).await
     }
 
-    pub async fn execute_state_transaction(&self, request: ExecuteStateTransactionRequest) -> Result<(), Status> {
+    pub async fn execute_state_transaction(&self, request: ExecuteStateTransactionRequest) -> Result<(), ApiError> {
         let store = self.store(&request.store_name)?;
         let mut operations = Vec::with_capacity(request.operations.len());
         for (index, operation) in request.operations.into_iter().enumerate() {
             let item = operation
                 .request
-                .ok_or_else(|| Status::invalid_argument(format!("transaction operation {index} has no request")))?;
+                .ok_or_else(|| ApiError::malformed(format!("transaction operation {index} has no request")))?;
             operations.push(match operation.operation_type.as_str() {
                 "upsert" => self.set_operation(store, item)?,
                 "delete" => Operation::Delete {
                     key: store_key(store, &item.key)?,
                     precondition: delete_precondition(item.etag.map(|e| e.value)),
                 },
-                other => {
-                    return Err(Status::invalid_argument(format!(
-                        "transaction operation {index}: operationType '{other}' is not supported (use 'upsert' or 'delete')"
-                    )));
-                }
+                other => return Err(ApiError::unsupported_state_operation(&format!("'{other}' (operation {index})"))),
             });
         }
-        self.apply(store, operations).await
+        self.apply(store, operations, StateWork::Transaction).await
     }
 
-    fn set_operation(&self, store: &NamedStore, item: StateItem) -> Result<Operation, Status> {
+    fn set_operation(&self, store: &NamedStore, item: StateItem) -> Result<Operation, ApiError> {
         let key = store_key(store, &item.key)?;
         if item.value.len() > self.max_value_bytes {
-            return Err(Status::resource_exhausted(format!(
-                "the value of key '{}' is {} bytes, over the limit of {} bytes (--max-body-size)",
-                item.key,
-                item.value.len(),
-                self.max_value_bytes
-            )));
+            return Err(ApiError::too_large(
+                "ERR_STATE_SAVE",
+                format!(
+                    "the value of key '{}' is {} bytes, over the limit of {} bytes (--max-body-size)",
+                    item.key,
+                    item.value.len(),
+                    self.max_value_bytes
+                ),
+            ));
         }
         let ttl = parse_ttl(&item.key, &item.metadata)?;
         let precondition = set_precondition(item.etag.map(|e| e.value), item.options.as_ref());
@@ -177,24 +171,35 @@ impl StateApi {
 
 impl StateApi {
     /// Applies one request's writes as one batch, counted as one `apply` of the store.
-    async fn apply(&self, store: &NamedStore, operations: Vec<Operation>) -> Result<(), Status> {
+    async fn apply(&self, store: &NamedStore, operations: Vec<Operation>, work: StateWork<'_>) -> Result<(), ApiError> {
         if operations.is_empty() {
             return Ok(());
         }
         let applied = store.store.apply(operations).await;
         self.metrics.state_operation(&store.name, "apply", applied.is_ok());
-        applied.map_err(Status::from)
+        applied.map_err(|e| ApiError::state(&store.name, work, e))
     }
 }
 
+/// The keys a batch of deletes names, for an error message.
+fn keys_of(operations: &[Operation]) -> String {
+    let keys: Vec<&str> = operations
+        .iter()
+        .map(|operation| match operation {
+            Operation::Set { key, .. } | Operation::Delete { key, .. } => key.rsplit("||").next().unwrap_or(key),
+        })
+        .collect();
+    keys.join(", ")
+}
+
 /// The key as the store keeps it; empty keys and keys with `||` (the prefix separator) are refused.
-fn store_key(store: &NamedStore, key: &str) -> Result<String, Status> {
+fn store_key(store: &NamedStore, key: &str) -> Result<String, ApiError> {
     if key.is_empty() {
-        return Err(Status::invalid_argument("the state key is empty"));
+        return Err(ApiError::invalid_state_key("\"key\" is a required field: the state key is empty"));
     }
     if key.contains("||") {
-        return Err(Status::invalid_argument(format!(
-            "the state key '{key}' contains '||', which separates key prefixes"
+        return Err(ApiError::invalid_state_key(format!(
+            "input key/keyPrefix '{key}' can't contain '||' (it separates key prefixes)"
         )));
     }
     Ok(store.key_prefix.apply(key))
@@ -221,12 +226,12 @@ fn delete_precondition(etag: Option<String>) -> Precondition {
 }
 
 /// `ttlInSeconds`: a positive number of seconds, or -1 (never expires, as without it).
-fn parse_ttl(key: &str, metadata: &HashMap<String, String>) -> Result<Option<Duration>, Status> {
+fn parse_ttl(key: &str, metadata: &HashMap<String, String>) -> Result<Option<Duration>, ApiError> {
     let Some(text) = metadata.get(TTL_IN_SECONDS) else { return Ok(None) };
     match text.trim().parse::<i64>() {
         Ok(-1) => Ok(None),
         Ok(seconds) if seconds > 0 => Ok(Some(Duration::from_secs(seconds as u64))),
-        _ => Err(Status::invalid_argument(format!(
+        _ => Err(ApiError::malformed(format!(
             "metadata {TTL_IN_SECONDS} '{text}' of key '{key}' is invalid: use a positive number of seconds, or -1 for none"
         ))),
     }
@@ -274,8 +279,8 @@ mod tests {
         assert_eq!(parse_ttl("k", &meta("5")).unwrap(), Some(Duration::from_secs(5)));
         for bad in ["foo", "0", "-2", "1.5", ""] {
             let err = parse_ttl("k", &meta(bad)).unwrap_err();
-            assert_eq!(err.code(), tonic::Code::InvalidArgument);
-            assert!(err.message().contains(&format!("'{bad}'")), "{err:?}");
+            assert_eq!(err.code, tonic::Code::InvalidArgument);
+            assert!(err.message.contains(&format!("'{bad}'")), "{err:?}");
         }
     }
 

@@ -51,6 +51,38 @@ pub fn outgoing(metadata: &MetadataMap) -> HashMap<String, String> {
     out
 }
 
+/// The HTTP headers of a call through the HTTP API that travel to the callee, as metadata (the
+/// same rule as [`outgoing`]; values that are not visible ASCII stay behind).
+pub fn outgoing_http(headers: &http::HeaderMap) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for (key, value) in headers {
+        if travels(key.as_str())
+            && key != http::header::CONTENT_LENGTH
+            && key != http::header::CONNECTION
+            && key != http::header::TRANSFER_ENCODING
+            && let Ok(value) = value.to_str()
+        {
+            out.insert(key.as_str().to_string(), value.to_string());
+        }
+    }
+    out
+}
+
+/// Writes carried metadata onto HTTP headers (an answer of the HTTP API); entries that are not
+/// valid header names or values are skipped.
+pub fn apply_http(carried: &HashMap<String, String>, target: &mut http::HeaderMap) {
+    for (key, value) in carried {
+        if !travels(key) {
+            continue;
+        }
+        if let (Ok(name), Ok(value)) =
+            (http::HeaderName::from_bytes(key.as_bytes()), http::HeaderValue::from_str(value))
+        {
+            target.insert(name, value);
+        }
+    }
+}
+
 /// Writes carried metadata onto a request or response; entries that are not valid gRPC
 /// metadata (they never come from a well-behaved peer) are skipped.
 pub fn apply(carried: &HashMap<String, String>, target: &mut MetadataMap) {

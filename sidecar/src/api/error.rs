@@ -1,0 +1,253 @@
+//! The app-facing API's one error type and its two mappings: [`ApiError`] becomes a gRPC status
+//! (code and message) for the gRPC front end, and an HTTP status with Dapr's JSON error body
+//! (`{"errorCode": "ERR_...", "message": "..."}`) for the HTTP front end. Every building block
+//! reports its failures as an `ApiError`, built by the constructors here with Dapr's codes, so
+//! the two front ends cannot disagree.
+
+use axum::http::StatusCode;
+use tonic::{Code, Status};
+
+use crate::error::MeshError;
+use crate::pubsub::PubSubError;
+use crate::state::StateError;
+
+/// A failed call of the app-facing API.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// The gRPC status code.
+    pub code: Code,
+    /// The HTTP status.
+    pub http: StatusCode,
+    /// Dapr's error code (`ERR_STATE_STORE_NOT_FOUND`, ...), the HTTP body's `errorCode`.
+    pub error_code: &'static str,
+    pub message: String,
+}
+
+/// What a state operation was doing when its store failed, for Dapr's error code and message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateWork<'a> {
+    Get { key: &'a str },
+    Save,
+    Delete { key: &'a str },
+    Transaction,
+}
+
+impl ApiError {
+    pub fn new(code: Code, http: StatusCode, error_code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { code, http, error_code, message: message.into() }
+    }
+
+    /// A request that cannot be understood (400 `ERR_MALFORMED_REQUEST`, INVALID_ARGUMENT).
+    pub fn malformed(message: impl Into<String>) -> Self {
+        Self::new(Code::InvalidArgument, StatusCode::BAD_REQUEST, "ERR_MALFORMED_REQUEST", message)
+    }
+
+    /// `store` is not one of this sidecar's state stores.
+    pub fn state_store_not_found(store: &str, known: &str) -> Self {
+        Self::new(
+            Code::InvalidArgument,
+            StatusCode::BAD_REQUEST,
+            "ERR_STATE_STORE_NOT_FOUND",
+            format!("state store {store} is not found (stores here: {known})"),
+        )
+    }
+
+    /// The sidecar has no state store at all.
+    pub fn state_stores_not_configured(store: &str) -> Self {
+        Self::new(
+            Code::FailedPrecondition,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "ERR_STATE_STORE_NOT_CONFIGURED",
+            format!("state store {store} is not configured"),
+        )
+    }
+
+    /// A state key that cannot be stored (empty, or with `||`, the prefix separator).
+    pub fn invalid_state_key(message: impl Into<String>) -> Self {
+        Self::malformed(message)
+    }
+
+    /// An unsupported operation type in a transaction.
+    pub fn unsupported_state_operation(operation: &str) -> Self {
+        Self::new(
+            Code::InvalidArgument,
+            StatusCode::BAD_REQUEST,
+            "ERR_NOT_SUPPORTED_STATE_OPERATION",
+            format!("operation type {operation} not supported (use 'upsert' or 'delete')"),
+        )
+    }
+
+    /// A store failure during `work` on store `store`, with Dapr's code and message per
+    /// operation: an ETag mismatch is 409 (ABORTED) for a save or delete and, as in Dapr, a
+    /// failed transaction (500) inside a transaction.
+    pub fn state(store: &str, work: StateWork<'_>, error: StateError) -> Self {
+        let (code, http) = match (&error, work) {
+            (StateError::EtagMismatch { .. }, StateWork::Transaction) => {
+                (Code::Aborted, StatusCode::INTERNAL_SERVER_ERROR)
+            }
+            (StateError::EtagMismatch { .. }, _) => (Code::Aborted, StatusCode::CONFLICT),
+            (StateError::TooLarge(_), _) => (Code::ResourceExhausted, StatusCode::PAYLOAD_TOO_LARGE),
+            (StateError::Unavailable(_), _) => (Code::Unavailable, StatusCode::INTERNAL_SERVER_ERROR),
+            (StateError::Corrupt(_), _) => (Code::DataLoss, StatusCode::INTERNAL_SERVER_ERROR),
+            (StateError::Internal(_), _) => (Code::Internal, StatusCode::INTERNAL_SERVER_ERROR),
+        };
+        let detail = match &error {
+            StateError::EtagMismatch { .. } => format!("possible etag mismatch. error from state store: {error}"),
+            _ => error.to_string(),
+        };
+        let (error_code, message) = match work {
+            StateWork::Get { key } => {
+                ("ERR_STATE_GET", format!("fail to get {key} from state store {store}: {detail}"))
+            }
+            StateWork::Save => ("ERR_STATE_SAVE", format!("failed saving state in state store {store}: {detail}")),
+            StateWork::Delete { key } => {
+                ("ERR_STATE_DELETE", format!("failed deleting state with key {key}: {detail}"))
+            }
+            StateWork::Transaction => {
+                ("ERR_STATE_TRANSACTION", format!("error while executing state transaction: {detail}"))
+            }
+        };
+        Self::new(code, http, error_code, message)
+    }
+
+    /// A value over `--max-body-size`.
+    pub fn too_large(error_code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(Code::ResourceExhausted, StatusCode::PAYLOAD_TOO_LARGE, error_code, message)
+    }
+
+    /// `pubsub` is not one of this sidecar's pub/sub components.
+    pub fn pubsub_not_found(pubsub: &str, known: &str) -> Self {
+        Self::new(
+            Code::InvalidArgument,
+            StatusCode::NOT_FOUND,
+            "ERR_PUBSUB_NOT_FOUND",
+            format!("pubsub {pubsub} is not found (pub/subs here: {known})"),
+        )
+    }
+
+    pub fn pubsub_name_empty() -> Self {
+        Self::new(Code::InvalidArgument, StatusCode::NOT_FOUND, "ERR_PUBSUB_EMPTY", "pubsub name is empty")
+    }
+
+    pub fn topic_empty(pubsub: &str) -> Self {
+        Self::new(
+            Code::InvalidArgument,
+            StatusCode::NOT_FOUND,
+            "ERR_TOPIC_NAME_EMPTY",
+            format!("topic is empty in pubsub {pubsub}"),
+        )
+    }
+
+    /// Bad publish metadata (`rawPayload` that is not a boolean, ...).
+    pub fn pubsub_metadata(message: impl Into<String>) -> Self {
+        Self::new(Code::InvalidArgument, StatusCode::BAD_REQUEST, "ERR_PUBSUB_REQUEST_METADATA", message)
+    }
+
+    /// A bulk publish whose entries cannot be read.
+    pub fn pubsub_events(message: impl Into<String>) -> Self {
+        Self::new(Code::InvalidArgument, StatusCode::BAD_REQUEST, "ERR_PUBSUB_EVENTS_SER", message)
+    }
+
+    /// A published `application/cloudevents+json` payload that is not a JSON object.
+    pub fn cloud_event(message: impl Into<String>) -> Self {
+        Self::new(Code::InvalidArgument, StatusCode::BAD_REQUEST, "ERR_PUBSUB_CLOUD_EVENTS_SER", message)
+    }
+
+    /// Publishing failed in the component.
+    pub fn publish(pubsub: &str, topic: &str, error: PubSubError) -> Self {
+        let (code, http) = match &error {
+            PubSubError::BacklogFull { .. } | PubSubError::Refused(_) => {
+                (Code::ResourceExhausted, StatusCode::TOO_MANY_REQUESTS)
+            }
+            PubSubError::RoutingNotReady | PubSubError::Unavailable(_) => {
+                (Code::Unavailable, StatusCode::SERVICE_UNAVAILABLE)
+            }
+            PubSubError::Storage(_) => (Code::Internal, StatusCode::INTERNAL_SERVER_ERROR),
+        };
+        Self::new(
+            code,
+            http,
+            "ERR_PUBSUB_PUBLISH_MESSAGE",
+            format!("error when publishing to topic {topic} in pubsub {pubsub}: {error}"),
+        )
+    }
+
+    /// An invocation that failed in the mesh (not the app's own answer): 500
+    /// `ERR_DIRECT_INVOKE` as in Dapr, 400 for a request the sidecar refuses, 504 past the
+    /// caller's deadline.
+    pub fn invoke(app_id: &str, error: &MeshError) -> Self {
+        let code = error.code();
+        let http = match code {
+            Code::InvalidArgument => StatusCode::BAD_REQUEST,
+            Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(code, http, "ERR_DIRECT_INVOKE", format!("failed to invoke, id: {app_id}, err: {error}"))
+    }
+
+    /// The JSON body of the HTTP answer.
+    pub fn http_body(&self) -> String {
+        serde_json::json!({ "errorCode": self.error_code, "message": self.message }).to_string()
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(error: ApiError) -> Status {
+        Status::new(error.code, error.message)
+    }
+}
+
+/// The HTTP status Dapr gives a gRPC code (`HTTPStatusFromCode`), for answers of gRPC apps
+/// reached through the HTTP API.
+pub fn http_status_of(code: Code) -> StatusCode {
+    match code {
+        Code::Ok => StatusCode::OK,
+        Code::Cancelled => StatusCode::REQUEST_TIMEOUT,
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_failures_carry_daprs_codes_per_operation() {
+        let mismatch = || StateError::EtagMismatch { key: "k".into(), reason: "etag 3 is not 4".into() };
+        let save = ApiError::state("s", StateWork::Save, mismatch());
+        assert_eq!((save.code, save.http, save.error_code), (Code::Aborted, StatusCode::CONFLICT, "ERR_STATE_SAVE"));
+        assert!(save.message.starts_with("failed saving state in state store s: possible etag mismatch."), "{save}");
+        let delete = ApiError::state("s", StateWork::Delete { key: "k" }, mismatch());
+        assert_eq!((delete.http, delete.error_code), (StatusCode::CONFLICT, "ERR_STATE_DELETE"));
+        assert!(delete.message.starts_with("failed deleting state with key k: "), "{delete}");
+        let transaction = ApiError::state("s", StateWork::Transaction, mismatch());
+        assert_eq!(
+            (transaction.http, transaction.error_code),
+            (StatusCode::INTERNAL_SERVER_ERROR, "ERR_STATE_TRANSACTION")
+        );
+        let get = ApiError::state("s", StateWork::Get { key: "k" }, StateError::Unavailable("down".into()));
+        assert_eq!((get.code, get.error_code), (Code::Unavailable, "ERR_STATE_GET"));
+    }
+
+    #[test]
+    fn both_front_ends_see_the_same_error() {
+        let error = ApiError::state_store_not_found("nope", "'statestore'");
+        assert_eq!(
+            error.http_body(),
+            r#"{"errorCode":"ERR_STATE_STORE_NOT_FOUND","message":"state store nope is not found (stores here: 'statestore')"}"#
+        );
+        let status = Status::from(error);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(status.message(), "state store nope is not found (stores here: 'statestore')");
+    }
+}
