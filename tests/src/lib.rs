@@ -13,7 +13,8 @@
 //! (component files and a state API client), [`stats`] (latency percentiles for the benchmark
 //! and the demo), [`otlp`] (an OTLP trace collector in the test process, and tracers for test
 //! apps that export to it), [`service`] (a workspace service binary as a process), [`pipeline`]
-//! (the AI pipeline: the four services, each beside its own tandemd), [`training`] (train
+//! (the AI pipeline: the four services, each beside its own tandemd), [`python`] (a virtualenv
+//! with the official Dapr SDK, and the scripts of tests/python/), [`training`] (train
 //! replicas in one training group, their status and step logs).
 
 pub mod app;
@@ -27,6 +28,7 @@ pub mod pipeline;
 pub mod poll;
 pub mod pubsub;
 pub mod pubsub_cases;
+pub mod python;
 pub mod server_process;
 pub mod service;
 pub mod sidecar;
