@@ -2,7 +2,8 @@
 //! `kind: Component`) under `--resources-path`.
 //!
 //! Each `*.yaml`/`*.yml` file may hold several documents. Documents of other kinds
-//! (Subscription, Configuration, ...) are skipped, as Dapr's resources folders mix them.
+//! (Subscription, Configuration, ...) are skipped, as Dapr's resources folders mix them
+//! (subscriptions are read by [`crate::pubsub::declared`]).
 //! Anything malformed stops tandemd at start with a message naming the file and the field.
 
 use std::collections::HashMap;
@@ -39,7 +40,6 @@ impl ComponentSpec {
 #[serde(rename_all = "camelCase")]
 struct Document {
     api_version: Option<String>,
-    kind: Option<String>,
     metadata: Option<DocumentMetadata>,
     spec: Option<Spec>,
 }
@@ -64,18 +64,34 @@ struct MetadataItem {
     value: Option<serde_json::Value>,
 }
 
-/// Reads every component under `dir`, sorted by file name. A missing `dir` is an error: the
-/// flag was given for a reason.
-pub fn load_dir(dir: &Path) -> Result<Vec<ComponentSpec>, String> {
+/// The YAML files under `dir` (`*.yaml`, `*.yml`), sorted by name, with their text. A missing
+/// `dir` is an error: the flag was given for a reason.
+pub fn resource_files(dir: &Path) -> Result<Vec<(PathBuf, String)>, String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("--resources-path {}: {e}", dir.display()))?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|path| matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
         .collect();
     files.sort();
+    files
+        .into_iter()
+        .map(|file| {
+            let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            Ok((file, text))
+        })
+        .collect()
+}
+
+/// The documents of one YAML file, each as generic JSON (a `---`-separated stream; empty
+/// documents are `None`).
+pub fn documents(text: &str, file: &Path) -> Result<Vec<Option<serde_json::Value>>, String> {
+    serde_saphyr::from_multiple(text).map_err(|e| format!("{}: not valid YAML for a resource: {e}", file.display()))
+}
+
+/// Reads every component under `dir`, sorted by file name.
+pub fn load_dir(dir: &Path) -> Result<Vec<ComponentSpec>, String> {
     let mut components = Vec::new();
-    for file in files {
-        let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+    for (file, text) in resource_files(dir)? {
         components.extend(parse(&text, &file)?);
     }
     let mut seen = HashMap::new();
@@ -95,17 +111,18 @@ pub fn load_dir(dir: &Path) -> Result<Vec<ComponentSpec>, String> {
 /// Parses the documents of one file.
 pub fn parse(text: &str, file: &Path) -> Result<Vec<ComponentSpec>, String> {
     let at = |what: String| format!("{}: {what}", file.display());
-    let documents: Vec<Option<Document>> =
-        serde_saphyr::from_multiple(text).map_err(|e| at(format!("not valid YAML for a component: {e}")))?;
     let mut components = Vec::new();
-    for (index, document) in documents.into_iter().enumerate() {
+    for (index, document) in documents(text, file)?.into_iter().enumerate() {
         let Some(document) = document else { continue };
         let at = |field: &str, what: &str| at(format!("document {}: {field} {what}", index + 1));
-        match document.kind.as_deref() {
+        // Other kinds (Subscription, Configuration, ...) have other shapes: only the kind is read.
+        match document.get("kind").and_then(|k| k.as_str()) {
             Some("Component") => {}
             Some(_) => continue,
             None => return Err(at("kind", "is missing (want Component)")),
         }
+        let document: Document =
+            serde_json::from_value(document).map_err(|e| at("the component", &format!("is malformed: {e}")))?;
         match document.api_version.as_deref() {
             Some(API_VERSION) => {}
             Some(other) => return Err(at("apiVersion", &format!("is '{other}', want '{API_VERSION}'"))),
@@ -156,7 +173,7 @@ mod tests {
 
     #[test]
     fn a_dapr_component_file_parses_with_several_documents() {
-        let text = "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: shared\nspec:\n  type: state.etcd\n  version: v1\n  metadata:\n  - name: keyPrefix\n    value: name\n  - name: ttl\n    value: 3\n---\napiVersion: dapr.io/v2alpha1\nkind: Subscription\nmetadata:\n  name: sub\n---\napiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: local\nspec:\n  type: state.sled\n";
+        let text = "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: shared\nspec:\n  type: state.etcd\n  version: v1\n  metadata:\n  - name: keyPrefix\n    value: name\n  - name: ttl\n    value: 3\n---\napiVersion: dapr.io/v2alpha1\nkind: Subscription\nmetadata:\n  name: sub\nspec:\n  topic: t\n  metadata:\n    rawPayload: \"true\"\n---\napiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: local\nspec:\n  type: state.sled\n";
         let components = parse_str(text).unwrap();
         assert_eq!(components.len(), 2);
         assert_eq!(components[0].name, "shared");
@@ -187,6 +204,7 @@ mod tests {
                 "metadata.name is invalid",
             ),
             ("apiVersion: [unclosed\n", "not valid YAML"),
+            ("kind: Component\napiVersion: dapr.io/v1alpha1\nmetadata: [1]\n", "the component is malformed"),
         ];
         for (text, expected) in cases {
             let err = parse_str(text).unwrap_err();

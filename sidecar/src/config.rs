@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::app_channel::AppProtocol;
+
 /// Flags of `tandemd`. A port of 0 binds a free port; the bound address is logged.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -21,6 +23,21 @@ pub struct Config {
     /// Port of the app's callback gRPC server (AppCallback). Leave out for an app that only calls out.
     #[arg(long, env = "TANDEM_APP_PORT")]
     pub app_port: Option<u16>,
+
+    /// The protocol the app speaks: http (Dapr's default: invoked at its paths, subscriptions
+    /// from GET /dapr/subscribe, events POSTed as CloudEvents) or grpc (Dapr's AppCallback).
+    #[arg(long, env = "TANDEM_APP_PROTOCOL", value_enum, default_value_t = AppProtocol::Http)]
+    pub app_protocol: AppProtocol,
+
+    /// With --enable-app-health-check: the path an HTTP app's health is probed at (GET, 2xx
+    /// is healthy).
+    #[arg(long, env = "TANDEM_APP_HEALTH_CHECK_PATH", default_value = "/healthz")]
+    pub app_health_check_path: String,
+
+    /// Probe an HTTP app's health at --app-health-check-path (without it, an HTTP app that
+    /// accepts connections is healthy; a gRPC app's AppCallbackHealthCheck is always probed).
+    #[arg(long, env = "TANDEM_ENABLE_APP_HEALTH_CHECK", default_value_t = false)]
+    pub enable_app_health_check: bool,
 
     /// Host of the app's callback server.
     #[arg(long, env = "TANDEM_APP_HOST", default_value = "127.0.0.1")]

@@ -20,7 +20,7 @@ use crate::api::pubsub::PubSubApi;
 use crate::api::state::StateApi;
 use crate::api::universal::{RUNTIME_VERSION, SidecarInfo};
 use crate::api::{DaprApi, Universal};
-use crate::app_channel::AppChannel;
+use crate::app_channel::{AppChannel, AppProtocol, GrpcApp, HttpApp};
 use crate::config::Config;
 use crate::discovery::{self, Backoff, InstanceRecord, Registrar, RoutingTable, RoutingWatcher};
 use crate::group::peer::GroupPeerService;
@@ -81,6 +81,10 @@ pub async fn run(
         Some(dir) => components::load_dir(dir).map_err(StartError::Components)?,
         None => Vec::new(),
     };
+    let declared = match &config.resources_path {
+        Some(dir) => crate::pubsub::declared::load_dir(dir, &config.app_id).map_err(StartError::Components)?,
+        None => Vec::new(),
+    };
     let store_context = StoreContext {
         app_id: &config.app_id,
         namespace: &config.namespace,
@@ -135,7 +139,14 @@ pub async fn run(
         Arc::new(PubSubApi::new(config.app_id.clone(), pubsubs.clone(), config.max_body_size, streams.clone()));
     let peers = PeerChannels::default();
     let app = match config.app_port {
-        Some(port) => Some(AppChannel::new(&config.app_host, port).map_err(StartError::Config)?),
+        Some(port) => Some(match config.app_protocol {
+            AppProtocol::Grpc => AppChannel::Grpc(GrpcApp::new(&config.app_host, port).map_err(StartError::Config)?),
+            AppProtocol::Http => AppChannel::Http(Box::new(HttpApp::new(
+                &config.app_host,
+                port,
+                config.enable_app_health_check.then(|| config.app_health_check_path.clone()),
+            ))),
+        }),
         None => None,
     };
     let info = SidecarInfo {
@@ -145,6 +156,7 @@ pub async fn run(
         internal_address: internal_address.clone(),
         app_host: config.app_host.clone(),
         app_port: config.app_port,
+        app_protocol: config.app_protocol.as_str(),
     };
     let groups = Arc::new(Groups::new(
         config.namespace.clone(),
@@ -265,6 +277,7 @@ pub async fn run(
             pubsubs: pubsubs.clone(),
             streams,
             groups,
+            declared,
         }
         .run(registration_stop.clone(), background_stop.clone()),
     );
@@ -300,6 +313,8 @@ struct Discovery {
     pubsubs: PubSubs,
     streams: Arc<StreamSubscriptions>,
     groups: Arc<Groups>,
+    /// The `Subscription` files of `--resources-path` that apply to this app.
+    declared: Vec<tandem_proto::runtime::TopicSubscription>,
 }
 
 impl Discovery {
@@ -307,7 +322,7 @@ impl Discovery {
     /// routing table, this instance's registration and the app's subscriptions until stopped.
     /// Returns once the lease is revoked.
     async fn run(self, registration_stop: CancellationToken, background_stop: CancellationToken) {
-        let Discovery { config, record, routing, readiness, app, pubsubs, streams, groups } = self;
+        let Discovery { config, record, routing, readiness, app, pubsubs, streams, groups, declared } = self;
         let mut backoff = Backoff::new();
         let client = loop {
             let attempt = tokio::select! {
@@ -336,6 +351,7 @@ impl Discovery {
                 pubsubs,
                 readiness: readiness.clone(),
                 streams: streams.clone(),
+                declared,
             };
             tokio::spawn(subscriptions.run(background_stop));
         }

@@ -19,6 +19,7 @@ pub struct Sidecar {
     app_id: String,
     etcd_endpoints: Option<String>,
     app_port: Option<u16>,
+    app_protocol: &'static str,
     lease_ttl: u32,
     args: Vec<String>,
     env: Vec<(String, String)>,
@@ -31,6 +32,7 @@ impl Sidecar {
             app_id: app_id.into(),
             etcd_endpoints: None,
             app_port: None,
+            app_protocol: "grpc",
             lease_ttl: 2,
             args: Vec::new(),
             env: Vec::new(),
@@ -51,6 +53,13 @@ impl Sidecar {
 
     pub fn app_port(mut self, port: u16) -> Self {
         self.app_port = Some(port);
+        self
+    }
+
+    /// The app's protocol: `grpc` (the default here, for the test apps of [`crate::TestApp`])
+    /// or `http` (Dapr's default).
+    pub fn app_protocol(mut self, protocol: &'static str) -> Self {
+        self.app_protocol = protocol;
         self
     }
 
@@ -113,7 +122,7 @@ impl Sidecar {
             command.args(["--etcd-endpoints", endpoints]);
         }
         if let Some(port) = self.app_port {
-            command.args(["--app-port", &port.to_string()]);
+            command.args(["--app-port", &port.to_string(), "--app-protocol", self.app_protocol]);
         }
         command.args(&self.args);
         let mut child = command.spawn().expect("starting tandemd");

@@ -116,6 +116,8 @@ impl Launcher {
             "0",
             "--http-port",
             "0",
+            "--app-protocol",
+            "grpc",
             "--internal-port",
             "0",
             "--admin-port",

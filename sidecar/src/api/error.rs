@@ -217,6 +217,26 @@ pub fn http_status_of(code: Code) -> StatusCode {
     }
 }
 
+/// The gRPC code for an HTTP app's error status, for gRPC callers (Dapr's `CodeFromHTTPStatus`).
+pub fn code_of_http(status: u16) -> Code {
+    match status {
+        200..=399 => Code::Ok,
+        400 => Code::InvalidArgument,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::NotFound,
+        408 | 499 => Code::Cancelled,
+        409 => Code::Aborted,
+        412 => Code::FailedPrecondition,
+        416 => Code::OutOfRange,
+        429 => Code::ResourceExhausted,
+        501 => Code::Unimplemented,
+        503 => Code::Unavailable,
+        504 => Code::DeadlineExceeded,
+        _ => Code::Unknown,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,6 +49,14 @@ impl DaprApi {
             .map_err(Status::from);
         self.universal.metrics.invocation(&target, &reply);
         let reply = reply?;
+        // An HTTP app's error status becomes the gRPC error Dapr gives it, its body the message.
+        if let Some(status) = reply.http_status
+            && !(200..400).contains(&status)
+        {
+            let body = reply.message.data.map(|any| any.value).unwrap_or_default();
+            let message = format!("the app answered HTTP {status}: {}", String::from_utf8_lossy(&body));
+            return Err(Status::new(crate::api::error::code_of_http(status), message));
+        }
         let mut response = Response::new(reply.message);
         headers::apply(&reply.metadata, response.metadata_mut());
         Ok(response)

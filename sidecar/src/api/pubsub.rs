@@ -24,6 +24,7 @@ use tonic::Streaming;
 
 use super::error::ApiError;
 use crate::pubsub::{PubSub, PubSubs, raw};
+use tandem_proto::prost_types;
 
 /// The CloudEvent `type` of events published through the API (Dapr's).
 pub const EVENT_TYPE: &str = "com.dapr.event.sent";
@@ -240,6 +241,14 @@ impl PubSubApi {
         // The publish call's span is the parent of every delivery of the event (as Dapr does).
         let mut extensions = None;
         crate::telemetry::context::inject_extensions(&crate::telemetry::current(), &mut extensions);
+        // Every attribute Dapr's envelope has: the trace ones empty without a span (as in Dapr),
+        // and the publish time.
+        let fields = &mut extensions.get_or_insert_with(Default::default).fields;
+        let text = |s: String| prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(s)) };
+        for key in ["traceid", "traceparent", "tracestate"] {
+            fields.entry(key.to_string()).or_insert_with(|| text(String::new()));
+        }
+        fields.insert("time".into(), text(super::state::rfc3339(std::time::SystemTime::now())));
         TopicEventRequest {
             id: uuid::Uuid::new_v4().to_string(),
             source: self.app_id.clone(),

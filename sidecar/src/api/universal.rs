@@ -25,6 +25,8 @@ pub struct SidecarInfo {
     pub internal_address: String,
     pub app_host: String,
     pub app_port: Option<u16>,
+    /// `http` or `grpc`.
+    pub app_protocol: &'static str,
 }
 
 /// The app-facing API's building blocks, shared by both front ends.
@@ -69,7 +71,7 @@ impl Universal {
             registered_components: [self.state.registered_components(), self.pubsub.registered_components()].concat(),
             app_connection_properties: Some(AppConnectionProperties {
                 port: info.app_port.map(i32::from).unwrap_or(0),
-                protocol: "grpc".into(),
+                protocol: info.app_protocol.into(),
                 channel_address: info.app_host.clone(),
                 ..Default::default()
             }),

@@ -32,7 +32,8 @@ const HOP_HEADERS: &[&str] = &[
     crate::telemetry::context::TRACESTATE,
 ];
 
-fn travels(key: &str) -> bool {
+/// Whether a header named `key` travels from one app to another (the rule of this module).
+pub fn travels(key: &str) -> bool {
     !(key.starts_with(':') || key.starts_with("tandem-") || HOP_HEADERS.contains(&key))
 }
 

@@ -96,13 +96,13 @@ impl MeshInbound {
         crate::telemetry::inject_current(app_request.metadata_mut());
 
         let describe = || (self.app_id.clone(), method.clone());
-        let result =
-            within_deadline(deadline, describe, Box::pin(app.callback_client().on_invoke(app_request))).await?;
+        let result = within_deadline(deadline, describe, Box::pin(app.invoke(app_request))).await?;
         match result {
-            Ok(response) => {
-                let metadata = headers::outgoing(response.metadata());
-                Ok(InternalInvokeResponse { message: Some(response.into_inner()), metadata })
-            }
+            Ok(answer) => Ok(InternalInvokeResponse {
+                message: Some(answer.message),
+                metadata: answer.metadata,
+                http_status: answer.http_status.map_or(0, u32::from),
+            }),
             Err(status) => Err(self.app_failure(app, status)),
         }
     }
@@ -196,10 +196,9 @@ impl MeshInbound {
         // The hop's parent in the metadata; the event's extensions keep the publisher's.
         crate::telemetry::inject_current(app_request.metadata_mut());
         let describe = || (self.app_id.clone(), format!("OnTopicEvent({topic})"));
-        let result =
-            within_deadline(deadline, describe, Box::pin(app.callback_client().on_topic_event(app_request))).await?;
+        let result = within_deadline(deadline, describe, Box::pin(app.topic_event(app_request))).await?;
         match result {
-            Ok(response) => Ok(response.into_inner()),
+            Ok(response) => Ok(response),
             Err(status) => Err(self.app_failure(app, status)),
         }
     }

@@ -42,6 +42,8 @@ pub struct Invocation {
 pub struct InvocationReply {
     pub message: InvokeResponse,
     pub metadata: HashMap<String, String>,
+    /// The status an HTTP app answered with; `None` for a gRPC app.
+    pub http_status: Option<u16>,
 }
 
 /// Routes invocations over the live instances in the routing table, round robin.
@@ -110,6 +112,7 @@ impl Invoker {
                     return Ok(InvocationReply {
                         message: response.message.unwrap_or_default(),
                         metadata: response.metadata,
+                        http_status: u16::try_from(response.http_status).ok().filter(|s| *s != 0),
                     });
                 }
                 Err(status) if never_sent(&status) || status_says_not_delivered(&status) => {

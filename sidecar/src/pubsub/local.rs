@@ -52,10 +52,10 @@ impl LocalApp {
         request.set_timeout(timeout);
         // The hop's parent in the metadata; the event's extensions keep the publisher's.
         crate::telemetry::inject_current(request.metadata_mut());
-        match tokio::time::timeout(timeout, app.callback_client().on_topic_event(request)).await {
+        match tokio::time::timeout(timeout, app.topic_event(request)).await {
             Err(_) => Err(DeliveryError::Failed(format!("no answer from the app within {timeout:?}"))),
             Ok(Ok(response)) => {
-                let status = response.into_inner().status;
+                let status = response.status;
                 TopicEventResponseStatus::try_from(status)
                     .map_err(|_| DeliveryError::Failed(format!("the app answered an unknown event status {status}")))
             }
@@ -65,7 +65,7 @@ impl LocalApp {
                 status.message()
             ))),
             Ok(Err(status)) => {
-                Err(DeliveryError::Failed(format!("OnTopicEvent: {:?}: {}", status.code(), status.message())))
+                Err(DeliveryError::Failed(format!("delivering to the app: {:?}: {}", status.code(), status.message())))
             }
         }
     }

@@ -32,6 +32,7 @@
 //!   subscriber's own sidecar consumes them through a durable consumer and hands them to its
 //!   app ([`local`]).
 
+pub mod declared;
 pub mod delivery;
 pub mod jetstream;
 pub mod local;

@@ -8,6 +8,9 @@
 //! ([`crate::pubsub::PubSub::set_app_subscriptions`]), for components that consume on the
 //! subscriber's side.
 //!
+//! The list is what the app answers (gRPC `ListTopicSubscriptions`, HTTP `GET /dapr/subscribe`)
+//! and the `Subscription` files of `--resources-path` that apply to the app.
+//!
 //! Routes: a subscription's `routes.default` is recorded with it and reaches the app as each
 //! event's `path`. Routing rules with a `match` expression (CEL in Dapr) are not supported:
 //! each is logged as a warning when the subscription is registered, and its events take
@@ -20,7 +23,6 @@ use std::time::Duration;
 use etcd_client::{Client, GetOptions};
 use tandem_proto::runtime::TopicSubscription;
 use tokio_util::sync::CancellationToken;
-use tonic::Code;
 
 use crate::app_channel::AppChannel;
 use crate::discovery::{Backoff, Subscriber, keys};
@@ -38,6 +40,9 @@ pub struct SubscriptionRegistrar {
     pub readiness: Arc<Readiness>,
     /// The streaming subscriptions open here, whose records stay whatever the app lists.
     pub streams: Arc<StreamSubscriptions>,
+    /// Subscriptions declared in `--resources-path` ([`crate::pubsub::declared`]): they join
+    /// the app's list; the app's own wins for a topic both name.
+    pub declared: Vec<TopicSubscription>,
 }
 
 impl SubscriptionRegistrar {
@@ -79,12 +84,14 @@ impl SubscriptionRegistrar {
     }
 
     async fn register(&mut self) -> Result<usize, String> {
-        let listed = match self.app.callback_client().list_topic_subscriptions(()).await {
-            Ok(response) => response.into_inner().subscriptions,
-            // An app that subscribes to nothing need not serve the method.
-            Err(status) if status.code() == Code::Unimplemented => Vec::new(),
-            Err(status) => return Err(format!("ListTopicSubscriptions: {}", status.message())),
-        };
+        let mut listed = self.app.subscriptions().await?;
+        for declared in &self.declared {
+            if listed.iter().any(|s| s.pubsub_name == declared.pubsub_name && s.topic == declared.topic) {
+                tracing::warn!(pubsub = %declared.pubsub_name, topic = %declared.topic, "the app lists a topic a Subscription file declares too; the app's subscription is kept");
+            } else {
+                listed.push(declared.clone());
+            }
+        }
         // The app takes the events of the topics it lists from now on, whatever etcd says.
         self.streams.set_listed(listed.iter().map(|s| (s.pubsub_name.clone(), s.topic.clone())));
         // This app's subscriptions in etcd, each with whether a stream reads it: read first, so

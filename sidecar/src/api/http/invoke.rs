@@ -7,9 +7,10 @@
 //!
 //! The verb, query string, headers (but the per-hop and identity ones, as for gRPC calls),
 //! content type and body go to the callee as an `InvokeRequest` with its HTTP extension. The
-//! callee's answer comes back as the body with the callee's content type and headers, 200 when
-//! the app answered; an app's gRPC error as the HTTP status Dapr gives its code with
-//! `{"code", "message"}`; a failure of the mesh as 500 `ERR_DIRECT_INVOKE` (Dapr's).
+//! callee's answer comes back as the body with the callee's content type and headers: with an
+//! HTTP app's own status, 200 from a gRPC app that answered; a gRPC app's error as the HTTP
+//! status Dapr gives its code with `{"code", "message"}`; a failure of the mesh as 500
+//! `ERR_DIRECT_INVOKE` (Dapr's).
 
 use axum::body::Body;
 use axum::extract::State;
@@ -143,7 +144,9 @@ async fn invoke(
             } else {
                 String::new()
             };
-            let mut response = (StatusCode::OK, data.value).into_response();
+            // An HTTP app's status passes through; a gRPC app that answered, answered 200.
+            let status = reply.http_status.and_then(|s| StatusCode::from_u16(s).ok()).unwrap_or(StatusCode::OK);
+            let mut response = (status, data.value).into_response();
             headers::apply_http(&reply.metadata, response.headers_mut());
             if let Ok(value) = HeaderValue::from_str(&content_type)
                 && !content_type.is_empty()
