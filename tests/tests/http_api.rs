@@ -48,9 +48,11 @@ async fn health_metadata_and_shutdown_answer_as_in_dapr() {
     let components: Vec<&str> =
         body["components"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
     assert!(components.contains(&"statestore") && components.contains(&"pubsub"), "{body}");
-    // The other front end shows the same.
+    // The other front end shows the same, and sets keys the same way.
     let grpc = sidecar.client().metadata().await.unwrap();
     assert_eq!(grpc.extended_metadata.get("team").map(String::as_str), Some("research"));
+    sidecar.client().set_metadata("region", "north").await.unwrap();
+    assert_eq!(call(&sidecar, "GET", "/v1.0/metadata", &[], b"").await.json()["extended"]["region"], "north");
 
     // Unknown routes and verbs fall to invocation, which needs an app id.
     let unknown = call(&sidecar, "GET", "/v1.0/nothing-here", &[], b"").await;
@@ -327,7 +329,14 @@ async fn invocation_over_http_reaches_the_app_with_verb_query_headers_and_body()
     dapr_error(&other_namespace, 400, "ERR_DIRECT_INVOKE");
     let no_method = call(&caller, "GET", "/v1.0/invoke/orders/nomethod", &[], b"").await;
     dapr_error(&no_method, 404, "ERR_DIRECT_INVOKE");
-    let unhandled = call(&caller, "GET", "/v1.0/invoke/orders/method/..%2F..%2Fadmin", &[], b"").await;
+    let unhandled = call(&caller, "GET", "/v1.0/invoke/orders/method/no-such-method", &[], b"").await;
     assert_eq!(unhandled.status, 501, "the app has no such method: {}", unhandled.text());
-    assert!(unhandled.json()["message"].as_str().unwrap().contains("'..%2F..%2Fadmin'"), "{}", unhandled.text());
+    assert!(unhandled.json()["message"].as_str().unwrap().contains("'no-such-method'"), "{}", unhandled.text());
+    // A method that would reach another path of the app than it names is refused.
+    for traversal in ["/v1.0/invoke/orders/method/..%2F..%2Fadmin", "/v1.0/invoke/orders/method/orders/../../admin"] {
+        let refused = call(&caller, "GET", traversal, &[], b"").await;
+        assert!(dapr_error(&refused, 400, "ERR_DIRECT_INVOKE").contains("'..' path segment"), "{traversal}");
+    }
+    let refused = call(&caller, "GET", "/a/%2e%2e/admin", &[("dapr-app-id", "orders")], b"").await;
+    dapr_error(&refused, 400, "ERR_DIRECT_INVOKE");
 }

@@ -120,11 +120,31 @@ async fn a_flask_app_is_invoked_and_gets_its_events_as_in_dapr() {
     }
     let declared = http("POST", "/v1.0/publish/pubsub/declared".into(), vec![], b"from a file".to_vec()).await;
     assert_eq!(declared.status, 204);
+    // A payload that is a CloudEvent is the event (Dapr fills only what it lacks).
+    let envelope = json!({"id": "given-1", "source": "billing", "type": "order.created", "specversion": "1.0",
+        "datacontenttype": "application/json", "data": {"n": "given"}, "region": "north"});
+    let given = http(
+        "POST",
+        "/v1.0/publish/pubsub/orders".into(),
+        vec![("content-type", "application/cloudevents+json")],
+        envelope.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(given.status, 204, "{}", given.text());
+    let not_json = http(
+        "POST",
+        "/v1.0/publish/pubsub/orders".into(),
+        vec![("content-type", "application/cloudevents+json")],
+        b"not an event".to_vec(),
+    )
+    .await;
+    assert_eq!((not_json.status, not_json.json()["errorCode"].as_str()), (400, Some("ERR_PUBSUB_CLOUD_EVENTS_SER")));
     eventually(Duration::from_secs(30), "the events and their redeliveries", || async {
         count(port, "n", "SUCCESS").await == 1
             && count(port, "n", "RETRY-ONCE").await == 2
             && count(port, "n", "500").await >= 2
             && received(port).await.iter().any(|r| r["route"] == "/declared")
+            && count(port, "n", "given").await == 1
     })
     .await;
     // Dropped events (DROP, 404) are not delivered again; a 500 is, and success ends it.
@@ -147,6 +167,12 @@ async fn a_flask_app_is_invoked_and_gets_its_events_as_in_dapr() {
         assert!(event[attribute].is_string(), "{attribute} in {event}");
     }
     assert!(event["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{event}");
+    let given = &all.iter().find(|r| r["event"]["data"]["n"] == "given").unwrap()["event"];
+    assert_eq!(
+        (given["id"].as_str(), given["source"].as_str(), given["type"].as_str(), given["region"].as_str()),
+        (Some("given-1"), Some("billing"), Some("order.created"), Some("north"))
+    );
+    assert_eq!((given["topic"].as_str(), given["pubsubname"].as_str()), (Some("orders"), Some("pubsub")));
     let from_file = all.iter().find(|r| r["route"] == "/declared").unwrap();
     assert_eq!(from_file["event"]["data"], "from a file");
     assert_eq!(from_file["event"]["datacontenttype"], "text/plain");

@@ -10,7 +10,7 @@ use tandem_proto::prost_types::Any;
 use tandem_proto::runtime::dapr_client::DaprClient;
 use tandem_proto::runtime::{
     BulkPublishRequest, BulkPublishRequestEntry, DeleteStateRequest, GetMetadataRequest, GetMetadataResponse,
-    GetStateRequest, InvokeServiceRequest, PublishEventRequest, SaveStateRequest, ShutdownRequest,
+    GetStateRequest, InvokeServiceRequest, PublishEventRequest, SaveStateRequest, SetMetadataRequest, ShutdownRequest,
 };
 use tandem_transport::GrpcConnection;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
@@ -288,6 +288,13 @@ impl SidecarClient {
     /// The sidecar's own description (app-id, runtime version, connection properties).
     pub async fn metadata(&self) -> Result<GetMetadataResponse, Status> {
         Ok(self.inner.clone().get_metadata(GetMetadataRequest {}).await?.into_inner())
+    }
+
+    /// Sets `key` of the sidecar's extended metadata (shown by [`SidecarClient::metadata`]).
+    pub async fn set_metadata(&self, key: &str, value: &str) -> Result<(), Status> {
+        let request = SetMetadataRequest { key: key.into(), value: value.into() };
+        self.inner.clone().set_metadata(request).await?;
+        Ok(())
     }
 
     /// Asks the sidecar to shut down gracefully.

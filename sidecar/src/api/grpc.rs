@@ -10,8 +10,8 @@ use tandem_proto::runtime::dapr_server::Dapr;
 use tandem_proto::runtime::{
     BulkPublishRequest, BulkPublishResponse, DeleteBulkStateRequest, DeleteStateRequest,
     ExecuteStateTransactionRequest, GetBulkStateRequest, GetBulkStateResponse, GetMetadataRequest, GetMetadataResponse,
-    GetStateRequest, GetStateResponse, InvokeServiceRequest, PublishEventRequest, SaveStateRequest, ShutdownRequest,
-    SubscribeTopicEventsRequestAlpha1,
+    GetStateRequest, GetStateResponse, InvokeServiceRequest, PublishEventRequest, SaveStateRequest, SetMetadataRequest,
+    ShutdownRequest, SubscribeTopicEventsRequestAlpha1,
 };
 use tonic::{Request, Response, Status};
 
@@ -75,6 +75,12 @@ impl Dapr for DaprApi {
             .observe_api("GetMetadata", async { Ok(self.universal.metadata()) })
             .await
             .map(Response::new)
+    }
+
+    async fn set_metadata(&self, request: Request<SetMetadataRequest>) -> Result<Response<()>, Status> {
+        let SetMetadataRequest { key, value } = request.into_inner();
+        self.universal.set_metadata(key, value);
+        self.universal.metrics.observe_api("SetMetadata", async { Ok(()) }).await.map(Response::new)
     }
 
     async fn shutdown(&self, _: Request<ShutdownRequest>) -> Result<Response<()>, Status> {

@@ -226,12 +226,76 @@ impl PubSubApi {
         raw: bool,
     ) -> Result<TopicEventRequest, ApiError> {
         let data = data.into();
+        if !raw && is_cloud_event(&content_type) {
+            return self.given_cloud_event(pubsub_name, topic, &data);
+        }
         if !raw {
             return Ok(self.cloud_event(pubsub_name, topic, data, content_type));
         }
         raw::check_content_type(&content_type)
             .map_err(|e| ApiError::pubsub_metadata(format!("publish to topic '{topic}': {e}")))?;
         Ok(raw::event(uuid::Uuid::new_v4().to_string(), pubsub_name, topic, data, &content_type))
+    }
+
+    /// A payload that is a CloudEvent already (`application/cloudevents+json`) is the event, as in
+    /// Dapr: `topic`, `pubsubname` and the trace attributes are set, `source` (`Dapr`), `type`,
+    /// `specversion` and `time` filled when absent, everything else kept (other attributes
+    /// travel as extensions). Unlike Dapr, an event without an `id` gets one: deliveries are
+    /// settled by id.
+    fn given_cloud_event(&self, pubsub_name: &str, topic: &str, payload: &[u8]) -> Result<TopicEventRequest, ApiError> {
+        let mut envelope = match serde_json::from_slice::<serde_json::Value>(payload) {
+            Ok(serde_json::Value::Object(envelope)) => envelope,
+            Ok(_) => return Err(ApiError::cloud_event("cannot create cloudevent: the payload is not a JSON object")),
+            Err(e) => {
+                return Err(ApiError::cloud_event(format!("cannot create cloudevent: the payload is not JSON: {e}")));
+            }
+        };
+        let mut take = |key: &str| match envelope.remove(key) {
+            Some(serde_json::Value::String(text)) => Some(text),
+            Some(serde_json::Value::Null) | None => None,
+            Some(other) => Some(other.to_string()),
+        };
+        let id = take("id").unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let source = take("source").unwrap_or_else(|| "Dapr".into());
+        let r#type = take("type").unwrap_or_else(|| EVENT_TYPE.into());
+        let spec_version = take("specversion").unwrap_or_else(|| "1.0".into());
+        let declared_type = take("datacontenttype");
+        envelope.remove("topic");
+        envelope.remove("pubsubname");
+        let (data, data_content_type) = match (envelope.remove("data_base64"), envelope.remove("data")) {
+            (Some(serde_json::Value::String(encoded)), _) => {
+                use base64::Engine;
+                let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).map_err(|e| {
+                    ApiError::cloud_event(format!("cannot create cloudevent: data_base64 is not base64: {e}"))
+                })?;
+                (bytes, declared_type.unwrap_or_else(|| "application/octet-stream".into()))
+            }
+            (_, Some(serde_json::Value::String(text))) if !declared_type.as_deref().is_some_and(is_json) => {
+                (text.into_bytes(), declared_type.unwrap_or_else(|| "text/plain".into()))
+            }
+            (_, Some(value)) => (
+                serde_json::to_vec(&value).expect("a JSON value always encodes"),
+                declared_type.unwrap_or_else(|| "application/json".into()),
+            ),
+            (_, None) => (Vec::new(), declared_type.unwrap_or_default()),
+        };
+        let mut event = self.cloud_event(pubsub_name, topic, Bytes::from(data), data_content_type);
+        event.id = id;
+        event.source = source;
+        event.r#type = r#type;
+        event.spec_version = spec_version;
+        let fields = &mut event.extensions.get_or_insert_with(Default::default).fields;
+        let given_time = envelope.remove("time");
+        for (key, value) in envelope {
+            // The trace attributes are this publish's, whatever the payload said.
+            if !matches!(key.as_str(), "traceid" | "traceparent" | "tracestate") {
+                fields.insert(key, json_to_value(value));
+            }
+        }
+        if let Some(time) = given_time {
+            fields.insert("time".into(), json_to_value(time));
+        }
+        Ok(event)
     }
 
     /// A new CloudEvent (with a new id) carrying `data`, sent by this app.
@@ -262,6 +326,35 @@ impl PubSubApi {
             extensions,
         }
     }
+}
+
+/// Whether `content_type` says the payload is a CloudEvent in JSON.
+fn is_cloud_event(content_type: &str) -> bool {
+    content_type.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case("application/cloudevents+json")
+}
+
+/// Whether `content_type` is JSON (`application/json` or `*/*+json`).
+fn is_json(content_type: &str) -> bool {
+    let base = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    base == "application/json" || base.ends_with("+json")
+}
+
+/// A JSON value as a protobuf `Value` (for CloudEvent extensions).
+fn json_to_value(value: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match value {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(items) => {
+            Kind::ListValue(prost_types::ListValue { values: items.into_iter().map(json_to_value).collect() })
+        }
+        serde_json::Value::Object(map) => Kind::StructValue(prost_types::Struct {
+            fields: map.into_iter().map(|(k, v)| (k, json_to_value(v))).collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
 }
 
 /// Without a content type: JSON when the payload parses as JSON, bytes otherwise.

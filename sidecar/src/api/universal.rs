@@ -79,9 +79,12 @@ impl Universal {
         }
     }
 
-    /// SetMetadata: a key the app sets is shown in GetMetadata's extended metadata.
+    /// SetMetadata: a key the app sets is shown in GetMetadata's extended metadata (an empty
+    /// key is ignored, as in Dapr).
     pub fn set_metadata(&self, key: String, value: String) {
-        self.custom_metadata.lock().unwrap_or_else(|p| p.into_inner()).insert(key, value);
+        if !key.is_empty() {
+            self.custom_metadata.lock().unwrap_or_else(|p| p.into_inner()).insert(key, value);
+        }
     }
 
     /// The Shutdown call: the runtime stops being ready, leaves discovery, drains and exits.

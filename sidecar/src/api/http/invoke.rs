@@ -73,6 +73,16 @@ fn split_invoke_path(path: &str) -> Option<(String, String)> {
     (!app_id.is_empty()).then_some((app_id, method.to_string()))
 }
 
+/// Why `method` may not be called: a `.` or `..` segment, also percent-encoded (`%2e%2e`,
+/// `..%2F`), would let a method name reach another path of the app than it names.
+fn traversal(method: &str) -> Option<String> {
+    let decoded = percent_decode_str(method).decode_utf8_lossy();
+    decoded
+        .split(['/', '\\'])
+        .any(|segment| segment == ".." || segment == ".")
+        .then(|| format!("the method '{method}' has a '.' or '..' path segment (percent-encoded or not); refused"))
+}
+
 fn verb(method: &Method) -> Verb {
     match *method {
         Method::GET => Verb::Get,
@@ -114,6 +124,9 @@ async fn invoke(
     };
     if method.is_empty() {
         return Err(ApiError::invoke(&app_id, &MeshError::InvalidArgument("the method is empty".into())));
+    }
+    if let Some(problem) = traversal(&method) {
+        return Err(ApiError::invoke(&app_id, &MeshError::InvalidArgument(problem)));
     }
     let body = read_body(body, api.max_body).await?;
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
@@ -178,5 +191,11 @@ mod tests {
         assert_eq!(split_invoke_path("/v1.0/invoke/orders/items"), None);
         assert_eq!(split_invoke_path("/v1.0/invoke//method/x"), None);
         assert_eq!(verb(&Method::PATCH), Verb::Patch);
+        for bad in ["../admin", "a/../../b", "..%2F..%2Fadmin", "%2e%2e/x", "a/./b", "a%5C..%5Cb"] {
+            assert!(traversal(bad).is_some(), "{bad}");
+        }
+        for good in ["orders/7", "a..b", ".well-known/x", "v1.0/items"] {
+            assert!(traversal(good).is_none(), "{good}");
+        }
     }
 }
