@@ -93,7 +93,7 @@ pub async fn run(
     };
     let stores = registry::build_all(&specs, &store_context).await.map_err(StartError::Components)?;
     let metrics = Arc::new(Metrics::new());
-    let state = Arc::new(StateApi::new(stores, config.max_body_size, metrics.clone()));
+    let state = Arc::new(StateApi::new(config.app_id.clone(), stores, config.max_body_size, metrics.clone()));
 
     let grpc_listener = bind("gRPC API", config.grpc_addr()).await?;
     let http_listener = bind("HTTP API", config.http_addr()).await?;

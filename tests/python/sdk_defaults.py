@@ -8,7 +8,7 @@ goes over the HTTP API (the SDK's default); state, publish and metadata go over 
 import json
 
 from dapr.clients import DaprClient
-from dapr.clients.exceptions import DaprInternalError
+from dapr.clients.exceptions import DaprGrpcError, DaprInternalError
 
 seen = {}
 with DaprClient() as d:
@@ -37,6 +37,18 @@ with DaprClient() as d:
     d.save_state('statestore', 'py-key', 'py-value')
     state = d.get_state('statestore', 'py-key')
     seen['state'] = {'data': state.data.decode(), 'etag': state.etag}
+    # A store that does not exist: the SDK reads the reason from the status's ErrorInfo.
+    try:
+        d.get_state('no-such-store', 'py-key')
+        seen['state_error'] = None
+    except DaprGrpcError as error:
+        details = error.status_details()
+        seen['state_error'] = {
+            'code': error.code().name,
+            'error_code': error.error_code(),
+            'domain': (details.error_info or {}).get('domain'),
+            'resource': (details.resource_info or {}).get('resource_name'),
+        }
     d.publish_event('pubsub', 'orders', json.dumps({'from': 'python'}), data_content_type='application/json')
     metadata = d.get_metadata()
     seen['metadata'] = {

@@ -70,6 +70,11 @@ async fn the_python_sdk_with_its_defaults_invokes_saves_publishes_and_reads_meta
     assert_eq!(seen["unknown_app"], "ERR_DIRECT_INVOKE");
     assert_eq!(seen["state"]["data"], "py-value");
     assert!(seen["state"]["etag"].as_str().is_some_and(|etag| !etag.is_empty()), "{seen}");
+    assert_eq!(
+        seen["state_error"],
+        json!({"code": "INVALID_ARGUMENT", "error_code": "DAPR_STATE_NOT_FOUND", "domain": "dapr.io", "resource": "no-such-store"}),
+        "the SDK reads Dapr's rich error details"
+    );
     assert_eq!(seen["metadata"]["id"], "py-client");
     let components = seen["metadata"]["components"].as_array().unwrap();
     assert!(components.contains(&json!("statestore")) && components.contains(&json!("pubsub")), "{seen}");

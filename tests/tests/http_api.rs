@@ -164,6 +164,20 @@ async fn state_routes_save_read_and_guard_values_as_dapr_does() {
     // Bad input: a clear status and code, nothing stored.
     let unknown = call(&sidecar, "GET", "/v1.0/state/nope/k", &[], b"").await;
     assert!(dapr_error(&unknown, 400, "ERR_STATE_STORE_NOT_FOUND").starts_with("state store nope is not found"));
+    let details = &unknown.json()["details"][0];
+    assert_eq!(
+        (details["reason"].as_str(), details["domain"].as_str()),
+        (Some("DAPR_STATE_NOT_FOUND"), Some("dapr.io"))
+    );
+    assert_eq!(details["metadata"]["appID"], "stateful");
+    // The gRPC API sends the same as Google's richer error model.
+    use tonic_types::StatusExt;
+    let err = sidecar.client().get_state("nope", "k").await.unwrap_err();
+    let info = err.get_details_error_info().expect("an ErrorInfo detail");
+    assert_eq!((info.reason.as_str(), info.domain.as_str()), ("DAPR_STATE_NOT_FOUND", "dapr.io"));
+    let err = sidecar.client().save_state("statestore", "a||b", b"v".to_vec()).await.unwrap_err();
+    assert_eq!(err.get_details_bad_request().expect("a BadRequest detail").field_violations[0].field, "a||b");
+    assert_eq!(err.get_details_resource_info().expect("a ResourceInfo detail").resource_name, "statestore");
     dapr_error(&save(json!({"key": "not-an-array"})).await, 400, "ERR_MALFORMED_REQUEST");
     let broken = call(&sidecar, "POST", "/v1.0/state/statestore", &[], b"[{\"key\": ").await;
     dapr_error(&broken, 400, "ERR_MALFORMED_REQUEST");

@@ -1,11 +1,20 @@
 //! The app-facing API's one error type and its two mappings: [`ApiError`] becomes a gRPC status
-//! (code and message) for the gRPC front end, and an HTTP status with Dapr's JSON error body
-//! (`{"errorCode": "ERR_...", "message": "..."}`) for the HTTP front end. Every building block
-//! reports its failures as an `ApiError`, built by the constructors here with Dapr's codes, so
-//! the two front ends cannot disagree.
+//! (code, message, and Dapr's rich details in `grpc-status-details-bin`) for the gRPC front end,
+//! and an HTTP status with Dapr's JSON error body (`{"errorCode": "ERR_...", "message": "...",
+//! "details": [...]}`) for the HTTP front end. Every building block reports its failures as an
+//! `ApiError`, built by the constructors here with Dapr's codes, reasons and details, so the two
+//! front ends cannot disagree.
+//!
+//! Details are Google's richer error model as Dapr sends it: an `ErrorInfo` (domain `dapr.io`,
+//! a reason such as `DAPR_STATE_NOT_FOUND`, metadata), a `ResourceInfo` naming the component,
+//! a `BadRequest` naming the field.
+
+use std::collections::{BTreeMap, HashMap};
 
 use axum::http::StatusCode;
+use serde_json::{Value, json};
 use tonic::{Code, Status};
+use tonic_types::{BadRequest, ErrorDetail, ErrorInfo, ResourceInfo, StatusExt};
 
 use crate::error::MeshError;
 use crate::pubsub::PubSubError;
@@ -22,7 +31,23 @@ pub struct ApiError {
     /// Dapr's error code (`ERR_STATE_STORE_NOT_FOUND`, ...), the HTTP body's `errorCode`.
     pub error_code: &'static str,
     pub message: String,
+    /// Dapr's rich error details, where Dapr sends them.
+    pub details: Vec<Detail>,
 }
+
+/// One detail of Google's richer error model, as Dapr fills it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Detail {
+    /// `google.rpc.ErrorInfo` with domain `dapr.io`.
+    Info { reason: &'static str, metadata: BTreeMap<String, String> },
+    /// `google.rpc.ResourceInfo`: the component (`state`, `pubsub`) and its name.
+    Resource { kind: &'static str, name: String, description: String },
+    /// `google.rpc.BadRequest` with one field violation.
+    BadField { field: String, description: String },
+}
+
+/// The domain of Dapr's `ErrorInfo` details.
+pub const DAPR_DOMAIN: &str = "dapr.io";
 
 /// What a state operation was doing when its store failed, for Dapr's error code and message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,7 +60,32 @@ pub enum StateWork<'a> {
 
 impl ApiError {
     pub fn new(code: Code, http: StatusCode, error_code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { code, http, error_code, message: message.into() }
+        ApiError { code, http, error_code, message: message.into(), details: Vec::new() }
+    }
+
+    /// Adds Dapr's `ErrorInfo` with `reason` and `metadata`.
+    pub fn with_info<'a>(
+        mut self,
+        reason: &'static str,
+        metadata: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Self {
+        let metadata = metadata.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.details.push(Detail::Info { reason, metadata });
+        self
+    }
+
+    /// Adds a `ResourceInfo` naming the component.
+    pub fn with_resource(mut self, kind: &'static str, name: &str) -> Self {
+        let description = self.message.clone();
+        self.details.push(Detail::Resource { kind, name: name.to_string(), description });
+        self
+    }
+
+    /// Adds a `BadRequest` naming the field that was wrong.
+    pub fn with_bad_field(mut self, field: &str) -> Self {
+        let description = self.message.clone();
+        self.details.push(Detail::BadField { field: field.to_string(), description });
+        self
     }
 
     /// A request that cannot be understood (400 `ERR_MALFORMED_REQUEST`, INVALID_ARGUMENT).
@@ -44,28 +94,34 @@ impl ApiError {
     }
 
     /// `store` is not one of this sidecar's state stores.
-    pub fn state_store_not_found(store: &str, known: &str) -> Self {
+    pub fn state_store_not_found(app_id: &str, store: &str, known: &str) -> Self {
         Self::new(
             Code::InvalidArgument,
             StatusCode::BAD_REQUEST,
             "ERR_STATE_STORE_NOT_FOUND",
             format!("state store {store} is not found (stores here: {known})"),
         )
+        .with_info("DAPR_STATE_NOT_FOUND", [("appID", app_id)])
+        .with_resource("state", store)
     }
 
     /// The sidecar has no state store at all.
-    pub fn state_stores_not_configured(store: &str) -> Self {
+    pub fn state_stores_not_configured(app_id: &str, store: &str) -> Self {
         Self::new(
             Code::FailedPrecondition,
             StatusCode::INTERNAL_SERVER_ERROR,
             "ERR_STATE_STORE_NOT_CONFIGURED",
             format!("state store {store} is not configured"),
         )
+        .with_info("DAPR_STATE_NOT_CONFIGURED", [("appID", app_id)])
     }
 
     /// A state key that cannot be stored (empty, or with `||`, the prefix separator).
-    pub fn invalid_state_key(message: impl Into<String>) -> Self {
+    pub fn invalid_state_key(store: &str, key: &str, message: impl Into<String>) -> Self {
         Self::malformed(message)
+            .with_info("DAPR_STATE_ILLEGAL_KEY", [])
+            .with_resource("state", store)
+            .with_bad_field(key)
     }
 
     /// An unsupported operation type in a transaction.
@@ -124,10 +180,13 @@ impl ApiError {
             "ERR_PUBSUB_NOT_FOUND",
             format!("pubsub {pubsub} is not found (pub/subs here: {known})"),
         )
+        .with_info("DAPR_PUBSUB_NOT_FOUND", [])
     }
 
     pub fn pubsub_name_empty() -> Self {
         Self::new(Code::InvalidArgument, StatusCode::NOT_FOUND, "ERR_PUBSUB_EMPTY", "pubsub name is empty")
+            .with_info("DAPR_PUBSUB_NAME_EMPTY", [])
+            .with_resource("pubsub", "")
     }
 
     pub fn topic_empty(pubsub: &str) -> Self {
@@ -137,21 +196,31 @@ impl ApiError {
             "ERR_TOPIC_NAME_EMPTY",
             format!("topic is empty in pubsub {pubsub}"),
         )
+        .with_info("DAPR_PUBSUB_TOPIC_NAME_EMPTY", [])
+        .with_resource("pubsub", pubsub)
     }
 
     /// Bad publish metadata (`rawPayload` that is not a boolean, ...).
-    pub fn pubsub_metadata(message: impl Into<String>) -> Self {
+    pub fn pubsub_metadata(pubsub: &str, message: impl Into<String>) -> Self {
         Self::new(Code::InvalidArgument, StatusCode::BAD_REQUEST, "ERR_PUBSUB_REQUEST_METADATA", message)
+            .with_info("DAPR_PUBSUB_METADATA_DESERIALIZATION", [])
+            .with_resource("pubsub", pubsub)
     }
 
     /// A bulk publish whose entries cannot be read.
-    pub fn pubsub_events(message: impl Into<String>) -> Self {
+    pub fn pubsub_events(pubsub: &str, message: impl Into<String>) -> Self {
         Self::new(Code::InvalidArgument, StatusCode::BAD_REQUEST, "ERR_PUBSUB_EVENTS_SER", message)
+            .with_info("DAPR_PUBSUB_UNMARSHAL_EVENTS", [])
+            .with_resource("pubsub", pubsub)
     }
 
     /// A published `application/cloudevents+json` payload that is not a JSON object.
-    pub fn cloud_event(message: impl Into<String>) -> Self {
+    pub fn cloud_event(app_id: &str, pubsub: &str, message: impl Into<String>) -> Self {
+        let message = message.into();
+        let error = message.clone();
         Self::new(Code::InvalidArgument, StatusCode::BAD_REQUEST, "ERR_PUBSUB_CLOUD_EVENTS_SER", message)
+            .with_info("DAPR_PUBSUB_CLOUD_EVENT_CREATION", [("appID", app_id), ("error", error.as_str())])
+            .with_resource("pubsub", pubsub)
     }
 
     /// Publishing failed in the component.
@@ -165,12 +234,15 @@ impl ApiError {
             }
             PubSubError::Storage(_) => (Code::Internal, StatusCode::INTERNAL_SERVER_ERROR),
         };
+        let cause = error.to_string();
         Self::new(
             code,
             http,
             "ERR_PUBSUB_PUBLISH_MESSAGE",
             format!("error when publishing to topic {topic} in pubsub {pubsub}: {error}"),
         )
+        .with_info("DAPR_PUBSUB_PUBLISH_MESSAGE", [("topic", topic), ("error", cause.as_str())])
+        .with_resource("pubsub", pubsub)
     }
 
     /// An invocation that failed in the mesh (not the app's own answer): 500
@@ -186,15 +258,70 @@ impl ApiError {
         Self::new(code, http, "ERR_DIRECT_INVOKE", format!("failed to invoke, id: {app_id}, err: {error}"))
     }
 
-    /// The JSON body of the HTTP answer.
+    /// The JSON body of the HTTP answer (the details as Dapr writes them: protojson with `@type`).
     pub fn http_body(&self) -> String {
-        serde_json::json!({ "errorCode": self.error_code, "message": self.message }).to_string()
+        let mut body = json!({ "errorCode": self.error_code, "message": self.message });
+        if !self.details.is_empty() {
+            body["details"] = Value::Array(self.details.iter().map(Detail::to_json).collect());
+        }
+        body.to_string()
+    }
+}
+
+impl Detail {
+    fn to_json(&self) -> Value {
+        match self {
+            Detail::Info { reason, metadata } => {
+                let mut info = json!({
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "domain": DAPR_DOMAIN,
+                    "reason": reason,
+                });
+                // protojson leaves an empty map out.
+                if !metadata.is_empty() {
+                    info["metadata"] = json!(metadata);
+                }
+                info
+            }
+            Detail::Resource { kind, name, description } => json!({
+                "@type": "type.googleapis.com/google.rpc.ResourceInfo",
+                "description": description,
+                "owner": "",
+                "resource_name": name,
+                "resource_type": kind,
+            }),
+            Detail::BadField { field, description } => json!({
+                "@type": "type.googleapis.com/google.rpc.BadRequest",
+                "field_violations": [{"field": field, "description": description}],
+            }),
+        }
+    }
+
+    fn to_grpc(&self) -> ErrorDetail {
+        match self {
+            Detail::Info { reason, metadata } => ErrorInfo::new(
+                *reason,
+                DAPR_DOMAIN,
+                metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<HashMap<_, _>>(),
+            )
+            .into(),
+            Detail::Resource { kind, name, description } => {
+                ResourceInfo::new(*kind, name.clone(), "", description.clone()).into()
+            }
+            Detail::BadField { field, description } => {
+                BadRequest::with_violation(field.clone(), description.clone()).into()
+            }
+        }
     }
 }
 
 impl From<ApiError> for Status {
     fn from(error: ApiError) -> Status {
-        Status::new(error.code, error.message)
+        if error.details.is_empty() {
+            return Status::new(error.code, error.message);
+        }
+        let details: Vec<ErrorDetail> = error.details.iter().map(Detail::to_grpc).collect();
+        Status::with_error_details_vec(error.code, error.message, details)
     }
 }
 
@@ -260,14 +387,33 @@ mod tests {
     }
 
     #[test]
-    fn both_front_ends_see_the_same_error() {
-        let error = ApiError::state_store_not_found("nope", "'statestore'");
+    fn both_front_ends_see_the_same_error_and_details() {
+        let error = ApiError::state_store_not_found("shop", "nope", "'statestore'");
+        let body: Value = serde_json::from_str(&error.http_body()).unwrap();
+        assert_eq!(body["errorCode"], "ERR_STATE_STORE_NOT_FOUND");
+        assert_eq!(body["message"], "state store nope is not found (stores here: 'statestore')");
         assert_eq!(
-            error.http_body(),
-            r#"{"errorCode":"ERR_STATE_STORE_NOT_FOUND","message":"state store nope is not found (stores here: 'statestore')"}"#
+            body["details"],
+            json!([
+                {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "domain": "dapr.io", "metadata": {"appID": "shop"}, "reason": "DAPR_STATE_NOT_FOUND"},
+                {"@type": "type.googleapis.com/google.rpc.ResourceInfo", "resource_type": "state", "resource_name": "nope", "owner": "",
+                 "description": "state store nope is not found (stores here: 'statestore')"},
+            ])
         );
         let status = Status::from(error);
         assert_eq!(status.code(), Code::InvalidArgument);
         assert_eq!(status.message(), "state store nope is not found (stores here: 'statestore')");
+        let info = status.get_details_error_info().expect("an ErrorInfo");
+        assert_eq!((info.reason.as_str(), info.domain.as_str()), ("DAPR_STATE_NOT_FOUND", "dapr.io"));
+        assert_eq!(info.metadata.get("appID").map(String::as_str), Some("shop"));
+        assert_eq!(status.get_details_resource_info().expect("a ResourceInfo").resource_name, "nope");
+
+        let key = Status::from(ApiError::invalid_state_key(
+            "statestore",
+            "a||b",
+            "input key/keyPrefix 'a||b' can't contain '||'",
+        ));
+        assert_eq!(key.get_details_resource_info().unwrap().resource_name, "statestore");
+        assert_eq!(key.get_details_bad_request().unwrap().field_violations[0].field, "a||b");
     }
 }

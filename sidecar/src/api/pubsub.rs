@@ -115,7 +115,9 @@ impl PubSubApi {
     pub async fn publish_event(&self, request: PublishEventRequest) -> Result<(), ApiError> {
         let pubsub = self.target(&request.pubsub_name, &request.topic)?;
         let raw = raw::requested(&request.metadata)
-            .map_err(|e| ApiError::pubsub_metadata(format!("publish to topic '{}': {e}", request.topic)))?
+            .map_err(|e| {
+                ApiError::pubsub_metadata(&request.pubsub_name, format!("publish to topic '{}': {e}", request.topic))
+            })?
             .unwrap_or(false);
         self.check_size(&request.topic, request.data.len())
             .map_err(|e| ApiError::too_large("ERR_PUBSUB_PUBLISH_MESSAGE", e))?;
@@ -131,28 +133,39 @@ impl PubSubApi {
     pub async fn bulk_publish_event(&self, request: BulkPublishRequest) -> Result<BulkPublishResponse, ApiError> {
         let pubsub = self.target(&request.pubsub_name, &request.topic)?;
         let raw_all = raw::requested(&request.metadata)
-            .map_err(|e| ApiError::pubsub_metadata(format!("bulk publish to topic '{}': {e}", request.topic)))?
+            .map_err(|e| {
+                ApiError::pubsub_metadata(
+                    &request.pubsub_name,
+                    format!("bulk publish to topic '{}': {e}", request.topic),
+                )
+            })?
             .unwrap_or(false);
         let mut raw_entries = Vec::with_capacity(request.entries.len());
         let mut ids = HashSet::with_capacity(request.entries.len());
         for (index, entry) in request.entries.iter().enumerate() {
             if entry.entry_id.is_empty() {
-                return Err(ApiError::pubsub_events(format!(
-                    "entry {index} of the bulk publish to topic '{}' has an empty entry_id; every entry needs one",
-                    request.topic
-                )));
+                return Err(ApiError::pubsub_events(
+                    &request.pubsub_name,
+                    format!(
+                        "entry {index} of the bulk publish to topic '{}' has an empty entry_id; every entry needs one",
+                        request.topic
+                    ),
+                ));
             }
             if !ids.insert(entry.entry_id.as_str()) {
-                return Err(ApiError::pubsub_events(format!(
-                    "entry_id '{}' appears more than once in the bulk publish to topic '{}'; entry ids must be unique",
-                    entry.entry_id, request.topic
-                )));
+                return Err(ApiError::pubsub_events(
+                    &request.pubsub_name,
+                    format!(
+                        "entry_id '{}' appears more than once in the bulk publish to topic '{}'; entry ids must be unique",
+                        entry.entry_id, request.topic
+                    ),
+                ));
             }
             let raw = raw::requested(&entry.metadata).map_err(|e| {
-                ApiError::pubsub_metadata(format!(
-                    "entry '{}' of the bulk publish to topic '{}': {e}",
-                    entry.entry_id, request.topic
-                ))
+                ApiError::pubsub_metadata(
+                    &request.pubsub_name,
+                    format!("entry '{}' of the bulk publish to topic '{}': {e}", entry.entry_id, request.topic),
+                )
             })?;
             raw_entries.push(raw.unwrap_or(raw_all));
         }
@@ -233,7 +246,7 @@ impl PubSubApi {
             return Ok(self.cloud_event(pubsub_name, topic, data, content_type));
         }
         raw::check_content_type(&content_type)
-            .map_err(|e| ApiError::pubsub_metadata(format!("publish to topic '{topic}': {e}")))?;
+            .map_err(|e| ApiError::pubsub_metadata(pubsub_name, format!("publish to topic '{topic}': {e}")))?;
         Ok(raw::event(uuid::Uuid::new_v4().to_string(), pubsub_name, topic, data, &content_type))
     }
 
@@ -245,9 +258,19 @@ impl PubSubApi {
     fn given_cloud_event(&self, pubsub_name: &str, topic: &str, payload: &[u8]) -> Result<TopicEventRequest, ApiError> {
         let mut envelope = match serde_json::from_slice::<serde_json::Value>(payload) {
             Ok(serde_json::Value::Object(envelope)) => envelope,
-            Ok(_) => return Err(ApiError::cloud_event("cannot create cloudevent: the payload is not a JSON object")),
+            Ok(_) => {
+                return Err(ApiError::cloud_event(
+                    &self.app_id,
+                    pubsub_name,
+                    "cannot create cloudevent: the payload is not a JSON object",
+                ));
+            }
             Err(e) => {
-                return Err(ApiError::cloud_event(format!("cannot create cloudevent: the payload is not JSON: {e}")));
+                return Err(ApiError::cloud_event(
+                    &self.app_id,
+                    pubsub_name,
+                    format!("cannot create cloudevent: the payload is not JSON: {e}"),
+                ));
             }
         };
         let mut take = |key: &str| match envelope.remove(key) {
@@ -266,7 +289,11 @@ impl PubSubApi {
             (Some(serde_json::Value::String(encoded)), _) => {
                 use base64::Engine;
                 let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).map_err(|e| {
-                    ApiError::cloud_event(format!("cannot create cloudevent: data_base64 is not base64: {e}"))
+                    ApiError::cloud_event(
+                        &self.app_id,
+                        pubsub_name,
+                        format!("cannot create cloudevent: data_base64 is not base64: {e}"),
+                    )
                 })?;
                 (bytes, declared_type.unwrap_or_else(|| "application/octet-stream".into()))
             }

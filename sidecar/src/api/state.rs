@@ -27,14 +27,21 @@ pub const TTL_IN_SECONDS: &str = "ttlInSeconds";
 pub const TTL_EXPIRE_TIME: &str = "ttlExpireTime";
 
 pub struct StateApi {
+    /// This sidecar's app-id, named in Dapr's error details.
+    app_id: String,
     stores: BTreeMap<String, NamedStore>,
     max_value_bytes: usize,
     metrics: Arc<Metrics>,
 }
 
 impl StateApi {
-    pub fn new(stores: BTreeMap<String, NamedStore>, max_value_bytes: usize, metrics: Arc<Metrics>) -> Self {
-        StateApi { stores, max_value_bytes, metrics }
+    pub fn new(
+        app_id: String,
+        stores: BTreeMap<String, NamedStore>,
+        max_value_bytes: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        StateApi { app_id, stores, max_value_bytes, metrics }
     }
 
     /// The stores, as GetMetadata lists them.
@@ -52,9 +59,9 @@ impl StateApi {
 
     fn store(&self, name: &str) -> Result<&NamedStore, ApiError> {
         if self.stores.is_empty() {
-            return Err(ApiError::state_stores_not_configured(name));
+            return Err(ApiError::state_stores_not_configured(&self.app_id, name));
         }
-        self.stores.get(name).ok_or_else(|| ApiError::state_store_not_found(name, &self.store_names()))
+        self.stores.get(name).ok_or_else(|| ApiError::state_store_not_found(&self.app_id, name, &self.store_names()))
     }
 
     fn store_names(&self) -> String {
@@ -195,12 +202,18 @@ fn keys_of(operations: &[Operation]) -> String {
 /// The key as the store keeps it; empty keys and keys with `||` (the prefix separator) are refused.
 fn store_key(store: &NamedStore, key: &str) -> Result<String, ApiError> {
     if key.is_empty() {
-        return Err(ApiError::invalid_state_key("\"key\" is a required field: the state key is empty"));
+        return Err(ApiError::invalid_state_key(
+            &store.name,
+            key,
+            "\"key\" is a required field: the state key is empty",
+        ));
     }
     if key.contains("||") {
-        return Err(ApiError::invalid_state_key(format!(
-            "input key/keyPrefix '{key}' can't contain '||' (it separates key prefixes)"
-        )));
+        return Err(ApiError::invalid_state_key(
+            &store.name,
+            key,
+            format!("input key/keyPrefix '{key}' can't contain '||' (it separates key prefixes)"),
+        ));
     }
     Ok(store.key_prefix.apply(key))
 }

@@ -89,15 +89,21 @@ pub async fn bulk(
 ) -> Result<Response, ApiError> {
     let body = read_body(body, api.max_body).await?;
     let entries: Vec<BulkEntry> = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::pubsub_events(format!("error when unmarshaling the request for topic {topic} pubsub {pubsub}: {e}"))
+        ApiError::pubsub_events(
+            &pubsub,
+            format!("error when unmarshaling the request for topic {topic} pubsub {pubsub}: {e}"),
+        )
     })?;
     let mut converted = Vec::with_capacity(entries.len());
     for entry in &entries {
         let event = event_bytes(entry).map_err(|e| {
-            ApiError::pubsub_events(format!(
-                "error when marshalling cloud event envelope for topic {topic} pubsub {pubsub}: entry '{}': {e}",
-                entry.entry_id
-            ))
+            ApiError::pubsub_events(
+                &pubsub,
+                format!(
+                    "error when marshalling cloud event envelope for topic {topic} pubsub {pubsub}: entry '{}': {e}",
+                    entry.entry_id
+                ),
+            )
         })?;
         let content_type = if entry.content_type.is_empty() { "application/json" } else { &entry.content_type };
         converted.push(BulkPublishRequestEntry {
