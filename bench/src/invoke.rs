@@ -1,5 +1,6 @@
 //! The invocation scenario: app B's `echo` called directly over gRPC, and the same call
-//! through two sidecars (caller -> tandemd A -> tandemd B -> app B).
+//! through two sidecars (caller -> tandemd A -> tandemd B -> app B), once through tandemd A's
+//! gRPC API and once through its Dapr HTTP API (`POST /v1.0/invoke/bench-b/method/echo`).
 //!
 //! Everything runs on this machine as real processes, started with the integration-test
 //! harness: etcd, tandemd for B (fronting app B), tandemd for the caller A (no app). App B
@@ -8,6 +9,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use tandem_proto::common::InvokeRequest;
 use tandem_proto::prost_types::Any;
 use tandem_proto::runtime::app_callback_client::AppCallbackClient;
@@ -101,6 +107,16 @@ impl Mesh {
         Route::Mesh(self.caller.client())
     }
 
+    /// The same call through tandemd A's Dapr HTTP API: keep-alive HTTP/1.1 connections, one
+    /// per call in flight (as an HTTP SDK's connection pool does), TCP_NODELAY on.
+    pub fn http_route(&self) -> Route {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        let uri = format!("http://{}/v1.0/invoke/{CALLEE}/method/{METHOD}", self.caller.http_addr());
+        Route::Http { client, uri: uri.parse().expect("a valid URI") }
+    }
+
     /// The sidecars' pids, caller first.
     pub fn sidecar_pids(&self) -> Result<[(&'static str, u32); 2]> {
         let pid =
@@ -134,6 +150,7 @@ impl Mesh {
 pub enum Route {
     Direct(AppCallbackClient<Channel>),
     Mesh(SidecarClient),
+    Http { client: Client<HttpConnector, Full<Bytes>>, uri: hyper::Uri },
 }
 
 impl Call for Route {
@@ -151,10 +168,35 @@ impl Call for Route {
                 response.data.map(|any| any.value.len()).unwrap_or(0)
             }
             Route::Mesh(client) => client.invoke(CALLEE, METHOD, payload).await?.data.len(),
+            Route::Http { client, uri } => http_call(client, uri, payload).await?,
         };
         if returned != payload.len() {
             return Err(Status::data_loss(format!("echo returned {returned} bytes for {} sent", payload.len())));
         }
         Ok(())
     }
+}
+
+/// One POST through the HTTP API; the length of the body that came back.
+async fn http_call(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    uri: &hyper::Uri,
+    payload: &[u8],
+) -> Result<usize, Status> {
+    let request = hyper::Request::post(uri.clone())
+        .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
+        .body(Full::new(Bytes::copy_from_slice(payload)))
+        .map_err(|e| Status::internal(format!("building the request: {e}")))?;
+    let response = client.request(request).await.map_err(|e| Status::unavailable(format!("POST {uri}: {e}")))?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| Status::unavailable(format!("reading the answer to POST {uri}: {e}")))?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(Status::unknown(format!("POST {uri}: {status}: {}", String::from_utf8_lossy(&body))));
+    }
+    Ok(body.len())
 }

@@ -3,8 +3,8 @@
 //! in that file, each benchmark between its own markers.
 //!
 //! - `invoke`: starts a real etcd, an app B serving the callback API, tandemd for B and
-//!   tandemd for a caller A, then calls B's `echo` with a 1 KiB payload two ways, directly
-//!   over gRPC and through both sidecars, and compares sequential latency (p50, p99),
+//!   tandemd for a caller A, then calls B's `echo` with a 1 KiB payload three ways, directly
+//!   over gRPC, through both sidecars from A's gRPC API and from A's Dapr HTTP API, and compares sequential latency (p50, p99),
 //!   throughput with many calls in flight, and tandemd's resident memory idle and at its peak.
 //! - `state`: starts a real etcd and one tandemd with two state stores (`state.sled` and
 //!   `state.etcd`), and times GetState and durable SaveState of 1 KiB in each against
@@ -86,7 +86,7 @@ use crate::report::{INVOKE_SECTION, InvokeReport, PUBSUB_SECTION, STATE_SECTION,
 /// Which benchmarks to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Which {
-    /// Direct gRPC against the same call through two sidecars.
+    /// Direct gRPC against the same call through two sidecars, from the gRPC and the HTTP API.
     Invoke,
     /// GetState and SaveState in a sled and an etcd store against GetMetadata.
     State,
@@ -305,17 +305,18 @@ async fn run_invoke(settings: &Settings) -> Result<String> {
     ];
 
     eprintln!(
-        "measuring direct and mesh in {} rounds: {} sequential calls, then {} in flight for {:?}, per route ...",
+        "measuring direct, mesh and mesh over HTTP in {} rounds: {} sequential calls, then {} in flight for {:?}, per route ...",
         settings.rounds, settings.calls, settings.in_flight, duration
     );
     let direct = mesh.direct_route().await?;
-    let figures: Vec<RouteFigures> = load::measure(&[&direct, &mesh.mesh_route()], settings, &watched)
+    let routes = [&direct, &mesh.mesh_route(), &mesh.http_route()];
+    let figures: Vec<RouteFigures> = load::measure(&routes, settings, &watched)
         .await?
         .into_iter()
-        .zip(["direct", "mesh"])
+        .zip(["direct", "mesh", "mesh over the HTTP API"])
         .map(|(measured, route)| measured.into_figures().with_context(|| format!("the {route} route")))
         .collect::<Result<_>>()?;
-    let [direct, through_mesh]: [_; 2] = figures.try_into().expect("one set of figures per route");
+    let [direct, through_mesh, over_http]: [_; 3] = figures.try_into().expect("one set of figures per route");
     let after_load = mesh.sidecar_memory()?;
     drop(mesh);
 
@@ -329,9 +330,9 @@ async fn run_invoke(settings: &Settings) -> Result<String> {
             after_load,
         })
         .collect();
-    let report = InvokeReport { context, settings: *settings, direct, mesh: through_mesh, memory };
+    let report = InvokeReport { context, settings: *settings, direct, mesh: through_mesh, http: over_http, memory };
     warn_if_busy(
-        [&report.direct, &report.mesh].into_iter().flat_map(|f| [&f.latency_cpu, &f.throughput_cpu]),
+        [&report.direct, &report.mesh, &report.http].into_iter().flat_map(|f| [&f.latency_cpu, &f.throughput_cpu]),
         report.context.cpus,
     );
     Ok(report.to_markdown())

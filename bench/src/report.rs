@@ -34,6 +34,8 @@ pub const PUBSUB_SECTION: Section = Section {
 
 /// Mesh p50 may be at most this many times direct p50.
 pub const MAX_P50_RATIO: f64 = 3.3;
+/// Through the HTTP API, p50 may be at most this many times p50 through the gRPC API.
+pub const MAX_HTTP_P50_RATIO: f64 = 1.3;
 /// Mesh throughput must be at least this fraction of direct throughput.
 pub const MIN_THROUGHPUT_RATIO: f64 = 0.30;
 /// tandemd's resident memory limits, in bytes (MB = 10^6 bytes).
@@ -57,7 +59,10 @@ pub struct InvokeReport {
     pub context: RunContext,
     pub settings: Settings,
     pub direct: RouteFigures,
+    /// Through two sidecars from tandemd A's gRPC API.
     pub mesh: RouteFigures,
+    /// Through two sidecars from tandemd A's Dapr HTTP API.
+    pub http: RouteFigures,
     pub memory: Vec<SidecarMemory>,
 }
 
@@ -82,6 +87,11 @@ impl InvokeReport {
         ratio(self.mesh.throughput.per_second(), self.direct.throughput.per_second())
     }
 
+    /// HTTP API p50 over gRPC API p50, both through two sidecars.
+    pub fn http_p50_ratio(&self) -> Option<f64> {
+        ratio(nanos(self.http.latency.p50), nanos(self.mesh.latency.p50))
+    }
+
     pub fn verdicts(&self) -> Vec<Verdict> {
         let memory = |pick: fn(&SidecarMemory) -> u64| -> String {
             self.memory.iter().map(|m| format!("{} {}", m.app_id, megabytes(pick(m)))).collect::<Vec<_>>().join(", ")
@@ -96,6 +106,11 @@ impl InvokeReport {
                 target: format!("mesh throughput >= {MIN_THROUGHPUT_RATIO:.2}x direct"),
                 measured: precise_times(self.throughput_ratio()),
                 pass: self.throughput_ratio().is_some_and(|r| r >= MIN_THROUGHPUT_RATIO),
+            },
+            Verdict {
+                target: format!("mesh p50, HTTP API <= {MAX_HTTP_P50_RATIO}x gRPC API"),
+                measured: precise_times(self.http_p50_ratio()),
+                pass: self.http_p50_ratio().is_some_and(|r| r <= MAX_HTTP_P50_RATIO),
             },
             Verdict {
                 target: format!("tandemd RSS idle <= {}", megabytes(MAX_IDLE_RSS)),
@@ -113,17 +128,19 @@ impl InvokeReport {
     /// The markdown that goes between the markers.
     pub fn to_markdown(&self) -> String {
         let (c, s) = (&self.context, &self.settings);
-        let (direct, mesh) = (&self.direct, &self.mesh);
+        let (direct, mesh, http) = (&self.direct, &self.mesh, &self.http);
         let mut out = c.measured_line();
         out.push_str(&format!(
             "- Call: app B's `echo` with a {payload} payload. **direct**: the caller calls B's \
              `AppCallback.OnInvoke` over gRPC. **mesh**: the same call through two sidecars \
-             (`SidecarClient::invoke` -> tandemd A -> tandemd B -> app B).\n\
+             (`SidecarClient::invoke` -> tandemd A -> tandemd B -> app B). **mesh, HTTP API**: the same \
+             call through two sidecars from tandemd A's Dapr HTTP API (`POST /v1.0/invoke/bench-b/method/echo`, \
+             keep-alive HTTP/1.1, one connection per call in flight).\n\
              - Processes, all on this machine: etcd, tandemd A and B (runtime threads: {workers}), and one bench \
              process (tokio, {cpus} workers) that is both the caller and app B.\n\
              - Latency: {calls} sequential calls per route after {warmup} warm-up calls. Throughput: \
              {in_flight} calls in flight for {secs} s per route after a {warm_secs} s warm-up, one shared \
-             HTTP/2 connection per hop. Both are split into {rounds} rounds that take the routes in turn, \
+             HTTP/2 connection per hop (but the caller's HTTP/1.1 hop of the HTTP API route). Both are split into {rounds} rounds that take the routes in turn, \
              so load from elsewhere falls on both alike.\n\n",
             cpus = c.cpus,
             workers = c.tandemd_workers,
@@ -136,26 +153,35 @@ impl InvokeReport {
             rounds = s.rounds,
         ));
 
-        out.push_str("| | direct (app -> app) | mesh (app -> tandemd -> tandemd -> app) | mesh / direct |\n");
-        out.push_str("|---|---:|---:|---:|\n");
+        out.push_str(
+            "| | direct (app -> app) | mesh (app -> tandemd -> tandemd -> app) | mesh / direct \
+             | mesh, HTTP API | HTTP API / gRPC API |\n",
+        );
+        out.push_str("|---|---:|---:|---:|---:|---:|\n");
         out.push_str(&format!(
-            "| latency p50 | {} | {} | {} |\n",
+            "| latency p50 | {} | {} | {} | {} | {} |\n",
             latency(direct.latency.p50),
             latency(mesh.latency.p50),
-            times(self.p50_ratio())
+            times(self.p50_ratio()),
+            latency(http.latency.p50),
+            times(self.http_p50_ratio())
         ));
         out.push_str(&format!(
-            "| latency p99 | {} | {} | {} |\n",
+            "| latency p99 | {} | {} | {} | {} | {} |\n",
             latency(direct.latency.p99),
             latency(mesh.latency.p99),
-            times(self.p99_ratio())
+            times(self.p99_ratio()),
+            latency(http.latency.p99),
+            times(ratio(nanos(http.latency.p99), nanos(mesh.latency.p99)))
         ));
         out.push_str(&format!(
-            "| throughput, {} in flight | {} calls/s | {} calls/s | {} |\n\n",
+            "| throughput, {} in flight | {} calls/s | {} calls/s | {} | {} calls/s | {} |\n\n",
             s.in_flight,
             thousands(direct.throughput.per_second().round() as u64),
             thousands(mesh.throughput.per_second().round() as u64),
-            times(self.throughput_ratio())
+            times(self.throughput_ratio()),
+            thousands(http.throughput.per_second().round() as u64),
+            times(ratio(http.throughput.per_second(), mesh.throughput.per_second()))
         ));
 
         out.push_str("| target | measured | result |\n|---|---|---|\n");
@@ -185,23 +211,34 @@ impl InvokeReport {
              resolution), and how many of the machine's cores were busy on average (from /proc/stat): with the \
              processes above, and with everything else (etcd, and whatever else the machine was doing).\n\n",
         );
-        out.push_str("| CPU | direct | mesh |\n|---|---:|---:|\n");
+        out.push_str("| CPU | direct | mesh | mesh, HTTP API |\n|---|---:|---:|---:|\n");
         let per_call = |figures: &RouteFigures, cpu: Duration| per_call(cpu, figures.throughput.calls);
-        for ((label, direct_cpu), (_, mesh_cpu)) in
-            direct.throughput_cpu.processes.iter().zip(&mesh.throughput_cpu.processes)
+        for (((label, direct_cpu), (_, mesh_cpu)), (_, http_cpu)) in direct
+            .throughput_cpu
+            .processes
+            .iter()
+            .zip(&mesh.throughput_cpu.processes)
+            .zip(&http.throughput_cpu.processes)
         {
-            out.push_str(&format!("| {label} | {} | {} |\n", per_call(direct, *direct_cpu), per_call(mesh, *mesh_cpu)));
+            out.push_str(&format!(
+                "| {label} | {} | {} | {} |\n",
+                per_call(direct, *direct_cpu),
+                per_call(mesh, *mesh_cpu),
+                per_call(http, *http_cpu)
+            ));
         }
         out.push_str(&format!(
-            "| **all of the above** | {} | {} |\n",
+            "| **all of the above** | {} | {} | {} |\n",
             per_call(direct, direct.throughput_cpu.watched()),
-            per_call(mesh, mesh.throughput_cpu.watched())
+            per_call(mesh, mesh.throughput_cpu.watched()),
+            per_call(http, http.throughput_cpu.watched())
         ));
-        out.push_str(&throughput_cpu_rows(&direct.throughput_cpu, &mesh.throughput_cpu));
+        out.push_str(&throughput_cpu_rows(&[&direct.throughput_cpu, &mesh.throughput_cpu, &http.throughput_cpu]));
         out.push_str(&format!(
-            "| cores busy with everything else, latency runs | {:.2} | {:.2} |\n",
+            "| cores busy with everything else, latency runs | {:.2} | {:.2} | {:.2} |\n",
             direct.latency_cpu.others_cores(),
-            mesh.latency_cpu.others_cores()
+            mesh.latency_cpu.others_cores(),
+            http.latency_cpu.others_cores()
         ));
         out
     }
@@ -270,14 +307,12 @@ pub fn cores_busy(cpu: &CpuWindow) -> String {
 
 /// The two table rows on how busy the cores were during two throughput runs side by side: with
 /// the watched processes, and with everything else on the machine.
-pub fn throughput_cpu_rows(left: &CpuWindow, right: &CpuWindow) -> String {
+pub fn throughput_cpu_rows(windows: &[&CpuWindow]) -> String {
+    let busy: String = windows.iter().map(|w| format!(" {} |", cores_busy(w))).collect();
+    let others: String = windows.iter().map(|w| format!(" {:.2} |", w.others_cores())).collect();
     format!(
-        "| cores busy with the above, throughput runs | {} | {} |\n\
-         | cores busy with everything else, throughput runs | {:.2} | {:.2} |\n",
-        cores_busy(left),
-        cores_busy(right),
-        left.others_cores(),
-        right.others_cores()
+        "| cores busy with the above, throughput runs |{busy}\n\
+         | cores busy with everything else, throughput runs |{others}\n"
     )
 }
 
@@ -418,7 +453,7 @@ mod tests {
         }
     }
 
-    fn report(mesh_p50_us: u64, mesh_calls_per_second: u64, peak_rss: u64) -> InvokeReport {
+    fn report(mesh_p50_us: u64, mesh_calls_per_second: u64, peak_rss: u64, http_p50_us: u64) -> InvokeReport {
         let memory = Memory { rss: 9_000_000, peak: peak_rss };
         InvokeReport {
             context: RunContext::example("2"),
@@ -433,37 +468,40 @@ mod tests {
             },
             direct: figures(100, 200, 20_000),
             mesh: figures(mesh_p50_us, 900, mesh_calls_per_second),
+            http: figures(http_p50_us, 1_800, mesh_calls_per_second / 2),
             memory: vec![SidecarMemory { app_id: "bench-a".into(), role: "caller", idle: memory, after_load: memory }],
         }
     }
 
     #[test]
     fn verdicts_compare_ratios_and_memory_with_the_targets() {
-        let good = report(300, 7_000, 30_000_000);
+        let good = report(300, 7_000, 30_000_000, 330);
         assert_eq!(good.p50_ratio(), Some(3.0));
         assert!(good.verdicts().iter().all(|v| v.pass), "{:?}", good.verdicts());
 
-        let bad = report(400, 5_000, 60_000_000);
+        let bad = report(400, 5_000, 60_000_000, 600);
         let passes: Vec<bool> = bad.verdicts().iter().map(|v| v.pass).collect();
-        assert_eq!(passes, [false, false, true, false]);
+        assert_eq!(passes, [false, false, false, true, false]);
+        assert_eq!(bad.verdicts()[2].measured, "1.500x");
         assert_eq!(bad.verdicts()[1].measured, "0.250x");
     }
 
     #[test]
     fn the_markdown_holds_the_figures_and_the_verdicts() {
-        let text = report(400, 7_000, 30_000_000).to_markdown();
+        let text = report(400, 7_000, 30_000_000, 480).to_markdown();
         for expected in [
             "on 2 x Test CPU, release build of abc1234; load average 0.10 at the start",
-            "| latency p50 | 100 µs | 400 µs | 4.00x |",
-            "| latency p99 | 200 µs | 900 µs | 4.50x |",
-            "| throughput, 64 in flight | 20,000 calls/s | 7,000 calls/s | 0.35x |",
+            "| latency p50 | 100 µs | 400 µs | 4.00x | 480 µs | 1.20x |",
+            "| latency p99 | 200 µs | 900 µs | 4.50x | 1800 µs | 2.00x |",
+            "| throughput, 64 in flight | 20,000 calls/s | 7,000 calls/s | 0.35x | 3,500 calls/s | 0.50x |",
             "| mesh p50 <= 3.3x direct p50 | 4.000x | **MISS** |",
             "| mesh throughput >= 0.30x direct | 0.350x | PASS |",
+            "| mesh p50, HTTP API <= 1.3x gRPC API | 1.200x | PASS |",
             "| bench-a (caller) | 9.0 MB | 9.0 MB | 30.0 MB |",
-            "| bench | 50.0 µs/call | 142.9 µs/call |",
-            "| cores busy with the above, throughput runs | 1.40 | 1.40 |",
-            "| cores busy with everything else, throughput runs | 0.20 | 0.20 |",
-            "| cores busy with everything else, latency runs | 0.50 | 0.50 |",
+            "| bench | 50.0 µs/call | 142.9 µs/call | 285.7 µs/call |",
+            "| cores busy with the above, throughput runs | 1.40 | 1.40 | 1.40 |",
+            "| cores busy with everything else, throughput runs | 0.20 | 0.20 | 0.20 |",
+            "| cores busy with everything else, latency runs | 0.50 | 0.50 | 0.50 |",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
         }

@@ -183,7 +183,7 @@ impl TracingReport {
             per_call(off.throughput_cpu.watched(), off.throughput.calls),
             per_call(on.throughput_cpu.watched(), on.throughput.calls)
         ));
-        out.push_str(&throughput_cpu_rows(&off.throughput_cpu, &on.throughput_cpu));
+        out.push_str(&throughput_cpu_rows(&[&off.throughput_cpu, &on.throughput_cpu]));
         out
     }
 }
