@@ -62,6 +62,12 @@ pub struct PubSubLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutboxLabels {
+    pub store: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TopicLabels {
     pub pubsub: String,
     pub topic: String,
@@ -99,6 +105,7 @@ pub struct Metrics {
     invocations: Family<InvocationLabels, Counter>,
     state_operations: Family<StateLabels, Counter>,
     pubsub_events: Family<PubSubLabels, Counter>,
+    outbox_events: Family<OutboxLabels, Counter>,
     pubsub_backlog: Family<ComponentLabels, Gauge>,
     pubsub_in_flight: Family<TopicLabels, Gauge>,
     pubsub_delivery_batch: Family<ComponentLabels, Histogram, fn() -> Histogram>,
@@ -126,6 +133,7 @@ impl Metrics {
         let invocations = Family::<InvocationLabels, Counter>::default();
         let state_operations = Family::<StateLabels, Counter>::default();
         let pubsub_events = Family::<PubSubLabels, Counter>::default();
+        let outbox_events = Family::<OutboxLabels, Counter>::default();
         let pubsub_backlog = Family::<ComponentLabels, Gauge>::default();
         let pubsub_in_flight = Family::<TopicLabels, Gauge>::default();
         let pubsub_delivery_batch =
@@ -144,6 +152,11 @@ impl Metrics {
         registry.register("tandem_invocations", "Service invocations by target app", invocations.clone());
         registry.register("tandem_state_operations", "State operations by store", state_operations.clone());
         registry.register("tandem_pubsub_events", "Pub/sub events by topic and outcome", pubsub_events.clone());
+        registry.register(
+            "tandem_outbox_events",
+            "Events of the transactional outbox: recorded with a transaction, published",
+            outbox_events.clone(),
+        );
         registry.register("tandem_pubsub_backlog", "Events waiting in a pub/sub outbox", pubsub_backlog.clone());
         registry.register(
             "tandem_pubsub_in_flight",
@@ -202,6 +215,7 @@ impl Metrics {
             invocations,
             state_operations,
             pubsub_events,
+            outbox_events,
             pubsub_backlog,
             pubsub_in_flight,
             pubsub_delivery_batch,
@@ -252,6 +266,13 @@ impl Metrics {
         let labels =
             PubSubLabels { pubsub: pubsub.to_string(), topic: topic.to_string(), outcome: outcome.to_string() };
         self.pubsub_events.get_or_create(&labels).inc();
+    }
+
+    /// Counts `events` events of a store's transactional outbox as `outcome` (`recorded` with a
+    /// committed transaction, `published`).
+    pub fn outbox_events(&self, store: &str, outcome: &str, events: usize) {
+        let labels = OutboxLabels { store: store.to_string(), outcome: outcome.to_string() };
+        self.outbox_events.get_or_create(&labels).inc_by(events as u64);
     }
 
     /// Counts one delivery of a `topic` event as in flight until the returned guard is dropped.

@@ -1,6 +1,7 @@
 //! Builds a sidecar from its [`Config`], runs it, and shuts it down in order: stop being
 //! ready, revoke the etcd lease (peers stop routing here), drain in-flight calls, exit.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
 use crate::api::group::TrainingGroupApi;
+use crate::api::outbox::Outbox;
 use crate::api::pubsub::PubSubApi;
 use crate::api::state::StateApi;
 use crate::api::universal::{RUNTIME_VERSION, SidecarInfo};
@@ -93,7 +95,6 @@ pub async fn run(
     };
     let stores = registry::build_all(&specs, &store_context).await.map_err(StartError::Components)?;
     let metrics = Arc::new(Metrics::new());
-    let state = Arc::new(StateApi::new(config.app_id.clone(), stores, config.max_body_size, metrics.clone()));
 
     let grpc_listener = bind("gRPC API", config.grpc_addr()).await?;
     let http_listener = bind("HTTP API", config.http_addr()).await?;
@@ -137,6 +138,16 @@ pub async fn run(
     let streams = Arc::new(StreamSubscriptions::default());
     let pubsub_api =
         Arc::new(PubSubApi::new(config.app_id.clone(), pubsubs.clone(), config.max_body_size, streams.clone()));
+    let mut outboxes = BTreeMap::new();
+    let mut relays = Vec::new();
+    for store in stores.values().filter(|store| store.outbox.is_some()) {
+        let (outbox, relay) =
+            Outbox::new(store.clone(), &config.app_id, &instance_id, pubsub_api.clone(), metrics.clone())
+                .map_err(StartError::Components)?;
+        outboxes.insert(store.name.clone(), outbox);
+        relays.push(relay);
+    }
+    let state = Arc::new(StateApi::new(config.app_id.clone(), stores, outboxes, config.max_body_size, metrics.clone()));
     let peers = PeerChannels::default();
     let app = match config.app_port {
         Some(port) => Some(match config.app_protocol {
@@ -266,6 +277,9 @@ pub async fn run(
     };
     for pubsub in pubsubs.values() {
         pubsub.clone().start(targets.clone(), background_stop.clone());
+    }
+    for relay in relays {
+        tokio::spawn(relay.run(background_stop.clone()));
     }
     let discovery = tokio::spawn(
         Discovery {

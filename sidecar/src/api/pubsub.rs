@@ -202,6 +202,38 @@ impl PubSubApi {
         Ok(BulkPublishResponse { failed_entries })
     }
 
+    /// The component `pubsub_name`, for a sender of its own (the transactional outbox).
+    pub fn component(&self, pubsub_name: &str) -> Option<Arc<dyn PubSub>> {
+        self.pubsubs.get(pubsub_name).cloned()
+    }
+
+    /// The CloudEvent the transactional outbox publishes for one upsert of a transaction, as
+    /// Dapr builds it: id `outbox-{uuid}`, this app as the source, `data` with the operation's
+    /// `contentType`, and the operation's other metadata as extension attributes.
+    pub fn outbox_event(
+        &self,
+        pubsub_name: &str,
+        topic: &str,
+        data: Vec<u8>,
+        metadata: &std::collections::HashMap<String, String>,
+    ) -> Result<TopicEventRequest, ApiError> {
+        self.target(pubsub_name, topic)?;
+        self.check_size(topic, data.len()).map_err(|e| ApiError::too_large("ERR_STATE_TRANSACTION", e))?;
+        let content_type = metadata.get("contentType").cloned().unwrap_or_default();
+        let mut event = self.cloud_event(pubsub_name, topic, Bytes::from(data), content_type);
+        event.id = format!("outbox-{}", uuid::Uuid::new_v4());
+        let fields = &mut event.extensions.get_or_insert_with(Default::default).fields;
+        for (key, value) in metadata {
+            if !matches!(key.as_str(), "data" | "id" | "contentType" | super::outbox::PROJECTION) {
+                fields.insert(
+                    key.clone(),
+                    prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(value.clone())) },
+                );
+            }
+        }
+        Ok(event)
+    }
+
     /// The component a publish names, once the pub/sub and topic are known to be valid.
     fn target(&self, pubsub_name: &str, topic: &str) -> Result<&Arc<dyn PubSub>, ApiError> {
         if pubsub_name.is_empty() {

@@ -3,7 +3,8 @@
 //!
 //! Writes of one request (a bulk save, a bulk delete, a transaction) are one atomic batch:
 //! either every ETag check holds and all are written, or the request fails with ABORTED
-//! naming the key and nothing is written.
+//! naming the key and nothing is written. A transaction on a store with an outbox also writes
+//! its events in that batch (see [`super::outbox`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime};
@@ -17,6 +18,7 @@ use tandem_proto::runtime::{
 };
 
 use super::error::{ApiError, StateWork};
+use super::outbox::{self, Outbox};
 use crate::metrics::Metrics;
 use crate::state::registry::NamedStore;
 use crate::state::{Operation, Precondition, StateValue};
@@ -30,6 +32,8 @@ pub struct StateApi {
     /// This sidecar's app-id, named in Dapr's error details.
     app_id: String,
     stores: BTreeMap<String, NamedStore>,
+    /// The transactional outboxes, by store name.
+    outboxes: BTreeMap<String, Arc<Outbox>>,
     max_value_bytes: usize,
     metrics: Arc<Metrics>,
 }
@@ -38,10 +42,11 @@ impl StateApi {
     pub fn new(
         app_id: String,
         stores: BTreeMap<String, NamedStore>,
+        outboxes: BTreeMap<String, Arc<Outbox>>,
         max_value_bytes: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
-        StateApi { app_id, stores, max_value_bytes, metrics }
+        StateApi { app_id, stores, outboxes, max_value_bytes, metrics }
     }
 
     /// The stores, as GetMetadata lists them.
@@ -140,21 +145,53 @@ impl StateApi {
 
     pub async fn execute_state_transaction(&self, request: ExecuteStateTransactionRequest) -> Result<(), ApiError> {
         let store = self.store(&request.store_name)?;
-        let mut operations = Vec::with_capacity(request.operations.len());
+        let outbox = self.outboxes.get(&store.name);
+        let mut operations = Vec::with_capacity(request.operations.len() + 1);
+        // With an outbox: what each upsert publishes, and the projections that replace it.
+        let mut upserts = Vec::new();
+        let mut projections = HashMap::new();
         for (index, operation) in request.operations.into_iter().enumerate() {
             let item = operation
                 .request
                 .ok_or_else(|| ApiError::malformed(format!("transaction operation {index} has no request")))?;
-            operations.push(match operation.operation_type.as_str() {
-                "upsert" => self.set_operation(store, item)?,
-                "delete" => Operation::Delete {
+            match operation.operation_type.as_str() {
+                "upsert" => {
+                    let projection =
+                        outbox.is_some() && item.metadata.get(outbox::PROJECTION).is_some_and(|v| outbox::is_truthy(v));
+                    let published = outbox.is_some().then(|| (item.key.clone(), item.metadata.clone()));
+                    let set = self.set_operation(store, item)?;
+                    match (published, &set) {
+                        (Some((key, metadata)), Operation::Set { value, .. }) if projection => {
+                            projections.insert(key, (value.clone(), metadata));
+                        }
+                        (Some((key, metadata)), Operation::Set { value, .. }) => {
+                            upserts.push((key, value.clone(), metadata));
+                            operations.push(set);
+                        }
+                        _ => operations.push(set),
+                    }
+                }
+                "delete" => operations.push(Operation::Delete {
                     key: store_key(store, &item.key)?,
                     precondition: delete_precondition(item.etag.map(|e| e.value)),
-                },
+                }),
                 other => return Err(ApiError::unsupported_state_operation(&format!("'{other}' (operation {index})"))),
-            });
+            }
         }
-        self.apply(store, operations, StateWork::Transaction).await
+        let Some(outbox) = outbox else {
+            return self.apply(store, operations, StateWork::Transaction).await;
+        };
+        let events = outbox.events(upserts, projections)?;
+        if events.is_empty() {
+            return self.apply(store, operations, StateWork::Transaction).await;
+        }
+        let count = events.len();
+        let (record, committed) = outbox.record(events);
+        operations.push(record);
+        self.apply(store, operations, StateWork::Transaction).await?;
+        self.metrics.outbox_events(&store.name, "recorded", count);
+        outbox.committed(committed);
+        Ok(())
     }
 
     fn set_operation(&self, store: &NamedStore, item: StateItem) -> Result<Operation, ApiError> {

@@ -193,14 +193,32 @@ impl StateStore for EtcdStore {
         let Some(kv) = response.take_kvs().into_iter().next() else {
             return Ok(None);
         };
-        let etag = kv.mod_revision().to_string();
-        let (_, mut record) = kv.into_key_value();
-        let (expires_at, _) = decode(&record).ok_or_else(|| corrupt(key))?;
-        if is_expired(expires_at, SystemTime::now()) {
-            return Ok(None);
+        live_value(key, kv, SystemTime::now())
+    }
+
+    async fn scan(&self, prefix: &str, limit: usize) -> Result<Vec<(String, StateValue)>, StateError> {
+        let options = GetOptions::new().with_prefix().with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
+        let mut response = self
+            .kv
+            .clone()
+            .get(self.etcd_key(prefix), Some(options))
+            .await
+            .map_err(|e| map_error(e, &format!("scanning keys under '{prefix}'")))?;
+        let now = SystemTime::now();
+        let mut found = Vec::new();
+        for kv in response.take_kvs() {
+            let Some(key) = kv.key().strip_prefix(self.prefix.as_bytes()) else { continue };
+            let key = String::from_utf8(key.to_vec()).map_err(|_| corrupt(prefix))?;
+            if let Some(value) = live_value(&key, kv, now)? {
+                found.push((key, value));
+            }
         }
-        record.drain(..HEADER_LEN);
-        Ok(Some(StateValue { value: record, etag, expires_at }))
+        Ok(found)
+    }
+
+    fn exclusive(&self) -> bool {
+        // Every replica of the app, and other apps, may use the same etcd.
+        false
     }
 
     async fn apply(&self, operations: Vec<Operation>) -> Result<(), StateError> {
@@ -429,6 +447,18 @@ fn decode(record: &[u8]) -> Option<(Option<SystemTime>, &[u8])> {
     Some((expires_at, value))
 }
 
+/// The value of `key` in its etcd record, `None` when it has expired.
+fn live_value(key: &str, kv: etcd_client::KeyValue, now: SystemTime) -> Result<Option<StateValue>, StateError> {
+    let etag = kv.mod_revision().to_string();
+    let (_, mut record) = kv.into_key_value();
+    let (expires_at, _) = decode(&record).ok_or_else(|| corrupt(key))?;
+    if is_expired(expires_at, now) {
+        return Ok(None);
+    }
+    record.drain(..HEADER_LEN);
+    Ok(Some(StateValue { value: record, etag, expires_at }))
+}
+
 fn is_expired(expires_at: Option<SystemTime>, now: SystemTime) -> bool {
     expires_at.is_some_and(|at| at <= now)
 }
@@ -634,6 +664,23 @@ mod tests {
         // Deleting a missing key without an ETag succeeds.
         store.apply(vec![delete("app||k", Precondition::None)]).await.expect("delete missing");
         store.apply(vec![]).await.expect("empty batch");
+    }
+
+    #[tokio::test]
+    async fn a_scan_finds_live_keys_under_its_prefix_in_order_up_to_its_limit() {
+        let etcd = TestEtcd::start().await;
+        let store = etcd.store().await;
+        assert!(!store.exclusive());
+        for key in ["p||b", "p||a", "q||a", "p||c"] {
+            store.apply(vec![set(key, key.as_bytes(), Precondition::None)]).await.expect("set");
+        }
+        let found = store.scan("p||", 10).await.expect("scan");
+        let keys: Vec<&str> = found.iter().map(|(key, _)| key.as_str()).collect();
+        assert_eq!(keys, ["p||a", "p||b", "p||c"]);
+        assert_eq!(found[0].1.value, b"p||a");
+        assert_eq!(found[0].1.etag, store.get("p||a").await.unwrap().unwrap().etag);
+        assert_eq!(store.scan("p||", 2).await.expect("scan").len(), 2);
+        assert!(store.scan("none||", 10).await.expect("scan").is_empty());
     }
 
     #[tokio::test]

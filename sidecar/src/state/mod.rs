@@ -101,4 +101,12 @@ pub trait StateStore: Send + Sync + 'static {
     /// precondition holds and all are written, or none is (`EtagMismatch` naming the key).
     /// Several operations on one key apply in order (a set then a delete leaves it absent).
     async fn apply(&self, operations: Vec<Operation>) -> Result<(), StateError>;
+
+    /// Up to `limit` live keys that start with `prefix`, in key order, with their values.
+    async fn scan(&self, prefix: &str, limit: usize) -> Result<Vec<(String, StateValue)>, StateError>;
+
+    /// Whether this sidecar is the only process that opens the store (an embedded store whose
+    /// directory is locked while open), so whatever is in it was written by this sidecar or an
+    /// earlier run of it.
+    fn exclusive(&self) -> bool;
 }

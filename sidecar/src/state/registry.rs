@@ -40,6 +40,10 @@ impl KeyPrefix {
             Some("name") => KeyPrefix::Name(store.to_string()),
             Some("none") => KeyPrefix::None,
             Some(custom) if custom.contains("||") => return Err(format!("keyPrefix '{custom}' may not contain '||'")),
+            // `@` starts the keys tandemd keeps for itself (the outbox's records).
+            Some(custom) if custom.starts_with('@') => {
+                return Err(format!("keyPrefix '{custom}' may not start with '@' (reserved for tandemd's own keys)"));
+            }
             Some(custom) => KeyPrefix::Custom(custom.to_string()),
         })
     }
@@ -61,6 +65,35 @@ pub struct NamedStore {
     pub kind: &'static str,
     pub key_prefix: KeyPrefix,
     pub store: Arc<dyn StateStore>,
+    /// Where its transactions publish their writes (Dapr's transactional outbox), if anywhere.
+    pub outbox: Option<OutboxSettings>,
+}
+
+/// A store's transactional outbox, from Dapr's component metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxSettings {
+    /// `outboxPublishPubsub`: the pub/sub the events go to.
+    pub pubsub: String,
+    /// `outboxPublishTopic`.
+    pub topic: String,
+}
+
+impl OutboxSettings {
+    /// The outbox a state component asks for: both `outboxPublishPubsub` and
+    /// `outboxPublishTopic`, or neither. Dapr's `outboxPubsub` (the pub/sub for its internal
+    /// topic) and `outboxDiscardWhenMissingState` are accepted and have nothing to do here: the
+    /// events wait in the store itself, written with the transaction.
+    pub fn from_metadata(spec: &ComponentSpec) -> Result<Option<OutboxSettings>, String> {
+        let value = |name: &str| spec.metadata(name).map(str::trim).filter(|v| !v.is_empty());
+        match (value("outboxPublishPubsub"), value("outboxPublishTopic")) {
+            (Some(pubsub), Some(topic)) => {
+                Ok(Some(OutboxSettings { pubsub: pubsub.to_string(), topic: topic.to_string() }))
+            }
+            (None, None) => Ok(None),
+            (Some(_), None) => Err("metadata 'outboxPublishPubsub' is set without 'outboxPublishTopic'".into()),
+            (None, Some(_)) => Err("metadata 'outboxPublishTopic' is set without 'outboxPublishPubsub'".into()),
+        }
+    }
 }
 
 /// What stores need from the sidecar's own settings.
@@ -94,6 +127,7 @@ pub async fn build_all(
                 kind: "state.sled",
                 key_prefix: KeyPrefix::AppId(ctx.app_id.to_string()),
                 store,
+                outbox: None,
             },
         );
     }
@@ -102,6 +136,7 @@ pub async fn build_all(
 
 async fn build(spec: &ComponentSpec, ctx: &StoreContext<'_>) -> Result<NamedStore, String> {
     let key_prefix = KeyPrefix::from_metadata(spec.metadata("keyPrefix"), ctx.app_id, &spec.name)?;
+    let outbox = OutboxSettings::from_metadata(spec)?;
     let (kind, store): (&'static str, Arc<dyn StateStore>) = match spec.kind.as_str() {
         "state.sled" => {
             let path = match spec.metadata("path") {
@@ -128,7 +163,7 @@ async fn build(spec: &ComponentSpec, ctx: &StoreContext<'_>) -> Result<NamedStor
             ));
         }
     };
-    Ok(NamedStore { name: spec.name.clone(), kind, key_prefix, store })
+    Ok(NamedStore { name: spec.name.clone(), kind, key_prefix, store, outbox })
 }
 
 fn open_sled(path: &Path) -> Result<Arc<dyn StateStore>, String> {
@@ -150,5 +185,24 @@ mod tests {
         assert_eq!(p(Some("none")).apply("k"), "k");
         assert_eq!(p(Some("team")).apply("k"), "team||k");
         assert!(KeyPrefix::from_metadata(Some("a||b"), "app", "s").unwrap_err().contains("'a||b'"));
+    }
+
+    #[test]
+    fn an_outbox_needs_its_pubsub_and_its_topic() {
+        let spec = |pairs: &[(&str, &str)]| ComponentSpec {
+            name: "orders".into(),
+            kind: "state.sled".into(),
+            version: "v1".into(),
+            metadata: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            file: "orders.yaml".into(),
+        };
+        assert_eq!(OutboxSettings::from_metadata(&spec(&[])).unwrap(), None);
+        assert_eq!(
+            OutboxSettings::from_metadata(&spec(&[("outboxPublishPubsub", "pubsub"), ("outboxPublishTopic", "new")]))
+                .unwrap(),
+            Some(OutboxSettings { pubsub: "pubsub".into(), topic: "new".into() })
+        );
+        let half = OutboxSettings::from_metadata(&spec(&[("outboxPublishPubsub", "pubsub")])).unwrap_err();
+        assert!(half.contains("without 'outboxPublishTopic'"), "{half}");
     }
 }

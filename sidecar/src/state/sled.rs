@@ -279,6 +279,16 @@ impl StateStore for SledStore {
         self.writer.send(Job::Apply { operations, now: now_ms(), done }).map_err(|_| self.writer_stopped())?;
         outcome.await.map_err(|_| self.writer_stopped())?
     }
+
+    async fn scan(&self, prefix: &str, limit: usize) -> Result<Vec<(String, StateValue)>, StateError> {
+        // Inline, as reads are: the callers scan small, rarely used key ranges.
+        self.inner.scan_blocking(prefix, limit, now_ms())
+    }
+
+    fn exclusive(&self) -> bool {
+        // sled locks its directory: no other process has the store open.
+        true
+    }
 }
 
 impl Inner {
@@ -325,7 +335,28 @@ impl Inner {
     fn get_blocking(&self, key: &str, now: u64) -> Result<Option<StateValue>, StateError> {
         let raw = self.state.get(key.as_bytes()).map_err(|e| self.storage_error("reading", key, e))?;
         let Some(raw) = raw else { return Ok(None) };
-        let record = Record::decode(&raw).map_err(|why| self.corrupt_record(key, &why))?;
+        self.live_value(key, &raw, now)
+    }
+
+    fn scan_blocking(&self, prefix: &str, limit: usize, now: u64) -> Result<Vec<(String, StateValue)>, StateError> {
+        let mut found = Vec::new();
+        for entry in self.state.scan_prefix(prefix.as_bytes()) {
+            if found.len() >= limit {
+                break;
+            }
+            let (key, raw) = entry.map_err(|e| self.storage_error("scanning", prefix, e))?;
+            let key = String::from_utf8(key.to_vec())
+                .map_err(|_| self.corrupt_record(prefix, "a key under this prefix is not UTF-8"))?;
+            if let Some(value) = self.live_value(&key, &raw, now)? {
+                found.push((key, value));
+            }
+        }
+        Ok(found)
+    }
+
+    /// The value in record `raw` of `key`, `None` when it has expired.
+    fn live_value(&self, key: &str, raw: &[u8], now: u64) -> Result<Option<StateValue>, StateError> {
+        let record = Record::decode(raw).map_err(|why| self.corrupt_record(key, &why))?;
         if record.is_expired(now) {
             return Ok(None);
         }
@@ -677,6 +708,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open_when_unlocked(&dir.path().join("store")).unwrap();
         (dir, store)
+    }
+
+    #[tokio::test]
+    async fn a_scan_finds_live_keys_under_its_prefix_in_order_up_to_its_limit() {
+        let (_dir, store) = fresh();
+        assert!(store.exclusive());
+        for key in ["p||b", "p||a", "q||a", "p||c"] {
+            store.apply(vec![set(key, key, Precondition::None)]).await.unwrap();
+        }
+        store.apply(vec![set_ttl("p||gone", "x", Duration::from_millis(1))]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let keys = |found: Vec<(String, StateValue)>| found.into_iter().map(|(k, v)| (k, v.value)).collect::<Vec<_>>();
+        assert_eq!(
+            keys(store.scan("p||", 10).await.unwrap()),
+            [
+                ("p||a".to_string(), b"p||a".to_vec()),
+                ("p||b".into(), b"p||b".to_vec()),
+                ("p||c".into(), b"p||c".to_vec())
+            ]
+        );
+        assert_eq!(store.scan("p||", 2).await.unwrap().len(), 2);
+        assert!(store.scan("none||", 10).await.unwrap().is_empty());
     }
 
     #[tokio::test]
