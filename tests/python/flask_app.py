@@ -1,9 +1,10 @@
 """An HTTP app written for Dapr, as Dapr's docs show it, with no Tandem-specific code.
 
-Serves `GET /dapr/subscribe` (topic `orders`), a subscription route whose answer each event
-chooses (`{"answer": "SUCCESS"|"RETRY"|"DROP"|"RETRY-ONCE"|"404"|"500"}` in its data), a
-route for a topic a Subscription file declares, methods to invoke, and `GET /received` with
-every event that arrived (for the test). Usage: flask_app.py PORT
+Serves `GET /dapr/subscribe` (topic `orders`, with a routing rule for created orders), a
+subscription route whose answer each event chooses (`{"answer": "SUCCESS"|"RETRY"|"DROP"|
+"RETRY-ONCE"|"404"|"500"}` in its data), a route for a topic a Subscription file declares,
+methods to invoke, and `GET /received` with every event that arrived (for the test).
+Usage: flask_app.py PORT
 """
 
 import sys
@@ -19,7 +20,12 @@ retried_once = set()
 
 @app.route('/dapr/subscribe', methods=['GET'])
 def subscribe():
-    return jsonify([{'pubsubname': 'pubsub', 'topic': 'orders', 'route': '/orders'}])
+    # Dapr's routing rules: created orders go to their own route, the others to the default.
+    return jsonify([{
+        'pubsubname': 'pubsub',
+        'topic': 'orders',
+        'routes': {'rules': [{'match': 'event.type == "order.created"', 'path': '/created'}], 'default': '/orders'},
+    }])
 
 
 def record(route):
@@ -49,6 +55,12 @@ def orders():
             retried_once.add(event['id'])
         answer = 'RETRY' if first else 'SUCCESS'
     return jsonify({'status': answer})
+
+
+@app.route('/created', methods=['POST'])
+def created():
+    record('/created')
+    return jsonify({'status': 'SUCCESS'})
 
 
 @app.route('/declared', methods=['POST'])

@@ -173,6 +173,9 @@ async fn a_flask_app_is_invoked_and_gets_its_events_as_in_dapr() {
         (Some("given-1"), Some("billing"), Some("order.created"), Some("north"))
     );
     assert_eq!((given["topic"].as_str(), given["pubsubname"].as_str()), (Some("orders"), Some("pubsub")));
+    // The routing rule `event.type == "order.created"` took it; the others took the default.
+    let route_of = |n: &str| all.iter().find(|r| r["event"]["data"]["n"] == n).unwrap()["route"].clone();
+    assert_eq!((route_of("given"), route_of("SUCCESS")), (json!("/created"), json!("/orders")));
     let from_file = all.iter().find(|r| r["route"] == "/declared").unwrap();
     assert_eq!(from_file["event"]["data"], "from a file");
     assert_eq!(from_file["event"]["datacontenttype"], "text/plain");

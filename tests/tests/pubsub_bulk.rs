@@ -196,7 +196,10 @@ impl AppCallback for RoutedApp {
                 pubsub_name: "pubsub".into(),
                 topic: "payments".into(),
                 routes: Some(TopicRoutes {
-                    rules: vec![TopicRule { r#match: r#"event.type == "refund""#.into(), path: "/refunds".into() }],
+                    rules: vec![
+                        TopicRule { r#match: r#"event.type == "refund""#.into(), path: "/refunds".into() },
+                        TopicRule { r#match: "event.data.amount > 100".into(), path: "/big".into() },
+                    ],
                     default: "/payments".into(),
                 }),
                 ..Default::default()
@@ -240,7 +243,7 @@ async fn a_subscriptions_route_reaches_the_app_as_the_events_path(broker: &Broke
     )
     .await;
     let _sub = subscriber_sidecar("shop", &etcd, &res, app.port()).await;
-    // A raw app listing a `match` rule: tandemd warns and uses routes.default.
+    // A raw app listing rules with a `match` (CEL): the first that matches takes the event.
     let ruled = Inbox::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let ruled_port = listener.local_addr().unwrap().port();
@@ -249,7 +252,7 @@ async fn a_subscriptions_route_reaches_the_app_as_the_events_path(broker: &Broke
             .add_service(AppCallbackServer::new(RoutedApp { inbox: ruled.clone() }))
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
-    let ruled_sidecar = subscriber_sidecar("bank", &etcd, &res, ruled_port).await;
+    let _ruled_sidecar = subscriber_sidecar("bank", &etcd, &res, ruled_port).await;
     let publisher = Sidecar::new("checkout").etcd(&etcd).resources(res.path()).spawn().await;
     let client = publisher.client();
     wait_until_subscribed(&client, "orders", &routed).await;
@@ -261,10 +264,14 @@ async fn a_subscriptions_route_reaches_the_app_as_the_events_path(broker: &Broke
     assert_eq!(failed, []);
     client.publish("pubsub", "notes", b"note".to_vec(), "text/plain").await.unwrap();
     client.publish("pubsub", "payments", b"refund".to_vec(), "text/plain").await.unwrap();
+    let typed = br#"{"type": "refund", "data": "typed refund", "datacontenttype": "text/plain"}"#;
+    client.publish("pubsub", "payments", typed.to_vec(), "application/cloudevents+json").await.unwrap();
+    client.publish("pubsub", "payments", br#"{"amount":500}"#.to_vec(), "application/json").await.unwrap();
+    client.publish("pubsub", "payments", br#"{"amount":5}"#.to_vec(), "application/json").await.unwrap();
     eventually(Duration::from_secs(20), "every event delivered", || async {
         ["single", "bulk-0", "bulk-1", "bulk-2"].iter().all(|p| routed.has(p))
             && plain.has("note")
-            && ruled.has("refund")
+            && ["refund", "typed refund", r#"{"amount":500}"#, r#"{"amount":5}"#].iter().all(|p| ruled.has(p))
     })
     .await;
     let path_of = |inbox: &Inbox, payload: &[u8]| inbox.events().into_iter().find(|e| e.data == payload).unwrap().path;
@@ -272,7 +279,8 @@ async fn a_subscriptions_route_reaches_the_app_as_the_events_path(broker: &Broke
         assert_eq!(path_of(&routed, payload.as_bytes()), "/orders/v2", "{payload}");
     }
     assert_eq!(path_of(&plain, b"note"), "");
-    assert_eq!(path_of(&ruled, b"refund"), "/payments");
-    ruled_sidecar.wait_for_log("routing rules with a match expression are not supported").await;
-    assert!(ruled_sidecar.log().contains(r#"event.type == "refund""#), "the warning names the rule");
+    assert_eq!(path_of(&ruled, b"refund"), "/payments", "no rule matches: routes.default");
+    assert_eq!(path_of(&ruled, b"typed refund"), "/refunds");
+    assert_eq!(path_of(&ruled, br#"{"amount":500}"#), "/big");
+    assert_eq!(path_of(&ruled, br#"{"amount":5}"#), "/payments");
 }

@@ -19,9 +19,9 @@
 //! - [`streams`]: streaming subscriptions (`SubscribeTopicEventsAlpha1`), an alternative to
 //!   `OnTopicEvent` for apps that would rather not serve the callback API.
 //! - Routes: a subscription's `routes.default` is recorded with it, kept in each pending
-//!   delivery and sent to the app as the event's `path`. Routing rules with a `match`
-//!   expression (CEL in Dapr) are not supported: they are logged as a warning when the
-//!   subscription is registered, and their events take `routes.default`.
+//!   delivery and sent to the app as the event's `path`; routing rules with a `match`
+//!   expression (CEL) are evaluated by the subscriber's sidecar as it hands each event to the
+//!   app ([`routing`]).
 //! - [`raw`]: events published with `rawPayload: "true"` travel without a CloudEvent envelope.
 //!
 //! Every pub/sub component implements [`PubSub`]; the API and the runtime see nothing else, and
@@ -39,6 +39,7 @@ pub mod local;
 pub mod outbox;
 pub mod raw;
 pub mod registry;
+pub mod routing;
 pub mod schedule;
 pub mod streams;
 pub mod subscriptions;

@@ -7,13 +7,14 @@
 //!
 //! So this is also where an event that reaches the sidecar learns its way to the app
 //! ([`StreamSubscriptions::deliver`]): to an open stream of its topic; else to `OnTopicEvent`
-//! if the app lists the topic ([`StreamSubscriptions::set_listed`]); else nowhere yet: it waits
-//! for a stream, since an app that does not list a topic would drop its events.
+//! if the app lists the topic ([`StreamSubscriptions::set_listed`]), with the route its routing
+//! rules pick ([`super::routing`]); else nowhere yet: it waits for a stream, since an app that
+//! does not list a topic would drop its events.
 //!
 //! Components that consume on the subscriber's side (`pubsub.jetstream`) learn which streams
 //! are open here through [`StreamSubscriptions::subscriptions_of`] and [`StreamSubscriptions::changes`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -24,6 +25,7 @@ use tandem_proto::runtime::topic_event_response::TopicEventResponseStatus;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::LocalSubscription;
+use super::routing::Rules;
 use crate::discovery::{Subscriber, keys};
 
 /// Events queued per stream before delivery waits.
@@ -46,6 +48,9 @@ struct Registry {
     app_id: String,
 }
 
+/// Topic -> its routing rules, when it has any with a `match`.
+type ListedTopics = HashMap<String, Option<Arc<Rules>>>;
+
 /// (pubsub, topic) -> the streams open for it.
 type OpenStreams = HashMap<(String, String), Vec<Arc<OpenStream>>>;
 
@@ -65,8 +70,9 @@ pub enum Handover {
 /// The open streams of this sidecar, by (pubsub, topic).
 pub struct StreamSubscriptions {
     streams: Mutex<OpenStreams>,
-    /// pubsub -> the topics the app lists in `ListTopicSubscriptions` (as last recorded).
-    listed: Mutex<HashMap<String, HashSet<String>>>,
+    /// pubsub -> the topics the app lists in `ListTopicSubscriptions` (as last recorded), each
+    /// with its routing rules when it has any with a `match`.
+    listed: Mutex<HashMap<String, ListedTopics>>,
     next_id: AtomicU64,
     round_robin: AtomicUsize,
     registry: OnceLock<Registry>,
@@ -170,19 +176,25 @@ impl StreamSubscriptions {
         Ok((StreamHandle { owner: self.clone(), key, stream }, receiver))
     }
 
-    /// The app's own subscriptions, (pubsub, topic), from its `ListTopicSubscriptions`; none
-    /// while it is away, until its list is read again.
-    pub fn set_listed(&self, listed: impl IntoIterator<Item = (String, String)>) {
-        let mut by_pubsub: HashMap<String, HashSet<String>> = HashMap::new();
-        for (pubsub, topic) in listed {
-            by_pubsub.entry(pubsub).or_default().insert(topic);
+    /// The app's own subscriptions, (pubsub, topic, routing rules), from its
+    /// `ListTopicSubscriptions`; none while it is away, until its list is read again.
+    pub fn set_listed(&self, listed: impl IntoIterator<Item = (String, String, Option<Arc<Rules>>)>) {
+        let mut by_pubsub: HashMap<String, ListedTopics> = HashMap::new();
+        for (pubsub, topic, rules) in listed {
+            by_pubsub.entry(pubsub).or_default().insert(topic, rules);
         }
         *self.listed.lock().unwrap_or_else(|p| p.into_inner()) = by_pubsub;
     }
 
     /// Whether the app lists `topic` of `pubsub` itself (so `OnTopicEvent` takes its events).
     pub fn is_listed(&self, pubsub: &str, topic: &str) -> bool {
-        self.listed.lock().unwrap_or_else(|p| p.into_inner()).get(pubsub).is_some_and(|topics| topics.contains(topic))
+        self.listed.lock().unwrap_or_else(|p| p.into_inner()).get(pubsub).is_some_and(|t| t.contains_key(topic))
+    }
+
+    /// The app lists the topic of `event`: `Some` with its routing rules, if any.
+    fn listing(&self, event: &TopicEventRequest) -> Option<Option<Arc<Rules>>> {
+        let listed = self.listed.lock().unwrap_or_else(|p| p.into_inner());
+        listed.get(&event.pubsub_name).and_then(|topics| topics.get(&event.topic)).cloned()
     }
 
     /// Whether a stream of `topic` of `pubsub` is open here.
@@ -239,8 +251,12 @@ impl StreamSubscriptions {
     }
 
     /// Where an event goes while no stream of its topic is open here.
-    fn without_stream(&self, event: TopicEventRequest) -> Handover {
-        if self.is_listed(&event.pubsub_name, &event.topic) {
+    fn without_stream(&self, mut event: TopicEventRequest) -> Handover {
+        if let Some(rules) = self.listing(&event) {
+            // The app's routing rules pick the event's route here, where they are known.
+            if let Some(rules) = rules {
+                event.path = rules.route(&event).to_string();
+            }
             return Handover::ToApp(event);
         }
         Handover::Waits(format!(

@@ -11,10 +11,10 @@
 //! The list is what the app answers (gRPC `ListTopicSubscriptions`, HTTP `GET /dapr/subscribe`)
 //! and the `Subscription` files of `--resources-path` that apply to the app.
 //!
-//! Routes: a subscription's `routes.default` is recorded with it and reaches the app as each
-//! event's `path`. Routing rules with a `match` expression (CEL in Dapr) are not supported:
-//! each is logged as a warning when the subscription is registered, and its events take
-//! `routes.default` (or the first rule without a `match`, which Dapr takes for every event).
+//! Routes: a subscription's `routes.default` (or its first rule without a `match`, which Dapr
+//! takes for every event) is recorded with it and reaches the app as each event's `path`,
+//! unless one of its routing rules with a `match` (CEL) takes the event: those are evaluated
+//! here, as each event is handed to the app ([`super::routing`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app_channel::AppChannel;
 use crate::discovery::{Backoff, Subscriber, keys};
+use crate::pubsub::routing::Rules;
 use crate::pubsub::streams::StreamSubscriptions;
 use crate::pubsub::{LocalSubscription, PubSubs};
 use crate::readiness::Readiness;
@@ -92,8 +93,16 @@ impl SubscriptionRegistrar {
                 listed.push(declared.clone());
             }
         }
-        // The app takes the events of the topics it lists from now on, whatever etcd says.
-        self.streams.set_listed(listed.iter().map(|s| (s.pubsub_name.clone(), s.topic.clone())));
+        // The app takes the events of the topics it lists from now on, whatever etcd says, with
+        // the routes its rules pick.
+        let with_rules = listed.iter().map(|subscription| {
+            let (rules, errors) = Rules::of(subscription);
+            for error in errors {
+                tracing::error!("{error}");
+            }
+            (subscription.pubsub_name.clone(), subscription.topic.clone(), rules)
+        });
+        self.streams.set_listed(with_rules.collect::<Vec<_>>());
         // This app's subscriptions in etcd, each with whether a stream reads it: read first, so
         // that a listed topic a stream also reads keeps that mark (the app's next list, without
         // the topic, does not end the stream's subscription then).
@@ -168,22 +177,12 @@ impl SubscriptionRegistrar {
     }
 }
 
-/// The route events of `subscription` take. As in Dapr, rules are tried in order and
-/// `routes.default` comes last; a rule without a `match` always matches. Rules with a `match`
-/// are never taken (no CEL here); each is reported so the app's author knows why.
+/// The route recorded for `subscription`: where its events go when no routing rule with a
+/// `match` takes them (those are evaluated per event where the app is, [`super::routing`]). As
+/// in Dapr, a rule without a `match` takes every event that reaches it, before the default.
 fn route_of(subscription: &TopicSubscription) -> String {
     let Some(routes) = &subscription.routes else { return String::new() };
-    for rule in routes.rules.iter().filter(|r| !r.r#match.is_empty()) {
-        tracing::warn!(
-            pubsub = %subscription.pubsub_name,
-            topic = %subscription.topic,
-            rule_match = %rule.r#match,
-            rule_path = %rule.path,
-            default = %routes.default,
-            "routing rules with a match expression are not supported; the rule is ignored and its events take routes.default"
-        );
-    }
-    match routes.rules.iter().find(|r| r.r#match.is_empty()) {
+    match routes.rules.iter().find(|r| r.r#match.trim().is_empty()) {
         Some(catch_all) => catch_all.path.clone(),
         None => routes.default.clone(),
     }
@@ -200,7 +199,7 @@ mod tests {
     use tandem_proto::runtime::{TopicRoutes, TopicRule};
 
     #[test]
-    fn match_rules_are_ignored_and_the_default_route_is_used() {
+    fn the_recorded_route_is_the_one_events_take_when_no_match_rule_does() {
         let mut subscription =
             TopicSubscription { pubsub_name: "pubsub".into(), topic: "orders".into(), ..Default::default() };
         assert_eq!(route_of(&subscription), "");
