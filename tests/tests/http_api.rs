@@ -36,6 +36,19 @@ async fn health_metadata_and_shutdown_answer_as_in_dapr() {
     sidecar.wait_ready().await;
     assert_eq!(call(&sidecar, "GET", "/v1.0/healthz", &[], b"").await.status, 204);
     assert_eq!(call(&sidecar, "GET", "/v1.0/healthz/outbound", &[], b"").await.status, 204);
+    // HTTP/2 without TLS (prior knowledge), as Dapr's HTTP server also takes.
+    let stream = tokio::net::TcpStream::connect(sidecar.http_addr()).await.unwrap();
+    let (mut h2, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let uri = format!("http://{}/v1.0/metadata", sidecar.http_addr());
+    let request = http::Request::get(uri).body(String::new()).unwrap();
+    let answer = h2.send_request(request).await.unwrap();
+    assert_eq!((answer.version(), answer.status().as_u16()), (http::Version::HTTP_2, 200));
 
     let put = call(&sidecar, "PUT", "/v1.0/metadata/team", &[], b"research").await;
     assert_eq!(put.status, 204, "{}", put.text());
