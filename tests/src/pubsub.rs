@@ -1,7 +1,8 @@
 //! Pub/sub tests' helpers: an [`Inbox`] that records what a subscriber app received, an app
 //! that fills one ([`subscriber`]), one that also keeps each request as the sidecar sent it
-//! ([`request_logging_subscriber`]), and [`wait_until_subscribed`], which waits until a
-//! publisher's routing knows a subscription.
+//! ([`request_logging_subscriber`]), one that holds events until released
+//! ([`holding_subscriber`]), and [`wait_until_subscribed`], which waits until a publisher's
+//! routing knows a subscription.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -59,6 +60,36 @@ impl Inbox {
 /// answers SUCCESS.
 pub async fn subscriber(topic: &str, inbox: &Inbox) -> TestApp {
     TestApp::start(AppServer::new().subscribe("pubsub", topic, inbox.accept())).await
+}
+
+/// An app subscribed to `topic` of component `pubsub` that records every event it gets in the
+/// returned inbox and answers SUCCESS, except that it holds those `hold` picks (by their data)
+/// until `true` is sent on the returned sender: a subscriber that keeps its events in flight.
+pub async fn holding_subscriber(
+    topic: &str,
+    hold: fn(&[u8]) -> bool,
+) -> (TestApp, Inbox, tokio::sync::watch::Sender<bool>) {
+    let inbox = Inbox::default();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let inbox_c = inbox.clone();
+    let app = TestApp::start(AppServer::new().subscribe("pubsub", topic, move |event| {
+        let (inbox, mut released) = (inbox_c.clone(), released.clone());
+        async move {
+            let held = hold(&event.data);
+            inbox.push(event);
+            if held {
+                let _ = released.wait_for(|go| *go).await;
+            }
+            EventOutcome::Success
+        }
+    }))
+    .await;
+    (app, inbox, release)
+}
+
+/// Whether an event is not one of [`wait_until_subscribed`]'s probes.
+pub fn not_a_probe(data: &[u8]) -> bool {
+    !data.starts_with(b"probe-")
 }
 
 /// Publishes probes (payloads `probe-N`) to `topic` of component `pubsub` until one reaches

@@ -12,7 +12,9 @@ use tandem_sdk::{AppServer, BulkEntry, Code, EventOutcome, SidecarClient};
 use tokio::process::{Child, Command};
 use tokio::sync::RwLock;
 
-use crate::pubsub::{Inbox, RequestLog, request_logging_subscriber, subscriber, wait_until_subscribed};
+use crate::pubsub::{
+    Inbox, RequestLog, holding_subscriber, not_a_probe, request_logging_subscriber, subscriber, wait_until_subscribed,
+};
 use crate::state::ResourcesDir;
 use crate::{Etcd, Nats, RunningSidecar, Sidecar, TestApp, eventually, free_port, workspace_binary};
 
@@ -254,30 +256,6 @@ pub async fn an_always_failing_subscriber_ends_in_the_dead_letter_topic_without_
     }
 }
 
-/// An app subscribed to `topic` that records every event it gets and answers SUCCESS, except
-/// that it holds those `hold` picks (by their data) until the returned sender sends `true`.
-async fn holding_subscriber(
-    topic: &str,
-    hold: fn(&[u8]) -> bool,
-) -> (TestApp, Inbox, tokio::sync::watch::Sender<bool>) {
-    let inbox = Inbox::default();
-    let (release, released) = tokio::sync::watch::channel(false);
-    let inbox_c = inbox.clone();
-    let app = TestApp::start(AppServer::new().subscribe("pubsub", topic, move |event| {
-        let (inbox, mut released) = (inbox_c.clone(), released.clone());
-        async move {
-            let held = hold(&event.data);
-            inbox.push(event);
-            if held {
-                let _ = released.wait_for(|go| *go).await;
-            }
-            EventOutcome::Success
-        }
-    }))
-    .await;
-    (app, inbox, release)
-}
-
 /// A subscriber that takes events and never answers holds `maxInFlight` of them and no more,
 /// while another app-id subscribed to the same topic gets every event: the in-flight limit is
 /// per subscription, so a slow subscriber holds back only its own events. Once it answers, it
@@ -369,21 +347,8 @@ pub async fn a_full_backlog_refuses_publishes_until_the_subscriber_catches_up(br
     const MAX_BACKLOG: usize = 5;
     let etcd = Etcd::start().await;
     let res = broker.resources(&[("maxBacklog", "5"), ("deliveryTimeout", "120s")]);
-    let inbox = Inbox::default();
-    let (release, released) = tokio::sync::watch::channel(false);
-    let inbox_c = inbox.clone();
-    let app = TestApp::start(AppServer::new().subscribe("pubsub", "held", move |event| {
-        let (inbox, mut released) = (inbox_c.clone(), released.clone());
-        async move {
-            // Probes pass at once; the events under test wait for the release.
-            if !event.data.starts_with(b"probe-") {
-                let _ = released.wait_for(|go| *go).await;
-            }
-            inbox.push(event);
-            EventOutcome::Success
-        }
-    }))
-    .await;
+    // Probes pass at once; the events under test wait for the release.
+    let (app, inbox, release) = holding_subscriber("held", not_a_probe).await;
     let _subscriber = sidecar("holder", &etcd, &res, Some(&app)).await;
     let publisher = sidecar("boss", &etcd, &res, None).await;
     let client = publisher.client();

@@ -9,12 +9,13 @@ use dapr::dapr::proto::common::v1 as dapr_common;
 use dapr::dapr::proto::runtime::v1 as dapr_runtime;
 use dapr_runtime::dapr_client::DaprClient;
 use serde_json::{Value, json};
-use tandem_sdk::{AppServer, EventOutcome};
 use tandem_tests::http;
-use tandem_tests::pubsub::{Inbox, RequestLog, request_logging_subscriber, wait_until_subscribed};
+use tandem_tests::pubsub::{
+    Inbox, RequestLog, holding_subscriber, not_a_probe, request_logging_subscriber, wait_until_subscribed,
+};
 use tandem_tests::sidecar::run_until_exit;
 use tandem_tests::state::ResourcesDir;
-use tandem_tests::{Etcd, RunningSidecar, Sidecar, TestApp, eventually};
+use tandem_tests::{Etcd, RunningSidecar, Sidecar, eventually};
 use tonic::Code;
 
 const TOPIC: &str = "neworders";
@@ -160,20 +161,7 @@ async fn an_event_committed_but_not_yet_published_survives_kill_9() {
     let etcd = Etcd::start().await;
     // A backlog of one event, held by the subscriber: the outbox cannot publish for now.
     let res = resources(&[("maxBacklog", "1"), ("deliveryTimeout", "120s")]);
-    let inbox = Inbox::default();
-    let (release, released) = tokio::sync::watch::channel(false);
-    let inbox_c = inbox.clone();
-    let app = TestApp::start(AppServer::new().subscribe("pubsub", TOPIC, move |event| {
-        let (inbox, mut released) = (inbox_c.clone(), released.clone());
-        async move {
-            if !event.data.starts_with(b"probe-") {
-                let _ = released.wait_for(|go| *go).await;
-            }
-            inbox.push(event);
-            EventOutcome::Success
-        }
-    }))
-    .await;
+    let (app, inbox, release) = holding_subscriber(TOPIC, not_a_probe).await;
     let _shipping = Sidecar::new("shipping").etcd(&etcd).resources(res.path()).app_port(app.port()).spawn().await;
     let data = tempfile::tempdir().unwrap();
     let start_shop = || Sidecar::new("shop").etcd(&etcd).resources(res.path()).data_dir(data.path()).spawn();

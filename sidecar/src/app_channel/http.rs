@@ -359,14 +359,7 @@ pub fn parse_subscriptions(body: &[u8]) -> Result<Vec<TopicSubscription>, String
             tracing::warn!(pubsub = %entry.pubsubname, topic = %entry.topic, "a subscription of the app has no route; left out");
             continue;
         }
-        let metadata = entry
-            .metadata
-            .into_iter()
-            .map(|(key, value)| match value {
-                Value::String(text) => (key, text),
-                other => (key, other.to_string()),
-            })
-            .collect();
+        let metadata = crate::pubsub::declared::metadata_strings(entry.metadata);
         subscriptions.push(TopicSubscription {
             pubsub_name: entry.pubsubname,
             topic: entry.topic,

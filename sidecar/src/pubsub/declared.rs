@@ -113,14 +113,7 @@ pub fn parse(text: &str, file: &Path, app_id: &str) -> Result<Vec<TopicSubscript
                 &format!("of subscription '{name}' has no route (spec.routes.default or spec.route)"),
             ));
         }
-        let metadata = spec
-            .metadata
-            .into_iter()
-            .map(|(key, value)| match value {
-                Value::String(text) => (key, text),
-                other => (key, other.to_string()),
-            })
-            .collect();
+        let metadata = metadata_strings(spec.metadata);
         subscriptions.push(TopicSubscription {
             pubsub_name,
             topic,
@@ -133,6 +126,17 @@ pub fn parse(text: &str, file: &Path, app_id: &str) -> Result<Vec<TopicSubscript
         });
     }
     Ok(subscriptions)
+}
+
+/// A subscription's metadata as Dapr passes it on: strings as they are, other values as JSON.
+pub fn metadata_strings(metadata: HashMap<String, Value>) -> HashMap<String, String> {
+    metadata
+        .into_iter()
+        .map(|(key, value)| match value {
+            Value::String(text) => (key, text),
+            other => (key, other.to_string()),
+        })
+        .collect()
 }
 
 #[cfg(test)]

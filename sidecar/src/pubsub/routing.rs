@@ -8,18 +8,17 @@
 //! the route recorded in etcd for publishers is the one an event takes when no rule matches.
 //! In an expression, `event` is the CloudEvent as Dapr gives it to CEL: `id`, `source`, `type`,
 //! `specversion`, `datacontenttype`, `topic`, `pubsubname`, the extensions (`time`,
-//! `traceid`, `subject`, ...) and `data`, parsed when it is JSON, else text.
+//! `traceid`, `subject`, ...) and `data`, parsed when it is JSON, else text (binary data is
+//! `data_base64`), as an HTTP app receives it.
 //!
 //! Unlike Dapr, an expression that fails to evaluate for an event (it reads a field the event
 //! lacks, compares a string with a number) does not match that event, instead of failing its
 //! delivery; it is logged.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use cel_interpreter::objects::{Key, Map};
 use cel_interpreter::{Context, Program, Value};
-use tandem_proto::prost_types;
 use tandem_proto::runtime::{TopicEventRequest, TopicSubscription};
 
 /// One rule: its expression (compiled) and where its events go.
@@ -120,37 +119,9 @@ fn execute(program: &Program, context: &Context) -> Result<Value, String> {
     }
 }
 
-/// The CloudEvent as a CEL map.
+/// The CloudEvent as a CEL map: the JSON an HTTP app is POSTed, which is what Dapr evaluates.
 fn event_value(event: &TopicEventRequest) -> Value {
-    let mut fields: HashMap<Key, Value> = HashMap::new();
-    let text = |s: &str| Value::String(Arc::new(s.to_string()));
-    if let Some(extensions) = &event.extensions {
-        for (key, value) in &extensions.fields {
-            fields.insert(Key::from(key.as_str()), struct_value(value));
-        }
-    }
-    for (key, value) in [
-        ("id", &event.id),
-        ("source", &event.source),
-        ("type", &event.r#type),
-        ("specversion", &event.spec_version),
-        ("datacontenttype", &event.data_content_type),
-        ("topic", &event.topic),
-        ("pubsubname", &event.pubsub_name),
-    ] {
-        fields.insert(Key::from(key), text(value));
-    }
-    let data = match serde_json::from_slice::<serde_json::Value>(&event.data) {
-        Ok(json) if is_json(&event.data_content_type) => json_value(&json),
-        _ => Value::String(Arc::new(String::from_utf8_lossy(&event.data).into_owned())),
-    };
-    fields.insert(Key::from("data"), data);
-    Value::Map(Map { map: Arc::new(fields) })
-}
-
-fn is_json(content_type: &str) -> bool {
-    let essence = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
-    essence == "application/json" || essence.ends_with("+json") || essence == "text/json"
+    json_value(&crate::app_channel::http::cloud_event(event))
 }
 
 /// JSON as CEL: whole numbers become `int` (so `event.data.n > 100` compares as written),
@@ -173,26 +144,10 @@ fn json_value(json: &serde_json::Value) -> Value {
     }
 }
 
-/// An extension attribute (a protobuf `Value`) as CEL.
-fn struct_value(value: &prost_types::Value) -> Value {
-    use prost_types::value::Kind;
-    match &value.kind {
-        None | Some(Kind::NullValue(_)) => Value::Null,
-        Some(Kind::BoolValue(b)) => Value::Bool(*b),
-        Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() < 9.0e15 => Value::Int(*n as i64),
-        Some(Kind::NumberValue(n)) => Value::Float(*n),
-        Some(Kind::StringValue(s)) => Value::String(Arc::new(s.clone())),
-        Some(Kind::ListValue(list)) => Value::List(Arc::new(list.values.iter().map(struct_value).collect())),
-        Some(Kind::StructValue(s)) => {
-            let map = s.fields.iter().map(|(k, v)| (Key::from(k.as_str()), struct_value(v))).collect();
-            Value::Map(Map { map: Arc::new(map) })
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tandem_proto::prost_types;
     use tandem_proto::runtime::{TopicRoutes, TopicRule};
 
     fn subscription(rules: &[(&str, &str)], default: &str) -> TopicSubscription {
