@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::app_channel::AppProtocol;
+use crate::invoke::balance::LbPolicy;
 
 /// Flags of `tandemd`. A port of 0 binds a free port; the bound address is logged.
 #[derive(Debug, Clone, Parser)]
@@ -107,6 +108,20 @@ pub struct Config {
     /// How often the app's health check is probed (e.g. 500ms, 5s).
     #[arg(long, env = "TANDEM_APP_HEALTH_PROBE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub app_health_probe_interval: Duration,
+
+    /// How an invocation picks among the target's instances: p2c (of two picked at random, the
+    /// one with fewer calls in flight from this sidecar) or round-robin.
+    #[arg(long, env = "TANDEM_LB_POLICY", value_enum, default_value_t = LbPolicy::P2c)]
+    pub lb_policy: LbPolicy,
+
+    /// How long an instance that failed a call (UNAVAILABLE, or a connection that could not be
+    /// made or broke) is left out of balancing; doubled for each ejection in a row.
+    #[arg(long, env = "TANDEM_EJECTION_BASE_TIME", default_value = "1s", value_parser = parse_duration)]
+    pub ejection_base_time: Duration,
+
+    /// The longest an instance stays ejected.
+    #[arg(long, env = "TANDEM_EJECTION_MAX_TIME", default_value = "30s", value_parser = parse_duration)]
+    pub ejection_max_time: Duration,
 
     /// How long a graceful shutdown waits for in-flight calls.
     #[arg(long, env = "TANDEM_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]

@@ -46,6 +46,10 @@ pub enum MeshError {
     #[error("deadline exceeded after {elapsed_ms} ms invoking '{method}' on app-id '{app_id}'")]
     DeadlineExceeded { app_id: String, method: String, elapsed_ms: u128 },
 
+    /// Every instance tried refused the call as busy (RESOURCE_EXHAUSTED: it did not run).
+    #[error("every instance of app-id '{app_id}' is busy ({tried} tried): {}", .refusal.message())]
+    AllBusy { app_id: String, tried: usize, refusal: Status },
+
     /// A status from the peer sidecar or the callee app, passed through unchanged.
     #[error("{}", .0.message())]
     Remote(Status),
@@ -78,6 +82,7 @@ impl MeshError {
             | MeshError::NoStreamOpen { .. }
             | MeshError::WrongApp { .. } => Code::Unavailable,
             MeshError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            MeshError::AllBusy { .. } => Code::ResourceExhausted,
             MeshError::Remote(status) => status.code(),
         }
     }

@@ -2,7 +2,9 @@
 //!
 //! - `tandem_api_requests_total` and `tandem_api_request_duration_seconds`: every call of the
 //!   app-facing API, by method and gRPC code.
-//! - `tandem_invocations_total`: service invocations by target app-id and code.
+//! - `tandem_invocations_total`: service invocations by target app-id and code;
+//!   `tandem_invoke_ejections_total`: instances of a target app-id ejected from balancing
+//!   after a failed call.
 //! - `tandem_state_operations_total`: state operations by store, operation and outcome.
 //! - `tandem_pubsub_events_total`: pub/sub events by component, topic and what happened
 //!   (`published`, `delivered`, `retried`, `dead_lettered`, `dropped`, and `unsubscribed`: kept
@@ -103,6 +105,7 @@ pub struct Metrics {
     api_requests: Family<ApiLabels, Counter>,
     api_latency: Family<ApiLabels, Histogram, fn() -> Histogram>,
     invocations: Family<InvocationLabels, Counter>,
+    invoke_ejections: Family<AppLabels, Counter>,
     state_operations: Family<StateLabels, Counter>,
     pubsub_events: Family<PubSubLabels, Counter>,
     outbox_events: Family<OutboxLabels, Counter>,
@@ -131,6 +134,7 @@ impl Metrics {
         let api_requests = Family::<ApiLabels, Counter>::default();
         let api_latency = Family::<ApiLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
         let invocations = Family::<InvocationLabels, Counter>::default();
+        let invoke_ejections = Family::<AppLabels, Counter>::default();
         let state_operations = Family::<StateLabels, Counter>::default();
         let pubsub_events = Family::<PubSubLabels, Counter>::default();
         let outbox_events = Family::<OutboxLabels, Counter>::default();
@@ -150,6 +154,11 @@ impl Metrics {
         registry.register("tandem_api_requests", "Calls of the app-facing API", api_requests.clone());
         registry.register("tandem_api_request_duration_seconds", "Latency of the app-facing API", api_latency.clone());
         registry.register("tandem_invocations", "Service invocations by target app", invocations.clone());
+        registry.register(
+            "tandem_invoke_ejections",
+            "Instances of a target app ejected from balancing after a failed call",
+            invoke_ejections.clone(),
+        );
         registry.register("tandem_state_operations", "State operations by store", state_operations.clone());
         registry.register("tandem_pubsub_events", "Pub/sub events by topic and outcome", pubsub_events.clone());
         registry.register(
@@ -213,6 +222,7 @@ impl Metrics {
             api_requests,
             api_latency,
             invocations,
+            invoke_ejections,
             state_operations,
             pubsub_events,
             outbox_events,
@@ -251,6 +261,11 @@ impl Metrics {
         self.invocations
             .get_or_create(&InvocationLabels { target_app: target_app.to_string(), code: code_of(result) })
             .inc();
+    }
+
+    /// The ejection counter the invoker's balancer adds to.
+    pub fn invoke_ejections(&self) -> Family<AppLabels, Counter> {
+        self.invoke_ejections.clone()
     }
 
     pub fn state_operation(&self, store: &str, operation: &str, ok: bool) {

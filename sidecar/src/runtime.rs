@@ -27,6 +27,7 @@ use crate::config::Config;
 use crate::discovery::{self, Backoff, InstanceRecord, Registrar, RoutingTable, RoutingWatcher};
 use crate::group::peer::GroupPeerService;
 use crate::group::{GroupSettings, Groups};
+use crate::invoke::balance::{Balancer, Ejection};
 use crate::invoke::channels::PeerChannels;
 use crate::invoke::{Invoker, MeshInbound};
 use crate::metrics::Metrics;
@@ -196,8 +197,15 @@ pub async fn run(
     let serving_stop = CancellationToken::new();
     let background_stop = CancellationToken::new();
 
-    let invoker =
-        Arc::new(Invoker::new(config.app_id.clone(), config.namespace.clone(), routing.clone(), peers.clone()));
+    let ejection = Ejection { base: config.ejection_base_time, max: config.ejection_max_time };
+    let balancer = Balancer::new(config.lb_policy, ejection, metrics.invoke_ejections());
+    let invoker = Arc::new(Invoker::new(
+        config.app_id.clone(),
+        config.namespace.clone(),
+        routing.clone(),
+        peers.clone(),
+        balancer,
+    ));
     // Room for several values of --max-body-size plus keys and metadata in one request;
     // each value is checked against the limit itself, with a clearer message.
     let request_limit = config.max_body_size.saturating_mul(4);

@@ -33,13 +33,14 @@ async fn two_instances_of_one_app_share_the_load() {
     let mesh = InvokeMesh::start(2).await;
     let (client, b1, b2) = (&mesh.client, &mesh.apps[0], &mesh.apps[1]);
     let (before1, before2) = (b1.calls(), b2.calls());
-    for _ in 0..40 {
+    for _ in 0..100 {
         client.invoke("svc-b", "echo", b"x".to_vec()).await.unwrap();
     }
     let (got1, got2) = (b1.calls() - before1, b2.calls() - before2);
-    assert_eq!(got1 + got2, 40);
-    // Round robin: an even split, give or take a call.
-    assert!(got1.abs_diff(got2) <= 2, "uneven split: {got1} vs {got2}");
+    assert_eq!(got1 + got2, 100);
+    // p2c with nothing in flight between calls picks at random: about even (a split worse
+    // than 25/75 has a chance below 1 in a million).
+    assert!(got1.min(got2) >= 25, "uneven split: {got1} vs {got2}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

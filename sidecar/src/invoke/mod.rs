@@ -1,8 +1,10 @@
 //! Service invocation: app -> its sidecar ([`outbound`]) -> peer sidecar ([`inbound`]) -> peer app.
 //!
+//! - [`balance`]: which instance a call goes to (p2c or round robin), and outlier ejection.
 //! - [`channels`]: the pool of connections to peer sidecars; which failures mean "never sent".
 //! - [`headers`]: which metadata travels between the apps.
 
+pub mod balance;
 pub mod channels;
 pub mod headers;
 pub mod inbound;

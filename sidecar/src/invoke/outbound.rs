@@ -2,10 +2,8 @@
 //! and try another instance only when the call provably never reached an app.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use std::time::Duration;
 use tandem_proto::common::{InvokeRequest, InvokeResponse};
 
 use tandem_proto::internal::mesh_client::MeshClient;
@@ -16,6 +14,7 @@ use tandem_proto::internal::{
 use tandem_proto::runtime::TopicEventResponse;
 use tandem_proto::runtime::topic_event_response::TopicEventResponseStatus;
 
+use super::balance::{Balancer, Health};
 use super::channels::{PeerChannels, never_sent};
 use super::within_deadline;
 use crate::config::validate_name;
@@ -46,19 +45,30 @@ pub struct InvocationReply {
     pub http_status: Option<u16>,
 }
 
-/// Routes invocations over the live instances in the routing table, round robin.
+/// Routes invocations and event deliveries over the live instances in the routing table, as
+/// the [`Balancer`] orders them.
 #[derive(Debug)]
 pub struct Invoker {
     app_id: String,
     namespace: String,
     routing: RoutingTable,
     peers: PeerChannels,
-    next: AtomicUsize,
+    balancer: Balancer,
 }
 
 impl Invoker {
-    pub fn new(app_id: String, namespace: String, routing: RoutingTable, peers: PeerChannels) -> Self {
-        Invoker { app_id, namespace, routing, peers, next: AtomicUsize::new(0) }
+    pub fn new(
+        app_id: String,
+        namespace: String,
+        routing: RoutingTable,
+        peers: PeerChannels,
+        balancer: Balancer,
+    ) -> Self {
+        Invoker { app_id, namespace, routing, peers, balancer }
+    }
+
+    pub fn balancer(&self) -> &Balancer {
+        &self.balancer
     }
 
     pub async fn invoke(&self, invocation: Invocation) -> Result<InvocationReply, MeshError> {
@@ -77,6 +87,8 @@ impl Invoker {
         let method = message.method.clone();
         let describe = || (target_app_id.clone(), method.clone());
         let mut last_error = String::new();
+        // The last instance that refused the call as busy (RESOURCE_EXHAUSTED), if any did.
+        let mut busy: Option<tonic::Status> = None;
         let mut message = Some(message);
         for (attempt, instance) in instances.iter().enumerate() {
             let mut client = match self.mesh_client(&instance.internal_address) {
@@ -100,6 +112,7 @@ impl Invoker {
             // One span per attempt; the peer's server span is its child.
             let span = telemetry::invoke_span(&target_app_id, &method);
             telemetry::context::inject_metadata(&telemetry::context::of_span(&span), request.metadata_mut());
+            let call = self.balancer.start(&target_app_id, instance);
             let result =
                 within_deadline(deadline, describe, Box::pin(client.invoke(request))).instrument(span.clone()).await;
             if !matches!(result, Ok(Ok(_))) {
@@ -108,6 +121,7 @@ impl Invoker {
             let result = result?;
             match result {
                 Ok(response) => {
+                    call.finish(Health::Answered);
                     let response = response.into_inner();
                     return Ok(InvocationReply {
                         message: response.message.unwrap_or_default(),
@@ -116,33 +130,48 @@ impl Invoker {
                     });
                 }
                 Err(status) if never_sent(&status) || status_says_not_delivered(&status) => {
+                    call.finish(Health::Failed);
                     tracing::debug!(instance = %instance.instance_id, error = %status.message(), "not delivered; trying the next instance");
                     last_error = format!("{}: {}", instance.internal_address, status.message());
                 }
-                Err(status) => return Err(MeshError::Remote(strip_not_delivered(status))),
+                // The app refused it without running it (Tandem's contract for RESOURCE_EXHAUSTED,
+                // e.g. serve's full queue): another instance may have room.
+                Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                    call.finish(Health::Answered);
+                    tracing::debug!(instance = %instance.instance_id, error = %status.message(), "busy; trying the next instance");
+                    busy = Some(strip_not_delivered(status));
+                }
+                Err(status) => {
+                    let unavailable = status.code() == tonic::Code::Unavailable;
+                    call.finish(if unavailable { Health::Failed } else { Health::Answered });
+                    return Err(MeshError::Remote(strip_not_delivered(status)));
+                }
             }
+        }
+        if let Some(refusal) = busy {
+            return Err(MeshError::AllBusy { app_id: target_app_id, tried: instances.len(), refusal });
         }
         Err(MeshError::PeersUnreachable { app_id: target_app_id, tried: instances.len(), last_error })
     }
 
-    /// The live instances of `app_id` (only those with an app behind them when `need_app`),
-    /// starting with the next one in round-robin order.
+    /// The live instances of `app_id` (only those with an app behind them when `need_app`), in
+    /// the order the balancer would try them.
     fn candidates(&self, app_id: &str, need_app: bool) -> Result<Vec<Instance>, MeshError> {
         let routing = self.routing.current();
         if !routing.synced {
             return Err(MeshError::DiscoveryNotReady);
         }
-        let instances: Vec<&Instance> = routing
+        let instances: Vec<Instance> = routing
             .instances(app_id)
             .ok_or_else(|| MeshError::AppNotFound { app_id: app_id.to_string(), namespace: self.namespace.clone() })?
             .iter()
             .filter(|i| i.has_app || !need_app)
+            .cloned()
             .collect();
         if instances.is_empty() {
             return Err(MeshError::NoLiveInstance { app_id: app_id.to_string() });
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % instances.len();
-        Ok(instances[start..].iter().chain(&instances[..start]).map(|i| (*i).clone()).collect())
+        Ok(self.balancer.order(instances))
     }
 
     fn mesh_client(&self, address: &str) -> Result<MeshClient<GrpcConnection>, String> {
@@ -190,6 +219,7 @@ impl Deliver for Invoker {
                 }
             };
             let batch: Vec<&EventToDeliver> = waiting.iter().map(|i| &events[*i]).collect();
+            let mut health = Health::Answered;
             let mut on_answer = |position: usize, answer: Answer| {
                 let index = waiting[position];
                 match answer {
@@ -197,14 +227,19 @@ impl Deliver for Invoker {
                         settled[index] = true;
                         let _ = answered.send((index, outcome));
                     }
-                    Answer::NotDelivered(why) => last_error = format!("{}: {why}", instance.internal_address),
+                    Answer::NotDelivered(why) => {
+                        health = Health::Failed;
+                        last_error = format!("{}: {why}", instance.internal_address);
+                    }
                 }
             };
+            let call = self.balancer.start(app_id, instance);
             if let [one] = batch.as_slice() {
                 on_answer(0, deliver_one(client, app_id, one, timeout).await);
             } else {
                 deliver_streamed(client, app_id, &batch, timeout, &mut on_answer).await;
             }
+            call.finish(health);
         }
         for index in (0..events.len()).filter(|i| !settled[*i]) {
             let _ = answered.send((
@@ -383,7 +418,7 @@ fn failed(app_id: &str, code: tonic::Code, message: &str) -> DeliveryError {
 mod tests {
     use super::*;
     use std::sync::Arc;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use tandem_proto::internal::mesh_server::{Mesh, MeshServer};
     use tandem_proto::internal::{
         DeliverEventResponse, DeliverEventsResponse, InternalInvokeRequest as InvokeCall, InternalInvokeResponse,
