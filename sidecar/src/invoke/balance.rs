@@ -6,6 +6,12 @@
 //! - In flight: every call and event delivery this sidecar sends holds a [`CallGuard`] on the
 //!   instance it went to until the answer comes back, so a slow or overloaded instance, whose
 //!   calls take longer, is seen with more in flight and picked less.
+//! - Cost: of the two, p2c takes the one with the lower `(calls in flight + 1) x latency`, the
+//!   latency being a peak-sensitive moving average of its answers (tower's and Linkerd's
+//!   `PeakEwma`) that decays toward zero while it gets no calls, and at least the mean age of
+//!   the calls it holds. With equal latencies that is the count of calls in flight; an
+//!   instance ten times slower takes a call only when the other holds ten times as many, and
+//!   an idle slow instance is tried again once its estimate has decayed.
 //! - Ejection: a call that fails with UNAVAILABLE, or that could not be sent (connection
 //!   refused or broken), ejects the instance for `base` doubled for every ejection in a row,
 //!   up to `max`. Once the time is up it takes calls again; one that succeeds ends the run of
@@ -45,11 +51,25 @@ pub struct Ejection {
 /// What a call to an instance showed of its health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Health {
-    /// It answered (whatever the answer).
+    /// It answered (whatever the answer): its latency is a sample of the instance's.
     Answered,
+    /// It refused the call as busy at once: no ejection, but its latency estimate is raised
+    /// as if it had answered slowly (at least [`REFUSAL_LATENCY`]), so that it takes fewer calls
+    /// until its estimate decays.
+    Refused,
     /// It failed with UNAVAILABLE, or the call could not be sent: eject it.
     Failed,
 }
+
+/// How fast an idle instance's latency estimate decays toward zero (e-folding time).
+const LATENCY_DECAY: Duration = Duration::from_secs(1);
+/// Weight of a sample below the estimate in the moving average.
+const SAMPLE_WEIGHT: f64 = 0.25;
+/// The least latency a refusal counts as.
+const REFUSAL_LATENCY: Duration = Duration::from_millis(5);
+/// Added to every latency in the cost, so that instances with no estimate yet still compare
+/// by calls in flight.
+const LATENCY_FLOOR_NS: f64 = 20_000.0;
 
 /// The balancer of one sidecar, over every app-id it calls.
 #[derive(Debug)]
@@ -60,6 +80,8 @@ pub struct Balancer {
     random: AtomicU64,
     endpoints: Mutex<Endpoints>,
     ejections: Family<AppLabels, Counter>,
+    /// The zero of the call start times kept per endpoint.
+    origin: Instant,
 }
 
 #[derive(Debug, Default)]
@@ -73,6 +95,8 @@ struct Endpoints {
 #[derive(Debug)]
 struct Endpoint {
     in_flight: AtomicUsize,
+    /// Sum of the start times (microseconds after the balancer's origin) of the calls in flight.
+    started_sum_us: AtomicU64,
     state: Mutex<EndpointState>,
 }
 
@@ -82,13 +106,32 @@ struct EndpointState {
     /// Ejections since the instance last answered.
     ejections_in_a_row: u32,
     last_used: Instant,
+    /// Latency estimate in nanoseconds as of `latency_at` (0: none yet).
+    latency_ns: f64,
+    latency_at: Instant,
+}
+
+impl EndpointState {
+    /// The estimate at `now`, decayed toward zero since the last sample.
+    fn latency_at(&self, now: Instant) -> f64 {
+        let idle = now.saturating_duration_since(self.latency_at).as_secs_f64();
+        self.latency_ns * (-idle / LATENCY_DECAY.as_secs_f64()).exp()
+    }
+
+    /// Peak-sensitive: a slower answer sets the estimate, a faster one moves it part way.
+    fn sample(&mut self, latency: Duration, now: Instant) {
+        let current = self.latency_at(now);
+        let sample = latency.as_nanos() as f64;
+        self.latency_ns = if sample > current { sample } else { current + (sample - current) * SAMPLE_WEIGHT };
+        self.latency_at = now;
+    }
 }
 
 /// An instance's place in an attempt order, with what the choice looked at.
 struct Candidate {
     instance: Instance,
-    endpoint: Arc<Endpoint>,
     ejected: bool,
+    cost: f64,
 }
 
 impl Balancer {
@@ -106,6 +149,7 @@ impl Balancer {
             random: AtomicU64::new(seed),
             endpoints: Mutex::new(Endpoints::default()),
             ejections,
+            origin: Instant::now(),
         }
     }
 
@@ -114,17 +158,20 @@ impl Balancer {
     }
 
     /// The order in which a call tries `instances`: the policy's choice first, then the other
-    /// instances that are not ejected (fewest in flight first), then the ejected ones.
+    /// instances that are not ejected (cheapest first), then the ejected ones.
     pub fn order(&self, instances: Vec<Instance>) -> Vec<Instance> {
-        let now = Instant::now();
+        self.order_at(instances, Instant::now())
+    }
+
+    fn order_at(&self, instances: Vec<Instance>, now: Instant) -> Vec<Instance> {
         let mut candidates: Vec<Candidate> = {
             let mut endpoints = self.endpoints.lock().unwrap();
             let candidates = instances
                 .into_iter()
                 .map(|instance| {
                     let endpoint = endpoints.entry(&instance.instance_id, now);
-                    let ejected = endpoint.state.lock().unwrap().ejected_until.is_some_and(|until| until > now);
-                    Candidate { instance, endpoint, ejected }
+                    let (ejected, cost) = self.judge(&endpoint, now);
+                    Candidate { instance, ejected, cost }
                 })
                 .collect();
             endpoints.sweep(now);
@@ -135,29 +182,57 @@ impl Balancer {
         let available = candidates.iter().filter(|c| !c.ejected).count();
         let choosable = if available == 0 { candidates.len() } else { available };
         if choosable > 1 {
-            let first = match self.policy {
-                LbPolicy::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % choosable,
+            match self.policy {
+                LbPolicy::RoundRobin => {
+                    let first = self.next.fetch_add(1, Ordering::Relaxed) % choosable;
+                    candidates[..choosable].rotate_left(first);
+                }
                 LbPolicy::P2c => {
                     let (a, b) = self.two_distinct(choosable);
-                    if candidates[b].endpoint.in_flight() < candidates[a].endpoint.in_flight() { b } else { a }
-                }
-            };
-            match self.policy {
-                LbPolicy::RoundRobin => candidates[..choosable].rotate_left(first),
-                LbPolicy::P2c => {
+                    let first = if candidates[b].cost < candidates[a].cost { b } else { a };
                     candidates.swap(0, first);
-                    candidates[1..choosable].sort_by_key(|c| c.endpoint.in_flight());
+                    candidates[1..choosable].sort_by(|x, y| x.cost.total_cmp(&y.cost));
                 }
             }
         }
         candidates.into_iter().map(|c| c.instance).collect()
     }
 
+    /// Whether `endpoint` is ejected at `now`, and its cost: calls in flight (this one
+    /// included) times its latency, which is at least how long the calls it holds have taken.
+    fn judge(&self, endpoint: &Endpoint, now: Instant) -> (bool, f64) {
+        let in_flight = endpoint.in_flight.load(Ordering::Relaxed);
+        let held_ns = if in_flight == 0 {
+            0.0
+        } else {
+            let mean_start_us = endpoint.started_sum_us.load(Ordering::Relaxed) as f64 / in_flight as f64;
+            (self.micros(now) as f64 - mean_start_us).max(0.0) * 1_000.0
+        };
+        let state = endpoint.state.lock().unwrap();
+        let ejected = state.ejected_until.is_some_and(|until| until > now);
+        let latency = state.latency_at(now).max(held_ns) + LATENCY_FLOOR_NS;
+        (ejected, (in_flight + 1) as f64 * latency)
+    }
+
+    fn micros(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.origin).as_micros() as u64
+    }
+
     /// Counts a call to `instance` as in flight until the guard is dropped.
     pub fn start(&self, app_id: &str, instance: &Instance) -> CallGuard<'_> {
-        let endpoint = self.endpoints.lock().unwrap().entry(&instance.instance_id, Instant::now());
+        let started = Instant::now();
+        let endpoint = self.endpoints.lock().unwrap().entry(&instance.instance_id, started);
+        let started_us = self.micros(started);
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-        CallGuard { balancer: self, app_id: app_id.to_string(), instance_id: instance.instance_id.clone(), endpoint }
+        endpoint.started_sum_us.fetch_add(started_us, Ordering::Relaxed);
+        CallGuard {
+            balancer: self,
+            app_id: app_id.to_string(),
+            instance_id: instance.instance_id.clone(),
+            endpoint,
+            started,
+            started_us,
+        }
     }
 
     /// Calls from this sidecar in flight to `instance_id` now.
@@ -165,10 +240,26 @@ impl Balancer {
         self.endpoints.lock().unwrap().by_instance.get(instance_id).map_or(0, |e| e.in_flight())
     }
 
-    fn record(&self, app_id: &str, instance_id: &str, endpoint: &Endpoint, health: Health, now: Instant) {
+    /// What a call that took `latency` (when known) showed of the instance.
+    fn record_call(
+        &self,
+        app_id: &str,
+        instance_id: &str,
+        endpoint: &Endpoint,
+        health: Health,
+        latency: Option<Duration>,
+        now: Instant,
+    ) {
         let mut state = endpoint.state.lock().unwrap();
         match health {
+            Health::Refused => {
+                let doubled = Duration::from_nanos((2.0 * state.latency_at(now)) as u64);
+                state.sample(latency.unwrap_or_default().max(doubled).max(REFUSAL_LATENCY), now);
+            }
             Health::Answered => {
+                if let Some(latency) = latency {
+                    state.sample(latency, now);
+                }
                 if state.ejected_until.is_none_or(|until| until <= now) {
                     state.ejected_until = None;
                     state.ejections_in_a_row = 0;
@@ -220,7 +311,14 @@ impl Endpoints {
         let endpoint = self.by_instance.entry(instance_id.to_string()).or_insert_with(|| {
             Arc::new(Endpoint {
                 in_flight: AtomicUsize::new(0),
-                state: Mutex::new(EndpointState { ejected_until: None, ejections_in_a_row: 0, last_used: now }),
+                started_sum_us: AtomicU64::new(0),
+                state: Mutex::new(EndpointState {
+                    ejected_until: None,
+                    ejections_in_a_row: 0,
+                    last_used: now,
+                    latency_ns: 0.0,
+                    latency_at: now,
+                }),
             })
         });
         endpoint.state.lock().unwrap().last_used = now;
@@ -257,17 +355,22 @@ pub struct CallGuard<'a> {
     app_id: String,
     instance_id: String,
     endpoint: Arc<Endpoint>,
+    started: Instant,
+    started_us: u64,
 }
 
 impl CallGuard<'_> {
     /// Ends the call with what it showed of the instance's health.
     pub fn finish(self, health: Health) {
-        self.balancer.record(&self.app_id, &self.instance_id, &self.endpoint, health, Instant::now());
+        let now = Instant::now();
+        let latency = now.saturating_duration_since(self.started);
+        self.balancer.record_call(&self.app_id, &self.instance_id, &self.endpoint, health, Some(latency), now);
     }
 }
 
 impl Drop for CallGuard<'_> {
     fn drop(&mut self) {
+        self.endpoint.started_sum_us.fetch_sub(self.started_us, Ordering::Relaxed);
         self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -330,6 +433,52 @@ mod tests {
     }
 
     #[test]
+    fn p2c_avoids_a_slow_instance_until_its_estimate_decays() {
+        let b = balancer(LbPolicy::P2c);
+        let t0 = Instant::now();
+        for (id, latency) in [("slow", 20), ("fast", 1)] {
+            let endpoint = b.endpoints.lock().unwrap().entry(id, t0);
+            b.record_call("svc", id, &endpoint, Health::Answered, Some(Duration::from_millis(latency)), t0);
+        }
+        let first = |at: Instant| b.order_at(instances(&["slow", "fast"]), at)[0].instance_id.clone();
+        for _ in 0..100 {
+            assert_eq!(first(t0), "fast", "20 ms against 1 ms, nothing in flight");
+        }
+        // Four fast calls in flight for 1 ms each cost less than one call to the slow one.
+        let all = instances(&["slow", "fast"]);
+        let held: Vec<_> = (0..4).map(|_| b.start("svc", &all[1])).collect();
+        assert_eq!(first(t0), "fast");
+        drop(held);
+        // Idle for 5 s, the slow one's estimate has decayed below the fast one's: tried again.
+        let later = t0 + Duration::from_secs(5);
+        let fast = b.endpoints.lock().unwrap().entry("fast", later);
+        b.record_call("svc", "fast", &fast, Health::Answered, Some(Duration::from_millis(1)), later);
+        assert_eq!(first(later), "slow");
+        // A quick refusal counts as a slow answer: the busy instance is avoided again.
+        let slow = b.endpoints.lock().unwrap().entry("slow", later);
+        b.record_call("svc", "slow", &slow, Health::Refused, Some(Duration::from_micros(1)), later);
+        assert!(slow.state.lock().unwrap().latency_at(later) >= REFUSAL_LATENCY.as_nanos() as f64);
+        assert_eq!(first(later), "fast");
+    }
+
+    #[test]
+    fn the_calls_an_instance_holds_count_as_its_latency() {
+        let b = balancer(LbPolicy::P2c);
+        let t0 = Instant::now();
+        let all = instances(&["holder", "quick"]);
+        for id in ["holder", "quick"] {
+            let endpoint = b.endpoints.lock().unwrap().entry(id, t0);
+            b.record_call("svc", id, &endpoint, Health::Answered, Some(Duration::from_millis(1)), t0);
+        }
+        let _held = b.start("svc", &all[0]);
+        // The held call is 50 ms old: holder costs 2 x 50 ms, quick 1 x 1 ms.
+        let later = Instant::now() + Duration::from_millis(50);
+        for _ in 0..50 {
+            assert_eq!(b.order_at(all.clone(), later)[0].instance_id, "quick");
+        }
+    }
+
+    #[test]
     fn round_robin_takes_each_in_turn() {
         let b = balancer(LbPolicy::RoundRobin);
         let picks: Vec<String> = (0..6).map(|_| first(&b, &["a", "b", "c"])).collect();
@@ -356,7 +505,7 @@ mod tests {
         let endpoint = b.endpoints.lock().unwrap().entry("a", t0);
         let ejected_until = || endpoint.state.lock().unwrap().ejected_until;
 
-        b.record("svc", "a", &endpoint, Health::Failed, t0);
+        b.record_call("svc", "a", &endpoint, Health::Failed, None, t0);
         assert_eq!(ejected_until(), Some(t0 + Duration::from_millis(100)));
         for _ in 0..4 {
             assert_eq!(first(&b, &["a", "b"]), "b", "ejected: never first while another is available");
@@ -364,23 +513,23 @@ mod tests {
         let order = b.order(all.clone());
         assert_eq!(order[1].instance_id, "a", "an ejected instance stays the last resort");
         // Calls that were in flight when it failed add nothing.
-        b.record("svc", "a", &endpoint, Health::Failed, t0 + Duration::from_millis(10));
+        b.record_call("svc", "a", &endpoint, Health::Failed, None, t0 + Duration::from_millis(10));
         assert_eq!(ejected_until(), Some(t0 + Duration::from_millis(100)));
 
         // Back after its time, fails again: twice as long, then capped.
         let t1 = t0 + Duration::from_millis(150);
-        b.record("svc", "a", &endpoint, Health::Failed, t1);
+        b.record_call("svc", "a", &endpoint, Health::Failed, None, t1);
         assert_eq!(ejected_until(), Some(t1 + Duration::from_millis(200)));
         let t2 = t1 + Duration::from_millis(250);
-        b.record("svc", "a", &endpoint, Health::Failed, t2);
+        b.record_call("svc", "a", &endpoint, Health::Failed, None, t2);
         assert_eq!(ejected_until(), Some(t2 + Duration::from_millis(350)), "capped at max");
         assert_eq!(b.ejections.get_or_create(&AppLabels { app_id: "svc".into() }).get(), 3);
 
         // An answer after the ejection ends the run: the next failure is a first one again.
         let t3 = t2 + Duration::from_millis(400);
-        b.record("svc", "a", &endpoint, Health::Answered, t3);
+        b.record_call("svc", "a", &endpoint, Health::Answered, None, t3);
         assert_eq!(ejected_until(), None);
-        b.record("svc", "a", &endpoint, Health::Failed, t3);
+        b.record_call("svc", "a", &endpoint, Health::Failed, None, t3);
         assert_eq!(ejected_until(), Some(t3 + Duration::from_millis(100)));
     }
 
@@ -390,7 +539,7 @@ mod tests {
         let now = Instant::now();
         for id in ["a", "b"] {
             let endpoint = b.endpoints.lock().unwrap().entry(id, now);
-            b.record("svc", id, &endpoint, Health::Failed, now);
+            b.record_call("svc", id, &endpoint, Health::Failed, None, now);
         }
         let order = b.order(instances(&["a", "b"]));
         assert_eq!(order.len(), 2);

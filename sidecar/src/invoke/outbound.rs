@@ -137,7 +137,7 @@ impl Invoker {
                 // The app refused it without running it (Tandem's contract for RESOURCE_EXHAUSTED,
                 // e.g. serve's full queue): another instance may have room.
                 Err(status) if status.code() == tonic::Code::ResourceExhausted => {
-                    call.finish(Health::Answered);
+                    call.finish(Health::Refused);
                     tracing::debug!(instance = %instance.instance_id, error = %status.message(), "busy; trying the next instance");
                     busy = Some(strip_not_delivered(status));
                 }
