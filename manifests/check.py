@@ -20,10 +20,10 @@ What the API schema cannot know, checked for every workload with a Tandem sideca
   (state.etcd), not in each sidecar's own (state.sled);
 and for the whole: the four apps are there (train a StatefulSet, serve and preprocess
 Deployments), train's group minimum (TANDEM_MIN_REPLICAS / --min-replicas, at least 1) is
-within its replicas and its maximum, serve has an HPA and a PDB, the internal port is open only
+within its replicas and its maximum, serve has an HPA (whose serve metrics, if any, serve exports on its declared metrics port) and a PDB, the internal port is open only
 to sidecar pods behind a default deny, and etcd's members match its replicas and the sidecars'
 endpoints.
---self-test breaks a copy of the manifests in ways the checks must catch (twelve) and fails if
+--self-test breaks a copy of the manifests in ways the checks must catch (thirteen) and fails if
 any goes unnoticed.
 """
 
@@ -37,6 +37,8 @@ from urllib.parse import urlparse
 import yaml
 
 APPS = {"ingest": None, "preprocess": "Deployment", "train": "StatefulSet", "serve": "Deployment"}
+# Gauges on serve's /metrics that an autoscaler may scale on (services/serve/src/metrics.rs).
+SERVE_SCALING_METRICS = {"tandem_serve_queue_depth_samples", "tandem_serve_requests_in_flight"}
 SIDECAR_LABEL = "tandem.dev/sidecar"
 TANDEMD_PORT_FLAGS = {"grpc": "--grpc-port", "internal": "--internal-port", "admin": "--admin-port"}
 TANDEMD_DEFAULT_PORTS = {"--grpc-port": 50001, "--internal-port": 50002, "--admin-port": 9090}
@@ -193,6 +195,8 @@ def check(docs, flags, envs, components_dir):
         hpas = [h for h in by_kind.get("HorizontalPodAutoscaler", {}).values() if h["spec"]["scaleTargetRef"]["name"] == "serve"]
         if not hpas:
             errors.append("serve: no HorizontalPodAutoscaler")
+        for hpa in hpas:
+            errors += check_serve_scaling_metrics(hpa, serve)
         serve_labels = serve["spec"]["template"]["metadata"]["labels"]
         pdbs = [p for p in by_kind.get("PodDisruptionBudget", {}).values()
                 if all(serve_labels.get(k) == v for k, v in p["spec"]["selector"].get("matchLabels", {}).items())]
@@ -205,6 +209,27 @@ def check(docs, flags, envs, components_dir):
 
     errors += check_network_policies(by_kind.get("NetworkPolicy", {}).values(), sidecar_workloads)
     errors += check_etcd(by_kind, sidecar_workloads)
+    return errors
+
+
+def check_serve_scaling_metrics(hpa, serve):
+    """An HPA metric of serve's own is one serve exports, on a port its pods declare."""
+    errors = []
+    app = serve["spec"]["template"]["spec"]["containers"][0]
+    args = parse_args(app.get("args", []))
+    ports = {p.get("name"): p.get("containerPort") for p in app.get("ports", [])}
+    for metric in hpa["spec"].get("metrics", []):
+        source = {"Pods": "pods", "Object": "object", "External": "external"}.get(metric.get("type"))
+        name = metric.get(source, {}).get("metric", {}).get("name") if source else None
+        if not name or not name.startswith("tandem_serve_"):
+            continue
+        if name not in SERVE_SCALING_METRICS:
+            errors.append(f"serve's HPA scales on {name!r}, which serve does not export (it has {sorted(SERVE_SCALING_METRICS)})")
+        port = args.get("--metrics-port")
+        if port is None:
+            errors.append(f"serve's HPA scales on {name!r} but serve has no --metrics-port")
+        elif ports.get("metrics") != int(port):
+            errors.append(f"serve --metrics-port {port} is not its container port named 'metrics' ({ports.get('metrics')})")
     return errors
 
 
@@ -389,7 +414,16 @@ def self_test(docs, flags, envs, components_dir):
         app["env"] = [e for e in app.get("env", []) if e["name"] != "TANDEM_MIN_REPLICAS"]
         app["env"].append({"name": "TANDEM_MIN_REPLICAS", "value": str(workload(d, "train")["spec"].get("replicas", 1) + 1)})
 
+    def serve_hpa(d):
+        return next(x for x in d if x["kind"] == "HorizontalPodAutoscaler" and x["metadata"]["name"] == "serve")
+
+    def scales_on_unknown_metric(d):
+        serve_hpa(d)["spec"]["metrics"].append(
+            {"type": "Pods", "pods": {"metric": {"name": "tandem_serve_queue_lenght"},
+                                      "target": {"type": "AverageValue", "averageValue": "64"}}})
+
     cases = [
+        (scales_on_unknown_metric, "which serve does not export"),
         (drop_sidecar, "exactly one init container 'tandemd'"),
         (plain_init, "restartPolicy: Always"),
         (wrong_admin_port, "--admin-port is 9091"),

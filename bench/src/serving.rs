@@ -90,10 +90,10 @@ pub async fn run(settings: ServingSettings, context: RunContext) -> Result<Strin
     let mut figures: Vec<[Figures; 2]> = vec![Default::default(), Default::default()];
     for round in 0..settings.rounds {
         for (index, (max_batch, name)) in settings_list.iter().enumerate() {
-            pipeline.serve.stop_service().await;
-            pipeline.serve.start_service(&serve_args(*max_batch, settings.max_batch_wait_ms)).await;
+            pipeline.serve[0].stop_service().await;
+            pipeline.serve[0].start_service(&serve_args(*max_batch, settings.max_batch_wait_ms)).await;
             pipeline.wait_for_model(None, Duration::from_secs(60)).await;
-            let direct = direct_client(pipeline.serve.app_port).await?;
+            let direct = direct_client(pipeline.serve[0].app_port).await?;
             for (slot, route) in [Route::Mesh, Route::Direct].into_iter().enumerate() {
                 eprintln!("round {}: {name} ({route:?}) ...", round + 1);
                 let before: ServeStatus = pipeline.status(app_ids::SERVE).await.context("serve status")?;

@@ -182,11 +182,15 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub train_replicas: u16,
 
-    /// Pause before a train replica that died (its service or its tandemd) is started again.
+    /// How many serve replicas to run (callers' sidecars balance predictions over them).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub serve_replicas: u16,
+
+    /// Pause before a train or serve replica that died (its service or its tandemd) is started again.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     pub restart_delay: Duration,
 
-    /// Restarts of one train replica before `tandem up` gives up and stops everything.
+    /// Restarts of one train or serve replica before `tandem up` gives up and stops everything.
     #[arg(long, default_value_t = 5)]
     pub max_restarts: u32,
 
@@ -263,6 +267,10 @@ pub struct UpArgs {
     /// serve: longest wait for a batch to fill, in milliseconds.
     #[arg(long, help_heading = "Pipeline")]
     pub max_batch_wait_ms: Option<u64>,
+
+    /// serve: most samples waiting for a forward pass; more are refused (load shedding).
+    #[arg(long, help_heading = "Pipeline")]
+    pub max_queue: Option<u32>,
 }
 
 #[cfg(test)]

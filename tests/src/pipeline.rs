@@ -11,6 +11,7 @@ use tandem_pipeline::messages::{JSON, PredictResponse, ServeStatus, app_ids, met
 use tandem_sdk::{CallOptions, SidecarClient, Status};
 
 use crate::service::{RunningService, Service};
+use crate::training::app_status;
 use crate::{Etcd, RunningSidecar, Sidecar, eventually, free_port};
 
 /// The repository's `components/<app>` directory.
@@ -24,6 +25,8 @@ pub struct PipelineOptions {
     pub preprocess_replicas: usize,
     /// Train replicas, one training group.
     pub train_replicas: usize,
+    /// Serve replicas.
+    pub serve_replicas: usize,
     pub ingest_args: Vec<String>,
     pub train_args: Vec<String>,
     pub serve_args: Vec<String>,
@@ -38,6 +41,7 @@ impl Default for PipelineOptions {
         PipelineOptions {
             preprocess_replicas: 2,
             train_replicas: 1,
+            serve_replicas: 1,
             ingest_args: Vec::new(),
             train_args: Vec::new(),
             serve_args: Vec::new(),
@@ -104,7 +108,7 @@ pub struct Pipeline {
     pub ingest: Stage,
     pub preprocess: Vec<Stage>,
     pub train: Vec<Stage>,
-    pub serve: Stage,
+    pub serve: Vec<Stage>,
     pub client_sidecar: RunningSidecar,
     /// A client of `client_sidecar`: every call through it crosses the mesh.
     pub client: SidecarClient,
@@ -116,7 +120,10 @@ impl Pipeline {
     /// makes the logs easier to read).
     pub async fn start(options: PipelineOptions) -> Pipeline {
         let etcd = Etcd::start().await;
-        let serve = Stage::start(&etcd, app_ids::SERVE, Some(&options.serve_args)).await;
+        let mut serve = Vec::new();
+        for _ in 0..options.serve_replicas {
+            serve.push(Stage::start(&etcd, app_ids::SERVE, Some(&options.serve_args)).await);
+        }
         let mut train = Vec::new();
         for _ in 0..options.train_replicas {
             train.push(
@@ -152,21 +159,27 @@ impl Pipeline {
         self.call(app_ids::SERVE, methods::PREDICT, body).await
     }
 
-    /// Waits until serve has a model other than `not` loaded; returns its version.
+    /// Waits until every serve replica has the same model, other than `not`, loaded; returns
+    /// its version.
     pub async fn wait_for_model(&self, not: Option<&str>, timeout: Duration) -> String {
         let version = std::sync::Mutex::new(None);
-        let what = format!("serve to load a model (other than {not:?})");
+        let what = format!("every serve replica to load a model (other than {not:?})");
         eventually(timeout, &what, || {
             let found = &version;
             async move {
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                match self.status::<ServeStatus>(app_ids::SERVE).await {
-                    Ok(ServeStatus { model_version: Some(v), .. }) if Some(v.as_str()) != not => {
-                        *found.lock().unwrap() = Some(v);
-                        true
-                    }
-                    _ => false,
+                let mut versions = std::collections::BTreeSet::new();
+                for replica in &self.serve {
+                    match app_status::<ServeStatus>(replica.app_port).await {
+                        Ok(ServeStatus { model_version: Some(v), .. }) if Some(v.as_str()) != not => versions.insert(v),
+                        _ => return false,
+                    };
                 }
+                if versions.len() != 1 {
+                    return false;
+                }
+                *found.lock().unwrap() = versions.pop_first();
+                true
             }
         })
         .await;

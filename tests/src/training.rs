@@ -153,6 +153,12 @@ impl TrainGroup {
 
 /// `status` of the train replica serving on `app_port`, asked directly.
 pub async fn replica_status(app_port: u16) -> Result<TrainStatus, Status> {
+    app_status(app_port).await
+}
+
+/// `status` of the service replica serving on `app_port`, asked directly (the mesh picks a
+/// replica by itself).
+pub async fn app_status<T: serde::de::DeserializeOwned>(app_port: u16) -> Result<T, Status> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{app_port}"))
         .map_err(|e| Status::internal(e.to_string()))?;
     let mut client = AppCallbackClient::new(endpoint.connect_lazy());

@@ -576,7 +576,8 @@ async fn up_runs_the_pipeline_to_a_serving_model_then_stops_everything() {
 
 /// Two train replicas train as one group; one replica's service is killed with SIGKILL while
 /// it trains: `tandem up` reports it, starts the pair again (the replica joins the group late),
-/// and the pipeline still ends with a serving model and its test accuracy.
+/// and the pipeline still ends with a serving model and its test accuracy. One of two serve
+/// replicas loses its sidecar meanwhile and is restarted the same way; both serve the model.
 #[tokio::test]
 async fn up_with_two_train_replicas_survives_one_killed_while_training() {
     let root = tempfile::tempdir().unwrap();
@@ -593,6 +594,8 @@ async fn up_with_two_train_replicas_survives_one_killed_while_training() {
         "--etcd-port",
         "0",
         "--train-replicas",
+        "2",
+        "--serve-replicas",
         "2",
         "--epochs",
         "5",
@@ -613,12 +616,17 @@ async fn up_with_two_train_replicas_survives_one_killed_while_training() {
     // Debug builds train slowly on a busy 2-core machine: bounded, but generously.
     wait_for_output(&mut up, &log, Duration::from_secs(900), "train-2: training").await;
     let before = started_pids(&run_dir);
-    assert_eq!(before.len(), 13, "etcd, 6 sidecars and 6 services: {before:?}");
+    assert_eq!(before.len(), 15, "etcd, 7 sidecars and 7 services: {before:?}");
     kill_9(before["train-2"]);
     // Reported and restarted while the pipeline still runs (the survivor is still training).
     let killed = format!("train-2 (pid {}) was killed by signal 9", before["train-2"]);
     wait_for_output(&mut up, &log, Duration::from_secs(60), &killed).await;
     wait_for_output(&mut up, &log, Duration::from_secs(120), "train-2 restarted (restart 1 of 5)").await;
+    // A serve replica's sidecar dies too: reported and restarted the same way.
+    kill_9(before["tandemd:serve-2"]);
+    let killed = format!("tandemd:serve-2 (pid {}) was killed by signal 9", before["tandemd:serve-2"]);
+    wait_for_output(&mut up, &log, Duration::from_secs(60), &killed).await;
+    wait_for_output(&mut up, &log, Duration::from_secs(120), "serve-2 restarted (restart 1 of 5)").await;
 
     let status = tokio::time::timeout(Duration::from_secs(1000), up.wait())
         .await
@@ -637,9 +645,10 @@ async fn up_with_two_train_replicas_survives_one_killed_while_training() {
     assert!(accuracy >= 80.0, "test accuracy {accuracy}% after 5 epochs:\n{out}");
 
     let after = started_pids(&run_dir);
-    assert_eq!(after.len(), 13, "{after:?}");
+    assert_eq!(after.len(), 15, "{after:?}");
     assert_ne!(after["train-2"], before["train-2"], "train-2 runs as a new process");
-    assert!(err.contains("stopped 13 of 13 processes"), "{err}");
+    assert_ne!(after["serve-2"], before["serve-2"], "serve-2 runs as a new process");
+    assert!(err.contains("stopped 15 of 15 processes"), "{err}");
     assert_all_gone(&after);
     assert_all_gone(&before);
 }

@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use tandem_model::Dataset;
 use tandem_pipeline::messages::{
-    GetModelRequest, IngestPhase, IngestStatus, ModelEntry, PreprocessStatus, TrainPhase, TrainStatus, app_ids, methods,
+    GetModelRequest, IngestPhase, IngestStatus, ModelEntry, PreprocessStatus, ServeStatus, TrainPhase, TrainStatus,
+    app_ids, methods,
 };
 use tandem_sdk::Code;
 use tandem_tests::pipeline::{Pipeline, PipelineOptions, Stage};
 use tandem_tests::service::Service;
-use tandem_tests::training::replica_status;
+use tandem_tests::training::{app_status, replica_status};
 use tandem_tests::{Etcd, Sidecar, eventually};
 
 /// Generous: debug builds on a busy 2-core CI machine.
@@ -37,7 +38,8 @@ fn rows_json(dataset: &Dataset) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn digits_flow_through_the_mesh_to_a_served_model_that_is_swapped_under_load() {
-    let pipeline = Pipeline::start(PipelineOptions { train_replicas: 2, ..PipelineOptions::default() }).await;
+    let pipeline =
+        Pipeline::start(PipelineOptions { train_replicas: 2, serve_replicas: 2, ..PipelineOptions::default() }).await;
 
     // 1. The first model: trained on digits by two replicas in one group, announced, loaded by serve.
     let v1 = pipeline.wait_for_model(None, TRAINING_TIMEOUT).await;
@@ -186,6 +188,12 @@ async fn digits_flow_through_the_mesh_to_a_served_model_that_is_swapped_under_lo
     assert!(seen.contains_key(&v1) && seen.contains_key(&v2), "both versions answered under load: {seen:?}");
     let after_swap = pipeline.predict(&rows_json(&test)).await.expect("predict after the swap");
     assert_eq!(after_swap.model_version, v2);
+    // Both serve replicas took part of the load and both swapped (wait_for_model saw v2 on each).
+    for (i, replica) in pipeline.serve.iter().enumerate() {
+        let status: ServeStatus = app_status(replica.app_port).await.expect("a serve replica's status");
+        assert_eq!(status.model_version.as_deref(), Some(v2.as_str()), "serve replica {i}");
+        assert!(status.requests > 0, "serve replica {i} answered no predict: {status:?}");
+    }
     let entry2: ModelEntry = pipeline
         .call(app_ids::TRAIN, methods::GET_MODEL, &format!(r#"{{"version":"{v2}"}}"#))
         .await

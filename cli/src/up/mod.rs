@@ -1,18 +1,20 @@
 //! `tandem up`: the whole pipeline on this machine, as child processes.
 //!
 //! 1. etcd (the local `etcd` binary), on 127.0.0.1:2379 when that is free, else a free port.
-//! 2. For each service instance (ingest, preprocess ×2, train ×`--train-replicas`, serve): its
-//!    tandemd (every port 0, read back from its log), then the service with `--app-port` (a free
-//!    port) and `--sidecar` (its tandemd's API). Data and a log per process under one run dir.
+//! 2. For each service instance (ingest, preprocess ×2, train ×`--train-replicas`, serve
+//!    ×`--serve-replicas`): its tandemd (every port 0, read back from its log), then the service
+//!    with `--app-port` (a free port) and `--sidecar` (its tandemd's API). Data and a log per
+//!    process under one run dir.
 //! 3. Waits until every sidecar is ready, then polls each service's `status` (single instances
-//!    through their sidecars, i.e. through the mesh; each replica of preprocess or train directly
+//!    through their sidecars, i.e. through the mesh; each replica of preprocess, train or serve directly
 //!    on its app port, since the mesh picks a replica by itself and progress is per replica)
 //!    and draws it as progress bars, until serve has the model.
 //! 4. Prints the test accuracy, where serve listens and a ready-to-paste `predict` example
 //!    (which it runs once itself), then serves until SIGINT or SIGTERM.
 //!
-//! While it runs, a train replica whose service or tandemd dies is restarted (a new pair, which
-//! joins the training group as a late joiner) up to `--max-restarts` times; any other process
+//! While it runs, a train or serve replica whose service or tandemd dies is restarted (a new
+//! pair: train joins the training group as a late joiner, serve loads the latest model) up to
+//! `--max-restarts` times; any other process
 //! that exits, or any exit during start-up, ends the run ([`supervise`]). Whatever ends the run
 //! (a signal, such an exit, a timeout), every process is stopped, last started first, before
 //! `tandem up` exits ([`process::Processes::stop_all`]).
@@ -181,7 +183,7 @@ impl Up<'_> {
         eprintln!("all {} sidecars ready; running the pipeline", started.len());
 
         let mut view = ProgressView::new();
-        // From here on a train replica that dies is restarted instead of ending the run.
+        // From here on a train or serve replica that dies is restarted instead of ending the run.
         self.supervision.arm(launcher, view.console());
         let roster = self.roster.clone();
         let watching = watch_progress(&roster, &mut view, self.options.ready_timeout);

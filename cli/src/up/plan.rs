@@ -33,10 +33,11 @@ pub struct Member {
 
 impl Member {
     /// Whether the pair is started again when its service or its tandemd dies: train replicas,
-    /// which a training group absorbs when they die and takes back as late joiners. Any other
-    /// instance that dies stops the pipeline.
+    /// which a training group absorbs when they die and takes back as late joiners, and serve
+    /// replicas, whose callers' sidecars balance over the others meanwhile. Any other instance
+    /// that dies stops the pipeline.
     pub fn restartable(&self) -> bool {
-        self.app_id == TRAIN
+        self.app_id == TRAIN || self.app_id == SERVE
     }
 }
 
@@ -72,7 +73,7 @@ pub fn members(options: &UpArgs) -> Vec<Member> {
     let mut members = vec![member(INGEST.into(), INGEST)];
     members.extend(replicas(PREPROCESS, options.preprocess_replicas));
     members.extend(replicas(TRAIN, options.train_replicas));
-    members.push(member(SERVE.into(), SERVE));
+    members.extend(replicas(SERVE, options.serve_replicas));
     members
 }
 
@@ -107,6 +108,7 @@ pub fn service_args(app_id: &str, options: &UpArgs) -> Vec<String> {
         SERVE => {
             pass("--max-batch-size", options.max_batch_size.map(|v| v.to_string()));
             pass("--max-batch-wait-ms", options.max_batch_wait_ms.map(|v| v.to_string()));
+            pass("--max-queue", options.max_queue.map(|v| v.to_string()));
             pass("--device", options.device.clone());
         }
         _ => {}
@@ -242,8 +244,25 @@ mod tests {
         assert_eq!(trains.len(), 2);
         assert!(trains.iter().all(|m| m.binary == "tandem-train" && m.args == ["--epochs", "4"]), "{trains:?}");
         assert!(trains.iter().all(Member::restartable), "train replicas are restarted when they die");
-        assert!(members(&o).iter().filter(|m| m.app_id != TRAIN).all(|m| !m.restartable()));
+        let others = members(&o).into_iter().filter(|m| m.app_id != TRAIN && m.app_id != SERVE);
+        assert!(others.into_iter().all(|m| !m.restartable()), "ingest and preprocess stop the pipeline");
         assert_eq!(options(&[]).train_replicas, 1, "one train by default");
+    }
+
+    #[test]
+    fn serve_replicas_are_named_and_restarted_like_train_replicas() {
+        let names: Vec<String> = members(&options(&["--serve-replicas", "2"])).into_iter().map(|m| m.name).collect();
+        assert_eq!(names.iter().filter(|n| n.starts_with("serve")).collect::<Vec<_>>(), ["serve-1", "serve-2"]);
+        let serves: Vec<Member> = members(&options(&["--serve-replicas", "2", "--max-queue", "64"]))
+            .into_iter()
+            .filter(|m| m.app_id == SERVE)
+            .collect();
+        assert!(serves.iter().all(Member::restartable), "serve replicas are restarted when they die");
+        assert!(serves.iter().all(|m| m.args == ["--max-queue", "64"]), "{serves:?}");
+        let one: Vec<String> =
+            members(&options(&[])).into_iter().filter(|m| m.app_id == SERVE).map(|m| m.name).collect();
+        assert_eq!(one, ["serve"], "one serve by default");
+        assert!(try_options(&["--serve-replicas", "0"]).is_err());
     }
 
     #[test]

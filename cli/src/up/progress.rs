@@ -75,9 +75,15 @@ impl Snapshot {
         self.answers(app_id).next()
     }
 
-    /// The model serve answers with, once it has one.
+    /// The model serve answers with, once every serve replica that is up has it.
     pub fn serving_model(&self) -> Option<String> {
-        self.answers(SERVE).find_map(|serve| text(serve, "model_version"))
+        let mut versions = self
+            .instances
+            .iter()
+            .filter(|i| i.app_id == SERVE && i.down.is_none())
+            .map(|i| i.status.as_ref().and_then(|status| text(status, "model_version")));
+        let first = versions.next()??;
+        versions.all(|version| version.as_deref() == Some(first.as_str())).then_some(first)
     }
 
     /// The test accuracy (0..1) and model version of the first train replica that is done.
@@ -420,6 +426,14 @@ mod tests {
         );
         assert_eq!(s.serving_model().as_deref(), Some("m1"));
         assert_eq!(s.trained(), Some((0.975, "m1".to_string())));
+        // With a second serve replica, serving means every replica that is up has the model.
+        let mut two = s.clone();
+        two.instances.push(InstanceStatus::new("serve-2", SERVE, None));
+        assert_eq!(two.serving_model(), None, "serve-2 has not answered yet");
+        two.instances.last_mut().unwrap().status = Some(json!({"model_version":"m1","requests":0}));
+        assert_eq!(two.serving_model().as_deref(), Some("m1"));
+        two.instances.last_mut().unwrap().down = Some("down: restarting".into());
+        assert_eq!(two.serving_model().as_deref(), Some("m1"), "a replica that is down does not hold it back");
         let rows: HashMap<String, Row> = s.rows().into_iter().collect();
         assert!(rows.values().all(|row| row.finished), "{rows:?}");
         assert!(rows["train"].message.contains("97.50%"), "{:?}", rows["train"]);
@@ -453,7 +467,7 @@ mod tests {
             model_version: None,
             group: None,
         };
-        let serve = ServeStatus { model_version: None, requests: 0, samples: 0, batches: 0 };
+        let serve = ServeStatus { model_version: None, requests: 0, samples: 0, batches: 0, shed: 0, queued: 0 };
         let snapshot = |train: &TrainStatus, serve: &ServeStatus| {
             snapshot(value(&ingest), [value(&pre), value(&pre)], value(train), value(serve))
         };

@@ -1,13 +1,14 @@
 //! What `tandem up` does when a process dies: [`Supervisor`] decides (a pure state machine,
 //! unit-tested with made-up instants), [`Supervision`] carries it out on the processes.
 //!
-//! During start-up, and for every instance other than a train replica, a process that exits
-//! stops the whole pipeline (reported with its exit status and the last lines of its log). Once
-//! every sidecar is ready ([`Supervision::arm`]), a train replica whose service or tandemd exits
-//! is reported the same way, the other process of its pair is stopped, and after
+//! During start-up, and for every instance other than a train or serve replica, a process that
+//! exits stops the whole pipeline (reported with its exit status and the last lines of its log).
+//! Once every sidecar is ready ([`Supervision::arm`]), a train or serve replica whose service or
+//! tandemd exits is reported the same way, the other process of its pair is stopped, and after
 //! `--restart-delay` the pair starts again (a new tandemd and service on new ports, the same
-//! component files: the service joins its training group as a late joiner) while everything
-//! else keeps running. A replica that dies after `--max-restarts` restarts stops the pipeline.
+//! component files: a train replica joins its training group as a late joiner, a serve replica
+//! loads the latest model) while everything else keeps running; callers' sidecars meanwhile
+//! send predictions to the other serve replicas. A replica that dies after `--max-restarts` restarts stops the pipeline.
 //! A restart whose tandemd does not come up within `--start-timeout` counts as a death too.
 
 use std::collections::BTreeMap;
@@ -381,10 +382,18 @@ mod tests {
     }
 
     #[test]
+    fn a_serve_replica_that_dies_is_restarted_like_a_train_replica() {
+        let mut s = supervisor(1);
+        let now = Instant::now();
+        assert!(matches!(s.exited(&member("serve", SERVE), now), Verdict::Restart { restart: 1, .. }));
+        assert_eq!(s.due(now + Duration::from_secs(3)), ["serve"]);
+    }
+
+    #[test]
     fn other_apps_and_any_death_during_start_up_stop_the_pipeline() {
         let mut s = supervisor(5);
         let now = Instant::now();
-        for (name, app_id) in [("serve", SERVE), ("preprocess-1", PREPROCESS), ("ingest", crate::up::plan::INGEST)] {
+        for (name, app_id) in [("preprocess-1", PREPROCESS), ("ingest", crate::up::plan::INGEST)] {
             assert_eq!(s.exited(&member(name, app_id), now), Verdict::Stop, "{name}");
         }
         let mut starting = Supervisor::new(RestartPolicy { delay: Duration::ZERO, max_restarts: 5 });

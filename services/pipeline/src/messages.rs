@@ -381,6 +381,12 @@ pub struct ServeStatus {
     pub samples: u64,
     /// Forward passes run (each holds one or more requests).
     pub batches: u64,
+    /// `predict` calls refused because the queue was full (`--max-queue`).
+    #[serde(default)]
+    pub shed: u64,
+    /// Samples waiting for a forward pass now.
+    #[serde(default)]
+    pub queued: u64,
 }
 
 #[cfg(test)]

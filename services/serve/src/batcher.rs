@@ -6,9 +6,14 @@
 //! wait makes a pass that is not full linger for more; with closed-loop clients no more than
 //! the batch size, that lockstep (every pass waiting for the last client's next request) costs
 //! more than it saves (BENCHMARKS.md, serving).
+//!
+//! Load shedding: at most `max_queue` samples wait for a pass. A request that would go past
+//! it is refused at once with RESOURCE_EXHAUSTED, naming the limit, instead of waiting behind
+//! a queue that only grows under overload (a sidecar then tries another replica). A request
+//! that finds the queue empty is always taken, however large.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tandem_model::Prediction;
@@ -16,6 +21,7 @@ use tandem_sdk::Status;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::metrics::ServeMetrics;
 use crate::model::{LoadedModel, ModelSlot};
 
 /// How requests are grouped into forward passes.
@@ -26,6 +32,10 @@ pub struct BatchingOptions {
     pub max_batch_size: usize,
     /// After the first request of a batch, how long to wait for more.
     pub max_wait: Duration,
+    /// Most samples waiting for a pass; more are refused (load shedding).
+    pub max_queue: usize,
+    /// Extra time each pass takes (`--slow-ms`: a slow replica for tests and benchmarks).
+    pub slow: Duration,
 }
 
 /// Predictions of one request and the model version that made them.
@@ -48,25 +58,61 @@ pub struct Batcher {
     pub batches: Arc<AtomicU64>,
     /// Samples predicted.
     pub samples: Arc<AtomicU64>,
+    /// Samples waiting for a pass.
+    queued: Arc<AtomicUsize>,
+    max_queue: usize,
+    metrics: ServeMetrics,
 }
 
 impl Batcher {
     /// Starts the batching task, which predicts with whatever model `slot` holds at each batch.
-    pub fn start(options: BatchingOptions, slot: Arc<ModelSlot>) -> Batcher {
-        let (queue, jobs) = mpsc::channel(4096);
-        let batcher = Batcher { queue, batches: Arc::new(AtomicU64::new(0)), samples: Arc::new(AtomicU64::new(0)) };
+    pub fn start(options: BatchingOptions, slot: Arc<ModelSlot>, metrics: ServeMetrics) -> Batcher {
+        // Every waiting job holds a sample at least, so the channel never fills before the queue.
+        let (queue, jobs) = mpsc::channel(options.max_queue.clamp(1, 1 << 16));
+        let batcher = Batcher {
+            queue,
+            batches: Arc::new(AtomicU64::new(0)),
+            samples: Arc::new(AtomicU64::new(0)),
+            queued: Arc::new(AtomicUsize::new(0)),
+            max_queue: options.max_queue,
+            metrics,
+        };
         tokio::spawn(run(options, slot, jobs, batcher.clone()));
         batcher
     }
 
-    /// Predicts `samples` (already checked: finite, one width) in the next batch.
+    /// Predicts `samples` (already checked: finite, one width) in the next batch, or refuses
+    /// them at once with RESOURCE_EXHAUSTED when the queue has no room.
     pub async fn predict(&self, samples: Vec<Vec<f32>>) -> Result<Answer, Status> {
+        let count = samples.len();
+        let waiting = self.queued.fetch_add(count, Ordering::SeqCst);
+        if waiting > 0 && waiting + count > self.max_queue {
+            self.queued.fetch_sub(count, Ordering::SeqCst);
+            self.metrics.shed.inc();
+            return Err(Status::resource_exhausted(format!(
+                "serve's queue is full: {waiting} samples wait and this request has {count}, above --max-queue {} \
+                 (try again later or another replica)",
+                self.max_queue
+            )));
+        }
+        self.metrics.queue_depth.inc_by(count as i64);
         let (reply, answer) = oneshot::channel();
-        self.queue
-            .send(Job { samples, reply })
-            .await
-            .map_err(|_| Status::unavailable("the prediction queue is closed (serve is shutting down)"))?;
+        if self.queue.send(Job { samples, reply }).await.is_err() {
+            self.taken(count);
+            return Err(Status::unavailable("the prediction queue is closed (serve is shutting down)"));
+        }
         answer.await.map_err(|_| Status::internal("the batch holding this request was lost"))?
+    }
+
+    /// Samples waiting for a pass now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
+    }
+
+    /// `count` samples left the queue (for a pass, or not sent at all).
+    fn taken(&self, count: usize) {
+        self.queued.fetch_sub(count, Ordering::SeqCst);
+        self.metrics.queue_depth.dec_by(count as i64);
     }
 }
 
@@ -103,11 +149,17 @@ async fn run(options: BatchingOptions, slot: Arc<ModelSlot>, mut queue: mpsc::Re
             size += job.samples.len();
             jobs.push(job);
         }
+        if !options.slow.is_zero() {
+            tokio::time::sleep(options.slow).await;
+        }
         run_batch(slot.current(), jobs, &counters).await;
     }
 }
 
 async fn run_batch(model: Option<Arc<LoadedModel>>, jobs: Vec<Job>, counters: &Batcher) {
+    let taken = jobs.iter().map(|job| job.samples.len()).sum();
+    counters.taken(taken);
+    counters.metrics.batch_size.observe(taken as f64);
     let Some(model) = model else {
         for job in jobs {
             let _ = job.reply.send(Err(no_model()));
@@ -185,7 +237,11 @@ mod tests {
         let standardizer = Standardizer { mean: vec![0.0; FEATURES], std: vec![1.0; FEATURES] };
         let slot = Arc::new(ModelSlot::default());
         slot.swap_if_newer(Arc::new(LoadedModel::new("m1", 1, classifier, standardizer, &device)));
-        Batcher::start(BatchingOptions { max_batch_size, max_wait }, slot)
+        Batcher::start(
+            BatchingOptions { max_batch_size, max_wait, max_queue: 1024, slow: Duration::ZERO },
+            slot,
+            ServeMetrics::new(),
+        )
     }
 
     /// Sends `requests` predicts of one sample each at once; returns when all are answered.
@@ -258,10 +314,52 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
+    async fn a_full_queue_refuses_at_once_and_loses_nothing_it_took() {
+        let device = Device::default();
+        let config = MlpConfig { num_features: FEATURES, hidden: vec![8], num_classes: 3 };
+        let classifier = Classifier::new(&config, 7, &device).unwrap();
+        let standardizer = Standardizer { mean: vec![0.0; FEATURES], std: vec![1.0; FEATURES] };
+        let slot = Arc::new(ModelSlot::default());
+        slot.swap_if_newer(Arc::new(LoadedModel::new("m1", 1, classifier, standardizer, &device)));
+        let metrics = ServeMetrics::new();
+        let options =
+            BatchingOptions { max_batch_size: 1, max_wait: Duration::ZERO, max_queue: 3, slow: Duration::ZERO };
+        let b = Batcher::start(options, slot, metrics.clone());
+        // Six requests queue before the batching task runs (one thread): three fit.
+        let calls: Vec<_> = (0..6)
+            .map(|i| {
+                let b = b.clone();
+                tokio::spawn(async move { b.predict(vec![vec![i as f32; FEATURES]]).await })
+            })
+            .collect();
+        let (mut answered, mut refused) = (0, 0);
+        for call in calls {
+            match call.await.unwrap() {
+                Ok(answer) => {
+                    assert_eq!(answer.predictions.len(), 1);
+                    answered += 1;
+                }
+                Err(status) => {
+                    assert_eq!(status.code(), tandem_sdk::Code::ResourceExhausted);
+                    assert!(status.message().contains("--max-queue 3"), "{}", status.message());
+                    refused += 1;
+                }
+            }
+        }
+        assert_eq!((answered, refused), (3, 3), "at most 3 samples wait");
+        assert_eq!(metrics.shed.get(), 3);
+        assert_eq!(b.queued(), 0);
+        assert_eq!(metrics.queue_depth.get(), 0);
+        // The queue drained: a request larger than the limit is taken when nothing waits.
+        assert_eq!(b.predict(vec![vec![0.5; FEATURES]; 5]).await.unwrap().predictions.len(), 5);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
     async fn without_a_model_requests_are_unavailable() {
         let b = Batcher::start(
-            BatchingOptions { max_batch_size: 4, max_wait: Duration::ZERO },
+            BatchingOptions { max_batch_size: 4, max_wait: Duration::ZERO, max_queue: 1024, slow: Duration::ZERO },
             Arc::new(ModelSlot::default()),
+            ServeMetrics::new(),
         );
         let status = b.predict(vec![vec![0.0; FEATURES]]).await.unwrap_err();
         assert_eq!(status.code(), tandem_sdk::Code::Unavailable);

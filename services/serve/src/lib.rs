@@ -16,10 +16,16 @@
 //!   so no request fails or waits for a swap. Versions only move forward (`sequence`).
 //!   Because a `model.ready` published while serve was down or not yet subscribed is not
 //!   kept, serve also asks train for its latest version at start and every `--model-poll-secs`.
+//! - Load shedding ([`batcher`]): at most `--max-queue` samples wait; a request past that is
+//!   refused at once with RESOURCE_EXHAUSTED, which the caller's sidecar takes as "busy" and
+//!   hands to another replica.
+//! - [`metrics`]: queue depth, requests in flight, batch sizes, predictions per model version
+//!   and requests shed, on `--metrics-port`'s `/metrics`.
 //! - [`request`]: parsing and checking `predict` requests.
 //! - [`service`]: [`Serve`], the handlers.
 
 pub mod batcher;
+pub mod metrics;
 pub mod model;
 pub mod request;
 pub mod service;
@@ -46,6 +52,20 @@ pub struct Options {
     /// during one forward pass fill the next.
     #[arg(long, env = "TANDEM_MAX_BATCH_WAIT_MS", default_value_t = 0)]
     pub max_batch_wait_ms: u64,
+    /// Most samples waiting for a forward pass; a request past it is refused at once with
+    /// RESOURCE_EXHAUSTED (load shedding). A request that finds nothing waiting is always taken.
+    #[arg(long, env = "TANDEM_MAX_QUEUE", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_queue: u32,
+    /// Port of `/metrics` (Prometheus text); none when not given, 0 for a free one.
+    #[arg(long, env = "TANDEM_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
+    /// Address `/metrics` listens on (0.0.0.0 for a scraper in another pod).
+    #[arg(long, env = "TANDEM_METRICS_HOST", default_value = "127.0.0.1")]
+    pub metrics_host: String,
+    /// Extra time every forward pass takes, in milliseconds: a slow replica for tests and
+    /// benchmarks (0, the default: none).
+    #[arg(long, env = "TANDEM_SLOW_MS", default_value_t = 0)]
+    pub slow_ms: u64,
     /// burn device: cpu (flex), cuda, cuda:N, vulkan, vulkan:N (GPUs need a tandem-model feature).
     #[arg(long, env = "TANDEM_DEVICE", default_value = "cpu")]
     pub device: String,
@@ -59,6 +79,8 @@ impl Options {
         BatchingOptions {
             max_batch_size: self.max_batch_size as usize,
             max_wait: Duration::from_millis(self.max_batch_wait_ms),
+            max_queue: self.max_queue as usize,
+            slow: Duration::from_millis(self.slow_ms),
         }
     }
 

@@ -13,6 +13,7 @@ use tandem_pipeline::messages::{
 use tandem_sdk::{AppServer, CallOptions, EventOutcome, SidecarClient, Status, TopicEvent};
 
 use crate::batcher::{self, Batcher, BatchingOptions};
+use crate::metrics::{ServeMetrics, VersionLabels};
 use crate::model::{LoadedModel, ModelSlot};
 use crate::request;
 
@@ -28,15 +29,16 @@ struct Inner {
     slot: Arc<ModelSlot>,
     batcher: Batcher,
     requests: AtomicU64,
+    metrics: ServeMetrics,
     /// One model load at a time (the event and the poll may both ask).
     loading: tokio::sync::Mutex<()>,
 }
 
 impl Serve {
     /// Must be called inside a tokio runtime (starts the batching task).
-    pub fn new(sidecar: SidecarClient, batching: BatchingOptions, device: Device) -> Serve {
+    pub fn new(sidecar: SidecarClient, batching: BatchingOptions, device: Device, metrics: ServeMetrics) -> Serve {
         let slot = Arc::new(ModelSlot::default());
-        let batcher = Batcher::start(batching, slot.clone());
+        let batcher = Batcher::start(batching, slot.clone(), metrics.clone());
         Serve {
             inner: Arc::new(Inner {
                 sidecar,
@@ -44,6 +46,7 @@ impl Serve {
                 slot,
                 batcher,
                 requests: AtomicU64::new(0),
+                metrics,
                 loading: tokio::sync::Mutex::new(()),
             }),
         }
@@ -55,6 +58,8 @@ impl Serve {
             requests: self.inner.requests.load(Ordering::Relaxed),
             samples: self.inner.batcher.samples.load(Ordering::Relaxed),
             batches: self.inner.batcher.batches.load(Ordering::Relaxed),
+            shed: self.inner.metrics.shed.get(),
+            queued: self.inner.batcher.queued() as u64,
         }
     }
 
@@ -69,7 +74,13 @@ impl Serve {
                 let this = predict.clone();
                 async move {
                     this.inner.requests.fetch_add(1, Ordering::Relaxed);
-                    let response = this.predict(&call.data).await?;
+                    let metrics = &this.inner.metrics;
+                    metrics.in_flight.inc();
+                    let response = this.predict(&call.data).await;
+                    metrics.in_flight.dec();
+                    let response = response?;
+                    let version = VersionLabels { model_version: response.model_version.clone() };
+                    metrics.predictions.get_or_create(&version).inc();
                     json::reply(&response)
                 }
             })
@@ -140,7 +151,8 @@ impl Serve {
     }
 
     /// Catches up with train's registry at start and every `poll`: a `model.ready` published
-    /// before serve subscribed (or while it was down) is not kept by the pub/sub.
+    /// before serve subscribed (or while it was down) is not kept by the pub/sub, and of several
+    /// serve replicas only one gets each event (they share the app-id's subscription).
     pub async fn follow_registry(self, poll: Duration) {
         loop {
             let status = self
@@ -158,7 +170,9 @@ impl Serve {
             {
                 tracing::warn!(model_version = %latest, error = %status.message(), "cannot load train's latest model yet");
             }
-            tokio::time::sleep(poll).await;
+            // A replica without a model answers nothing: it asks every second until it has one.
+            let without_model = self.inner.slot.current().is_none();
+            tokio::time::sleep(if without_model { poll.min(Duration::from_secs(1)) } else { poll }).await;
         }
     }
 }
