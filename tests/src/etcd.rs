@@ -14,18 +14,30 @@ pub struct Etcd {
     dir: TempDir,
     client: SocketAddr,
     peer: SocketAddr,
+    /// `--max-request-bytes`, when not etcd's default (1.5 MiB).
+    max_request_bytes: Option<u64>,
 }
 
 impl Etcd {
     /// Starts etcd and waits until it reports healthy. Retries with new ports if the picked
     /// ones were taken in between.
     pub async fn start() -> Etcd {
+        Self::start_with_request_limit(None).await
+    }
+
+    /// Like [`Etcd::start`], taking requests of up to 64 MiB, as `tandem up` and the manifests
+    /// run it: train's registry holds whole models, far over etcd's default of 1.5 MiB.
+    pub async fn start_for_models() -> Etcd {
+        Self::start_with_request_limit(Some(64 << 20)).await
+    }
+
+    async fn start_with_request_limit(max_request_bytes: Option<u64>) -> Etcd {
         let mut last_error = String::new();
         for _ in 0..5 {
             let dir = tempfile::Builder::new().prefix("tandem-etcd-").tempdir().expect("creating a temp dir");
             let client = SocketAddr::from(([127, 0, 0, 1], free_port()));
             let peer = SocketAddr::from(([127, 0, 0, 1], free_port()));
-            let mut etcd = Etcd { child: None, dir, client, peer };
+            let mut etcd = Etcd { child: None, dir, client, peer, max_request_bytes };
             match etcd.launch().await {
                 Ok(()) => return etcd,
                 Err(e) => last_error = e,
@@ -39,7 +51,7 @@ impl Etcd {
         let dir = tempfile::Builder::new().prefix("tandem-etcd-").tempdir().expect("creating a temp dir");
         let client = SocketAddr::from(([127, 0, 0, 1], client_port));
         let peer = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let mut etcd = Etcd { child: None, dir, client, peer };
+        let mut etcd = Etcd { child: None, dir, client, peer, max_request_bytes: None };
         if let Err(e) = etcd.launch().await {
             panic!("etcd did not start on port {client_port}: {e}");
         }
@@ -69,7 +81,11 @@ impl Etcd {
         let (stdout, stderr) = server_process::log_to(&log)?;
         let client_url = format!("http://{}", self.client);
         let peer_url = format!("http://{}", self.peer);
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        if let Some(limit) = self.max_request_bytes {
+            command.args(["--max-request-bytes", &limit.to_string()]);
+        }
+        let child = command
             .args(["--name", "tandem-test"])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))

@@ -5,7 +5,7 @@
 use tandem_sdk::Code;
 use tandem_tests::sidecar::run_until_exit;
 use tandem_tests::state::{ResourcesDir, StateClient, Write};
-use tandem_tests::{Etcd, Sidecar};
+use tandem_tests::{Etcd, Sidecar, TestApp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_components_a_sled_store_and_an_embedded_pubsub_are_there() {
@@ -150,6 +150,26 @@ async fn a_value_over_etcds_request_limit_is_resource_exhausted() {
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("etcd"), "{err:?}");
     assert_eq!(state.value("big").await, None);
+}
+
+/// A state store in etcd shares the namespace with discovery: a sidecar that starts while the
+/// store holds values larger than a gRPC message (a model registry) still finds its peers,
+/// because discovery reads only its own keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_works_beside_state_values_larger_than_a_grpc_message() {
+    let etcd = Etcd::start_for_models().await;
+    let resources = ResourcesDir::new(&[("shared", "state.etcd", &[])]);
+    let app = TestApp::named("registry").await;
+    let holder = Sidecar::new("train").etcd(&etcd).resources(resources.path()).app_port(app.port()).spawn().await;
+    let state = StateClient::connect(holder.grpc_addr(), "shared").await;
+    // Two values of 6 MiB: together 12 MiB under the namespace, over the 4 MiB a gRPC answer
+    // may hold by default.
+    for key in ["model/v1", "model/v2"] {
+        state.save(key, &vec![7u8; 6 << 20]).await.unwrap();
+    }
+    let newcomer = Sidecar::new("serve").etcd(&etcd).spawn().await;
+    tandem_tests::wait_for_instances(&newcomer.client(), "train", &["registry"]).await;
+    assert!(!newcomer.log().contains("decoded message length too large"), "{}", newcomer.log_tail());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,9 +2,17 @@
 
 const ROOT: &str = "/tandem/v1";
 
-/// Everything discovery writes for one namespace (the watcher's prefix).
+/// Everything Tandem keeps for one namespace: discovery's keys, and also state stores'
+/// (`state/`) and training groups' (`groups/`), which discovery must not read.
 pub fn namespace_prefix(namespace: &str) -> String {
     format!("{ROOT}/{namespace}/")
+}
+
+/// The three subtrees discovery owns (apps, instances, subscriptions): what the watcher lists
+/// and watches. Not the whole namespace: a state store there can hold values of many MiB
+/// (train's model registry) that every sidecar would otherwise read at start and on each write.
+pub fn discovery_prefixes(namespace: &str) -> [String; 3] {
+    ["apps", "instances", "subscriptions"].map(|tree| format!("{ROOT}/{namespace}/{tree}/"))
 }
 
 /// Marks an app-id as known in the namespace; written without a lease.
@@ -67,6 +75,17 @@ pub fn parse<'a>(namespace: &str, key: &'a str) -> Option<DiscoveryKey<'a>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn discovery_reads_only_its_own_subtrees() {
+        let prefixes = discovery_prefixes("ns");
+        for key in [app_key("ns", "svc"), instance_key("ns", "svc", "i"), subscription_key("ns", "p", "t", "svc")] {
+            assert_eq!(prefixes.iter().filter(|p| key.starts_with(p.as_str())).count(), 1, "{key}");
+        }
+        for foreign in ["/tandem/v1/ns/state/store/train||model/v1", "/tandem/v1/ns/groups/train/members/m"] {
+            assert!(prefixes.iter().all(|p| !foreign.starts_with(p.as_str())), "{foreign}");
+        }
+    }
 
     #[test]
     fn keys_round_trip_through_parse() {

@@ -1,5 +1,6 @@
-//! Keeps the [`RoutingTable`] in step with etcd: list the namespace, then watch from the
-//! listed revision; on any error keep the last table, back off, and list again.
+//! Keeps the [`RoutingTable`] in step with etcd: list discovery's three subtrees of the
+//! namespace (apps, instances, subscriptions) at one revision, then watch each from there; on
+//! any error keep the last table, back off, and list again.
 
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use tokio_util::sync::CancellationToken;
@@ -40,28 +41,47 @@ impl RoutingWatcher {
     }
 
     async fn list_and_watch(&mut self, builder: &mut RoutingBuilder, backoff: &mut Backoff) -> Result<(), String> {
-        let prefix = keys::namespace_prefix(&self.namespace);
-        let listing = self
-            .client
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| format!("listing {prefix}: {e}"))?;
-        let revision = listing.header().map(|h| h.revision()).unwrap_or(0);
+        let [apps, instances, subscriptions] = keys::discovery_prefixes(&self.namespace);
+        // The first listing fixes the revision; the others read the same one.
+        let mut revision = None;
+        let mut listed = Vec::new();
+        for prefix in [&apps, &instances, &subscriptions] {
+            let mut options = GetOptions::new().with_prefix();
+            if let Some(revision) = revision {
+                options = options.with_revision(revision);
+            }
+            let listing =
+                self.client.get(prefix.as_str(), Some(options)).await.map_err(|e| format!("listing {prefix}: {e}"))?;
+            revision.get_or_insert(listing.header().map(|h| h.revision()).unwrap_or(0));
+            listed.push(listing);
+        }
+        let revision = revision.unwrap_or(0);
         builder.clear();
-        for kv in listing.kvs() {
+        for kv in listed.iter().flat_map(|listing| listing.kvs()) {
             self.apply_put(builder, kv.key(), kv.value());
         }
         self.table.publish(builder.snapshot());
         tracing::debug!(revision, "routing table listed");
 
-        let mut stream = self
-            .client
-            .watch(prefix.as_str(), Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1)))
-            .await
-            .map_err(|e| format!("watching {prefix}: {e}"))?;
+        let mut watches = Vec::new();
+        for prefix in [&apps, &instances, &subscriptions] {
+            let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+            let stream = self
+                .client
+                .watch(prefix.as_str(), Some(options))
+                .await
+                .map_err(|e| format!("watching {prefix}: {e}"))?;
+            watches.push(stream);
+        }
+        let [apps, instances, subscriptions]: &mut [_; 3] =
+            (&mut watches[..]).try_into().expect("one watch per subtree");
         backoff.reset();
         loop {
-            let response = super::next_watch_response(&mut stream).await?;
+            let response = tokio::select! {
+                response = super::next_watch_response(apps) => response?,
+                response = super::next_watch_response(instances) => response?,
+                response = super::next_watch_response(subscriptions) => response?,
+            };
             let mut changed = false;
             for event in response.events() {
                 let Some(kv) = event.kv() else { continue };
