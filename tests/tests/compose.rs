@@ -1,6 +1,6 @@
 //! The pipeline in containers, on the real Docker engine: the images built by
 //! scripts/build-images.sh (from the binaries of this build, FROM scratch), compose.yaml up
-//! with a local etcd image (two preprocess and two train replicas, the train replicas one
+//! with a local etcd image (two preprocess, two train and two serve replicas, the train replicas one
 //! training group), predictions from the host through serve's published port, then `docker
 //! kill` of serve's sidecar and of a preprocess replica, recovery, and teardown with the
 //! volumes. Without a Docker engine this test fails (it never skips under CI=true); outside CI,

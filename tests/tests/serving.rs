@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use tandem_pipeline::messages::{JSON, PredictResponse, ServeStatus, app_ids, methods};
 use tandem_sdk::{CallOptions, Code};
 use tandem_tests::pipeline::Stage;
+use tandem_tests::sidecar::sample;
 use tandem_tests::training::{TrainGroup, app_status};
-use tandem_tests::{Etcd, eventually};
+use tandem_tests::{Etcd, eventually, free_port, http};
 
 const FEATURES: usize = 16;
 
@@ -19,13 +20,18 @@ async fn two_serve_replicas_shed_what_does_not_fit_and_answer_everything_they_to
     let train = TrainGroup::start(&etcd, 1, &["--dataset", &dataset, "--epochs", "1", "--hidden", "32"]).await;
     let version = train.wait_for_model(0, Duration::from_secs(120)).await;
 
-    // Slow replicas (20 ms a pass, one sample each) that let at most 4 samples wait.
-    let args: Vec<String> =
-        ["--max-queue", "4", "--max-batch-size", "1", "--slow-ms", "20"].iter().map(|s| s.to_string()).collect();
-    let serve = [
-        Stage::start(&etcd, app_ids::SERVE, Some(&args)).await,
-        Stage::start(&etcd, app_ids::SERVE, Some(&args)).await,
-    ];
+    // Slow replicas (20 ms a pass, one sample each) that let at most 4 samples wait, each
+    // with its /metrics on a port of its own.
+    let metrics_ports = [free_port(), free_port()];
+    let mut serve = Vec::new();
+    for port in metrics_ports {
+        let args: Vec<String> = ["--max-queue", "4", "--max-batch-size", "1", "--slow-ms", "20", "--metrics-port"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([port.to_string()])
+            .collect();
+        serve.push(Stage::start(&etcd, app_ids::SERVE, Some(&args)).await);
+    }
     for replica in &serve {
         eventually(Duration::from_secs(60), "a serve replica to load the model", || async {
             let status = app_status::<ServeStatus>(replica.app_port).await;
@@ -35,14 +41,14 @@ async fn two_serve_replicas_shed_what_does_not_fit_and_answer_everything_they_to
     }
 
     // 60 requests at once: about 2 x (4 waiting + 1 running) fit, the rest is shed.
-    let sample = serde_json::json!({ "features": vec![0.5f32; FEATURES] }).to_string();
+    let body = serde_json::json!({ "features": vec![0.5f32; FEATURES] }).to_string();
     let calls: Vec<_> = (0..60)
         .map(|_| {
-            let (client, sample) = (train.client.clone(), sample.clone());
+            let (client, body) = (train.client.clone(), body.clone());
             tokio::spawn(async move {
                 let started = Instant::now();
                 let options = CallOptions::default().content_type(JSON).timeout(Duration::from_secs(30));
-                let answer = client.invoke_with(app_ids::SERVE, methods::PREDICT, sample.into_bytes(), options).await;
+                let answer = client.invoke_with(app_ids::SERVE, methods::PREDICT, body.into_bytes(), options).await;
                 (answer, started.elapsed())
             })
         })
@@ -79,4 +85,20 @@ async fn two_serve_replicas_shed_what_does_not_fit_and_answer_everything_they_to
     }
     assert_eq!(predicted, answered, "samples predicted by the replicas vs answers received");
     assert!(refused >= shed, "each request refused to the caller was refused by a replica: {refused} < {shed}");
+
+    // The same counts on the replicas' /metrics, for an autoscaler.
+    let (mut metric_answers, mut metric_shed) = (0.0, 0.0);
+    for port in metrics_ports {
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let scrape = http::request(address, "GET", "/metrics", &[], b"").await.expect("serve's /metrics");
+        assert_eq!(scrape.status, 200);
+        let text = scrape.text();
+        metric_answers += sample(&text, &format!(r#"tandem_serve_predictions_total{{model_version="{version}"}}"#));
+        metric_shed += sample(&text, "tandem_serve_shed_total");
+        assert_eq!(sample(&text, "tandem_serve_queue_depth_samples"), 0.0, "{text}");
+        assert_eq!(sample(&text, "tandem_serve_requests_in_flight"), 0.0, "{text}");
+        assert!(text.contains("tandem_serve_batch_size_count"), "{text}");
+    }
+    assert_eq!(metric_answers as u64, answered);
+    assert_eq!(metric_shed as u64, refused);
 }

@@ -230,13 +230,19 @@ mod tests {
 
     const FEATURES: usize = 4;
 
-    fn batcher(max_batch_size: usize, max_wait: Duration) -> Batcher {
+    /// A slot holding a small model "m1".
+    fn loaded_slot() -> Arc<ModelSlot> {
         let device = Device::default();
         let config = MlpConfig { num_features: FEATURES, hidden: vec![8], num_classes: 3 };
         let classifier = Classifier::new(&config, 7, &device).unwrap();
         let standardizer = Standardizer { mean: vec![0.0; FEATURES], std: vec![1.0; FEATURES] };
         let slot = Arc::new(ModelSlot::default());
         slot.swap_if_newer(Arc::new(LoadedModel::new("m1", 1, classifier, standardizer, &device)));
+        slot
+    }
+
+    fn batcher(max_batch_size: usize, max_wait: Duration) -> Batcher {
+        let slot = loaded_slot();
         Batcher::start(
             BatchingOptions { max_batch_size, max_wait, max_queue: 1024, slow: Duration::ZERO },
             slot,
@@ -315,12 +321,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_full_queue_refuses_at_once_and_loses_nothing_it_took() {
-        let device = Device::default();
-        let config = MlpConfig { num_features: FEATURES, hidden: vec![8], num_classes: 3 };
-        let classifier = Classifier::new(&config, 7, &device).unwrap();
-        let standardizer = Standardizer { mean: vec![0.0; FEATURES], std: vec![1.0; FEATURES] };
-        let slot = Arc::new(ModelSlot::default());
-        slot.swap_if_newer(Arc::new(LoadedModel::new("m1", 1, classifier, standardizer, &device)));
+        let slot = loaded_slot();
         let metrics = ServeMetrics::new();
         let options =
             BatchingOptions { max_batch_size: 1, max_wait: Duration::ZERO, max_queue: 3, slow: Duration::ZERO };
