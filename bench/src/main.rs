@@ -16,9 +16,13 @@
 //!   to delivery of 1 KiB events for `pubsub.embedded` and `pubsub.jetstream` (each delivered
 //!   through `OnTopicEvent` and through a streaming subscription) against NATS JetStream used
 //!   directly with async-nats: delivered events/s, and p50/p99 latency at a paced 1,000 events/s.
-//! - `serving`: the AI pipeline's `predict` with 64 concurrent clients, dynamic batching
-//!   against batch size 1 (see [`serving`]); needs the pipeline binaries built in the same
-//!   target directory (`cargo build --release --workspace`).
+//! - `serving`: open loop at a latency SLO (see [`serving_slo`]): the highest Poisson rate
+//!   `serve` holds at p99 <= 10 ms with dynamic batching and with batch size 1 (digits and a
+//!   compute-bound MLP), p2c against round robin with one slow replica, and shedding under
+//!   twice the sustainable rate; needs the pipeline binaries built in the same target
+//!   directory (`cargo build --release --workspace`).
+//! - `serving-closed-loop`: the earlier closed-loop comparison, 64 clients, dynamic batching
+//!   against batch size 1 (see [`serving`]), kept as a reference.
 //! - `training`: trains tandem-model's MLP on digits with burn and the same MLP with PyTorch
 //!   (installed from PyPI into target/bench-venv; scikit-learn when torch cannot be installed)
 //!   and compares training throughput in samples/s.
@@ -37,7 +41,7 @@
 //! target/release/tandem-bench state --write BENCHMARKS.md    # only the state benchmark
 //! target/release/tandem-bench tracing --write BENCHMARKS.md  # only the tracing benchmark
 //! cargo build --release --workspace
-//! target/release/tandem-bench serving --write BENCHMARKS.md  # the serving benchmark
+//! target/release/tandem-bench serving --write BENCHMARKS.md  # the serving benchmark (open loop)
 //! ```
 //!
 //! Modules, one per concern:
@@ -54,7 +58,8 @@
 //! - [`training`]: the training scenario (burn against PyTorch) and its report.
 //! - [`training_scale`]: the training-scale scenario (1 against 2 replicas, recovery) and its report.
 //! - [`machine`]: where and when: CPUs, load, build profile, date, commit, tandemd's workers.
-//! - [`serving`]: the serving scenario: the pipeline, the batching settings, its report.
+//! - [`serving`]: the closed-loop serving scenario: the pipeline, the batching settings, its report.
+//! - [`serving_slo`]: the open-loop serving scenario at a latency SLO and its report.
 //! - [`report`]: the invocation report, the shared number formats, and the marker-delimited
 //!   sections of BENCHMARKS.md.
 
@@ -66,6 +71,7 @@ mod prometheus;
 mod pubsub;
 mod report;
 mod serving;
+mod serving_slo;
 mod state;
 mod stats;
 mod tracing;
@@ -100,8 +106,10 @@ enum Which {
     TrainingScale,
     /// Invoke, state, tracing and pubsub, one after the other (not serving or training).
     All,
-    /// The pipeline's serve: dynamic batching against batch size 1, 64 clients.
+    /// The pipeline's serve in open loop: rates held at a p99 SLO, a slow replica, overload.
     Serving,
+    /// The pipeline's serve in closed loop: dynamic batching against batch size 1, 64 clients.
+    ServingClosedLoop,
 }
 
 /// What the mesh and the state API cost, against direct calls and a bare sidecar round trip.
@@ -146,6 +154,15 @@ struct Args {
     /// serve's --max-batch-wait-ms (0, serve's default: a batch takes what is queued).
     #[arg(long, default_value_t = 0)]
     max_batch_wait_ms: u64,
+    /// Open-loop serving benchmark: seconds each offered rate is held.
+    #[arg(long, default_value_t = 3.0)]
+    serving_seconds: f64,
+    /// Open-loop serving benchmark: the first rate tried (requests/s).
+    #[arg(long, default_value_t = 200.0)]
+    serving_start_rate: f64,
+    /// Open-loop serving benchmark: extra milliseconds per forward pass of the slowed replica.
+    #[arg(long, default_value_t = 20)]
+    slow_ms: u64,
     /// Training runs per framework in the training benchmark (alternating burn and Python).
     #[arg(long, default_value_t = 3)]
     training_runs: usize,
@@ -177,6 +194,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if args.which == Which::Serving {
+        // The compute-bound model's registry entry is over tandemd's default --max-body-size;
+        // every sidecar the benchmark starts inherits this. Set before any thread exists.
+        // SAFETY: single-threaded here: the runtime is built below.
+        unsafe { std::env::set_var("TANDEM_MAX_BODY_SIZE", serving_slo::MAX_BODY_SIZE) };
+    }
     // One worker per CPU, set here rather than left to tokio, which would read
     // TOKIO_WORKER_THREADS from the environment.
     let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -238,6 +261,20 @@ async fn run(args: Args) -> Result<()> {
         write_section(args.write.as_deref(), &PUBSUB_SECTION, &block)?;
     }
     if args.which == Which::Serving {
+        ensure!(
+            args.serving_seconds.is_finite() && args.serving_seconds > 0.0,
+            "--serving-seconds must be a positive number"
+        );
+        let slo_settings = serving_slo::SloSettings {
+            duration: Duration::from_secs_f64(args.serving_seconds),
+            slow_ms: args.slow_ms,
+            start_rate: args.serving_start_rate,
+        };
+        let block = serving_slo::run(slo_settings, detect_context()).await?;
+        println!("{block}");
+        write_section(args.write.as_deref(), &serving_slo::SERVING_SLO_SECTION, &block)?;
+    }
+    if args.which == Which::ServingClosedLoop {
         ensure!(args.clients > 0 && args.serving_rounds > 0, "--clients and --serving-rounds must be at least 1");
         let serving_settings = serving::ServingSettings {
             clients: args.clients,
