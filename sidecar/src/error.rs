@@ -50,6 +50,10 @@ pub enum MeshError {
     #[error("every instance of app-id '{app_id}' is busy ({tried} tried): {}", .refusal.message())]
     AllBusy { app_id: String, tried: usize, refusal: Status },
 
+    /// Every instance refused a call as busy a moment ago: this one was not sent.
+    #[error("every instance of app-id '{app_id}' is busy (shed by the caller's sidecar): {reason}")]
+    Shed { app_id: String, reason: String },
+
     /// A status from the peer sidecar or the callee app, passed through unchanged.
     #[error("{}", .0.message())]
     Remote(Status),
@@ -82,7 +86,7 @@ impl MeshError {
             | MeshError::NoStreamOpen { .. }
             | MeshError::WrongApp { .. } => Code::Unavailable,
             MeshError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
-            MeshError::AllBusy { .. } => Code::ResourceExhausted,
+            MeshError::AllBusy { .. } | MeshError::Shed { .. } => Code::ResourceExhausted,
             MeshError::Remote(status) => status.code(),
         }
     }

