@@ -99,13 +99,18 @@ async fn the_pipeline_runs_in_compose_serves_the_host_and_recovers_from_killed_c
     let client = SidecarClient::new(&format!("127.0.0.1:{serve_port}")).unwrap();
     let waited = std::time::Instant::now();
     let last_error = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    // Five answers in a row: of the two serve replicas, the one that did not get model.ready
+    // loads the model within a second (it polls train), and until then answers UNAVAILABLE
+    // and is ejected by the caller's sidecar.
+    let in_a_row = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     project
         .wait_for(PIPELINE_TIMEOUT, "serve answering predict from the host with a trained model", || {
-            let (client, last_error) = (client.clone(), last_error.clone());
+            let (client, last_error, in_a_row) = (client.clone(), last_error.clone(), in_a_row.clone());
             async move {
                 match predict(&client).await {
-                    Ok(_) => true,
+                    Ok(_) => in_a_row.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 >= 5,
                     Err(status) => {
+                        in_a_row.store(0, std::sync::atomic::Ordering::SeqCst);
                         // Printed when it changes: the way to a model, step by step.
                         let error = format!("{:?}: {}", status.code(), status.message());
                         let mut last = last_error.lock().unwrap();
