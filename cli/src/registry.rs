@@ -82,16 +82,19 @@ impl Registry {
     /// Reads the namespace from etcd; a clear error when etcd cannot be reached.
     pub async fn load(endpoints: &[String], namespace: &str) -> Result<Registry, CliError> {
         // Only discovery's subtrees: state stores share the namespace and may hold huge values.
-        let mut registry = Registry { namespace: namespace.to_string(), ..Default::default() };
-        for prefix in keys::discovery_prefixes(namespace) {
-            let response = with_etcd(endpoints, |mut client| async move {
-                client.get(prefix, Some(GetOptions::new().with_prefix())).await
-            })
-            .await?;
-            for kv in response.kvs() {
-                let Ok(key) = std::str::from_utf8(kv.key()) else { continue };
-                registry.add(key, kv.value());
+        let prefixes = keys::discovery_prefixes(namespace);
+        let responses = with_etcd(endpoints, |mut client| async move {
+            let mut responses = Vec::new();
+            for prefix in prefixes {
+                responses.push(client.get(prefix, Some(GetOptions::new().with_prefix())).await?);
             }
+            Ok(responses)
+        })
+        .await?;
+        let mut registry = Registry { namespace: namespace.to_string(), ..Default::default() };
+        for kv in responses.iter().flat_map(|response| response.kvs()) {
+            let Ok(key) = std::str::from_utf8(kv.key()) else { continue };
+            registry.add(key, kv.value());
         }
         for instances in registry.apps.values_mut() {
             instances.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));

@@ -13,7 +13,7 @@
 //! that finds the queue empty is always taken, however large.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tandem_model::Prediction;
@@ -58,9 +58,8 @@ pub struct Batcher {
     pub batches: Arc<AtomicU64>,
     /// Samples predicted.
     pub samples: Arc<AtomicU64>,
-    /// Samples waiting for a pass.
-    queued: Arc<AtomicUsize>,
     max_queue: usize,
+    /// Its `queue_depth` gauge is the count of samples waiting for a pass: admission reads it.
     metrics: ServeMetrics,
 }
 
@@ -73,7 +72,6 @@ impl Batcher {
             queue,
             batches: Arc::new(AtomicU64::new(0)),
             samples: Arc::new(AtomicU64::new(0)),
-            queued: Arc::new(AtomicUsize::new(0)),
             max_queue: options.max_queue,
             metrics,
         };
@@ -85,9 +83,9 @@ impl Batcher {
     /// them at once with RESOURCE_EXHAUSTED when the queue has no room.
     pub async fn predict(&self, samples: Vec<Vec<f32>>) -> Result<Answer, Status> {
         let count = samples.len();
-        let waiting = self.queued.fetch_add(count, Ordering::SeqCst);
+        let waiting = self.metrics.queue_depth.inc_by(count as i64).max(0) as usize;
         if waiting > 0 && waiting + count > self.max_queue {
-            self.queued.fetch_sub(count, Ordering::SeqCst);
+            self.metrics.queue_depth.dec_by(count as i64);
             self.metrics.shed.inc();
             return Err(Status::resource_exhausted(format!(
                 "serve's queue is full: {waiting} samples wait and this request has {count}, above --max-queue {} \
@@ -95,7 +93,6 @@ impl Batcher {
                 self.max_queue
             )));
         }
-        self.metrics.queue_depth.inc_by(count as i64);
         let (reply, answer) = oneshot::channel();
         if self.queue.send(Job { samples, reply }).await.is_err() {
             self.taken(count);
@@ -106,12 +103,11 @@ impl Batcher {
 
     /// Samples waiting for a pass now.
     pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::SeqCst)
+        self.metrics.queue_depth.get().max(0) as usize
     }
 
     /// `count` samples left the queue (for a pass, or not sent at all).
     fn taken(&self, count: usize) {
-        self.queued.fetch_sub(count, Ordering::SeqCst);
         self.metrics.queue_depth.dec_by(count as i64);
     }
 }
