@@ -9,8 +9,9 @@ use tandem_proto::group::training_group_client::TrainingGroupClient;
 use tandem_proto::prost_types::Any;
 use tandem_proto::runtime::dapr_client::DaprClient;
 use tandem_proto::runtime::{
-    BulkPublishRequest, BulkPublishRequestEntry, DeleteStateRequest, GetMetadataRequest, GetMetadataResponse,
-    GetStateRequest, InvokeServiceRequest, PublishEventRequest, SaveStateRequest, SetMetadataRequest, ShutdownRequest,
+    BulkPublishRequest, BulkPublishRequestEntry, DeleteStateRequest, ExecuteStateTransactionRequest,
+    GetMetadataRequest, GetMetadataResponse, GetStateRequest, InvokeServiceRequest, PublishEventRequest,
+    SaveStateRequest, SetMetadataRequest, ShutdownRequest, TransactionalStateOperation,
 };
 use tandem_transport::GrpcConnection;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
@@ -65,6 +66,23 @@ pub struct Response {
 pub struct StateEntry {
     pub value: Vec<u8>,
     pub etag: String,
+}
+
+/// What must hold for one write of [`SidecarClient::write_state_atomically`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteCondition {
+    /// The key still has this ETag.
+    Etag(String),
+    /// The key does not exist yet.
+    Absent,
+}
+
+/// One conditional write of an atomic batch.
+#[derive(Debug, Clone)]
+pub struct ConditionalWrite {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub condition: WriteCondition,
 }
 
 /// One event of a bulk publish; `entry_id` (unique in the request) names it if it fails.
@@ -267,6 +285,38 @@ impl SidecarClient {
             options: Some(StateOptions { concurrency: StateConcurrency::ConcurrencyFirstWrite as i32, consistency: 0 }),
         };
         match self.inner.clone().save_state(SaveStateRequest { store_name: store.into(), states: vec![item] }).await {
+            Ok(_) => Ok(true),
+            Err(status) if status.code() == tonic::Code::Aborted => Ok(false),
+            Err(status) => Err(status),
+        }
+    }
+
+    /// Applies `writes` as one state transaction: every condition holds and all are written
+    /// (`Ok(true)`), or one fails and none is (`Ok(false)`).
+    pub async fn write_state_atomically(&self, store: &str, writes: Vec<ConditionalWrite>) -> Result<bool, Status> {
+        let operations = writes
+            .into_iter()
+            .map(|write| {
+                // First-write concurrency: with an ETag it must match, without one the key must be absent.
+                let etag = match write.condition {
+                    WriteCondition::Etag(value) => Some(Etag { value }),
+                    WriteCondition::Absent => None,
+                };
+                let request = StateItem {
+                    key: write.key,
+                    value: write.value,
+                    etag,
+                    metadata: Default::default(),
+                    options: Some(StateOptions {
+                        concurrency: StateConcurrency::ConcurrencyFirstWrite as i32,
+                        consistency: 0,
+                    }),
+                };
+                TransactionalStateOperation { operation_type: "upsert".into(), request: Some(request) }
+            })
+            .collect();
+        let request = ExecuteStateTransactionRequest { store_name: store.into(), operations, metadata: Default::default() };
+        match self.inner.clone().execute_state_transaction(request).await {
             Ok(_) => Ok(true),
             Err(status) if status.code() == tonic::Code::Aborted => Ok(false),
             Err(status) => Err(status),

@@ -23,7 +23,7 @@ pub mod stream;
 pub mod trace;
 
 pub use app::{AppServer, EventOutcome, Invocation, Reply, SubscriptionOptions, TopicEvent};
-pub use client::{BulkEntry, BulkFailure, CallOptions, SidecarClient, StateEntry};
+pub use client::{BulkEntry, BulkFailure, CallOptions, ConditionalWrite, SidecarClient, StateEntry, WriteCondition};
 pub use group::{AllReduced, GroupMember, GroupOptions, Round, RoundMember, Waiting};
 pub use stream::{EventStream, StreamAnswers};
 pub use tandem_proto as proto;

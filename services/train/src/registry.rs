@@ -10,7 +10,7 @@
 
 use tandem_pipeline::json;
 use tandem_pipeline::messages::{ModelEntry, STATE_STORE};
-use tandem_sdk::{Code, SidecarClient, Status};
+use tandem_sdk::{Code, ConditionalWrite, SidecarClient, Status, WriteCondition};
 
 pub const LATEST: &str = "model/latest";
 const SEQUENCE: &str = "model/sequence";
@@ -33,6 +33,9 @@ pub async fn claimed(sidecar: &SidecarClient, run: &str) -> Result<Option<String
 
 /// Registers `entry` (its `model_version` and `sequence` are set here) as the one model of
 /// training run `run`. Returns the registered entry and whether this call claimed the version.
+///
+/// The next sequence number and the run's claim are written in one transaction, so a run
+/// that loses the race for the claim reserves no number: versions have no gaps.
 pub async fn register_once(
     sidecar: &SidecarClient,
     run: &str,
@@ -50,37 +53,30 @@ pub async fn register_once(
             store(sidecar, &entry).await?;
             return Ok((entry, false));
         }
-        let (sequence, version) = next_version(sidecar).await?;
-        if sidecar.save_state_if_absent(STATE_STORE, &run_key(run), version.clone().into_bytes()).await? {
+        let current = sidecar.get_state(STATE_STORE, SEQUENCE).await?;
+        let last = current.as_ref().map_or(0, |e| String::from_utf8_lossy(&e.value).trim().parse::<u64>().unwrap_or(0));
+        let (sequence, version) = (last + 1, format!("v{}", last + 1));
+        let writes = vec![
+            ConditionalWrite {
+                key: SEQUENCE.into(),
+                value: sequence.to_string().into_bytes(),
+                condition: current.map_or(WriteCondition::Absent, |e| WriteCondition::Etag(e.etag)),
+            },
+            ConditionalWrite {
+                key: run_key(run),
+                value: version.clone().into_bytes(),
+                condition: WriteCondition::Absent,
+            },
+        ];
+        if sidecar.write_state_atomically(STATE_STORE, writes).await? {
             entry.sequence = sequence;
             entry.model_version = version;
             store(sidecar, &entry).await?;
             return Ok((entry, true));
         }
-        // Another replica claimed the run meanwhile; the sequence number reserved here stays unused.
+        // Another run took the number or another replica claimed this run: look again.
     }
     Err(Status::aborted(format!("could not register the model of run {run}: the registry kept changing")))
-}
-
-/// The next sequence number and its version name (`v1`, `v2`, ...), reserved by compare-and-swap.
-async fn next_version(sidecar: &SidecarClient) -> Result<(u64, String), Status> {
-    for _ in 0..SWAP_ATTEMPTS {
-        let current = sidecar.get_state(STATE_STORE, SEQUENCE).await?;
-        let last = current.as_ref().map_or(0, |e| String::from_utf8_lossy(&e.value).trim().parse::<u64>().unwrap_or(0));
-        let next = (last + 1).to_string().into_bytes();
-        let reserved = match &current {
-            Some(entry) => match sidecar.save_state_with(STATE_STORE, SEQUENCE, next, Some(&entry.etag), None).await {
-                Ok(()) => true,
-                Err(status) if status.code() == Code::Aborted => false,
-                Err(status) => return Err(status),
-            },
-            None => sidecar.save_state_if_absent(STATE_STORE, SEQUENCE, next).await?,
-        };
-        if reserved {
-            return Ok((last + 1, format!("v{}", last + 1)));
-        }
-    }
-    Err(Status::aborted("could not reserve a model version: the sequence kept changing"))
 }
 
 /// Stores `entry` under its version, and as the latest unless a newer one is there.
