@@ -165,7 +165,7 @@ pub struct UpArgs {
     pub run_dir: Option<PathBuf>,
 
     /// Component files: `DIR/APP/` for an app that has its own, else the YAML files in DIR
-    /// itself (default: ./components when it exists, else none).
+    /// itself (default: the pipeline's own, built into `tandem`: the repository's components/).
     #[arg(long, env = "TANDEM_COMPONENTS")]
     pub components: Option<PathBuf>,
 

@@ -525,31 +525,43 @@ async fn up_restarts_a_train_replica_that_dies_and_gives_up_after_max_restarts()
 }
 
 /// The README's main command, for real: `tandem up` with the pipeline's own binaries (next to
-/// `tandem` in target/<profile>/) and component files, until serve has the model.
+/// `tandem` in target/<profile>/) and its built-in component files, started from a directory
+/// that has no `components/`, with a second process burning a core, until serve has the model.
+/// No event may run out of delivery attempts on the way.
 #[tokio::test]
 async fn up_runs_the_pipeline_to_a_serving_model_then_stops_everything() {
     let root = tempfile::tempdir().unwrap();
     let run_dir = root.path().join("run");
-    let components = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("components");
     let args = [
         "up",
         "--run-dir",
         run_dir.to_str().unwrap(),
-        "--components",
-        components.to_str().unwrap(),
         "--etcd-port",
         "0",
         "--until-serving",
         "--ready-timeout",
         "900s",
     ];
+    let mut burner = Command::new("sh").args(["-c", "while :; do :; done"]).kill_on_drop(true).spawn().unwrap();
     // Debug builds train slowly on a busy 2-core machine: bounded, but generously.
-    let output = tokio::time::timeout(Duration::from_secs(1000), tandem(&args).output())
+    let output = tokio::time::timeout(Duration::from_secs(1000), tandem(&args).current_dir(root.path()).output())
         .await
         .expect("tandem up --until-serving did not exit within 1000 s")
         .expect("running tandem up");
+    burner.kill().await.unwrap();
     let (out, err) = (stdout(&output), stderr(&output));
     assert_eq!(output.status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(run_dir.join("components/train/statestore.yaml").is_file(), "the built-in components are not used");
+    let sidecar_logs: Vec<PathBuf> = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path().join("tandemd.log"))
+        .filter(|log| log.is_file())
+        .collect();
+    assert_eq!(sidecar_logs.len(), 5, "{sidecar_logs:?}");
+    for log in sidecar_logs {
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(!text.contains("after its last delivery attempt"), "{} dropped an event:\n{text}", log.display());
+    }
 
     let accuracy: f64 = out
         .lines()

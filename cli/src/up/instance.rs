@@ -88,7 +88,7 @@ impl PendingInstance {
 #[derive(Debug, Clone)]
 pub struct Launcher {
     pub bin_dir: PathBuf,
-    pub components: Option<PathBuf>,
+    pub components: PathBuf,
     pub run_dir: PathBuf,
     /// etcd's client URL.
     pub etcd: String,
@@ -136,7 +136,7 @@ impl Launcher {
         .collect();
         args.push("--data-dir".into());
         args.push(dir.join("data").into());
-        if let Some(resources) = plan::resources_for(self.components.as_deref(), member.app_id) {
+        if let Some(resources) = plan::resources_for(&self.components, member.app_id) {
             args.push("--resources-path".into());
             args.push(resources.into());
         }

@@ -74,9 +74,16 @@ pub async fn run(options: UpArgs) -> Result<(), CliError> {
     let bin_dir = plan::bin_dir(&options)?;
     let members = plan::members(&options);
     plan::check_binaries(&bin_dir, &members)?;
-    let components = plan::components_root(&options)?;
+    let given_components = plan::given_components(&options)?;
     let run_dir = RunDir::create(options.run_dir.as_deref())?;
     eprintln!("tandem up: data and a log of every process under {}", run_dir.path.display());
+    let components = match given_components.map_or_else(|| plan::write_pipeline_components(&run_dir.path), Ok) {
+        Ok(dir) => dir,
+        Err(error) => {
+            run_dir.finish(false);
+            return Err(error);
+        }
+    };
 
     let mut processes = Processes::new(run_dir.path.join("pids"));
     let roster = Roster::default();
@@ -150,7 +157,7 @@ impl RunDir {
 struct Up<'a> {
     options: &'a UpArgs,
     bin_dir: PathBuf,
-    components: Option<PathBuf>,
+    components: PathBuf,
     run_dir: PathBuf,
     processes: &'a mut Processes,
     signals: &'a mut Signals,

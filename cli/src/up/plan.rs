@@ -166,20 +166,44 @@ fn is_executable(path: &Path) -> bool {
     path.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
-/// The component root: --components (which must exist), else ./components when it exists.
-pub fn components_root(options: &UpArgs) -> Result<Option<PathBuf>, CliError> {
-    // Absolute, so the sidecars' messages name the files wherever they run.
+/// The pipeline's component files (the repository's `components/`), built into `tandem` so
+/// that `tandem up` runs the same from any working directory: (app, file name, contents).
+const PIPELINE_COMPONENTS: &[(&str, &str, &str)] = &[
+    ("ingest", "pubsub.yaml", include_str!("../../../components/ingest/pubsub.yaml")),
+    ("preprocess", "pubsub.yaml", include_str!("../../../components/preprocess/pubsub.yaml")),
+    ("preprocess", "statestore.yaml", include_str!("../../../components/preprocess/statestore.yaml")),
+    ("train", "pubsub.yaml", include_str!("../../../components/train/pubsub.yaml")),
+    ("train", "statestore.yaml", include_str!("../../../components/train/statestore.yaml")),
+    ("serve", "pubsub.yaml", include_str!("../../../components/serve/pubsub.yaml")),
+];
+
+/// The component root given with --components (which must exist), absolute; `None`: the
+/// pipeline's own ([`write_pipeline_components`]).
+pub fn given_components(options: &UpArgs) -> Result<Option<PathBuf>, CliError> {
     match &options.components {
-        Some(dir) if dir.is_dir() => Ok(dir.canonicalize().ok().or_else(|| Some(dir.clone()))),
+        // Absolute, so the sidecars' messages name the files wherever they run.
+        Some(dir) if dir.is_dir() => Ok(Some(dir.canonicalize().unwrap_or_else(|_| dir.clone()))),
         Some(dir) => Err(CliError::usage(format!("--components {}: not a directory", dir.display()))),
-        None => Ok(PathBuf::from("components").canonicalize().ok().filter(|dir| dir.is_dir())),
+        None => Ok(None),
     }
+}
+
+/// Writes the pipeline's own components under `run_dir` and answers their root.
+pub fn write_pipeline_components(run_dir: &Path) -> Result<PathBuf, CliError> {
+    let root = run_dir.join("components");
+    for (app, name, contents) in PIPELINE_COMPONENTS {
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(root.join(app))?;
+            std::fs::write(root.join(app).join(name), contents)
+        };
+        write().map_err(|e| CliError::failed(format!("cannot write the components under {}: {e}", root.display())))?;
+    }
+    Ok(root)
 }
 
 /// The `--resources-path` of `app_id`'s sidecars: `ROOT/APP/` when the app has its own
 /// components, else ROOT when it holds component files itself, else none (tandemd's defaults).
-pub fn resources_for(root: Option<&Path>, app_id: &str) -> Option<PathBuf> {
-    let root = root?;
+pub fn resources_for(root: &Path, app_id: &str) -> Option<PathBuf> {
     let own = root.join(app_id);
     if own.is_dir() {
         return Some(own);
@@ -325,11 +349,34 @@ mod tests {
     #[test]
     fn an_app_subdir_wins_over_the_shared_component_files() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(resources_for(Some(dir.path()), "train"), None, "an empty root gives none");
+        assert_eq!(resources_for(dir.path(), "train"), None, "an empty root gives none");
         std::fs::create_dir(dir.path().join("preprocess")).unwrap();
         std::fs::write(dir.path().join("pubsub.yaml"), "").unwrap();
-        assert_eq!(resources_for(Some(dir.path()), "preprocess"), Some(dir.path().join("preprocess")));
-        assert_eq!(resources_for(Some(dir.path()), "train"), Some(dir.path().to_path_buf()));
-        assert_eq!(resources_for(None, "train"), None);
+        assert_eq!(resources_for(dir.path(), "preprocess"), Some(dir.path().join("preprocess")));
+        assert_eq!(resources_for(dir.path(), "train"), Some(dir.path().to_path_buf()));
+    }
+
+    #[test]
+    fn the_built_in_components_are_the_repositorys() {
+        let run_dir = tempfile::tempdir().unwrap();
+        let root = write_pipeline_components(run_dir.path()).unwrap();
+        let repository = Path::new(env!("CARGO_MANIFEST_DIR")).join("../components");
+        let mut files = 0;
+        for app in std::fs::read_dir(&repository).unwrap() {
+            let app = app.unwrap().path();
+            for file in std::fs::read_dir(&app).unwrap() {
+                let file = file.unwrap().path();
+                let written = root.join(app.file_name().unwrap()).join(file.file_name().unwrap());
+                assert_eq!(
+                    std::fs::read_to_string(&written).ok(),
+                    Some(std::fs::read_to_string(&file).unwrap()),
+                    "{} is not built into tandem",
+                    file.display()
+                );
+                files += 1;
+            }
+        }
+        assert_eq!(files, PIPELINE_COMPONENTS.len(), "tandem carries a file the repository no longer has");
+        assert_eq!(resources_for(&root, "train"), Some(root.join("train")));
     }
 }

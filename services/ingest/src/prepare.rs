@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use clap::Args;
 use sha2::{Digest, Sha256};
 use tandem_model::{Dataset, DatasetError, SyntheticSpec};
-use tandem_pipeline::messages::{Batch, DatasetManifest, RawEnd, Split, SplitCounts};
+use tandem_pipeline::messages::{Batch, DatasetManifest, RawBatch, RawEnd, ScalerParams, Split, SplitCounts};
+use tandem_pipeline::moments::{self, BatchMoments};
 
 /// What to ingest and how to cut it.
 #[derive(Debug, Clone, Args)]
@@ -47,20 +48,28 @@ pub enum IngestError {
     Dataset { source_name: String, error: DatasetError },
 }
 
-/// A dataset ready to publish: its batches in publish order (train, then test) and its manifest.
+/// A dataset ready to publish: its batches in publish order (train, then test), its manifest
+/// and the scaler fitted on its train split.
 #[derive(Debug, Clone)]
 pub struct Prepared {
     pub manifest: DatasetManifest,
     pub batches: Vec<Batch>,
+    pub scaler: ScalerParams,
 }
 
 impl Prepared {
+    /// `batch` as it goes on `dataset.raw`: with the scaler.
+    pub fn raw_batch(&self, batch: &Batch) -> RawBatch {
+        RawBatch { batch: batch.clone(), scaler: self.scaler.clone() }
+    }
+
     pub fn end_marker(&self) -> RawEnd {
         RawEnd {
             dataset_version: self.manifest.dataset_version.clone(),
             feature_count: self.manifest.feature_count,
             class_count: self.manifest.class_count,
             counts: self.manifest.counts,
+            scaler: self.scaler.clone(),
         }
     }
 }
@@ -95,6 +104,11 @@ pub fn prepare(options: &DatasetOptions) -> Result<Prepared, IngestError> {
             });
         }
     }
+    // The scaler: every train batch's moments, combined in batch order (deterministic bits).
+    let train_moments: Vec<BatchMoments> =
+        batches.iter().filter(|b| b.split == Split::Train).map(|b| BatchMoments::of(&b.features)).collect();
+    // The split leaves samples on both sides, so there is a train batch.
+    let scaler = moments::fit(&train_moments).ok_or_else(|| fail(DatasetError::NoSamples))?;
     let counts = SplitCounts {
         train_batches: split.train.len().div_ceil(batch_size) as u32,
         test_batches: split.test.len().div_ceil(batch_size) as u32,
@@ -113,7 +127,7 @@ pub fn prepare(options: &DatasetOptions) -> Result<Prepared, IngestError> {
         created_at: tandem_pipeline::service::now_rfc3339(),
         complete: false,
     };
-    Ok(Prepared { manifest, batches })
+    Ok(Prepared { manifest, batches, scaler })
 }
 
 /// The dataset version: a hash over both splits' contents and the batch size (downstream

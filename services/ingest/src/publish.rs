@@ -76,7 +76,7 @@ impl Ingest {
         .await;
         self.save_manifest(&prepared.manifest).await?;
         for batch in &prepared.batches {
-            let data = json::encode(&RawMessage::Batch(batch.clone()));
+            let data = json::encode(&RawMessage::Batch(prepared.raw_batch(batch)));
             retrying("publishing a batch", || sidecar.publish(PUBSUB, topics::DATASET_RAW, data.clone(), JSON)).await?;
             self.update(|s| s.published_batches += 1);
         }

@@ -6,11 +6,13 @@
 //! - [`service`]: the common flags (`--app-port`, `--app-host`, `--sidecar`), logging, waiting for
 //!   the sidecar with bounded retry, serving until SIGINT/SIGTERM.
 //! - [`json`]: JSON replies and requests (malformed JSON is INVALID_ARGUMENT).
+//! - [`moments`]: per-batch feature statistics and their deterministic combination into a scaler.
 //! - [`probe`]: waiting until a topic has a subscriber before publishing to it.
 //! - [`weights`]: model weights as base64 text inside JSON.
 
 pub mod json;
 pub mod messages;
+pub mod moments;
 pub mod probe;
 pub mod service;
 pub mod weights;

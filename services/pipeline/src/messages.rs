@@ -120,20 +120,30 @@ pub fn batch_key(dataset_version: &str, split: Split, index: u32) -> String {
     format!("{dataset_version}/{split}/{index}")
 }
 
-/// The end-of-dataset marker on `dataset.raw`: what a complete dataset holds.
+/// A raw batch on `dataset.raw`, with the scaler of its dataset: ingest fits it on the train
+/// split before it publishes anything, so every batch can be standardized the moment it arrives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RawBatch {
+    #[serde(flatten)]
+    pub batch: Batch,
+    pub scaler: ScalerParams,
+}
+
+/// The end-of-dataset marker on `dataset.raw`: what a complete dataset holds, and its scaler.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RawEnd {
     pub dataset_version: String,
     pub feature_count: u32,
     pub class_count: u32,
     pub counts: SplitCounts,
+    pub scaler: ScalerParams,
 }
 
 /// One event on `dataset.raw`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum RawMessage {
-    Batch(Batch),
+    Batch(RawBatch),
     End(RawEnd),
     Probe(Probe),
 }
@@ -294,6 +304,7 @@ pub struct DatasetManifest {
 /// preprocess `status` (per replica: `transformed_batches` counts this replica's).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PreprocessStatus {
+    /// Whether this replica holds the scaler of `dataset_version` (it comes with every raw batch).
     pub scaler_fitted: bool,
     pub transformed_batches: u64,
     /// The dataset version of the last event this replica handled.
@@ -400,14 +411,20 @@ mod tests {
             feature_count: 2,
             class_count: 3,
             counts: SplitCounts::default(),
+            scaler: ScalerParams { mean: vec![0.5, 1.0], std: vec![1.0, 2.0], samples: 9 },
         });
         let json = serde_json::to_value(&end).unwrap();
         assert_eq!(json["kind"], "end");
         assert_eq!(serde_json::from_value::<RawMessage>(json).unwrap(), end);
         let batch = serde_json::json!({"kind":"batch","dataset_version":"v","split":"test","batch_index":1,
-            "batch_count":2,"feature_count":1,"features":[[1.0]],"labels":[0]});
-        let RawMessage::Batch(batch) = serde_json::from_value(batch).unwrap() else { panic!("a batch") };
-        assert_eq!(batch.split, Split::Test);
-        assert_eq!(batch.key(), "v/test/1");
+            "batch_count":2,"feature_count":1,"features":[[1.0]],"labels":[0],
+            "scaler":{"mean":[0.5],"std":[2.0],"samples":7}});
+        let message: RawMessage = serde_json::from_value(batch).unwrap();
+        let RawMessage::Batch(raw) = &message else { panic!("a batch") };
+        assert_eq!(raw.batch.split, Split::Test);
+        assert_eq!(raw.batch.key(), "v/test/1");
+        assert_eq!(raw.scaler.samples, 7);
+        let json = serde_json::to_value(&message).unwrap();
+        assert_eq!(serde_json::from_value::<RawMessage>(json).unwrap(), message);
     }
 }

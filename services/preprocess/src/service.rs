@@ -1,19 +1,23 @@
 //! The preprocess service: the `dataset.raw` handler, `status` and `probe_ack`.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tandem_model::{Device, Standardizer};
 use tandem_pipeline::messages::{
-    Batch, FeatureMessage, FeaturesEnd, JSON, PUBSUB, PreprocessStatus, RawEnd, RawMessage, STATE_STORE, ScalerParams,
-    Split, app_ids, methods, topics,
+    Batch, FeatureMessage, FeaturesEnd, JSON, PUBSUB, PreprocessStatus, Probe, RawBatch, RawEnd, RawMessage,
+    ScalerParams,
+    app_ids, methods, topics,
 };
 use tandem_pipeline::{json, probe};
 use tandem_sdk::{AppServer, EventOutcome, SidecarClient, Status, TopicEvent};
+use tokio::sync::watch;
 
-use crate::moments::{self, BatchMoments};
+/// How long an event waits in the handler for train's subscription before it is answered
+/// RETRY. Only a replica that has not finished its own probe yet waits at all (ingest publishes
+/// once a replica has seen train subscribed), and that takes a second or two.
+const TRAIN_WAIT: Duration = Duration::from_secs(10);
 
 /// One preprocess replica; clones share one state.
 #[derive(Clone)]
@@ -24,20 +28,11 @@ pub struct Preprocess {
 struct Inner {
     sidecar: SidecarClient,
     device: Device,
-    /// Scalers known to this replica, by dataset version (they never change once stored).
-    scalers: Mutex<HashMap<String, Arc<ScalerParams>>>,
     /// Whether `dataset.features` has a subscriber (train) yet; until then nothing is published.
-    train_subscribed: AtomicBool,
+    train_subscribed: watch::Sender<bool>,
     transformed: AtomicU64,
+    /// The dataset version of the last event handled (its scaler came with it).
     last_version: Mutex<Option<String>>,
-}
-
-fn stats_key(version: &str, index: u32) -> String {
-    format!("stats/{version}/{index}")
-}
-
-fn scaler_key(version: &str) -> String {
-    format!("scaler/{version}")
 }
 
 impl Preprocess {
@@ -46,8 +41,7 @@ impl Preprocess {
             inner: Arc::new(Inner {
                 sidecar,
                 device,
-                scalers: Mutex::new(HashMap::new()),
-                train_subscribed: AtomicBool::new(false),
+                train_subscribed: watch::Sender::new(false),
                 transformed: AtomicU64::new(0),
                 last_version: Mutex::new(None),
             }),
@@ -81,16 +75,13 @@ impl Preprocess {
             |probe| json::encode(&FeatureMessage::Probe(probe)),
         )
         .await;
-        self.inner.train_subscribed.store(true, Ordering::SeqCst);
+        self.inner.train_subscribed.send_replace(true);
     }
 
     pub fn status(&self) -> PreprocessStatus {
         let version = self.inner.last_version.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let scaler_fitted = version
-            .as_ref()
-            .is_some_and(|v| self.inner.scalers.lock().unwrap_or_else(|p| p.into_inner()).contains_key(v));
         PreprocessStatus {
-            scaler_fitted,
+            scaler_fitted: version.is_some(),
             transformed_batches: self.inner.transformed.load(Ordering::SeqCst),
             dataset_version: version,
         }
@@ -105,7 +96,7 @@ impl Preprocess {
             }
         };
         let result = match message {
-            RawMessage::Probe(probe) => probe::acknowledge(&self.inner.sidecar, &probe).await.map(|()| true),
+            RawMessage::Probe(probe) => self.on_probe(probe).await,
             RawMessage::Batch(batch) => self.on_batch(batch).await,
             RawMessage::End(end) => self.on_end(end).await,
         };
@@ -119,41 +110,45 @@ impl Preprocess {
         }
     }
 
-    /// `Ok(false)`: not yet (no scaler, or train not subscribed yet): deliver again later.
-    async fn on_batch(&self, batch: Batch) -> Result<bool, Status> {
-        if let Some(problem) = shape_problem(&batch) {
+    /// Acknowledges ingest's probe only once train is subscribed here, so ingest publishes
+    /// nothing before the whole chain can take it. An unacknowledged probe is not redelivered:
+    /// ingest sends a new one every second.
+    async fn on_probe(&self, probe: Probe) -> Result<bool, Status> {
+        if *self.inner.train_subscribed.borrow() {
+            probe::acknowledge(&self.inner.sidecar, &probe).await?;
+        } else {
+            tracing::debug!("ingest's probe left unanswered: train is not subscribed yet");
+        }
+        Ok(true)
+    }
+
+    /// Holds the event until train is subscribed (bounded by [`TRAIN_WAIT`]); `false` if not.
+    async fn train_ready(&self) -> bool {
+        let mut subscribed = self.inner.train_subscribed.subscribe();
+        tokio::time::timeout(TRAIN_WAIT, subscribed.wait_for(|s| *s)).await.is_ok_and(|r| r.is_ok())
+    }
+
+    /// `Ok(false)`: train is still not subscribed after [`TRAIN_WAIT`]: deliver again later.
+    async fn on_batch(&self, raw: RawBatch) -> Result<bool, Status> {
+        let RawBatch { batch, scaler } = raw;
+        if let Some(problem) = shape_problem(&batch, &scaler) {
             tracing::error!(batch = %batch.key(), problem = %problem, "dropping a malformed batch");
             return Ok(true);
         }
         self.seen(&batch.dataset_version);
-        let sidecar = &self.inner.sidecar;
-        if batch.split == Split::Train {
-            let key = stats_key(&batch.dataset_version, batch.batch_index);
-            if sidecar.get_state(STATE_STORE, &key).await?.is_none() {
-                sidecar.save_state(STATE_STORE, &key, json::encode(&BatchMoments::of(&batch.features))).await?;
-            }
-        }
-        let train_batches = (batch.split == Split::Train).then_some(batch.batch_count);
-        let Some(scaler) = self.scaler(&batch.dataset_version, train_batches).await? else {
-            tracing::debug!(batch = %batch.key(), "no scaler yet; retry later");
-            return Ok(false);
-        };
-        if !self.inner.train_subscribed.load(Ordering::SeqCst) {
+        if !self.train_ready().await {
             return Ok(false);
         }
         let features = standardize(&scaler, &batch.features, &self.inner.device)?;
         let out = FeatureMessage::Batch(Batch { features, ..batch });
-        sidecar.publish(PUBSUB, topics::DATASET_FEATURES, json::encode(&out), JSON).await?;
+        self.inner.sidecar.publish(PUBSUB, topics::DATASET_FEATURES, json::encode(&out), JSON).await?;
         self.inner.transformed.fetch_add(1, Ordering::SeqCst);
         Ok(true)
     }
 
     async fn on_end(&self, end: RawEnd) -> Result<bool, Status> {
         self.seen(&end.dataset_version);
-        let Some(scaler) = self.scaler(&end.dataset_version, Some(end.counts.train_batches)).await? else {
-            return Ok(false);
-        };
-        if !self.inner.train_subscribed.load(Ordering::SeqCst) {
+        if !self.train_ready().await {
             return Ok(false);
         }
         let out = FeatureMessage::End(FeaturesEnd {
@@ -161,61 +156,10 @@ impl Preprocess {
             feature_count: end.feature_count,
             class_count: end.class_count,
             counts: end.counts,
-            scaler: (*scaler).clone(),
+            scaler: end.scaler,
         });
         self.inner.sidecar.publish(PUBSUB, topics::DATASET_FEATURES, json::encode(&out), JSON).await?;
         Ok(true)
-    }
-
-    /// The scaler of `version`: known, stored by a replica, or fitted now when every train
-    /// batch's statistics are in (`train_batches`, when this caller knows the count).
-    async fn scaler(&self, version: &str, train_batches: Option<u32>) -> Result<Option<Arc<ScalerParams>>, Status> {
-        if let Some(scaler) = self.inner.scalers.lock().unwrap_or_else(|p| p.into_inner()).get(version) {
-            return Ok(Some(scaler.clone()));
-        }
-        let sidecar = &self.inner.sidecar;
-        let key = scaler_key(version);
-        let scaler = match sidecar.get_state(STATE_STORE, &key).await? {
-            Some(stored) => {
-                json::decode::<ScalerParams>(&stored.value, "the stored scaler").map_err(Status::internal)?
-            }
-            None => {
-                let Some(count) = train_batches else { return Ok(None) };
-                let mut batches = Vec::with_capacity(count as usize);
-                for index in 0..count {
-                    match sidecar.get_state(STATE_STORE, &stats_key(version, index)).await? {
-                        Some(stored) => batches.push(
-                            json::decode::<BatchMoments>(&stored.value, "stored batch statistics")
-                                .map_err(Status::internal)?,
-                        ),
-                        None => return Ok(None),
-                    }
-                }
-                let Some(fitted) = moments::fit(&batches) else {
-                    return Err(Status::internal(format!(
-                        "the train batches of {version} disagree on the feature count"
-                    )));
-                };
-                // First write wins: if another replica stored one meanwhile, use that one.
-                match sidecar.get_state(STATE_STORE, &key).await? {
-                    Some(stored) => {
-                        json::decode::<ScalerParams>(&stored.value, "the stored scaler").map_err(Status::internal)?
-                    }
-                    None => {
-                        sidecar.save_state(STATE_STORE, &key, json::encode(&fitted)).await?;
-                        tracing::info!(
-                            dataset_version = version,
-                            samples = fitted.samples,
-                            "scaler fitted on the train split"
-                        );
-                        fitted
-                    }
-                }
-            }
-        };
-        let scaler = Arc::new(scaler);
-        self.inner.scalers.lock().unwrap_or_else(|p| p.into_inner()).insert(version.to_string(), scaler.clone());
-        Ok(Some(scaler))
     }
 
     fn seen(&self, version: &str) {
@@ -223,10 +167,18 @@ impl Preprocess {
     }
 }
 
-/// What is wrong with a batch's shape, if anything.
-fn shape_problem(batch: &Batch) -> Option<String> {
+/// What is wrong with a batch's shape (or its scaler's), if anything.
+fn shape_problem(batch: &Batch, scaler: &ScalerParams) -> Option<String> {
     if batch.features.is_empty() || batch.features.len() != batch.labels.len() {
         return Some(format!("{} rows but {} labels", batch.features.len(), batch.labels.len()));
+    }
+    let width = batch.feature_count as usize;
+    if scaler.mean.len() != width || scaler.std.len() != width {
+        return Some(format!(
+            "its scaler has {} means and {} deviations for {width} features",
+            scaler.mean.len(),
+            scaler.std.len()
+        ));
     }
     batch
         .features

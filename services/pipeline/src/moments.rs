@@ -1,8 +1,9 @@
 //! Per-batch sufficient statistics of the features, and their deterministic combination into
-//! standardization parameters.
+//! standardization parameters (the scaler ingest fits on the train split while it reads it).
 
 use serde::{Deserialize, Serialize};
-use tandem_pipeline::messages::ScalerParams;
+
+use crate::messages::ScalerParams;
 
 /// Count, mean and sum of squared deviations (M2) of each feature over one batch, in f64.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
