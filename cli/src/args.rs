@@ -62,6 +62,36 @@ pub enum Command {
     /// Remove app APP's subscription to TOPIC of pub/sub PUBSUB, for an app that is gone for
     /// good: publishers then release the events they kept for it.
     Unsubscribe(UnsubscribeArgs),
+    /// Datasets for the pipeline.
+    #[command(subcommand)]
+    Dataset(DatasetCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DatasetCommand {
+    /// Write a seeded, learnable synthetic classification dataset (the rows of
+    /// `--dataset synthetic:ROWS:FEATURES:CLASSES` with that seed) to a Parquet or CSV file,
+    /// in bounded memory whatever its size: columns f0..fN and label.
+    Synth(SynthArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Rows to write.
+    #[arg(long)]
+    pub rows: usize,
+    /// Feature columns.
+    #[arg(long)]
+    pub features: usize,
+    /// Classes (labels 0..CLASSES).
+    #[arg(long)]
+    pub classes: usize,
+    /// Seed the rows are drawn from.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// The file to write: FILE.parquet (snappy-compressed row groups) or FILE.csv.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// A JSON payload, given inline or as a file.

@@ -5,7 +5,7 @@ use std::io::{IsTerminal, Write};
 use serde_json::json;
 use tandem_sdk::{CallOptions, SidecarClient};
 
-use crate::args::{Global, InvokeArgs, LsArgs, PublishArgs, StateGetArgs, UnsubscribeArgs};
+use crate::args::{Global, InvokeArgs, LsArgs, PublishArgs, StateGetArgs, SynthArgs, UnsubscribeArgs};
 use crate::error::CliError;
 use crate::payload;
 use crate::registry::{self, Registry};
@@ -254,6 +254,29 @@ fn describe_subscriber(subscriber: &tandem_sidecar::discovery::Subscriber) -> St
         text.push_str(&subscriber.path);
     }
     text
+}
+
+/// `tandem dataset synth`: the seeded synthetic rows, written on a blocking thread.
+pub async fn dataset_synth(synth: SynthArgs) -> Result<(), CliError> {
+    let text = format!("synthetic:{}:{}:{}", synth.rows, synth.features, synth.classes);
+    let spec = tandem_model::SyntheticSpec::parse(&text)
+        .map_err(|e| CliError::usage(e.to_string()))?
+        .expect("a synthetic spec");
+    let out = synth.out.clone();
+    let written = tokio::task::spawn_blocking(move || tandem_ingest::synth::write(spec, synth.seed, &out))
+        .await
+        .map_err(|e| CliError::failed(format!("writing the dataset: {e}")))?
+        .map_err(|e| CliError::failed(e.to_string()))?;
+    println!(
+        "wrote {} rows ({} features, {} classes, seed {}) to {} ({} bytes)",
+        written.rows,
+        spec.features,
+        spec.classes,
+        synth.seed,
+        written.path.display(),
+        written.bytes
+    );
+    Ok(())
 }
 
 #[cfg(test)]

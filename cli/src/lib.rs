@@ -6,6 +6,7 @@
 //!   Ctrl-C; restarts a train replica that dies; then stops everything in reverse order.
 //! - `tandem invoke`, `tandem publish`, `tandem state get`, `tandem ls`, `tandem unsubscribe`
 //!   ([`commands`]): talk to a running mesh through a sidecar's Dapr API and etcd.
+//! - `tandem dataset synth` ([`commands`]): writes a seeded synthetic dataset to Parquet or CSV.
 //!
 //! Modules: [`args`] (the command line), [`error`] (errors and exit codes), [`registry`] (what
 //! etcd says about apps and their sidecars), [`commands`] (everything but `up`), [`up`],
@@ -36,5 +37,6 @@ pub async fn run(cli: args::Cli) -> Result<(), CliError> {
         Command::State(args::StateCommand::Get(get)) => commands::state_get(&cli.global, get).await,
         Command::Ls(ls) => commands::ls(&cli.global, ls).await,
         Command::Unsubscribe(remove) => commands::unsubscribe(&cli.global, remove).await,
+        Command::Dataset(args::DatasetCommand::Synth(synth)) => commands::dataset_synth(synth).await,
     }
 }

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use tandem_ingest::DatasetOptions;
 use tandem_model::Dataset;
 use tandem_pipeline::messages::{
-    GetModelRequest, IngestPhase, IngestStatus, ModelEntry, PreprocessStatus, ServeStatus, TrainPhase, TrainStatus,
-    app_ids, methods,
+    GetModelRequest, IngestPhase, IngestStatus, ModelEntry, PreprocessStatus, ServeStatus, Split, TrainPhase,
+    TrainStatus, app_ids, methods,
 };
 use tandem_sdk::Code;
 use tandem_tests::pipeline::{Pipeline, PipelineOptions, Stage};
@@ -27,9 +28,19 @@ fn accuracy(predicted: &[u32], labels: &[u32]) -> f64 {
     correct as f64 / labels.len() as f64
 }
 
-/// The digits test split exactly as ingest cuts it with its defaults (seed 42, 20% test).
-fn digits_test_split() -> Dataset {
-    Dataset::digits().split(0.2, 42).expect("the digits split").test
+/// The digits split exactly as ingest cuts it with its defaults (seed 42, 20% test): (train, test).
+fn digits_split() -> (Dataset, Dataset) {
+    let prepared = tandem_ingest::prepare(&DatasetOptions::default()).expect("the digits dataset");
+    let (mut rows, mut labels) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    for batch in prepared.batches().expect("a second pass") {
+        let batch = batch.expect("a batch");
+        let side = usize::from(batch.split == Split::Test);
+        rows[side].extend(batch.features);
+        labels[side].extend(batch.labels);
+    }
+    let [train_labels, test_labels] = labels;
+    let [train_rows, test_rows] = rows;
+    (Dataset::from_rows(&train_rows, train_labels).unwrap(), Dataset::from_rows(&test_rows, test_labels).unwrap())
 }
 
 fn rows_json(dataset: &Dataset) -> String {
@@ -84,7 +95,7 @@ async fn digits_flow_through_the_mesh_to_a_served_model_that_is_swapped_under_lo
     assert!(entry.created_at.ends_with('Z'));
 
     // Two competing replicas gave the scaler one process fits on the whole train split.
-    let train_split = Dataset::digits().split(0.2, 42).unwrap().train;
+    let (train_split, test) = digits_split();
     let whole = tandem_model::Standardizer::fit(&train_split, &tandem_model::parse_device("cpu").unwrap());
     assert_eq!(entry.preprocessing.samples, train_split.len() as u64);
     for (i, (got, want)) in entry.preprocessing.mean.iter().zip(&whole.mean).enumerate() {
@@ -98,7 +109,6 @@ async fn digits_flow_through_the_mesh_to_a_served_model_that_is_swapped_under_lo
     assert_eq!(preprocess.dataset_version.as_deref(), Some(ingest.dataset_version.as_str()));
 
     // 2. Predictions through the mesh: the whole test split in one request, raw features.
-    let test = digits_test_split();
     let answer = pipeline.predict(&rows_json(&test)).await.expect("predict the test split");
     assert_eq!(answer.model_version, v1);
     assert_eq!(answer.predictions.len(), test.len());
@@ -256,11 +266,44 @@ async fn serve_without_a_model_says_unavailable_and_names_bad_input() {
     drop(serve);
 }
 
+/// A Parquet file, as `tandem dataset synth` writes it, flows through the pipeline: ingest reads
+/// it a chunk at a time, and the model is trained on its version, the very version of the same
+/// rows drawn in memory (`synthetic:ROWS:FEATURES:CLASSES` with the seed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parquet_file_flows_through_the_pipeline_to_a_served_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("synthetic.parquet");
+    let spec = tandem_model::SyntheticSpec { rows: 3000, features: 8, classes: 3 };
+    tandem_ingest::synth::write(spec, 5, &path).unwrap();
+    let in_memory = DatasetOptions { dataset: spec.to_string(), seed: 5, ..DatasetOptions::default() };
+    let expected = tandem_ingest::prepare(&in_memory).unwrap().manifest;
+    let ingest_args = ["--dataset", path.to_str().unwrap(), "--seed", "5"].map(String::from).to_vec();
+    let options = PipelineOptions {
+        ingest_args,
+        train_args: ["--epochs", "10"].map(String::from).to_vec(),
+        ..PipelineOptions::default()
+    };
+    let pipeline = Pipeline::start(options).await;
+    let version = pipeline.wait_for_model(None, TRAINING_TIMEOUT).await;
+    let entry: ModelEntry = pipeline
+        .call(app_ids::TRAIN, methods::GET_MODEL, &serde_json::to_string(&GetModelRequest::default()).unwrap())
+        .await
+        .expect("get_model");
+    assert_eq!(entry.dataset_version, expected.dataset_version);
+    assert_eq!((entry.feature_count, entry.class_count), (8, 3));
+    assert_eq!(entry.metrics.train_samples, expected.counts.train_samples);
+    assert_eq!(entry.metrics.test_samples, expected.counts.test_samples);
+    assert!(entry.metrics.test_accuracy > 0.6, "test accuracy {} (chance is 0.33)", entry.metrics.test_accuracy);
+    let answer = pipeline.predict(r#"{"features": [0, 0, 0, 0, 0, 0, 0, 0]}"#).await.expect("predict");
+    assert_eq!(answer.model_version, version);
+    assert!(answer.predictions[0].class < 3);
+}
+
 #[tokio::test]
-async fn a_bad_csv_stops_ingest_with_the_line_and_column() {
+async fn a_bad_file_stops_ingest_naming_the_line_or_row_and_the_column() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
-        ("ragged.csv", "a,b,label\n1,2,0\n3,4\n", vec!["line 3", "2 fields", "3 columns"]),
+        ("ragged.csv", "a,b,label\n1,2,0\n3,4\n", vec!["line 3", "expected 3 got 2"]),
         ("not-a-number.csv", "a,b,label\n1,2,0\n3,oops,1\n", vec!["line 3", "column 'b'", "'oops'"]),
         ("no-label.csv", "a,b,c\n1,2,0\n", vec!["line 1", "label column 'label'"]),
         ("bad-label.csv", "a,b,label\n1,2,0\n3,4,cat\n", vec!["line 3", "column 'label'", "'cat'"]),
@@ -282,6 +325,20 @@ async fn a_bad_csv_stops_ingest_with_the_line_and_column() {
         }
         assert!(stderr.contains(name), "{name}: the message names the file: {stderr}");
     }
+    // A Parquet file cut short: named, before anything is published.
+    let parquet = dir.path().join("cut.parquet");
+    let spec = tandem_model::SyntheticSpec { rows: 1000, features: 4, classes: 2 };
+    tandem_ingest::synth::write(spec, 1, &parquet).unwrap();
+    let bytes = std::fs::read(&parquet).unwrap();
+    std::fs::write(&parquet, &bytes[..bytes.len() - 100]).unwrap();
+    let cut = Service::new("tandem-ingest")
+        .args(["--app-port", "1", "--sidecar", "http://127.0.0.1:1", "--dataset"])
+        .arg(parquet.display().to_string())
+        .run_to_exit(Duration::from_secs(30))
+        .await;
+    let stderr = String::from_utf8_lossy(&cut.stderr);
+    assert_eq!(cut.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cut.parquet: not a readable Parquet file"), "{stderr}");
     let missing = Service::new("tandem-ingest")
         .args(["--app-port", "1", "--dataset", "/nonexistent/data.csv"])
         .run_to_exit(Duration::from_secs(30))

@@ -1,5 +1,5 @@
-//! `tandem-ingest`: loads the dataset (a bad CSV ends it here, exit code 1, with the line and
-//! column in the message), then serves `status` and publishes the batches through its sidecar.
+//! `tandem-ingest`: reads the dataset once (a bad file ends it here, exit code 1, naming the
+//! file, column and row), then serves `status` and publishes the batches through its sidecar.
 
 use std::process::ExitCode;
 
@@ -14,12 +14,13 @@ fn main() -> ExitCode {
 }
 
 async fn run(options: Options) -> anyhow::Result<()> {
-    let prepared = tandem_ingest::prepare(&options.dataset)?;
+    let dataset = options.dataset.clone();
+    let prepared = tokio::task::spawn_blocking(move || tandem_ingest::prepare(&dataset)).await??;
     tracing::info!(
         dataset_version = %prepared.manifest.dataset_version,
         train = prepared.manifest.counts.train_samples,
         test = prepared.manifest.counts.test_samples,
-        "dataset loaded and split"
+        "dataset read, split and versioned; the scaler is fitted"
     );
     let sidecar = service::sidecar_client(&options.service.sidecar)?;
     let listener = service::bind(&options.service).await?;

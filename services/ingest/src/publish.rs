@@ -11,6 +11,9 @@ use tandem_sdk::{AppServer, Code, SidecarClient, Status};
 
 use crate::Prepared;
 
+/// Batches read ahead of the one being published.
+const READ_AHEAD: usize = 8;
+
 /// The ingest service; clones share one state.
 #[derive(Clone)]
 pub struct Ingest {
@@ -75,18 +78,35 @@ impl Ingest {
         })
         .await;
         self.save_manifest(&prepared.manifest).await?;
-        for batch in &prepared.batches {
+        // The second pass reads on a blocking thread, a few batches ahead of the publishing.
+        let (batches, mut read) = tokio::sync::mpsc::channel(READ_AHEAD);
+        let reading = prepared.clone();
+        let reader = tokio::task::spawn_blocking(move || {
+            let all = match reading.batches() {
+                Ok(all) => all,
+                Err(error) => return drop(batches.blocking_send(Err(error))),
+            };
+            for batch in all {
+                // Closed: publishing failed and stopped reading.
+                if batches.blocking_send(batch).is_err() {
+                    break;
+                }
+            }
+        });
+        while let Some(batch) = read.recv().await {
+            let batch = batch.map_err(|error| Status::failed_precondition(error.to_string()))?;
             let data = json::encode(&RawMessage::Batch(prepared.raw_batch(batch)));
             retrying("publishing a batch", || sidecar.publish(PUBSUB, topics::DATASET_RAW, data.clone(), JSON)).await?;
             self.update(|s| s.published_batches += 1);
         }
+        reader.await.map_err(|e| Status::internal(format!("reading the dataset: {e}")))?;
         let end = json::encode(&RawMessage::End(prepared.end_marker()));
         retrying("publishing the end marker", || sidecar.publish(PUBSUB, topics::DATASET_RAW, end.clone(), JSON))
             .await?;
         let manifest = DatasetManifest { complete: true, ..prepared.manifest.clone() };
         self.save_manifest(&manifest).await?;
         self.update(|s| s.phase = IngestPhase::Done);
-        tracing::info!(dataset_version = %version, batches = prepared.batches.len(), "dataset published");
+        tracing::info!(dataset_version = %version, batches = prepared.manifest.counts.total_batches(), "dataset published");
         Ok(())
     }
 

@@ -156,6 +156,53 @@ impl std::fmt::Display for SyntheticSpec {
     }
 }
 
+/// The rows of [`Dataset::synthetic`], drawn a chunk at a time: a file of any size can be
+/// written (or read) without holding it, and the rows are those of the in-memory dataset.
+#[derive(Debug, Clone)]
+pub struct SyntheticRows {
+    spec: SyntheticSpec,
+    rng: SeededRng,
+    centres: Vec<f32>,
+    next_row: usize,
+}
+
+impl SyntheticRows {
+    const CLUSTERS_PER_CLASS: usize = 2;
+    const CENTRE_DISTANCE: f32 = 6.0;
+
+    pub fn new(spec: SyntheticSpec, seed: u64) -> Self {
+        let mut rng = SeededRng::new(seed ^ 0x5EED_DA7A_5E70_0001);
+        // Two random centres differ by spread * sqrt(2 * features) on average.
+        let spread = Self::CENTRE_DISTANCE / (2.0 * spec.features as f32).sqrt();
+        let centres: Vec<f32> =
+            (0..spec.classes * Self::CLUSTERS_PER_CLASS * spec.features).map(|_| rng.normal_f32() * spread).collect();
+        Self { spec, rng, centres, next_row: 0 }
+    }
+
+    /// Up to `max_rows` more rows (row-major features, labels); `None` when all are drawn.
+    pub fn next_chunk(&mut self, max_rows: usize) -> Option<(Vec<f32>, Vec<u32>)> {
+        let spec = self.spec;
+        let rows = max_rows.min(spec.rows - self.next_row);
+        if rows == 0 {
+            return None;
+        }
+        let mut features = Vec::with_capacity(rows * spec.features);
+        let mut labels = Vec::with_capacity(rows);
+        for row in self.next_row..self.next_row + rows {
+            // The first `classes` rows name every class once; the rest are uniform.
+            let label = if row < spec.classes { row } else { self.rng.below(spec.classes) };
+            let cluster = label * Self::CLUSTERS_PER_CLASS + self.rng.below(Self::CLUSTERS_PER_CLASS);
+            let centre = &self.centres[cluster * spec.features..(cluster + 1) * spec.features];
+            for c in centre {
+                features.push(c + self.rng.normal_f32());
+            }
+            labels.push(label as u32);
+        }
+        self.next_row += rows;
+        Some((features, labels))
+    }
+}
+
 /// The two sides of [`Dataset::split`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainTestSplit {
@@ -215,23 +262,8 @@ impl Dataset {
     /// is learnable (an MLP reaches well above chance) but not linearly separable by design;
     /// labels are uniform over the classes (every class has at least one sample).
     pub fn synthetic(spec: SyntheticSpec, seed: u64) -> Self {
-        const CLUSTERS_PER_CLASS: usize = 2;
-        const CENTRE_DISTANCE: f32 = 6.0;
-        let mut rng = SeededRng::new(seed ^ 0x5EED_DA7A_5E70_0001);
-        // Two random centres differ by spread * sqrt(2 * features) on average.
-        let spread = CENTRE_DISTANCE / (2.0 * spec.features as f32).sqrt();
-        let centres: Vec<f32> =
-            (0..spec.classes * CLUSTERS_PER_CLASS * spec.features).map(|_| rng.normal_f32() * spread).collect();
-        let mut features = Vec::with_capacity(spec.rows * spec.features);
-        let mut labels = Vec::with_capacity(spec.rows);
-        for row in 0..spec.rows {
-            // The first `classes` rows name every class once; the rest are uniform.
-            let label = if row < spec.classes { row } else { rng.below(spec.classes) };
-            let cluster = label * CLUSTERS_PER_CLASS + rng.below(CLUSTERS_PER_CLASS);
-            let centre = &centres[cluster * spec.features..(cluster + 1) * spec.features];
-            features.extend(centre.iter().map(|c| c + rng.normal_f32()));
-            labels.push(label as u32);
-        }
+        let mut rows = SyntheticRows::new(spec, seed);
+        let (features, labels) = rows.next_chunk(spec.rows).unwrap_or_default();
         Self { num_features: spec.features, features, labels }
     }
 

@@ -60,7 +60,7 @@ pub mod train;
 
 pub use burn::tensor::Device;
 pub use data_parallel::{GlobalBatches, Shard, StepGradients, StepOutcome, Trainer, TrainerState};
-pub use dataset::{Dataset, DatasetError, SyntheticSpec, TrainTestSplit};
+pub use dataset::{Dataset, DatasetError, SyntheticRows, SyntheticSpec, TrainTestSplit};
 pub use device::{DeviceError, parse_device};
 pub use model::{Classifier, Evaluation, MlpConfig, ModelError, Prediction};
 pub use standardize::{FeatureMoments, Standardizer};

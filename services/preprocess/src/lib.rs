@@ -33,7 +33,10 @@ use tandem_pipeline::service::ServiceArgs;
 
 /// `tandem-preprocess`'s flags.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "tandem-preprocess", about = "Tandem AI pipeline: standardizes raw batches with the train split's scaler")]
+#[command(
+    name = "tandem-preprocess",
+    about = "Tandem AI pipeline: standardizes raw batches with the train split's scaler"
+)]
 pub struct Options {
     #[command(flatten)]
     pub service: ServiceArgs,

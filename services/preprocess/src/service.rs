@@ -7,8 +7,7 @@ use std::time::Duration;
 use tandem_model::{Device, Standardizer};
 use tandem_pipeline::messages::{
     Batch, FeatureMessage, FeaturesEnd, JSON, PUBSUB, PreprocessStatus, Probe, RawBatch, RawEnd, RawMessage,
-    ScalerParams,
-    app_ids, methods, topics,
+    ScalerParams, app_ids, methods, topics,
 };
 use tandem_pipeline::{json, probe};
 use tandem_sdk::{AppServer, EventOutcome, SidecarClient, Status, TopicEvent};

@@ -315,7 +315,8 @@ impl SidecarClient {
                 TransactionalStateOperation { operation_type: "upsert".into(), request: Some(request) }
             })
             .collect();
-        let request = ExecuteStateTransactionRequest { store_name: store.into(), operations, metadata: Default::default() };
+        let request =
+            ExecuteStateTransactionRequest { store_name: store.into(), operations, metadata: Default::default() };
         match self.inner.clone().execute_state_transaction(request).await {
             Ok(_) => Ok(true),
             Err(status) if status.code() == tonic::Code::Aborted => Ok(false),
