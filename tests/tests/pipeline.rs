@@ -294,6 +294,11 @@ async fn a_parquet_file_flows_through_the_pipeline_to_a_served_model() {
     assert_eq!(entry.metrics.train_samples, expected.counts.train_samples);
     assert_eq!(entry.metrics.test_samples, expected.counts.test_samples);
     assert!(entry.metrics.test_accuracy > 0.6, "test accuracy {} (chance is 0.33)", entry.metrics.test_accuracy);
+    // Batches travel and rest as Arrow IPC: train keeps each one as it came.
+    let key = format!("batch/{}/train/0", expected.dataset_version);
+    let stored = pipeline.train[0].sidecar.client().get_state("statestore", &key).await.unwrap().expect("batch 0");
+    let batch = tandem_pipeline::arrow_batch::decode(&stored.value).expect("an Arrow IPC batch");
+    assert_eq!((batch.feature_count, batch.labels.len()), (8, 64));
     let answer = pipeline.predict(r#"{"features": [0, 0, 0, 0, 0, 0, 0, 0]}"#).await.expect("predict");
     assert_eq!(answer.model_version, version);
     assert!(answer.predictions[0].class < 3);

@@ -5,7 +5,7 @@
 use clap::Args;
 use sha2::{Digest, Sha256};
 use tandem_model::DatasetError;
-use tandem_pipeline::messages::{Batch, DatasetManifest, RawBatch, RawEnd, ScalerParams, Split, SplitCounts};
+use tandem_pipeline::messages::{Batch, DatasetManifest, RawEnd, ScalerParams, Split, SplitCounts};
 use tandem_pipeline::moments::{self, BatchMoments};
 
 use crate::batching::{Cut, Cutter};
@@ -67,11 +67,6 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// `batch` as it goes on `dataset.raw`: with the scaler.
-    pub fn raw_batch(&self, batch: Batch) -> RawBatch {
-        RawBatch { batch, scaler: self.scaler.clone() }
-    }
-
     pub fn end_marker(&self) -> RawEnd {
         RawEnd {
             dataset_version: self.manifest.dataset_version.clone(),

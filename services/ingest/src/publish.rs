@@ -6,7 +6,7 @@ use std::time::Duration;
 use tandem_pipeline::messages::{
     DatasetManifest, IngestPhase, IngestStatus, JSON, PUBSUB, RawMessage, STATE_STORE, app_ids, methods, topics,
 };
-use tandem_pipeline::{json, probe};
+use tandem_pipeline::{arrow_batch, json, probe};
 use tandem_sdk::{AppServer, Code, SidecarClient, Status};
 
 use crate::Prepared;
@@ -95,8 +95,11 @@ impl Ingest {
         });
         while let Some(batch) = read.recv().await {
             let batch = batch.map_err(|error| Status::failed_precondition(error.to_string()))?;
-            let data = json::encode(&RawMessage::Batch(prepared.raw_batch(batch)));
-            retrying("publishing a batch", || sidecar.publish(PUBSUB, topics::DATASET_RAW, data.clone(), JSON)).await?;
+            let data = arrow_batch::encode(&batch, Some(&prepared.scaler));
+            retrying("publishing a batch", || {
+                sidecar.publish(PUBSUB, topics::DATASET_RAW, data.clone(), arrow_batch::ARROW_STREAM)
+            })
+            .await?;
             self.update(|s| s.published_batches += 1);
         }
         reader.await.map_err(|e| Status::internal(format!("reading the dataset: {e}")))?;

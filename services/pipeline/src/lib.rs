@@ -5,11 +5,13 @@
 //!   status objects), app-ids, topic and method names. The one place the contract is written down.
 //! - [`service`]: the common flags (`--app-port`, `--app-host`, `--sidecar`), logging, waiting for
 //!   the sidecar with bounded retry, serving until SIGINT/SIGTERM.
+//! - [`arrow_batch`]: feature batches as Arrow IPC streams, on the wire and in train's state.
 //! - [`json`]: JSON replies and requests (malformed JSON is INVALID_ARGUMENT).
 //! - [`moments`]: per-batch feature statistics and their deterministic combination into a scaler.
 //! - [`probe`]: waiting until a topic has a subscriber before publishing to it.
 //! - [`weights`]: model weights as base64 text inside JSON.
 
+pub mod arrow_batch;
 pub mod json;
 pub mod messages;
 pub mod moments;

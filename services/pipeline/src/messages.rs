@@ -2,8 +2,12 @@
 //! between a client and a service, as one serde type each. The field names here ARE the
 //! contract (see /work/notes/pipeline-contract.md); the CLI reads them from this file.
 //!
-//! - `dataset.raw` (ingest -> preprocess): [`RawMessage`] (`{"kind":"batch",..}` or `{"kind":"end",..}`)
-//! - `dataset.features` (preprocess -> train): [`FeatureMessage`]
+//! - `dataset.raw` (ingest -> preprocess): batches as Arrow IPC (`crate::arrow_batch`, a
+//!   [`RawBatch`] each), the end marker and probes as JSON [`RawMessage`] (`{"kind":"end",..}`)
+//! - `dataset.features` (preprocess -> train): batches as Arrow IPC (a [`Batch`] each), the end
+//!   marker and probes as JSON [`FeatureMessage`]
+//!
+//! An event's content type says which: `application/vnd.apache.arrow.stream` or `application/json`.
 //! - `model.ready` (train -> serve): [`ModelReady`]
 //! - invocation `status` on every service: [`IngestStatus`], [`PreprocessStatus`], [`TrainStatus`], [`ServeStatus`]
 //! - train `get_model`: [`GetModelRequest`] -> [`ModelEntry`]
@@ -91,7 +95,8 @@ impl SplitCounts {
     }
 }
 
-/// A batch of samples: raw on `dataset.raw`, standardized on `dataset.features`.
+/// A batch of samples: raw on `dataset.raw`, standardized on `dataset.features` (as Arrow IPC
+/// on both and in train's state, see `crate::arrow_batch`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Batch {
     /// Content hash of the whole dataset (features, labels, split), from ingest.
@@ -120,11 +125,11 @@ pub fn batch_key(dataset_version: &str, split: Split, index: u32) -> String {
     format!("{dataset_version}/{split}/{index}")
 }
 
-/// A raw batch on `dataset.raw`, with the scaler of its dataset: ingest fits it on the train
-/// split before it publishes anything, so every batch can be standardized the moment it arrives.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A raw batch on `dataset.raw` (Arrow IPC, see `crate::arrow_batch`), with the scaler of its
+/// dataset: ingest fits it on the train split before it publishes anything, so every batch can
+/// be standardized the moment it arrives.
+#[derive(Debug, Clone, PartialEq)]
 pub struct RawBatch {
-    #[serde(flatten)]
     pub batch: Batch,
     pub scaler: ScalerParams,
 }
@@ -139,11 +144,10 @@ pub struct RawEnd {
     pub scaler: ScalerParams,
 }
 
-/// One event on `dataset.raw`.
+/// A JSON event on `dataset.raw` (batches travel as Arrow IPC).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum RawMessage {
-    Batch(RawBatch),
     End(RawEnd),
     Probe(Probe),
 }
@@ -168,11 +172,10 @@ pub struct FeaturesEnd {
     pub scaler: ScalerParams,
 }
 
-/// One event on `dataset.features`.
+/// A JSON event on `dataset.features` (batches travel as Arrow IPC).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum FeatureMessage {
-    Batch(Batch),
     End(FeaturesEnd),
     Probe(Probe),
 }
@@ -416,15 +419,9 @@ mod tests {
         let json = serde_json::to_value(&end).unwrap();
         assert_eq!(json["kind"], "end");
         assert_eq!(serde_json::from_value::<RawMessage>(json).unwrap(), end);
-        let batch = serde_json::json!({"kind":"batch","dataset_version":"v","split":"test","batch_index":1,
-            "batch_count":2,"feature_count":1,"features":[[1.0]],"labels":[0],
-            "scaler":{"mean":[0.5],"std":[2.0],"samples":7}});
-        let message: RawMessage = serde_json::from_value(batch).unwrap();
-        let RawMessage::Batch(raw) = &message else { panic!("a batch") };
-        assert_eq!(raw.batch.split, Split::Test);
-        assert_eq!(raw.batch.key(), "v/test/1");
-        assert_eq!(raw.scaler.samples, 7);
-        let json = serde_json::to_value(&message).unwrap();
-        assert_eq!(serde_json::from_value::<RawMessage>(json).unwrap(), message);
+        // Batches are Arrow IPC, never a JSON message.
+        let batch = serde_json::json!({"kind":"batch","dataset_version":"v","split":"test","batch_index":1});
+        assert!(serde_json::from_value::<RawMessage>(batch).is_err());
+        assert_eq!(batch_key("v", Split::Test, 1), "v/test/1");
     }
 }

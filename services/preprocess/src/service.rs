@@ -9,7 +9,7 @@ use tandem_pipeline::messages::{
     Batch, FeatureMessage, FeaturesEnd, JSON, PUBSUB, PreprocessStatus, Probe, RawBatch, RawEnd, RawMessage,
     ScalerParams, app_ids, methods, topics,
 };
-use tandem_pipeline::{json, probe};
+use tandem_pipeline::{arrow_batch, json, probe};
 use tandem_sdk::{AppServer, EventOutcome, SidecarClient, Status, TopicEvent};
 use tokio::sync::watch;
 
@@ -17,6 +17,12 @@ use tokio::sync::watch;
 /// RETRY. Only a replica that has not finished its own probe yet waits at all (ingest publishes
 /// once a replica has seen train subscribed), and that takes a second or two.
 const TRAIN_WAIT: Duration = Duration::from_secs(10);
+
+/// An event of `dataset.raw`: a batch (Arrow IPC) or a JSON message.
+enum Raw {
+    Batch(RawBatch),
+    Json(RawMessage),
+}
 
 /// One preprocess replica; clones share one state.
 #[derive(Clone)]
@@ -87,7 +93,12 @@ impl Preprocess {
     }
 
     async fn on_raw_event(&self, event: TopicEvent) -> EventOutcome {
-        let message: RawMessage = match json::decode(&event.data, "a dataset.raw event") {
+        let message = if event.data_content_type == arrow_batch::ARROW_STREAM {
+            arrow_batch::decode_raw(&event.data).map(Raw::Batch)
+        } else {
+            json::decode::<RawMessage>(&event.data, "a dataset.raw event").map(Raw::Json)
+        };
+        let message = match message {
             Ok(message) => message,
             Err(error) => {
                 tracing::error!(id = %event.id, %error, "dropping a malformed dataset.raw event");
@@ -95,9 +106,9 @@ impl Preprocess {
             }
         };
         let result = match message {
-            RawMessage::Probe(probe) => self.on_probe(probe).await,
-            RawMessage::Batch(batch) => self.on_batch(batch).await,
-            RawMessage::End(end) => self.on_end(end).await,
+            Raw::Json(RawMessage::Probe(probe)) => self.on_probe(probe).await,
+            Raw::Json(RawMessage::End(end)) => self.on_end(end).await,
+            Raw::Batch(batch) => self.on_batch(batch).await,
         };
         match result {
             Ok(true) => EventOutcome::Success,
@@ -139,8 +150,8 @@ impl Preprocess {
             return Ok(false);
         }
         let features = standardize(&scaler, &batch.features, &self.inner.device)?;
-        let out = FeatureMessage::Batch(Batch { features, ..batch });
-        self.inner.sidecar.publish(PUBSUB, topics::DATASET_FEATURES, json::encode(&out), JSON).await?;
+        let out = arrow_batch::encode(&Batch { features, ..batch }, None);
+        self.inner.sidecar.publish(PUBSUB, topics::DATASET_FEATURES, out, arrow_batch::ARROW_STREAM).await?;
         self.inner.transformed.fetch_add(1, Ordering::SeqCst);
         Ok(true)
     }

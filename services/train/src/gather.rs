@@ -8,8 +8,8 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 use tandem_model::Dataset;
-use tandem_pipeline::json;
 use tandem_pipeline::messages::{Batch, FeaturesEnd, STATE_STORE, Split, batch_key};
+use tandem_pipeline::{arrow_batch, json};
 use tandem_sdk::{Code, SidecarClient, Status};
 
 pub const CURRENT: &str = "gather/current";
@@ -97,9 +97,10 @@ pub async fn update(
 }
 
 /// Stores a batch (idempotent: a redelivered batch overwrites itself).
-pub async fn store_batch(sidecar: &SidecarClient, batch: &Batch) -> Result<(), Status> {
+/// Stores `batch` as it came (`ipc`: its Arrow IPC stream), under its dataset, split and index.
+pub async fn store_batch(sidecar: &SidecarClient, batch: &Batch, ipc: Vec<u8>) -> Result<(), Status> {
     let key = stored_batch_key(&batch.dataset_version, batch.split, batch.batch_index);
-    sidecar.save_state(STATE_STORE, &key, json::encode(batch)).await
+    sidecar.save_state(STATE_STORE, &key, ipc).await
 }
 
 /// The `batches` batches of one split, read back in order.
@@ -112,7 +113,8 @@ pub async fn load_split(sidecar: &SidecarClient, version: &str, split: Split, ba
             .get_state(STATE_STORE, &key)
             .await?
             .ok_or_else(|| Status::internal(format!("batch {key} is missing from state")))?;
-        let batch: Batch = json::decode(&stored.value, "a stored batch").map_err(Status::internal)?;
+        let batch =
+            arrow_batch::decode(&stored.value).map_err(|e| Status::internal(format!("stored batch {key}: {e}")))?;
         rows.extend(batch.features);
         labels.extend(batch.labels);
     }

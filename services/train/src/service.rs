@@ -10,7 +10,7 @@ use tandem_pipeline::messages::{
     Batch, FeatureMessage, FeaturesEnd, GetModelRequest, JSON, ModelEntry, ModelMetrics, ModelReady, PUBSUB,
     ScalerParams, Split, TrainPhase, TrainStatus, TrainingParams, methods, topics,
 };
-use tandem_pipeline::{json, probe, service::now_rfc3339, weights};
+use tandem_pipeline::{arrow_batch, json, probe, service::now_rfc3339, weights};
 use tandem_sdk::{AppServer, Code, EventOutcome, SidecarClient, Status, TopicEvent};
 
 use crate::gather::{self, GatherRecord};
@@ -148,17 +148,21 @@ impl Train {
     }
 
     async fn on_event(&self, event: TopicEvent) -> EventOutcome {
-        let message: FeatureMessage = match json::decode(&event.data, "a dataset.features event") {
-            Ok(message) => message,
-            Err(error) => {
-                tracing::error!(id = %event.id, %error, "dropping a malformed dataset.features event");
-                return EventOutcome::Drop;
-            }
+        let malformed = |id: &str, error: String| {
+            tracing::error!(id = %id, %error, "dropping a malformed dataset.features event");
+            EventOutcome::Drop
         };
-        let result = match message {
-            FeatureMessage::Probe(probe) => probe::acknowledge(&self.inner.sidecar, &probe).await,
-            FeatureMessage::Batch(batch) => self.on_batch(batch).await,
-            FeatureMessage::End(end) => self.on_end(end).await,
+        let result = if event.data_content_type == arrow_batch::ARROW_STREAM {
+            match arrow_batch::decode(&event.data) {
+                Ok(batch) => self.on_batch(batch, event.data).await,
+                Err(error) => return malformed(&event.id, error),
+            }
+        } else {
+            match json::decode::<FeatureMessage>(&event.data, "a dataset.features event") {
+                Ok(FeatureMessage::Probe(probe)) => probe::acknowledge(&self.inner.sidecar, &probe).await,
+                Ok(FeatureMessage::End(end)) => self.on_end(end).await,
+                Err(error) => return malformed(&event.id, error),
+            }
         };
         match result {
             Ok(()) => EventOutcome::Success,
@@ -169,7 +173,8 @@ impl Train {
         }
     }
 
-    async fn on_batch(&self, batch: Batch) -> Result<(), Status> {
+    /// `ipc`: the batch as it came, stored as is.
+    async fn on_batch(&self, batch: Batch, ipc: Vec<u8>) -> Result<(), Status> {
         let ok_shape = !batch.features.is_empty()
             && batch.features.len() == batch.labels.len()
             && batch.batch_index < batch.batch_count
@@ -178,7 +183,7 @@ impl Train {
             tracing::error!(batch = %batch.key(), "dropping a malformed feature batch");
             return Ok(());
         }
-        gather::store_batch(&self.inner.sidecar, &batch).await?;
+        gather::store_batch(&self.inner.sidecar, &batch, ipc).await?;
         let name = format!("{}/{}", batch.split, batch.batch_index);
         self.record_progress(&batch.dataset_version, |record| {
             record.received.insert(name.clone());
