@@ -80,6 +80,16 @@ pub struct Config {
     #[arg(long, env = "TANDEM_DATA_DIR", default_value = "./tandem-data")]
     pub data_dir: PathBuf,
 
+    /// Writes to the data dir (state.sled, pubsub.embedded) are refused with RESOURCE_EXHAUSTED
+    /// while less free space than this would be left (e.g. 64Mi), and /readyz reports it.
+    #[arg(long, env = "TANDEM_MIN_FREE_DISK", default_value = "64Mi", value_parser = parse_size)]
+    pub min_free_disk: usize,
+
+    /// Space kept in reserve in the data dir (`.tandem-reserve`) and released when tandemd
+    /// starts on a full disk, so that its stores can open and serve reads (0: none).
+    #[arg(long, env = "TANDEM_DISK_RESERVE", default_value = "16Mi", value_parser = parse_size_or_zero)]
+    pub disk_reserve: usize,
+
     /// Directory of Dapr-format component files (state stores, ...). Without it, a sled state
     /// store named `statestore` under --data-dir is there by default.
     #[arg(long, env = "TANDEM_RESOURCES_PATH")]
@@ -206,6 +216,11 @@ fn validate_endpoint(endpoint: &str) -> Result<(), String> {
         return Err(bad("needs a host and a port"));
     }
     Ok(())
+}
+
+/// [`parse_size`], or 0.
+pub fn parse_size_or_zero(s: &str) -> Result<usize, String> {
+    if s.trim() == "0" { Ok(0) } else { parse_size(s) }
 }
 
 /// Parses a size: a number of bytes, or with Ki, Mi or Gi (powers of 1024).

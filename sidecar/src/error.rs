@@ -112,7 +112,7 @@ impl From<StateError> for Status {
         let code = match &err {
             // Dapr answers a failed ETag check with ABORTED.
             StateError::EtagMismatch { .. } => Code::Aborted,
-            StateError::TooLarge(_) => Code::ResourceExhausted,
+            StateError::TooLarge(_) | StateError::DiskFull(_) => Code::ResourceExhausted,
             StateError::Unavailable(_) => Code::Unavailable,
             StateError::Corrupt(_) => Code::DataLoss,
             StateError::Internal(_) => Code::Internal,
@@ -128,7 +128,7 @@ impl From<PubSubError> for Status {
             PubSubError::RoutingNotReady => Status::unavailable(err.to_string()),
             PubSubError::Storage(_) => Status::internal(err.to_string()),
             PubSubError::Unavailable(_) => Status::unavailable(err.to_string()),
-            PubSubError::Refused(_) => Status::resource_exhausted(err.to_string()),
+            PubSubError::Refused(_) | PubSubError::DiskFull(_) => Status::resource_exhausted(err.to_string()),
         }
     }
 }

@@ -14,6 +14,7 @@
 //!   sidecar to sidecar (the app-facing half is [`api::group`]).
 //! - [`components`]: Dapr-format component files.
 //! - [`durability`]: how sled databases are opened and flushed (one flush at a time in the process).
+//! - [`disk`]: free space under the data dir: writes refused before the disk is full, a reserve.
 //! - [`app_channel`]: the connection to the local app and its health probe.
 //! - [`admin`]: /healthz, /readyz, Dapr's health paths and /metrics.
 //! - [`metrics`]: the Prometheus metrics.
@@ -32,6 +33,7 @@ pub mod components;
 pub mod config;
 pub mod deadline;
 pub mod discovery;
+pub mod disk;
 pub mod durability;
 pub mod error;
 pub mod group;

@@ -1,7 +1,10 @@
-//! What /readyz reports: registered in etcd, the app's health check passing, not shutting down.
+//! What /readyz reports: registered in etcd, the app's health check passing, room to write in
+//! the data dir, not shutting down.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::disk::DiskSpace;
 
 #[derive(Debug)]
 pub struct Readiness {
@@ -9,6 +12,8 @@ pub struct Readiness {
     shutting_down: AtomicBool,
     /// `None` while healthy; the reason otherwise.
     app_problem: Mutex<Option<String>>,
+    /// The data dir's free space, when the sidecar writes there.
+    disk: Option<Arc<DiskSpace>>,
 }
 
 impl Readiness {
@@ -18,7 +23,14 @@ impl Readiness {
             registered: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             app_problem: Mutex::new(app_expected.then(|| "app health not probed yet".to_string())),
+            disk: None,
         }
+    }
+
+    /// Reports not ready while `disk` refuses writes.
+    pub fn with_disk(mut self, disk: Arc<DiskSpace>) -> Self {
+        self.disk = Some(disk);
+        self
     }
 
     pub fn set_registered(&self, registered: bool) {
@@ -53,6 +65,9 @@ impl Readiness {
         }
         if let Some(problem) = self.app_problem.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             reasons.push(format!("app unhealthy: {problem}"));
+        }
+        if let Some(problem) = self.disk.as_ref().and_then(|disk| disk.problem()) {
+            reasons.push(problem);
         }
         if reasons.is_empty() { Ok(()) } else { Err(reasons) }
     }

@@ -25,6 +25,7 @@ use crate::api::{DaprApi, Universal};
 use crate::app_channel::{AppChannel, AppProtocol, GrpcApp, HttpApp};
 use crate::config::Config;
 use crate::discovery::{self, Backoff, InstanceRecord, Registrar, RoutingTable, RoutingWatcher};
+use crate::disk::DiskSpace;
 use crate::group::peer::GroupPeerService;
 use crate::group::{GroupSettings, Groups};
 use crate::invoke::balance::{Balancer, Ejection};
@@ -69,6 +70,9 @@ async fn bind(what: &'static str, address: SocketAddr) -> Result<TcpListener, St
     TcpListener::bind(address).await.map_err(|source| StartError::Bind { what, address, source })
 }
 
+/// How often the data dir's free space is checked besides the checks of each write.
+const DISK_CHECK_EVERY: Duration = Duration::from_secs(1);
+
 /// Runs the sidecar until `shutdown` resolves or the Shutdown RPC is called.
 /// `on_bound` hears the bound addresses once every listener is up.
 pub async fn run(
@@ -88,11 +92,19 @@ pub async fn run(
         Some(dir) => crate::pubsub::declared::load_dir(dir, &config.app_id).map_err(StartError::Components)?,
         None => Vec::new(),
     };
+    // Before the stores open: on a full disk, the reserve is released so that they can.
+    let disk = Arc::new(DiskSpace::new(&config.data_dir, config.min_free_disk as u64, config.disk_reserve as u64));
+    {
+        let disk = disk.clone();
+        tokio::task::spawn_blocking(move || disk.prepare()).await.map_err(|e| StartError::Config(e.to_string()))?;
+    }
+    disk.spawn_monitor(DISK_CHECK_EVERY);
     let store_context = StoreContext {
         app_id: &config.app_id,
         namespace: &config.namespace,
         data_dir: &config.data_dir,
         etcd_endpoints: &config.etcd_endpoints,
+        disk: &disk,
     };
     let stores = registry::build_all(&specs, &store_context).await.map_err(StartError::Components)?;
     let metrics = Arc::new(Metrics::new());
@@ -126,7 +138,7 @@ pub async fn run(
     };
 
     let instance_id = uuid::Uuid::new_v4().simple().to_string();
-    let readiness = Arc::new(Readiness::new(config.app_port.is_some()));
+    let readiness = Arc::new(Readiness::new(config.app_port.is_some()).with_disk(disk.clone()));
     let routing = RoutingTable::new();
     let pubsub_context = PubSubContext {
         app_id: &config.app_id,
@@ -134,6 +146,7 @@ pub async fn run(
         data_dir: &config.data_dir,
         routing: &routing,
         metrics: &metrics,
+        disk: &disk,
     };
     let pubsubs = crate::pubsub::registry::build_all(&specs, &pubsub_context).await.map_err(StartError::Components)?;
     let streams = Arc::new(StreamSubscriptions::default());

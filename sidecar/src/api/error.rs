@@ -144,6 +144,7 @@ impl ApiError {
             }
             (StateError::EtagMismatch { .. }, _) => (Code::Aborted, StatusCode::CONFLICT),
             (StateError::TooLarge(_), _) => (Code::ResourceExhausted, StatusCode::PAYLOAD_TOO_LARGE),
+            (StateError::DiskFull(_), _) => (Code::ResourceExhausted, StatusCode::INSUFFICIENT_STORAGE),
             (StateError::Unavailable(_), _) => (Code::Unavailable, StatusCode::INTERNAL_SERVER_ERROR),
             (StateError::Corrupt(_), _) => (Code::DataLoss, StatusCode::INTERNAL_SERVER_ERROR),
             (StateError::Internal(_), _) => (Code::Internal, StatusCode::INTERNAL_SERVER_ERROR),
@@ -233,6 +234,7 @@ impl ApiError {
                 (Code::Unavailable, StatusCode::SERVICE_UNAVAILABLE)
             }
             PubSubError::Storage(_) => (Code::Internal, StatusCode::INTERNAL_SERVER_ERROR),
+            PubSubError::DiskFull(_) => (Code::ResourceExhausted, StatusCode::INSUFFICIENT_STORAGE),
         };
         let cause = error.to_string();
         Self::new(

@@ -57,6 +57,7 @@ use tokio_util::sync::CancellationToken;
 use crate::components::ComponentSpec;
 use crate::config::parse_duration;
 use crate::discovery::RoutingTable;
+use crate::disk::DiskSpace;
 use crate::metrics::Metrics;
 use delivery::Deliver;
 use local::LocalApp;
@@ -78,6 +79,9 @@ pub enum PubSubError {
     RoutingNotReady,
     #[error("{0}")]
     Storage(String),
+    /// The data dir has too little space left to keep the event: nothing was kept.
+    #[error(transparent)]
+    DiskFull(#[from] crate::disk::DiskFull),
     /// The broker cannot be reached or did not confirm in time; retrying later may work.
     #[error("{0}")]
     Unavailable(String),
@@ -225,6 +229,8 @@ pub struct EmbeddedPubSub {
     wake: Arc<Notify>,
     pub policy: DeliveryPolicy,
     metrics: Arc<Metrics>,
+    /// The data dir's free space, checked before an event is kept (none in unit tests).
+    disk: Option<Arc<DiskSpace>>,
 }
 
 impl EmbeddedPubSub {
@@ -270,7 +276,14 @@ impl EmbeddedPubSub {
             wake: Arc::new(Notify::new()),
             policy,
             metrics,
+            disk: None,
         })
+    }
+
+    /// Refuses publishes while `disk` has too little space left to keep them.
+    pub fn with_disk(mut self, disk: Arc<DiskSpace>) -> Self {
+        self.disk = Some(disk);
+        self
     }
 
     /// Stores `event` for every current subscriber of its topic; returns once it is durable.
@@ -287,6 +300,7 @@ impl EmbeddedPubSub {
         if !routing.synced {
             return events.iter().map(|_| Err(PubSubError::RoutingNotReady)).collect();
         }
+
         let now = delivery::now_ms();
         let mut outcomes = Vec::with_capacity(events.len());
         // The records to store, each with the index of its event's outcome.
@@ -312,6 +326,18 @@ impl EmbeddedPubSub {
                 .collect::<Vec<_>>();
             outcomes.push(Ok(deliveries.len()));
             records.push((outcomes.len() - 1, OutboxRecord { event: Some(event), deliveries }));
+        }
+        if let Some(disk) = self.disk.as_ref().filter(|_| !records.is_empty()) {
+            let bytes: usize = records
+                .iter()
+                .filter_map(|(_, record)| record.event.as_ref())
+                .map(|event| event.data.len() + event.topic.len() + 1024)
+                .sum();
+            if let Err(full) = disk.check(bytes as u64) {
+                for (index, _) in records.drain(..) {
+                    outcomes[index] = Err(PubSubError::DiskFull(full.clone()));
+                }
+            }
         }
         if !records.is_empty() {
             let stored = self.outbox.push_all(records.iter().map(|(_, record)| record)).await;

@@ -7,6 +7,7 @@ use super::jetstream::JetStreamPubSub;
 use super::{DEFAULT_PUBSUB, DeliveryPolicy, EMBEDDED, EmbeddedPubSub, PubSub, PubSubs};
 use crate::components::ComponentSpec;
 use crate::discovery::RoutingTable;
+use crate::disk::DiskSpace;
 use crate::metrics::Metrics;
 
 /// The pub/sub types tandemd can build.
@@ -20,6 +21,8 @@ pub struct PubSubContext<'a> {
     pub data_dir: &'a Path,
     pub routing: &'a RoutingTable,
     pub metrics: &'a Arc<Metrics>,
+    /// The data dir's free space (pubsub.embedded keeps events there).
+    pub disk: &'a Arc<DiskSpace>,
 }
 
 /// Builds every pub/sub component in `specs` (other building blocks are skipped); with none,
@@ -40,7 +43,8 @@ pub async fn build_all(specs: &[ComponentSpec], ctx: &PubSubContext<'_>) -> Resu
             DeliveryPolicy::default(),
             ctx.metrics.clone(),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .with_disk(ctx.disk.clone());
         built.insert(DEFAULT_PUBSUB.to_string(), Arc::new(pubsub));
     }
     Ok(built)
@@ -52,7 +56,8 @@ async fn build(spec: &ComponentSpec, ctx: &PubSubContext<'_>) -> Result<Arc<dyn 
         EMBEDDED => {
             let path = ctx.data_dir.join("pubsub").join(&spec.name);
             let pubsub = EmbeddedPubSub::open(&spec.name, &path, ctx.routing.clone(), policy, ctx.metrics.clone())
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| e.to_string())?
+                .with_disk(ctx.disk.clone());
             Ok(Arc::new(pubsub))
         }
         super::jetstream::JETSTREAM => Ok(Arc::new(JetStreamPubSub::build(spec, ctx, policy).await?)),

@@ -78,6 +78,9 @@ pub enum StateError {
     /// The value (or the whole batch) is larger than the store accepts.
     #[error("{0}")]
     TooLarge(String),
+    /// The data dir has too little space left to write: nothing was written; reads go on.
+    #[error(transparent)]
+    DiskFull(#[from] crate::disk::DiskFull),
     /// The backing service cannot be reached now; retrying later may work.
     #[error("state store unavailable: {0}")]
     Unavailable(String),

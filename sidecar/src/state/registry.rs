@@ -10,6 +10,7 @@ use super::StateStore;
 use super::etcd::EtcdStore;
 use super::sled::SledStore;
 use crate::components::ComponentSpec;
+use crate::disk::DiskSpace;
 
 /// The state store types tandemd can build.
 pub const KINDS: &[&str] = &["state.sled", "state.etcd"];
@@ -103,6 +104,8 @@ pub struct StoreContext<'a> {
     pub namespace: &'a str,
     pub data_dir: &'a Path,
     pub etcd_endpoints: &'a [String],
+    /// The data dir's free space (state.sled writes there).
+    pub disk: &'a Arc<DiskSpace>,
 }
 
 /// Builds every state component in `specs` (other building blocks are skipped); with none,
@@ -119,7 +122,7 @@ pub async fn build_all(
     }
     if stores.is_empty() {
         let path = ctx.data_dir.join("state").join(DEFAULT_STORE);
-        let store = open_sled(&path)?;
+        let store = open_sled(&path, ctx.disk)?;
         stores.insert(
             DEFAULT_STORE.to_string(),
             NamedStore {
@@ -143,7 +146,7 @@ async fn build(spec: &ComponentSpec, ctx: &StoreContext<'_>) -> Result<NamedStor
                 Some(path) if !path.is_empty() => Path::new(path).to_path_buf(),
                 _ => ctx.data_dir.join("state").join(&spec.name),
             };
-            ("state.sled", open_sled(&path)?)
+            ("state.sled", open_sled(&path, ctx.disk)?)
         }
         "state.etcd" => {
             let endpoints: Vec<String> = match spec.metadata("endpoints") {
@@ -166,8 +169,8 @@ async fn build(spec: &ComponentSpec, ctx: &StoreContext<'_>) -> Result<NamedStor
     Ok(NamedStore { name: spec.name.clone(), kind, key_prefix, store, outbox })
 }
 
-fn open_sled(path: &Path) -> Result<Arc<dyn StateStore>, String> {
-    let store = SledStore::open(path).map_err(|e| e.to_string())?;
+fn open_sled(path: &Path, disk: &Arc<DiskSpace>) -> Result<Arc<dyn StateStore>, String> {
+    let store = SledStore::open(path).map_err(|e| e.to_string())?.with_disk(disk.clone());
     store.spawn_purger(PURGE_EVERY);
     Ok(Arc::new(store))
 }

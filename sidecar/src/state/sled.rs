@@ -33,6 +33,7 @@ use sled::transaction::{TransactionError, Transactional, TransactionalTree, Unab
 use tokio::sync::oneshot;
 
 use super::{Operation, Precondition, StateError, StateStore, StateValue};
+use crate::disk::DiskSpace;
 use crate::durability;
 
 /// The on-disk format this code reads and writes: the marker in the meta tree and the first
@@ -64,6 +65,8 @@ pub struct SledStore {
     inner: Arc<Inner>,
     /// The store's writer thread takes its writes from here, and ends once this is dropped.
     writer: Arc<mpsc::Sender<Job>>,
+    /// The data dir's free space, checked before every write (none in unit tests).
+    disk: Option<Arc<DiskSpace>>,
 }
 
 /// A write for the writer thread, and where its outcome goes.
@@ -195,7 +198,19 @@ impl SledStore {
         let inner = Arc::new(Inner { db, state, expiry, path: path.to_path_buf() });
         let writer = spawn_writer(inner.clone())
             .map_err(|e| StateError::Internal(format!("cannot start the writer thread of state store {shown}: {e}")))?;
-        Ok(SledStore { inner, writer: Arc::new(writer) })
+        Ok(SledStore { inner, writer: Arc::new(writer), disk: None })
+    }
+
+    /// Refuses writes (and skips purges) while `disk` has too little space left: sled keeps
+    /// the first I/O error it meets and fails every later call with it, reads included.
+    pub fn with_disk(mut self, disk: Arc<DiskSpace>) -> SledStore {
+        self.disk = Some(disk);
+        self
+    }
+
+    /// `Err` when the data dir has too little space for about `bytes` more.
+    fn check_disk(&self, bytes: u64) -> Result<(), StateError> {
+        self.disk.as_ref().map_or(Ok(()), |disk| disk.check(bytes).map_err(StateError::from))
     }
 
     /// Deletes every record whose expiry has passed, returning how many it deleted.
@@ -218,6 +233,7 @@ impl SledStore {
     pub fn spawn_purger(&self, every: Duration) -> tokio::task::JoinHandle<()> {
         let writer = Arc::downgrade(&self.writer);
         let path = self.inner.path.clone();
+        let disk = self.disk.clone();
         // `interval` rejects a zero period.
         let every = every.max(Duration::from_millis(1));
         tokio::spawn(async move {
@@ -225,6 +241,10 @@ impl SledStore {
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
+                // A purge writes too (deletions go to sled's log): not on a full disk.
+                if disk.as_ref().is_some_and(|disk| disk.check(64 * 1024).is_err()) {
+                    continue;
+                }
                 let Some(writer) = writer.upgrade() else { break };
                 let (done, purged) = oneshot::channel();
                 let sent = writer.send(Job::Purge { now: now_ms(), done });
@@ -273,6 +293,15 @@ impl StateStore for SledStore {
         if operations.is_empty() {
             return Ok(());
         }
+        // What sled's log takes for the batch, with room for its own bookkeeping.
+        let bytes: usize = operations
+            .iter()
+            .map(|op| match op {
+                Operation::Set { key, value, .. } => 2 * (key.len() + value.len()),
+                Operation::Delete { key, .. } => 2 * key.len(),
+            })
+            .sum();
+        self.check_disk(bytes as u64 + 64 * 1024)?;
         // The transaction may wait for a flush, read pages from disk and, once per million
         // ETags, fsync the ETag counter: the writer thread does it, off the runtime thread.
         let (done, outcome) = oneshot::channel();
