@@ -29,6 +29,9 @@
 //! - `training-scale`: data-parallel training through the mesh, one replica against two on
 //!   the synthetic dataset with a compute-bound MLP, one compute thread each, and the recovery
 //!   after a kill -9 of a replica (see [`training_scale`]); needs the pipeline binaries.
+//! - `data`: rows/s from a Parquet file to training-ready feature batches in train's store
+//!   through ingest, 2 preprocess replicas and train, against the same read and standardization
+//!   in one process, and every process's peak memory (see [`data`]); needs the pipeline binaries.
 //! - `all` (the default): invoke, state, tracing and pubsub, one after the other (not serving
 //!   or training, which need the pipeline binaries or a PyTorch install).
 //!
@@ -60,9 +63,11 @@
 //! - [`machine`]: where and when: CPUs, load, build profile, date, commit, tandemd's workers.
 //! - [`serving`]: the closed-loop serving scenario: the pipeline, the batching settings, its report.
 //! - [`serving_slo`]: the open-loop serving scenario at a latency SLO and its report.
+//! - [`data`]: the data scenario (Parquet through the pipeline against one process) and its report.
 //! - [`report`]: the invocation report, the shared number formats, and the marker-delimited
 //!   sections of BENCHMARKS.md.
 
+mod data;
 mod invoke;
 mod load;
 mod machine;
@@ -110,6 +115,8 @@ enum Which {
     Serving,
     /// The pipeline's serve in closed loop: dynamic batching against batch size 1, 64 clients.
     ServingClosedLoop,
+    /// A Parquet file through ingest, 2 preprocess and train's store against one process.
+    Data,
 }
 
 /// What the mesh and the state API cost, against direct calls and a bare sidecar round trip.
@@ -181,6 +188,12 @@ struct Args {
     /// Training-scale benchmark: rounds (each one replica, then two).
     #[arg(long, default_value_t = 2)]
     scale_rounds: usize,
+    /// Data benchmark: rows of the Parquet file (64 features, 10 classes).
+    #[arg(long, default_value_t = 200_000)]
+    data_rows: usize,
+    /// Data benchmark: ingest's --batch-size, each measured on its own (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [1024u32, 64])]
+    data_batch_sizes: Vec<u32>,
     /// Also write the report into this markdown file (BENCHMARKS.md), replacing only the
     /// sections of the benchmarks that ran.
     #[arg(long, value_name = "FILE")]
@@ -306,6 +319,16 @@ async fn run(args: Args) -> Result<()> {
         let block = training_scale::run(settings, &args.scale_batch_sizes, detect_context()).await?;
         println!("{block}");
         write_section(args.write.as_deref(), &training_scale::TRAINING_SCALE_SECTION, &block)?;
+    }
+    if args.which == Which::Data {
+        ensure!(
+            !args.data_batch_sizes.is_empty() && args.data_batch_sizes.iter().all(|b| *b > 0),
+            "--data-batch-sizes must list sizes of at least 1"
+        );
+        let settings = data::DataSettings { rows: args.data_rows, batch_sizes: args.data_batch_sizes.clone() };
+        let block = data::run(settings, detect_context()).await?;
+        println!("{block}");
+        write_section(args.write.as_deref(), &data::DATA_SECTION, &block)?;
     }
     if matches!(args.which, Which::Training) {
         let context = detect_context();

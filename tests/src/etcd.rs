@@ -58,6 +58,11 @@ impl Etcd {
         etcd
     }
 
+    /// The etcd process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(tokio::process::Child::id)
+    }
+
     /// `http://127.0.0.1:PORT`, the value for `--etcd-endpoints`.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.client)

@@ -97,6 +97,11 @@ pub struct RunningService {
 }
 
 impl RunningService {
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     /// Everything it printed so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("output.log")).unwrap_or_default()

@@ -18,7 +18,7 @@ use tandem_sdk::Code;
 use tandem_tests::pipeline::{Pipeline, PipelineOptions, Stage};
 use tandem_tests::service::Service;
 use tandem_tests::training::{app_status, replica_status};
-use tandem_tests::{Etcd, Sidecar, eventually};
+use tandem_tests::{Etcd, Sidecar, eventually, free_port};
 
 /// Generous: debug builds on a busy 2-core CI machine.
 const TRAINING_TIMEOUT: Duration = Duration::from_secs(600);
@@ -302,6 +302,45 @@ async fn a_parquet_file_flows_through_the_pipeline_to_a_served_model() {
     let answer = pipeline.predict(r#"{"features": [0, 0, 0, 0, 0, 0, 0, 0]}"#).await.expect("predict");
     assert_eq!(answer.model_version, version);
     assert!(answer.predictions[0].class < 3);
+}
+
+/// Ingest reads a file in bounded memory: ten times the rows raise the peak resident memory of
+/// its first pass (which reads, checks and hashes every row) by far less than those rows take.
+#[tokio::test]
+async fn ingest_memory_stays_flat_as_rows_grow() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut peaks = Vec::new();
+    for rows in [40_000usize, 400_000] {
+        let path = dir.path().join(format!("{rows}.parquet"));
+        let spec = tandem_model::SyntheticSpec { rows, features: 16, classes: 4 };
+        let written = path.clone();
+        tokio::task::spawn_blocking(move || tandem_ingest::synth::write(spec, 1, &written)).await.unwrap().unwrap();
+        // No sidecar: the first pass runs before ingest looks for one.
+        let mut ingest = Service::new("tandem-ingest")
+            .args(["--app-port", &free_port().to_string(), "--sidecar", "http://127.0.0.1:1", "--dataset"])
+            .arg(path.display().to_string())
+            .spawn()
+            .await;
+        ingest.wait_for_log("dataset read, split and versioned", Duration::from_secs(300)).await;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", ingest.pid().unwrap())).unwrap();
+        let peak_kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/PID/status");
+        ingest.kill9().await;
+        peaks.push(peak_kib * 1024);
+    }
+    let grown = peaks[1].saturating_sub(peaks[0]);
+    eprintln!("ingest's peak after its first pass: {} bytes for 40,000 rows, {} for 400,000", peaks[0], peaks[1]);
+    // The 360,000 extra rows' 17 values as f32 alone.
+    let extra_rows = 360_000 * 17 * 4;
+    assert!(
+        grown < extra_rows / 2,
+        "peak {} -> {} bytes: grew {grown}, the extra rows take {extra_rows}",
+        peaks[0],
+        peaks[1]
+    );
 }
 
 #[tokio::test]

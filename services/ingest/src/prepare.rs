@@ -222,13 +222,15 @@ pub fn prepare(options: &DatasetOptions) -> Result<Prepared, IngestError> {
     let feature_count = rows.feature_names.len() as u32;
     let mut cutter = cutter(&rows, options);
     let mut digest = ContentHash::new(options.batch_size);
-    let mut train_moments = Vec::new();
+    // The train batches' moments, folded in batch order as they come (constant memory).
+    let mut train_moments = moments::Fold::default();
     let mut classes = 0u32;
     let mut take = |cut: Cut| {
         digest.add(&cut);
         classes = classes.max(cut.labels.iter().max().map_or(0, |&max| max + 1));
         if cut.split == Split::Train {
-            train_moments.push(BatchMoments::of(&cut.rows));
+            // Every batch has the source's width: the fold cannot refuse one.
+            let _ = train_moments.add(&BatchMoments::of(&cut.rows));
         }
     };
     for chunk in rows {
@@ -239,8 +241,8 @@ pub fn prepare(options: &DatasetOptions) -> Result<Prepared, IngestError> {
     if counts.train_samples + counts.test_samples == 0 {
         return Err(fail(DatasetError::NoSamples));
     }
-    // Batches of train rows are moments in batch order: the same bits whoever computes them.
-    let Some(scaler) = moments::fit(&train_moments).filter(|_| counts.test_samples > 0) else {
+    // The moments folded in batch order: the same bits whoever computes them.
+    let Some(scaler) = train_moments.finish().filter(|_| counts.test_samples > 0) else {
         return Err(fail(DatasetError::BadTestFraction(options.test_fraction)));
     };
     let manifest = DatasetManifest {

@@ -59,23 +59,47 @@ impl BatchMoments {
 /// Combines the batches' moments in the order given (batch index order) into the scaler:
 /// population standard deviation, 1 for a constant feature.
 pub fn fit(batches: &[BatchMoments]) -> Option<ScalerParams> {
-    let mut total = batches.first()?.clone();
-    for batch in &batches[1..] {
-        if batch.mean.len() != total.mean.len() {
-            return None;
-        }
-        total.merge(batch);
+    let mut fold = Fold::default();
+    for batch in batches {
+        fold.add(batch).ok()?;
     }
-    let n = total.count.max(1) as f64;
-    let std = total
-        .m2
-        .iter()
-        .map(|m2| {
-            let std = (m2 / n).sqrt();
-            if std > 1e-6 { std as f32 } else { 1.0 }
-        })
-        .collect();
-    Some(ScalerParams { mean: total.mean.iter().map(|m| *m as f32).collect(), std, samples: total.count })
+    fold.finish()
+}
+
+/// [`fit`] one batch at a time, holding only the running total: the same bits as `fit` over
+/// the batches in the order they are added, in constant memory however many there are.
+#[derive(Debug, Clone, Default)]
+pub struct Fold {
+    total: Option<BatchMoments>,
+}
+
+impl Fold {
+    /// Folds `batch` in; `Err` when its feature count differs from the earlier batches'.
+    pub fn add(&mut self, batch: &BatchMoments) -> Result<(), String> {
+        match &mut self.total {
+            None => self.total = Some(batch.clone()),
+            Some(total) if total.mean.len() != batch.mean.len() => {
+                return Err(format!("a batch of {} features after batches of {}", batch.mean.len(), total.mean.len()));
+            }
+            Some(total) => total.merge(batch),
+        }
+        Ok(())
+    }
+
+    /// The scaler: population standard deviation, 1 for a constant feature; `None` before any batch.
+    pub fn finish(self) -> Option<ScalerParams> {
+        let total = self.total?;
+        let n = total.count.max(1) as f64;
+        let std = total
+            .m2
+            .iter()
+            .map(|m2| {
+                let std = (m2 / n).sqrt();
+                if std > 1e-6 { std as f32 } else { 1.0 }
+            })
+            .collect();
+        Some(ScalerParams { mean: total.mean.iter().map(|m| *m as f32).collect(), std, samples: total.count })
+    }
 }
 
 #[cfg(test)]
