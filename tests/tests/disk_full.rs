@@ -57,15 +57,7 @@ impl Drop for SmallDisk {
 }
 
 async fn start(etcd: &Etcd, data_dir: &Path) -> RunningSidecar {
-    let sidecar = Sidecar::new("ledger")
-        .etcd(etcd)
-        .data_dir(data_dir)
-        .arg("--min-free-disk")
-        .arg("8Mi")
-        .arg("--disk-reserve")
-        .arg("4Mi")
-        .spawn()
-        .await;
+    let sidecar = start_unready(etcd, data_dir).await;
     sidecar.wait_ready().await;
     sidecar
 }

@@ -10,7 +10,7 @@ use arrow_csv::reader::{Format, ReaderBuilder};
 use arrow_schema::{DataType, Field, Schema};
 
 use super::columns::Layout;
-use super::{CHUNK_ROWS, Chunk, Rows, file_error};
+use super::{CHUNK_ROWS, Rows, file_error, rows_of};
 use crate::IngestError;
 
 /// Opens a pass over the CSV file at `path`: its header is read and checked here; rows are
@@ -35,25 +35,6 @@ pub fn open(path: &Path, label_column: &str) -> Result<Rows, IngestError> {
         .with_batch_size(CHUNK_ROWS)
         .build(file)
         .map_err(|e| file_error(path, format!("cannot read it: {e}")))?;
-    let feature_names = layout.feature_names();
-    let path = path.to_path_buf();
-    let mut next_row = 0u64;
-    let mut failed = false;
-    let chunks = reader.map_while(move |batch| {
-        if failed {
-            return None;
-        }
-        let chunk = batch
-            .map_err(|e| file_error(&path, e.to_string()))
-            .and_then(|batch| {
-                layout.chunk(&batch, next_row).map_err(|bad| {
-                    // Line 1 is the header.
-                    file_error(&path, format!("line {}, column '{}': {}", bad.row + 2, bad.column, bad.problem))
-                })
-            })
-            .inspect(|chunk: &Chunk| next_row += chunk.len() as u64);
-        failed = chunk.is_err();
-        Some(chunk)
-    });
-    Ok(Rows { feature_names, chunks: Box::new(chunks) })
+    // Line 1 is the header; arrow-csv's own errors name the line.
+    Ok(rows_of(path, layout, reader, |row| format!("line {}", row + 2), |_, e| e.to_string()))
 }

@@ -11,9 +11,12 @@ pub mod parquet;
 
 use std::path::{Path, PathBuf};
 
+use arrow_array::RecordBatch;
+use arrow_schema::ArrowError;
 use tandem_model::{Dataset, SyntheticRows, SyntheticSpec};
 
 use crate::IngestError;
+use columns::Layout;
 
 /// Rows read from a source at a time (and per Arrow record batch).
 pub const CHUNK_ROWS: usize = 8192;
@@ -113,6 +116,39 @@ impl Source {
             Source::Parquet(path) | Source::Csv(path) => path.display().to_string(),
         }
     }
+}
+
+/// A pass over `batches`, the Arrow record batches of the file at `path`, each turned into a
+/// [`Chunk`] by `layout`; the first error ends the pass. `locate` names a row in messages
+/// (`line 3`, `row 9 (0-based) in row group 0`); `read_error` words a batch that could not be
+/// read, given the row it would have started at.
+fn rows_of(
+    path: &Path,
+    layout: Layout,
+    batches: impl Iterator<Item = Result<RecordBatch, ArrowError>> + Send + 'static,
+    locate: impl Fn(u64) -> String + Send + 'static,
+    read_error: impl Fn(u64, ArrowError) -> String + Send + 'static,
+) -> Rows {
+    let feature_names = layout.feature_names();
+    let path = path.to_path_buf();
+    let mut next_row = 0u64;
+    let mut failed = false;
+    let chunks = batches.map_while(move |batch| {
+        if failed {
+            return None;
+        }
+        let chunk = batch
+            .map_err(|e| file_error(&path, read_error(next_row, e)))
+            .and_then(|batch| {
+                layout.chunk(&batch, next_row).map_err(|bad| {
+                    file_error(&path, format!("{}, column '{}': {}", locate(bad.row), bad.column, bad.problem))
+                })
+            })
+            .inspect(|chunk: &Chunk| next_row += chunk.len() as u64);
+        failed = chunk.is_err();
+        Some(chunk)
+    });
+    Rows { feature_names, chunks: Box::new(chunks) }
 }
 
 /// An error about the file at `path`.

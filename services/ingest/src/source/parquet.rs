@@ -7,7 +7,7 @@ use std::path::Path;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use super::columns::Layout;
-use super::{CHUNK_ROWS, Chunk, Rows, file_error};
+use super::{CHUNK_ROWS, Rows, file_error, rows_of};
 use crate::IngestError;
 
 /// Opens a pass over the Parquet file at `path`: its footer and schema are read and checked
@@ -32,28 +32,11 @@ pub fn open(path: &Path, label_column: &str) -> Result<Rows, IngestError> {
         .with_batch_size(CHUNK_ROWS)
         .build()
         .map_err(|e| file_error(path, format!("cannot read its row groups: {e}")))?;
-    let feature_names = layout.feature_names();
-    let path = path.to_path_buf();
     let locate = move |row: u64| {
         let group = group_starts.partition_point(|&start| start <= row).saturating_sub(1);
         format!("row {row} (0-based) in row group {group}")
     };
-    let mut next_row = 0u64;
-    let mut failed = false;
-    let chunks = reader.map_while(move |batch| {
-        if failed {
-            return None;
-        }
-        let chunk = batch
-            .map_err(|e| file_error(&path, format!("cannot decode {}: {e}", locate(next_row))))
-            .and_then(|batch| {
-                layout.chunk(&batch, next_row).map_err(|bad| {
-                    file_error(&path, format!("{}, column '{}': {}", locate(bad.row), bad.column, bad.problem))
-                })
-            })
-            .inspect(|chunk: &Chunk| next_row += chunk.len() as u64);
-        failed = chunk.is_err();
-        Some(chunk)
-    });
-    Ok(Rows { feature_names, chunks: Box::new(chunks) })
+    let unreadable = locate.clone();
+    let read_error = move |row: u64, e| format!("cannot decode {}: {e}", unreadable(row));
+    Ok(rows_of(path, layout, reader, locate, read_error))
 }
