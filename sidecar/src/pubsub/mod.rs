@@ -300,7 +300,6 @@ impl EmbeddedPubSub {
         if !routing.synced {
             return events.iter().map(|_| Err(PubSubError::RoutingNotReady)).collect();
         }
-
         let now = delivery::now_ms();
         let mut outcomes = Vec::with_capacity(events.len());
         // The records to store, each with the index of its event's outcome.
