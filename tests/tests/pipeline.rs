@@ -293,6 +293,7 @@ async fn a_parquet_file_flows_through_the_pipeline_to_a_served_model() {
     assert_eq!((entry.feature_count, entry.class_count), (8, 3));
     assert_eq!(entry.metrics.train_samples, expected.counts.train_samples);
     assert_eq!(entry.metrics.test_samples, expected.counts.test_samples);
+    eprintln!("the Parquet dataset's model: test accuracy {}", entry.metrics.test_accuracy);
     assert!(entry.metrics.test_accuracy > 0.6, "test accuracy {} (chance is 0.33)", entry.metrics.test_accuracy);
     // Batches travel and rest as Arrow IPC: train keeps each one as it came.
     let key = format!("batch/{}/train/0", expected.dataset_version);

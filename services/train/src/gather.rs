@@ -96,8 +96,8 @@ pub async fn update(
     Err(Status::aborted(format!("the gathering record of {version} kept changing; will retry")))
 }
 
-/// Stores a batch (idempotent: a redelivered batch overwrites itself).
-/// Stores `batch` as it came (`ipc`: its Arrow IPC stream), under its dataset, split and index.
+/// Stores `batch` as it came (`ipc`: its Arrow IPC stream), under its dataset, split and index
+/// (idempotent: a redelivered batch overwrites itself).
 pub async fn store_batch(sidecar: &SidecarClient, batch: &Batch, ipc: Vec<u8>) -> Result<(), Status> {
     let key = stored_batch_key(&batch.dataset_version, batch.split, batch.batch_index);
     sidecar.save_state(STATE_STORE, &key, ipc).await
