@@ -183,12 +183,10 @@ impl Train {
             tracing::error!(batch = %batch.key(), "dropping a malformed feature batch");
             return Ok(());
         }
-        gather::store_batch(&self.inner.sidecar, &batch, ipc).await?;
-        let name = format!("{}/{}", batch.split, batch.batch_index);
-        self.record_progress(&batch.dataset_version, |record| {
-            record.received.insert(name.clone());
-        })
-        .await
+        if let Some((before, after)) = gather::store_batch(&self.inner.sidecar, &batch, ipc).await? {
+            self.progressed(&batch.dataset_version, &before, &after);
+        }
+        Ok(())
     }
 
     async fn on_end(&self, end: FeaturesEnd) -> Result<(), Status> {
@@ -199,12 +197,17 @@ impl Train {
     /// Applies `change` to the dataset's shared record; starts training once it is complete.
     async fn record_progress(&self, version: &str, change: impl Fn(&mut GatherRecord)) -> Result<(), Status> {
         let (before, after) = gather::update(&self.inner.sidecar, version, change).await?;
-        self.show_gathering(&after);
+        self.progressed(version, &before, &after);
+        Ok(())
+    }
+
+    /// Shows the record's progress; starts training when this change completed the dataset.
+    fn progressed(&self, version: &str, before: &GatherRecord, after: &GatherRecord) {
+        self.show_gathering(after);
         if after.is_complete() && !before.is_complete() && after.model_version.is_none() {
-            tracing::info!(dataset_version = version, batches = after.received.len(), "dataset complete; training");
+            tracing::info!(dataset_version = version, batches = after.batches_stored, "dataset complete; training");
             self.spawn_training(version.to_string());
         }
-        Ok(())
     }
 
     fn show_gathering(&self, record: &GatherRecord) {
@@ -217,7 +220,7 @@ impl Train {
             let trained_here =
                 s.phase == TrainPhase::Ready && s.dataset_version.as_deref() == Some(record.dataset_version.as_str());
             s.dataset_version = Some(record.dataset_version.clone());
-            s.batches_received = record.received.len() as u32;
+            s.batches_received = record.batches_stored;
             s.batches_expected = record.expected();
             match &record.model_version {
                 None if trained_here => {}
