@@ -193,11 +193,13 @@ impl ContentHash {
         self.hasher.update([cut.split as u8]);
         self.hasher.update(cut.index.to_le_bytes());
         self.hasher.update(samples.to_le_bytes());
+        // One update per row: the hasher's per-call cost would dominate at one per value.
+        let mut bytes = Vec::with_capacity(4 * (cut.rows.first().map_or(0, Vec::len) + 1));
         for (row, label) in cut.rows.iter().zip(&cut.labels) {
-            self.hasher.update(label.to_le_bytes());
-            for value in row {
-                self.hasher.update(value.to_le_bytes());
-            }
+            bytes.clear();
+            bytes.extend_from_slice(&label.to_le_bytes());
+            bytes.extend(row.iter().flat_map(|value| value.to_le_bytes()));
+            self.hasher.update(&bytes);
         }
     }
 
