@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use crate::error::CliError;
 use crate::up::plan::{self, Member};
+use crate::up::ports::PortReservation;
 use crate::up::process::Processes;
 
 /// What a tandemd bound, read from its `tandemd listening` log line.
@@ -45,6 +46,8 @@ pub fn sidecar_name(member: &str) -> String {
 pub struct Instance {
     pub member: Member,
     pub app_port: u16,
+    /// Keeps the app port from the kernel's port choice while this pair lives.
+    pub app_port_reservation: Rc<PortReservation>,
     pub sidecar: SidecarAddresses,
     pub sidecar_name: String,
     pub sidecar_log: PathBuf,
@@ -60,6 +63,8 @@ pub struct Instance {
 pub struct PendingInstance {
     pub member: Member,
     pub app_port: u16,
+    /// Held from before the tandemd starts (it binds its own ports to 0) until the pair ends.
+    app_port_reservation: PortReservation,
     pub sidecar_name: String,
     pub sidecar_log: PathBuf,
     pub service_log: PathBuf,
@@ -83,8 +88,8 @@ impl PendingInstance {
 
 /// Starts a member's pair: its tandemd (every port 0, read back from its log) with the app's
 /// component files and a data dir under the run dir, then the service with `--app-port` (a free
-/// port) and `--sidecar` (its tandemd's API). A restarted pair gets new ports and the same
-/// component files, data dir and log files (appended to, after a line that says which restart).
+/// port, held back from the kernel's choice until the pair ends) and `--sidecar` (its tandemd's
+/// API). A restarted pair gets new ports and the same component files, data dir and log files (appended to, after a line that says which restart).
 #[derive(Debug, Clone)]
 pub struct Launcher {
     pub bin_dir: PathBuf,
@@ -103,7 +108,8 @@ impl Launcher {
         incarnation: u32,
     ) -> Result<PendingInstance, CliError> {
         let dir = self.dir_for(&member.name)?;
-        let app_port = free_port()?;
+        let app_port_reservation = PortReservation::new()?;
+        let app_port = app_port_reservation.port();
         let sidecar_name = sidecar_name(&member.name);
         let sidecar_log = dir.join("tandemd.log");
         let service_log = dir.join(format!("{}.log", member.binary));
@@ -149,6 +155,7 @@ impl Launcher {
         Ok(PendingInstance {
             member: member.clone(),
             app_port,
+            app_port_reservation,
             sidecar_name,
             sidecar_log,
             service_log,
@@ -174,6 +181,7 @@ impl Launcher {
         Ok(Instance {
             member,
             app_port: pending.app_port,
+            app_port_reservation: Rc::new(pending.app_port_reservation),
             sidecar,
             sidecar_name: pending.sidecar_name,
             sidecar_log: pending.sidecar_log,
@@ -203,14 +211,6 @@ fn mark_restart(log: &Path, member: &str, restart: u32) -> Result<(), CliError> 
         .open(log)
         .and_then(|mut file| writeln!(file, "--- tandem up: restart {restart} of {member} ---"))
         .map_err(|e| CliError::failed(format!("cannot write to {}: {e}", log.display())))
-}
-
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> Result<u16, CliError> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .map_err(|e| CliError::failed(format!("cannot find a free loopback port: {e}")))
 }
 
 /// One member of the run in the roster.
@@ -300,9 +300,11 @@ mod tests {
         mark_restart(&log, "train-1", 1).unwrap();
         let member =
             Member { name: "train-1".into(), app_id: plan::TRAIN, binary: "tandem-train".into(), args: vec![] };
+        let app_port_reservation = PortReservation::new().unwrap();
         let pending = PendingInstance {
             member,
-            app_port: 9,
+            app_port: app_port_reservation.port(),
+            app_port_reservation,
             sidecar_name: sidecar_name("train-1"),
             sidecar_log: log.clone(),
             service_log: dir.path().join("tandem-train.log"),
@@ -330,6 +332,7 @@ mod tests {
             sidecar_name: sidecar_name(&member.name),
             member,
             app_port: 1,
+            app_port_reservation: Rc::new(PortReservation::new().unwrap()),
             sidecar: SidecarAddresses { grpc: address, internal: address, admin: address },
             sidecar_log: PathBuf::new(),
             service_log: PathBuf::new(),

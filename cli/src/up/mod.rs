@@ -26,6 +26,7 @@
 
 pub mod instance;
 pub mod plan;
+pub mod ports;
 pub mod process;
 pub mod progress;
 pub mod sample;
@@ -50,9 +51,10 @@ use crate::args::UpArgs;
 use crate::error::{CliError, ExitKind};
 use crate::http;
 use crate::payload::JSON;
-use instance::{Instance, Launcher, PendingInstance, Roster, free_port};
+use instance::{Instance, Launcher, PendingInstance, Roster};
 pub use instance::{SidecarAddresses, parse_listening_line};
 use plan::Member;
+use ports::PortReservation;
 use process::Processes;
 use progress::{InstanceStatus, ProgressView, Snapshot};
 use signals::Signals;
@@ -227,13 +229,15 @@ impl Up<'_> {
 
     /// Starts etcd and waits until it reports healthy; returns its client URL.
     async fn start_etcd(&mut self, etcd_binary: &Path) -> Result<String, CliError> {
-        let client_port = match self.options.etcd_port {
-            Some(0) => free_port()?,
-            Some(port) => port,
-            None if port_is_free(DEFAULT_ETCD_PORT) => DEFAULT_ETCD_PORT,
-            None => free_port()?,
+        // Reserved ports stay held until etcd is healthy, so nothing else takes them first.
+        let (client_port, _client_reservation) = match self.options.etcd_port {
+            Some(0) => reserve()?,
+            Some(port) => (port, None),
+            None if port_is_free(DEFAULT_ETCD_PORT) => (DEFAULT_ETCD_PORT, None),
+            None => reserve()?,
         };
-        let peer_port = free_port()?;
+        let peer_reservation = PortReservation::new()?;
+        let peer_port = peer_reservation.port();
         let dir = instance::dir_for(&self.run_dir, "etcd")?;
         let client = format!("http://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
@@ -527,6 +531,11 @@ async fn watch_progress(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+fn reserve() -> Result<(u16, Option<PortReservation>), CliError> {
+    let reservation = PortReservation::new()?;
+    Ok((reservation.port(), Some(reservation)))
 }
 
 fn port_is_free(port: u16) -> bool {
