@@ -22,6 +22,10 @@ pub enum MeshError {
     #[error("app-id '{app_id}' has no live instance")]
     NoLiveInstance { app_id: String },
 
+    /// A call pinned to one instance, which is not (or no longer) live with its app.
+    #[error("instance '{instance}' of app-id '{app_id}' is not live (the call was pinned to it)")]
+    InstanceNotLive { app_id: String, instance: String },
+
     #[error("discovery has not loaded the routing table from etcd yet; is etcd reachable?")]
     DiscoveryNotReady,
 
@@ -77,7 +81,7 @@ impl MeshError {
     pub fn code(&self) -> Code {
         match self {
             MeshError::InvalidArgument(_) => Code::InvalidArgument,
-            MeshError::AppNotFound { .. } => Code::NotFound,
+            MeshError::AppNotFound { .. } | MeshError::InstanceNotLive { .. } => Code::NotFound,
             MeshError::NoLiveInstance { .. }
             | MeshError::DiscoveryNotReady
             | MeshError::PeersUnreachable { .. }

@@ -1,8 +1,10 @@
 //! Failover between instances: calls that provably never reached an app go to another
-//! instance; dead instances leave routing when their lease expires.
+//! instance; dead instances leave routing when their lease expires; a call pinned to one
+//! instance goes there or nowhere.
 
 use std::time::Duration;
 
+use tandem_sdk::{CallOptions, Code};
 use tandem_tests::{InvokeMesh, eventually};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -41,4 +43,31 @@ async fn an_instance_whose_app_is_down_hands_calls_to_the_next_instance() {
         let reply = client.invoke("svc-b", "whoami", Vec::new()).await.unwrap();
         assert_eq!(reply.data, b"b-2");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_pinned_to_an_instance_reaches_only_that_one_and_never_fails_over() {
+    let mut mesh = InvokeMesh::start(2).await;
+    let second = mesh.callees[1].client().instance_id().await.unwrap();
+    assert_ne!(second, mesh.callees[0].client().instance_id().await.unwrap());
+    for i in 0..10 {
+        let reply = mesh.client.invoke_with("svc-b", "whoami", vec![i], CallOptions::default().instance(&second)).await;
+        assert_eq!(reply.unwrap().data, b"b-2", "call {i} pinned to the second instance");
+    }
+
+    // An id no instance has: NOT_FOUND naming it, and no other instance took the call.
+    let served = mesh.apps[0].calls() + mesh.apps[1].calls();
+    let stranger =
+        mesh.client.invoke_with("svc-b", "whoami", Vec::new(), CallOptions::default().instance("nobody")).await;
+    let status = stranger.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(status.message().contains("'nobody'") && status.message().contains("svc-b"), "{}", status.message());
+    assert_eq!(mesh.apps[0].calls() + mesh.apps[1].calls(), served);
+
+    // The pinned instance's app is down: the call fails rather than moving to the live one.
+    mesh.apps.remove(1).stop().await;
+    let served_by_first = mesh.apps[0].calls();
+    let pinned = mesh.client.invoke_with("svc-b", "whoami", Vec::new(), CallOptions::default().instance(&second)).await;
+    assert!(pinned.is_err(), "a call pinned to an instance whose app is down was answered: {pinned:?}");
+    assert_eq!(mesh.apps[0].calls(), served_by_first, "the pinned call failed over");
 }

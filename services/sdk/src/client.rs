@@ -19,6 +19,11 @@ use tonic::{Request, Status};
 
 use crate::TraceContext;
 
+/// The metadata header that pins an invocation to one instance (tandemd's).
+pub const TARGET_INSTANCE: &str = "tandem-target-instance";
+/// The key of a sidecar's instance id in its extended metadata (tandemd's).
+const INSTANCE_ID_KEY: &str = "tandem.instance-id";
+
 /// Options of one call: deadline, extra metadata and the trace it belongs to.
 #[derive(Debug, Clone, Default)]
 pub struct CallOptions {
@@ -39,6 +44,12 @@ impl CallOptions {
     pub fn header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.metadata.push((key.into(), value.into()));
         self
+    }
+
+    /// Pins the call to one instance of the target app (its [`SidecarClient::instance_id`]):
+    /// no other instance takes it, and NOT_FOUND comes back when that one is not live.
+    pub fn instance(self, instance_id: impl Into<String>) -> Self {
+        self.header(TARGET_INSTANCE, instance_id)
     }
 
     pub fn content_type(mut self, content_type: impl Into<String>) -> Self {
@@ -339,6 +350,17 @@ impl SidecarClient {
     /// The sidecar's own description (app-id, runtime version, connection properties).
     pub async fn metadata(&self) -> Result<GetMetadataResponse, Status> {
         Ok(self.inner.clone().get_metadata(GetMetadataRequest {}).await?.into_inner())
+    }
+
+    /// This instance's id in the mesh (its sidecar's `tandem.instance-id`): what another
+    /// instance pins a call to with [`CallOptions::instance`]. It changes when the sidecar restarts.
+    pub async fn instance_id(&self) -> Result<String, Status> {
+        let metadata = self.metadata().await?;
+        metadata
+            .extended_metadata
+            .get(INSTANCE_ID_KEY)
+            .cloned()
+            .ok_or_else(|| Status::internal(format!("the sidecar's metadata has no '{INSTANCE_ID_KEY}'")))
     }
 
     /// Sets `key` of the sidecar's extended metadata (shown by [`SidecarClient::metadata`]).

@@ -34,6 +34,7 @@ impl DaprApi {
     async fn invoke(&self, request: Request<InvokeServiceRequest>) -> Result<Response<InvokeResponse>, Status> {
         let deadline = deadline::from_metadata(request.metadata()).map_err(Status::invalid_argument)?;
         let metadata = headers::outgoing(request.metadata());
+        let instance = headers::target_instance(request.metadata());
         let InvokeServiceRequest { id, message } = request.into_inner();
         let message = message.ok_or_else(|| {
             Status::from(MeshError::InvalidArgument(format!(
@@ -44,7 +45,7 @@ impl DaprApi {
         let reply = self
             .universal
             .invoker
-            .invoke(Invocation { target_app_id: id, message, metadata, deadline })
+            .invoke(Invocation { target_app_id: id, message, metadata, deadline, instance })
             .await
             .map_err(Status::from);
         self.universal.metrics.invocation(&target, &reply);

@@ -12,6 +12,20 @@ use tonic::metadata::{KeyAndValueRef, MetadataKey, MetadataMap, MetadataValue};
 pub const CALLER_APP_ID: &str = "dapr-caller-app-id";
 /// The called app's id, as the callee app sees it (Dapr's header name).
 pub const CALLEE_APP_ID: &str = "dapr-callee-app-id";
+/// Tandem's own: pins an invocation to one instance of the target app (the instance's
+/// `tandem.instance-id` from GetMetadata), with no failover to another, for state that only
+/// that instance holds (e.g. a train replica's local batches).
+pub const TARGET_INSTANCE: &str = "tandem-target-instance";
+
+/// The instance an invocation is pinned to ([`TARGET_INSTANCE`]), if any.
+pub fn target_instance(metadata: &MetadataMap) -> Option<String> {
+    metadata.get(TARGET_INSTANCE).and_then(|v| v.to_str().ok()).map(str::to_string).filter(|v| !v.is_empty())
+}
+
+/// [`target_instance`] of a call through the HTTP API.
+pub fn target_instance_http(headers: &http::HeaderMap) -> Option<String> {
+    headers.get(TARGET_INSTANCE).and_then(|v| v.to_str().ok()).map(str::to_string).filter(|v| !v.is_empty())
+}
 
 const HOP_HEADERS: &[&str] = &[
     "te",

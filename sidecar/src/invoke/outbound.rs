@@ -35,6 +35,8 @@ pub struct Invocation {
     /// The caller's metadata that travels to the callee (see [`super::headers`]).
     pub metadata: HashMap<String, String>,
     pub deadline: Option<Instant>,
+    /// Only this instance of the target app may take the call (see [`super::headers::TARGET_INSTANCE`]).
+    pub instance: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -68,7 +70,7 @@ impl Invoker {
     }
 
     pub async fn invoke(&self, invocation: Invocation) -> Result<InvocationReply, MeshError> {
-        let Invocation { target_app_id, message, metadata, deadline } = invocation;
+        let Invocation { target_app_id, message, metadata, deadline, instance: pinned } = invocation;
         if target_app_id.is_empty() {
             return Err(MeshError::InvalidArgument("the target app-id (field 'id') is empty".into()));
         }
@@ -79,7 +81,13 @@ impl Invoker {
             )));
         }
 
-        let instances = self.candidates(&target_app_id, true)?;
+        let mut instances = self.candidates(&target_app_id, true)?;
+        if let Some(pinned) = pinned {
+            instances.retain(|instance| instance.instance_id == pinned);
+            if instances.is_empty() {
+                return Err(MeshError::InstanceNotLive { app_id: target_app_id, instance: pinned });
+            }
+        }
         // Every instance refused a call a moment ago: shed this one here rather than send it
         // across the mesh to be refused there (under overload the mesh's CPU is what is short).
         if let Some(reason) = self.balancer.refusing(&instances) {

@@ -144,6 +144,7 @@ async fn invoke(
         message,
         metadata: headers::outgoing_http(&headers),
         deadline: None,
+        instance: headers::target_instance_http(&headers),
     };
     let reply = universal.invoker.invoke(invocation).await;
     universal.metrics.invocation(&app_id, &reply.as_ref().map(|_| ()).map_err(|e| tonic::Status::new(e.code(), "")));
