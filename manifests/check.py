@@ -16,8 +16,9 @@ What the API schema cannot know, checked for every workload with a Tandem sideca
 - every container has CPU and memory requests and limits;
 - --resources-path is a mounted ConfigMap whose files equal components/<app>/, and --data-dir
   is a mounted volume (a PVC for StatefulSets);
-- a workload with more than one replica keeps its state in a store its replicas share
-  (state.etcd), not in each sidecar's own (state.sled);
+- a workload with more than one replica keeps its state (`statestore`) in a store its
+  replicas share (state.etcd), not in each sidecar's own (state.sled); another store may be
+  private to each replica only in a StatefulSet, whose claims outlive a pod (train's batches);
 and for the whole: the four apps are there (train a StatefulSet, serve and preprocess
 Deployments), train's group minimum (TANDEM_MIN_REPLICAS / --min-replicas, at least 1) is
 within its replicas and its maximum, serve has an HPA (whose serve metrics, if any, serve exports on its declared metrics port) and a PDB, the internal port is open only
@@ -234,7 +235,8 @@ def check_serve_scaling_metrics(hpa, serve):
 
 
 def check_shared_state(where, w, components_volume, configmap):
-    """Replicas must share their state: each sidecar's own sled store would split it."""
+    """Replicas must share their state: each sidecar's own sled store would split it. A store
+    meant to be private to each replica (train's `batches`) needs a StatefulSet's claim."""
     replicas = w["spec"].get("replicas", 1)
     if replicas <= 1 or not components_volume or "configMap" not in components_volume:
         return []
@@ -249,6 +251,8 @@ def check_shared_state(where, w, components_volume, configmap):
         kind = str(component.get("spec", {}).get("type", ""))
         if kind.startswith("state.") and kind != "state.etcd":
             name = component.get("metadata", {}).get("name")
+            if name != "statestore" and w["kind"] == "StatefulSet":
+                continue
             errors.append(
                 f"{where}: {replicas} replicas but state store {name!r} ({f}) is {kind}, private to each sidecar;"
                 " replicas need a shared store (state.etcd)"

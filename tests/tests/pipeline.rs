@@ -15,7 +15,7 @@ use tandem_pipeline::messages::{
     TrainStatus, app_ids, methods,
 };
 use tandem_sdk::Code;
-use tandem_tests::pipeline::{Pipeline, PipelineOptions, Stage};
+use tandem_tests::pipeline::{Pipeline, PipelineOptions, Stage, components_dir};
 use tandem_tests::service::Service;
 use tandem_tests::training::{app_status, replica_status};
 use tandem_tests::{Etcd, Sidecar, eventually, free_port};
@@ -295,9 +295,16 @@ async fn a_parquet_file_flows_through_the_pipeline_to_a_served_model() {
     assert_eq!(entry.metrics.test_samples, expected.counts.test_samples);
     eprintln!("the Parquet dataset's model: test accuracy {}", entry.metrics.test_accuracy);
     assert!(entry.metrics.test_accuracy > 0.6, "test accuracy {} (chance is 0.33)", entry.metrics.test_accuracy);
-    // Batches travel and rest as Arrow IPC: train keeps each one as it came.
-    let key = format!("batch/{}/train/0", expected.dataset_version);
-    let stored = pipeline.train[0].sidecar.client().get_state("statestore", &key).await.unwrap().expect("batch 0");
+    // Batches travel and rest as Arrow IPC: train keeps each one as it came, in the replica's
+    // own store; the shared store (etcd) only says which replica keeps it.
+    let key = format!("{}/train/0", expected.dataset_version);
+    let train = pipeline.train[0].sidecar.client();
+    let stored =
+        train.get_state("batches", &format!("batch/{key}")).await.unwrap().expect("batch 0 in train's own store");
+    let keeper = train.get_state("statestore", &format!("stored/{key}")).await.unwrap().expect("batch 0's marker");
+    let store_id = train.get_state("batches", "store-id").await.unwrap().expect("the replica's store id");
+    assert_eq!(keeper.value, store_id.value, "the marker names the keeping replica");
+    assert!(train.get_state("statestore", &format!("batch/{key}")).await.unwrap().is_none(), "batch bytes in etcd");
     let batch = tandem_pipeline::arrow_batch::decode(&stored.value).expect("an Arrow IPC batch");
     assert_eq!((batch.feature_count, batch.labels.len()), (8, 64));
     let answer = pipeline.predict(r#"{"features": [0, 0, 0, 0, 0, 0, 0, 0]}"#).await.expect("predict");
@@ -390,4 +397,115 @@ async fn a_bad_file_stops_ingest_naming_the_line_or_row_and_the_column() {
         .await;
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/data.csv"));
+}
+
+/// A train replica (with `components/train/`) whose sidecar keeps its data in `data`.
+async fn train_replica(etcd: &Etcd, data: &std::path::Path, app_port: u16, args: &[String]) -> Stage {
+    let sidecar = Sidecar::new(app_ids::TRAIN)
+        .etcd(etcd)
+        .app_port(app_port)
+        .resources(&components_dir(app_ids::TRAIN))
+        .data_dir(data)
+        .spawn()
+        .await;
+    let mut stage = Stage { app_id: app_ids::TRAIN.into(), app_port, service: None, sidecar };
+    stage.start_service(args).await;
+    stage
+}
+
+/// Each train replica keeps the batches it received on its own disk, and etcd only says which
+/// replica keeps which. A keeper killed -9 and restarted on its data dir serves its batches
+/// again under its new instance, and a replica that joins afterwards copies every batch it
+/// lacks from the keepers to train with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn train_replicas_keep_batches_on_their_own_disks_and_a_restarted_keeper_serves_them_again() {
+    let options = PipelineOptions { train_replicas: 0, serve_replicas: 0, ..PipelineOptions::default() };
+    let mut pipeline = Pipeline::start(options).await;
+    // Three replicas form the group: no training until the third comes.
+    let args: Vec<String> = ["--min-replicas", "3", "--epochs", "2"].map(String::from).to_vec();
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    for i in 0..2 {
+        pipeline.train.push(train_replica(&pipeline.etcd, dirs[i].path(), ports[i], &args).await);
+    }
+    let complete = std::sync::Mutex::new(None);
+    eventually(TRAINING_TIMEOUT, "the dataset's every batch to be gathered", || {
+        let found = &complete;
+        let port = ports[0];
+        async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            match replica_status(port).await {
+                Ok(TrainStatus { dataset_version: Some(v), batches_received, batches_expected: Some(e), .. })
+                    if batches_received == e =>
+                {
+                    *found.lock().unwrap() = Some((v, e));
+                    true
+                }
+                _ => false,
+            }
+        }
+    })
+    .await;
+    let (version, expected) = complete.into_inner().unwrap().expect("set when the wait ended");
+    let shared = pipeline.train[0].sidecar.client();
+    let record = shared.get_state("statestore", &format!("gather/{version}")).await.unwrap().expect("the record");
+    let record: serde_json::Value = serde_json::from_slice(&record.value).unwrap();
+    let count = |split: &str| record["end"]["counts"][format!("{split}_batches")].as_u64().expect("a count") as u32;
+    let (train_batches, test_batches) = (count("train"), count("test"));
+    assert_eq!(train_batches + test_batches, expected);
+    let keys: Vec<String> = (0..train_batches)
+        .map(|i| format!("{version}/train/{i}"))
+        .chain((0..test_batches).map(|i| format!("{version}/test/{i}")))
+        .collect();
+
+    // Who keeps what: every batch by exactly the replica whose store holds it, none in etcd.
+    let store_ids: Vec<Vec<u8>> = {
+        let mut ids = Vec::new();
+        for stage in &pipeline.train {
+            ids.push(stage.sidecar.client().get_state("batches", "store-id").await.unwrap().expect("a store id").value);
+        }
+        ids
+    };
+    let mut kept = [0usize; 2];
+    for key in &keys {
+        let keeper = shared.get_state("statestore", &format!("stored/{key}")).await.unwrap().expect(key).value;
+        let i = store_ids.iter().position(|id| *id == keeper).expect("the marker names one of the replicas");
+        let own = pipeline.train[i].sidecar.client().get_state("batches", &format!("batch/{key}")).await.unwrap();
+        assert!(own.is_some(), "{key} is marked as kept by replica {i}, whose store lacks it");
+        assert!(shared.get_state("statestore", &format!("batch/{key}")).await.unwrap().is_none(), "{key} in etcd");
+        kept[i] += 1;
+    }
+
+    // The replica that keeps more dies hard and comes back on its data dir, a new instance.
+    let keeper = if kept[0] >= kept[1] { 0 } else { 1 };
+    let before = pipeline.train[keeper].sidecar.client().instance_id().await.unwrap();
+    let mut dead = pipeline.train.remove(keeper);
+    dead.service = None;
+    dead.sidecar.kill9().await;
+    drop(dead);
+    pipeline.train.push(train_replica(&pipeline.etcd, dirs[keeper].path(), ports[keeper], &args).await);
+    let restarted = pipeline.train.last().unwrap().sidecar.client();
+    let after = restarted.instance_id().await.unwrap();
+    assert_ne!(before, after);
+    assert_eq!(restarted.get_state("batches", "store-id").await.unwrap().unwrap().value, store_ids[keeper]);
+
+    // A third replica completes the group: it has none of the batches and trains on all of them.
+    pipeline.train.push(train_replica(&pipeline.etcd, dirs[2].path(), ports[2], &args).await);
+    for port in ports {
+        eventually(TRAINING_TIMEOUT, "every replica to hold the run's model", || async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            matches!(
+                replica_status(port).await,
+                Ok(TrainStatus { phase: TrainPhase::Ready, model_version: Some(_), .. })
+            )
+        })
+        .await;
+    }
+    let newcomer = pipeline.train.last().unwrap().sidecar.client();
+    for key in &keys {
+        let copy = newcomer.get_state("batches", &format!("batch/{key}")).await.unwrap();
+        assert!(copy.is_some(), "the replica that joined last has no copy of {key}");
+    }
+    let entry: ModelEntry = pipeline.call(app_ids::TRAIN, methods::GET_MODEL, "{}").await.expect("get_model");
+    assert_eq!(entry.dataset_version, version);
 }

@@ -174,6 +174,7 @@ const PIPELINE_COMPONENTS: &[(&str, &str, &str)] = &[
     ("preprocess", "statestore.yaml", include_str!("../../../components/preprocess/statestore.yaml")),
     ("train", "pubsub.yaml", include_str!("../../../components/train/pubsub.yaml")),
     ("train", "statestore.yaml", include_str!("../../../components/train/statestore.yaml")),
+    ("train", "batchstore.yaml", include_str!("../../../components/train/batchstore.yaml")),
     ("serve", "pubsub.yaml", include_str!("../../../components/serve/pubsub.yaml")),
 ];
 

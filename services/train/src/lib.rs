@@ -1,9 +1,10 @@
 //! tandem-train: stage 3 of the AI pipeline, as any number of replicas that train together.
 //!
-//! Subscribes to `dataset.features`. Every standardized batch goes to train's state store,
-//! which all replicas share (state.etcd: `batch/VERSION/SPLIT/INDEX`), with the dataset's
-//! progress (`gather/VERSION`, updated by compare-and-swap), so the batches a run trains on stay
-//! readable by every replica, whichever replica received them and whichever dies. When a
+//! Subscribes to `dataset.features`. Every standardized batch is kept by the replica that
+//! received it, in its own store on its own disk (`batches`, state.sled), and counted in the
+//! dataset's progress in train's shared store (state.etcd: `gather/VERSION`, updated by
+//! compare-and-swap, with a marker naming the batch's keeper), so etcd stays small however
+//! large the data; a replica that trains reads its peers' batches from them. When a
 //! dataset is complete, every replica trains it as a member of one training group (the sidecars'
 //! `tandem.group.v1` API): the group forms rounds through etcd, each replica computes the
 //! gradients of its shard of every global batch, the sidecars sum them, and every replica

@@ -11,9 +11,9 @@ use tandem_pipeline::messages::{
     ScalerParams, Split, TrainPhase, TrainStatus, TrainingParams, methods, topics,
 };
 use tandem_pipeline::{arrow_batch, json, probe, service::now_rfc3339, weights};
-use tandem_sdk::{AppServer, Code, EventOutcome, SidecarClient, Status, TopicEvent};
+use tandem_sdk::{AppServer, Code, EventOutcome, Reply, SidecarClient, Status, TopicEvent};
 
-use crate::gather::{self, GatherRecord};
+use crate::gather::{self, GatherRecord, Keeper};
 use crate::progress::{Board, StepLog};
 use crate::registry;
 use crate::replica::{self, GroupSettings, Run, TrainError, Trained};
@@ -33,6 +33,8 @@ pub struct Train {
 
 struct Inner {
     sidecar: SidecarClient,
+    /// This replica as a keeper of batches, once announced (the sidecar must be up).
+    keeper: tokio::sync::OnceCell<Keeper>,
     config: TrainingConfig,
     device: Device,
     group: GroupSettings,
@@ -83,6 +85,7 @@ impl Train {
         Train {
             inner: Arc::new(Inner {
                 sidecar,
+                keeper: tokio::sync::OnceCell::new(),
                 config,
                 device,
                 group,
@@ -100,7 +103,7 @@ impl Train {
     }
 
     pub fn app_server(&self) -> AppServer {
-        let (status, models, events) = (self.clone(), self.clone(), self.clone());
+        let (status, models, batches, events) = (self.clone(), self.clone(), self.clone(), self.clone());
         AppServer::new()
             .handler(methods::STATUS, move |_| {
                 let status = status.status();
@@ -114,6 +117,16 @@ impl Train {
                     json::reply(&entry)
                 }
             })
+            .handler(gather::READ_BATCH, move |call| {
+                let this = batches.clone();
+                async move {
+                    let key = String::from_utf8_lossy(&call.data).into_owned();
+                    match gather::read_kept(&this.inner.sidecar, &key).await? {
+                        Some(bytes) => Ok(Reply::bytes(bytes)),
+                        None => Err(Status::not_found(format!("batch {key} is not kept by this replica"))),
+                    }
+                }
+            })
             .subscribe(PUBSUB, topics::DATASET_FEATURES, move |event| {
                 let this = events.clone();
                 async move { this.on_event(event).await }
@@ -124,6 +137,12 @@ impl Train {
     /// this replica gathered, one another replica completed, or one a dead replica was
     /// training) and trains it. Runs until the process ends.
     pub async fn watch_datasets(&self) {
+        // Announced first, so that peers find the batches kept here from an earlier run of
+        // this replica (a restart on the same data dir) even before a new batch arrives.
+        while let Err(status) = self.keeper().await {
+            tracing::warn!(error = %status.message(), "cannot announce this replica's batch store yet; trying again");
+            tokio::time::sleep(WATCH_EVERY).await;
+        }
         match registry::get(&self.inner.sidecar, None).await {
             Ok(entry) => self.show_model(&entry),
             Err(status) if status.code() == Code::NotFound => {}
@@ -135,6 +154,11 @@ impl Train {
             }
             tokio::time::sleep(WATCH_EVERY).await;
         }
+    }
+
+    /// This replica as a keeper of batches (announced on first use).
+    async fn keeper(&self) -> Result<&Keeper, Status> {
+        self.inner.keeper.get_or_try_init(|| Keeper::announce(&self.inner.sidecar)).await
     }
 
     async fn look_for_work(&self) -> Result<(), Status> {
@@ -183,7 +207,9 @@ impl Train {
             tracing::error!(batch = %batch.key(), "dropping a malformed feature batch");
             return Ok(());
         }
-        if let Some((before, after)) = gather::store_batch(&self.inner.sidecar, &batch, ipc).await? {
+        if let Some((before, after)) =
+            gather::store_batch(&self.inner.sidecar, self.keeper().await?, &batch, ipc).await?
+        {
             self.progressed(&batch.dataset_version, &before, &after);
         }
         Ok(())
@@ -281,12 +307,16 @@ impl Train {
             return Ok(());
         }
         self.inner.board.update(|s| s.dataset_version = Some(version.to_string()));
-        let train_set = gather::load_split(sidecar, version, Split::Train, end.counts.train_batches)
-            .await
-            .map_err(failed("reading the train split"))?;
-        let test_set = gather::load_split(sidecar, version, Split::Test, end.counts.test_batches)
-            .await
-            .map_err(failed("reading the test split"))?;
+        let keeper = self.keeper().await.map_err(failed("announcing this replica's batch store"))?;
+        let counts = &end.counts;
+        let train_set =
+            gather::load_split(sidecar, keeper, version, Split::Train, counts.train_batches, counts.train_samples)
+                .await
+                .map_err(failed("reading the train split"))?;
+        let test_set =
+            gather::load_split(sidecar, keeper, version, Split::Test, counts.test_batches, counts.test_samples)
+                .await
+                .map_err(failed("reading the test split"))?;
         let prepared = Prepared { dataset_version: version.to_string(), train_set, test_set, scaler: end.scaler };
         let Some(entry) = self.train_run(prepared).await? else { return Ok(()) };
         gather::update(sidecar, version, |record| record.model_version = Some(entry.model_version.clone()))
