@@ -43,12 +43,20 @@ pub use nats::Nats;
 pub use poll::eventually;
 pub use sidecar::{RunningSidecar, Sidecar};
 
-/// A port that was free a moment ago (for servers that cannot bind port 0 themselves, like etcd).
+/// A free loopback port for a server that cannot bind port 0 itself (etcd, an app whose port
+/// its sidecar must know first), held back from everyone else for the rest of the test
+/// process: a socket stays bound to it (`SO_REUSEADDR`, never listening), so Linux never hands
+/// it to a port-0 bind (a tandemd started before the app) or an outgoing connection, while the
+/// server it is meant for binds it anyway (std's, tokio's, Go's and Python's servers set
+/// `SO_REUSEADDR`). Connecting to it before that is refused, as to a closed port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding an ephemeral loopback port")
+    static HELD: std::sync::Mutex<Vec<tokio::net::TcpSocket>> = std::sync::Mutex::new(Vec::new());
+    let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+    socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+    socket.bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).expect("binding an ephemeral loopback port");
+    let port = socket.local_addr().expect("the bound address").port();
+    HELD.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(socket);
+    port
 }
 
 /// Where a workspace binary sits next to the running executable: `target/<profile>/NAME`,
