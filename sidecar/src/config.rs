@@ -44,6 +44,17 @@ pub struct Config {
     #[arg(long, env = "TANDEM_APP_HOST", default_value = "127.0.0.1")]
     pub app_host: String,
 
+    /// With a token, every call of the app-facing API (gRPC and HTTP) must carry it in its
+    /// `dapr-api-token` header (Dapr's `DAPR_API_TOKEN`; prefer the variable: a flag shows in
+    /// the process list). The health paths stay open.
+    #[arg(long, env = "DAPR_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+
+    /// A token sent in the `dapr-api-token` header of every call into the app, so that it can
+    /// tell its sidecar's calls from anyone else's (Dapr's `APP_API_TOKEN`).
+    #[arg(long, env = "APP_API_TOKEN", hide_env_values = true)]
+    pub app_api_token: Option<String>,
+
     /// Port of the app-facing Dapr gRPC API.
     #[arg(long, env = "DAPR_GRPC_PORT", default_value_t = 50001)]
     pub grpc_port: u16,

@@ -20,6 +20,7 @@ use crate::api::group::TrainingGroupApi;
 use crate::api::outbox::Outbox;
 use crate::api::pubsub::PubSubApi;
 use crate::api::state::StateApi;
+use crate::api::token::{ApiToken, ApiTokenLayer};
 use crate::api::universal::{RUNTIME_VERSION, SidecarInfo};
 use crate::api::{DaprApi, Universal};
 use crate::app_channel::{AppChannel, AppProtocol, GrpcApp, HttpApp};
@@ -163,14 +164,21 @@ pub async fn run(
     }
     let state = Arc::new(StateApi::new(config.app_id.clone(), stores, outboxes, config.max_body_size, metrics.clone()));
     let peers = PeerChannels::default();
+    let app_token = config.app_api_token.clone().filter(|token| !token.is_empty());
     let app = match config.app_port {
         Some(port) => Some(match config.app_protocol {
-            AppProtocol::Grpc => AppChannel::Grpc(GrpcApp::new(&config.app_host, port).map_err(StartError::Config)?),
-            AppProtocol::Http => AppChannel::Http(Box::new(HttpApp::new(
-                &config.app_host,
-                port,
-                config.enable_app_health_check.then(|| config.app_health_check_path.clone()),
-            ))),
+            AppProtocol::Grpc => AppChannel::Grpc(
+                GrpcApp::new(&config.app_host, port, app_token.as_deref()).map_err(StartError::Config)?,
+            ),
+            AppProtocol::Http => AppChannel::Http(Box::new(
+                HttpApp::new(
+                    &config.app_host,
+                    port,
+                    config.enable_app_health_check.then(|| config.app_health_check_path.clone()),
+                    app_token.as_deref(),
+                )
+                .map_err(StartError::Config)?,
+            )),
         }),
         None => None,
     };
@@ -239,6 +247,8 @@ pub async fn run(
         .max_encoding_message_size(usize::MAX);
 
     let drain = config.drain_timeout;
+    let api_token = config.api_token.as_deref().filter(|token| !token.is_empty()).map(ApiToken::new);
+    let api_token_layer = ApiTokenLayer::new(api_token.clone());
     let stopped = |token: &CancellationToken| {
         let token = token.clone();
         async move { token.cancelled().await }
@@ -246,7 +256,7 @@ pub async fn run(
     let servers: Vec<JoinHandle<()>> = vec![
         tokio::spawn(tandem_transport::serve_grpc(
             grpc_listener,
-            TraceLayer.layer(Routes::new(dapr).add_service(group_api)),
+            TraceLayer.layer(api_token_layer.layer(Routes::new(dapr).add_service(group_api))),
             stopped(&serving_stop),
             drain,
         )),
@@ -261,6 +271,7 @@ pub async fn run(
             crate::api::http::router(
                 universal.clone(),
                 config.max_body_size,
+                api_token,
                 admin::dapr_health(readiness.clone(), routing.clone()),
             ),
             stopped(&serving_stop),

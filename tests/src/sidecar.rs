@@ -147,7 +147,8 @@ impl Sidecar {
                 );
             }
         };
-        RunningSidecar { app_id: self.app_id, dir, child: Some(child), addresses, log_copiers }
+        let api_token = self.env.iter().find(|(key, _)| key == "DAPR_API_TOKEN").map(|(_, token)| token.clone());
+        RunningSidecar { app_id: self.app_id, dir, child: Some(child), addresses, log_copiers, api_token }
     }
 }
 
@@ -236,6 +237,8 @@ pub struct RunningSidecar {
     addresses: Addresses,
     /// Copy the process's output into the log files; they end at the process's exit.
     log_copiers: Vec<tokio::task::JoinHandle<()>>,
+    /// The API token it was started with (`DAPR_API_TOKEN`), which its clients send.
+    api_token: Option<String>,
 }
 
 impl RunningSidecar {
@@ -260,9 +263,10 @@ impl RunningSidecar {
         self.child.as_ref().and_then(|c| c.id())
     }
 
-    /// A client for this sidecar's app-facing API.
+    /// A client for this sidecar's app-facing API (with its API token, if it has one).
     pub fn client(&self) -> SidecarClient {
-        SidecarClient::new(&self.grpc_addr().to_string()).expect("a bound address is valid")
+        SidecarClient::with_api_token(&self.grpc_addr().to_string(), self.api_token.as_deref())
+            .expect("a bound address is valid")
     }
 
     /// GET on the admin port.

@@ -1,6 +1,7 @@
 //! Apps written for Dapr, unchanged, against tandemd: the official Python SDK (`dapr` 1.19 from
 //! PyPI) with its defaults. `DaprClient()` waits on the HTTP API's `/v1.0/healthz/outbound`,
-//! `invoke_method` goes over the HTTP API, state, publish and metadata over the gRPC API.
+//! `invoke_method` goes over the HTTP API, state, publish and metadata over the gRPC API. The
+//! sidecar requires an API token (`DAPR_API_TOKEN`), which the SDK sends from its environment.
 
 use std::time::Duration;
 
@@ -8,6 +9,9 @@ use serde_json::{Value, json};
 use tandem_sdk::{AppServer, Reply, Status};
 use tandem_tests::pubsub::{Inbox, subscriber, wait_until_subscribed};
 use tandem_tests::{Etcd, Sidecar, TestApp, eventually, python};
+
+/// The py-client sidecar's API token: the script's calls must all carry it.
+const API_TOKEN: &str = "py-sdk-token-5d1e";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_sdk_with_its_defaults_invokes_saves_publishes_and_reads_metadata() {
@@ -35,7 +39,7 @@ async fn the_python_sdk_with_its_defaults_invokes_saves_publishes_and_reads_meta
     let inbox = Inbox::default();
     let shop = subscriber("orders", &inbox).await;
     let _shop = Sidecar::new("shop").etcd(&etcd).app_port(shop.port()).spawn().await;
-    let client = Sidecar::new("py-client").etcd(&etcd).spawn().await;
+    let client = Sidecar::new("py-client").etcd(&etcd).env("DAPR_API_TOKEN", API_TOKEN).spawn().await;
     client.wait_ready().await;
     wait_until_subscribed(&client.client(), "orders", &inbox).await;
     let rust_client = client.client();
@@ -49,7 +53,7 @@ async fn the_python_sdk_with_its_defaults_invokes_saves_publishes_and_reads_meta
         .env("DAPR_HTTP_PORT", client.http_addr().port().to_string())
         .env("DAPR_GRPC_PORT", client.grpc_addr().port().to_string())
         .env("DAPR_HEALTH_TIMEOUT", "20")
-        .env_remove("DAPR_API_TOKEN")
+        .env("DAPR_API_TOKEN", API_TOKEN)
         .kill_on_drop(true)
         .output();
     let output = tokio::time::timeout(Duration::from_secs(60), output).await.expect("the script ends").unwrap();
@@ -82,9 +86,13 @@ async fn the_python_sdk_with_its_defaults_invokes_saves_publishes_and_reads_meta
         inbox.has(r#"{"from": "python"}"#)
     })
     .await;
-    // What Python saved over gRPC, the HTTP API reads (the SDK sends strings as UTF-8 bytes).
-    let read = tandem_tests::http::request(client.http_addr(), "GET", "/v1.0/state/statestore/py-key", &[], b"")
+    // What Python saved over gRPC, the HTTP API reads (the SDK sends strings as UTF-8 bytes),
+    // with the token and only with it.
+    let path = "/v1.0/state/statestore/py-key";
+    let read = tandem_tests::http::request(client.http_addr(), "GET", path, &[("dapr-api-token", API_TOKEN)], b"")
         .await
         .unwrap();
     assert_eq!((read.status, read.text().as_str()), (200, "py-value"));
+    let refused = tandem_tests::http::request(client.http_addr(), "GET", path, &[], b"").await.unwrap();
+    assert_eq!(refused.status, 401, "{}", refused.text());
 }

@@ -14,7 +14,9 @@ use tandem_proto::runtime::{
     SaveStateRequest, SetMetadataRequest, ShutdownRequest, TransactionalStateOperation,
 };
 use tandem_transport::GrpcConnection;
-use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tonic::metadata::{Ascii, MetadataKey, MetadataMap, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Status};
 
 use crate::TraceContext;
@@ -118,22 +120,65 @@ pub struct BulkFailure {
     pub error: String,
 }
 
+/// The environment variable an app's sidecar API token comes from (Dapr's).
+pub const API_TOKEN_VARIABLE: &str = "DAPR_API_TOKEN";
+/// The header (gRPC metadata key) that carries it.
+const API_TOKEN_HEADER: &str = "dapr-api-token";
+
+/// The channel to the sidecar: one connection, with the API token on every call.
+pub(crate) type Channel = InterceptedService<GrpcConnection, ApiToken>;
+
+/// Adds the sidecar's API token to every call, when the app has one.
+#[derive(Clone)]
+pub(crate) struct ApiToken(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "ApiToken(set)" } else { "ApiToken(none)" })
+    }
+}
+
+impl Interceptor for ApiToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            request.metadata_mut().insert(API_TOKEN_HEADER, token.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// A client of the local sidecar. Cheap to clone: clones share one HTTP/2 connection.
 #[derive(Debug, Clone)]
 pub struct SidecarClient {
-    pub(crate) inner: DaprClient<GrpcConnection>,
-    pub(crate) group: TrainingGroupClient<GrpcConnection>,
+    pub(crate) inner: DaprClient<Channel>,
+    pub(crate) group: TrainingGroupClient<Channel>,
 }
 
 impl SidecarClient {
-    /// Connects to `address` (`host:port`); the connection is made on first use.
+    /// Connects to `address` (`host:port`); the connection is made on first use. Every call
+    /// carries `DAPR_API_TOKEN` when the environment sets it, as Dapr's SDKs do.
     pub fn new(address: &str) -> Result<Self, Status> {
+        let token = std::env::var(API_TOKEN_VARIABLE).ok();
+        Self::with_api_token(address, token.as_deref())
+    }
+
+    /// Like [`SidecarClient::new`], with the sidecar's API token given (`None` or empty: none).
+    pub fn with_api_token(address: &str, token: Option<&str>) -> Result<Self, Status> {
         let connection =
             GrpcConnection::new(address).map_err(|e| Status::invalid_argument(format!("the sidecar address: {e}")))?;
-        let inner = DaprClient::with_origin(connection.clone(), connection.origin())
+        let token = token
+            .filter(|token| !token.is_empty())
+            .map(|token| {
+                MetadataValue::try_from(token).map_err(|_| {
+                    Status::invalid_argument(format!("{API_TOKEN_VARIABLE} is not valid as a header value"))
+                })
+            })
+            .transpose()?;
+        let channel = InterceptedService::new(connection.clone(), ApiToken(token));
+        let inner = DaprClient::with_origin(channel.clone(), connection.origin())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
-        let group = TrainingGroupClient::with_origin(connection.clone(), connection.origin())
+        let group = TrainingGroupClient::with_origin(channel, connection.origin())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
         Ok(SidecarClient { inner, group })

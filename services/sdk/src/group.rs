@@ -12,12 +12,12 @@ use tandem_proto::group::join_response::Kind;
 use tandem_proto::group::training_group_client::TrainingGroupClient;
 use tandem_proto::group::{AllReduceRequest, BroadcastRequest, JoinRequest, JoinResponse};
 pub use tandem_proto::group::{Round, RoundMember, Waiting};
-use tandem_transport::GrpcConnection;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Status, Streaming};
 
 use crate::SidecarClient;
+use crate::client::Channel;
 
 /// How a replica joins a group.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -46,7 +46,7 @@ pub struct AllReduced {
 /// This replica's membership in a group; dropping it leaves the group.
 pub struct GroupMember {
     group: String,
-    client: TrainingGroupClient<GrpcConnection>,
+    client: TrainingGroupClient<Channel>,
     requests: mpsc::UnboundedSender<JoinRequest>,
     responses: Streaming<JoinResponse>,
 }

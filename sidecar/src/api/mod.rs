@@ -11,6 +11,7 @@ pub mod http;
 pub mod outbox;
 pub mod pubsub;
 pub mod state;
+pub mod token;
 pub mod universal;
 
 pub use grpc::DaprApi;

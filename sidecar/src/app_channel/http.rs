@@ -52,16 +52,32 @@ pub struct HttpApp {
     client: Client<HttpConnector, Full<Bytes>>,
     /// `--app-health-check-path` when `--enable-app-health-check`; else a TCP connect is the probe.
     health_path: Option<String>,
+    /// `APP_API_TOKEN`, sent in the `dapr-api-token` header of every request.
+    token: Option<hyper::header::HeaderValue>,
 }
 
 impl HttpApp {
-    pub fn new(host: &str, port: u16, health_path: Option<String>) -> Self {
+    pub fn new(host: &str, port: u16, health_path: Option<String>, token: Option<&str>) -> Result<Self, String> {
+        let token = token
+            .map(|token| {
+                let mut value = hyper::header::HeaderValue::from_str(token)
+                    .map_err(|_| "APP_API_TOKEN is not valid as a header value".to_string())?;
+                value.set_sensitive(true);
+                Ok::<_, String>(value)
+            })
+            .transpose()?;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
         let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector);
         let health_path = health_path.map(|path| if path.starts_with('/') { path } else { format!("/{path}") });
-        HttpApp { base: format!("http://{host}:{port}"), address: format!("{host}:{port}"), client, health_path }
+        Ok(HttpApp {
+            base: format!("http://{host}:{port}"),
+            address: format!("{host}:{port}"),
+            client,
+            health_path,
+            token,
+        })
     }
 
     pub fn address(&self) -> &str {
@@ -71,9 +87,12 @@ impl HttpApp {
     /// Sends one request to the app; a refused connection is a status that says "never sent".
     async fn send(
         &self,
-        request: hyper::Request<Full<Bytes>>,
+        mut request: hyper::Request<Full<Bytes>>,
         timeout: Duration,
     ) -> Result<(hyper::http::response::Parts, Bytes), Status> {
+        if let Some(token) = &self.token {
+            request.headers_mut().insert(crate::api::token::HEADER, token.clone());
+        }
         let what = format!("{} {}", request.method(), request.uri().path());
         let response = match tokio::time::timeout(timeout, self.client.request(request)).await {
             Err(_) => {

@@ -26,6 +26,7 @@ use axum::routing::{any, get, post, put};
 use serde_json::{Map, Value, json};
 
 use super::error::ApiError;
+use super::token::ApiToken;
 use super::universal::{RUNTIME_VERSION, Universal};
 
 /// What every route handler holds.
@@ -36,9 +37,10 @@ pub struct HttpApi {
     pub max_body: usize,
 }
 
-/// Dapr's HTTP API; `health` serves `/v1.0/healthz` and `/v1.0/healthz/outbound`.
-pub fn router(universal: Arc<Universal>, max_body: usize, health: Router) -> Router {
-    Router::new()
+/// Dapr's HTTP API; `health` serves `/v1.0/healthz` and `/v1.0/healthz/outbound`, open even
+/// when `token` guards every other path.
+pub fn router(universal: Arc<Universal>, max_body: usize, token: Option<ApiToken>, health: Router) -> Router {
+    let api = Router::new()
         .route("/v1.0/metadata", get(get_metadata))
         .route("/v1.0/metadata/{key}", put(put_metadata))
         .route("/v1.0/shutdown", post(shutdown))
@@ -52,8 +54,12 @@ pub fn router(universal: Arc<Universal>, max_body: usize, health: Router) -> Rou
         .route("/v1.0/invoke/{*rest}", any(invoke::by_path))
         .fallback(invoke::by_header)
         .method_not_allowed_fallback(invoke::by_header)
-        .with_state(HttpApi { universal, max_body })
-        .merge(health)
+        .with_state(HttpApi { universal, max_body });
+    let api = match token {
+        Some(token) => api.layer(axum::middleware::from_fn_with_state(token, super::token::require_for_http)),
+        None => api,
+    };
+    api.merge(health)
 }
 
 impl IntoResponse for ApiError {

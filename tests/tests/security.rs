@@ -1,0 +1,146 @@
+//! Security of the app-facing side, with real sidecars: API tokens as Dapr has them. With
+//! `DAPR_API_TOKEN`, both APIs refuse calls without the token (health paths stay open); with
+//! `APP_API_TOKEN`, the sidecar sends its token on every call into the app, gRPC or HTTP.
+
+use std::time::Duration;
+use tandem_sdk::{AppServer, Code, Reply, SidecarClient};
+use tandem_tests::app::TestApp;
+use tandem_tests::http;
+
+use tandem_tests::{Etcd, Sidecar, eventually, free_port};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+const TOKEN: &str = "tandem-test-token-7f3a";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_api_token_both_apis_refuse_calls_without_it_and_health_stays_open() {
+    let etcd = Etcd::start().await;
+    let sidecar = Sidecar::new("guarded").etcd(&etcd).env("DAPR_API_TOKEN", TOKEN).spawn().await;
+    sidecar.wait_ready().await;
+    let address = sidecar.grpc_addr().to_string();
+
+    // gRPC: no token, a wrong one (never echoed back), then the right one.
+    let without = SidecarClient::with_api_token(&address, None).unwrap();
+    let status = without.save_state("statestore", "k", b"from-anyone".to_vec()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("missing"), "{}", status.message());
+    let wrong = SidecarClient::with_api_token(&address, Some("tandem-test-token-7f3b")).unwrap();
+    let status = wrong.metadata().await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("does not match") && !status.message().contains("7f3"), "{}", status.message());
+    let right = SidecarClient::with_api_token(&address, Some(TOKEN)).unwrap();
+    assert!(right.get_state("statestore", "k").await.unwrap().is_none(), "a refused call wrote state");
+    right.save_state("statestore", "k", b"v".to_vec()).await.unwrap();
+    assert_eq!(right.get_state("statestore", "k").await.unwrap().unwrap().value, b"v");
+
+    // HTTP: the same, on a building block and on the invocation fallback; health is open.
+    let api = sidecar.http_addr();
+    let refused = http::request(api, "GET", "/v1.0/state/statestore/k", &[], b"").await.unwrap();
+    assert_eq!(refused.status, 401, "{}", refused.text());
+    assert!(refused.json()["message"].as_str().unwrap().contains("missing"), "{}", refused.text());
+    let wrong = [("dapr-api-token", "nope")];
+    let refused = http::request(api, "POST", "/anything", &[("dapr-app-id", "guarded"), wrong[0]], b"").await.unwrap();
+    assert_eq!(refused.status, 401, "{}", refused.text());
+    assert!(refused.json()["message"].as_str().unwrap().contains("does not match"), "{}", refused.text());
+    let allowed =
+        http::request(api, "GET", "/v1.0/state/statestore/k", &[("dapr-api-token", TOKEN)], b"").await.unwrap();
+    assert_eq!((allowed.status, allowed.text().as_str()), (200, "v"));
+    for path in ["/v1.0/healthz", "/v1.0/healthz/outbound"] {
+        let health = http::request(api, "GET", path, &[], b"").await.unwrap();
+        assert_eq!(health.status, 204, "{path}: {}", health.text());
+    }
+    // The admin port's probes carry no token either.
+    assert_eq!(sidecar.get("/healthz").await.unwrap().0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_app_api_token_the_sidecar_sends_it_on_every_call_into_the_app() {
+    let etcd = Etcd::start().await;
+    // A gRPC app that answers with the token it was sent.
+    let grpc_app = TestApp::start(AppServer::new().handler("token", |call| async move {
+        let token = call.metadata.get("dapr-api-token").and_then(|v| v.to_str().ok()).unwrap_or("<none>");
+        Ok(Reply::text(token.to_string()))
+    }))
+    .await;
+    let _grpc_callee = Sidecar::new("grpc-app")
+        .etcd(&etcd)
+        .app_port(grpc_app.port())
+        .app_protocol("grpc")
+        .env("APP_API_TOKEN", TOKEN)
+        .spawn()
+        .await;
+    // An HTTP app that does the same.
+    let http_port = free_port();
+    let _http_app = tokio::spawn(echo_token_over_http(http_port));
+    let _http_callee = Sidecar::new("http-app")
+        .etcd(&etcd)
+        .app_port(http_port)
+        .app_protocol("http")
+        .env("APP_API_TOKEN", TOKEN)
+        .spawn()
+        .await;
+    let caller = Sidecar::new("caller").etcd(&etcd).spawn().await;
+    let client = caller.client();
+    for app in ["grpc-app", "http-app"] {
+        let answer = std::sync::Mutex::new(None);
+        eventually(Duration::from_secs(30), &format!("{app} to answer through the mesh"), || {
+            let (answer, client) = (&answer, &client);
+            async move {
+                match client.invoke(app, "token", Vec::new()).await {
+                    Ok(reply) => {
+                        *answer.lock().unwrap() = Some(reply.data);
+                        true
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        false
+                    }
+                }
+            }
+        })
+        .await;
+        let answer = answer.into_inner().unwrap().expect("set when the wait ended");
+        assert_eq!(String::from_utf8_lossy(&answer), TOKEN, "{app}");
+    }
+}
+
+/// Serves HTTP/1.1 on `port`, answering every request with its `dapr-api-token` header.
+async fn echo_token_over_http(port: u16) {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("binding the HTTP app");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { return };
+        tokio::spawn(async move {
+            let (reader, mut writer) = stream.into_split();
+            let mut reader = tokio::io::BufReader::new(reader);
+            loop {
+                // One request: its head, then as many body bytes as it says.
+                let (mut token, mut length) = ("<none>".to_string(), 0usize);
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let line = line.trim_end();
+                    if line.is_empty() {
+                        break;
+                    }
+                    if let Some((name, value)) = line.split_once(':') {
+                        match name.trim().to_ascii_lowercase().as_str() {
+                            "dapr-api-token" => token = value.trim().to_string(),
+                            "content-length" => length = value.trim().parse().unwrap_or(0),
+                            _ => {}
+                        }
+                    }
+                }
+                let mut body = vec![0u8; length];
+                if reader.read_exact(&mut body).await.is_err() {
+                    return;
+                }
+                let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{token}", token.len());
+                if writer.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
