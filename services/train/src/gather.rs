@@ -16,6 +16,7 @@
 //! and a batch is written to one disk as it arrives.
 
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_model::Dataset;
@@ -84,6 +85,9 @@ fn keeper_key(store_id: &str) -> String {
 pub struct Keeper {
     pub store_id: String,
     pub app_id: String,
+    /// Batches arrive many at a time; counted one at a time here, they never race each other
+    /// for the dataset's record (which cost up to 50 compare-and-swap rounds each).
+    counting: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Keeper {
@@ -101,7 +105,7 @@ impl Keeper {
             }
         };
         sidecar.save_state(STATE_STORE, &keeper_key(&store_id), instance_id.into_bytes()).await?;
-        Ok(Keeper { store_id, app_id: metadata.id })
+        Ok(Keeper { store_id, app_id: metadata.id, counting: Arc::default() })
     }
 }
 
@@ -181,6 +185,7 @@ pub async fn store_batch(
     // Idempotent: a redelivered batch writes the same bytes again.
     sidecar.save_state(BATCH_STORE, &stored_batch_key(&key), ipc).await?;
     let marker = marker_key(&key);
+    let _one_at_a_time = keeper.counting.lock().await;
     for _ in 0..SWAP_ATTEMPTS {
         let (before, etag) = load_with_etag(sidecar, version).await?;
         let after = GatherRecord { batches_stored: before.batches_stored + 1, ..before.clone() };
