@@ -1,9 +1,10 @@
 //! The data benchmark: rows per second from a Parquet file to training-ready feature batches
 //! in train's store, through the pipeline (ingest -> 2 preprocess replicas -> train, each
-//! beside its own tandemd, etcd under train's state), against reading and standardizing the
-//! same file in one process with the same crates (ingest's two passes with `parquet::arrow`,
-//! burn's standardization as preprocess runs it): the physical limit of this machine. And the
-//! peak resident memory of every process of the pipeline.
+//! beside its own tandemd; train keeps the batches in its sled store, etcd their markers),
+//! against reading and standardizing the same file in one process with the same crates
+//! (ingest's two passes with `parquet::arrow`, burn's standardization as preprocess runs it):
+//! the physical limit of this machine. And the peak resident memory of every process of the
+//! pipeline.
 //!
 //! The file is written first by `tandem dataset synth`'s generator (64 features, 10 classes).
 //! The pipeline's time runs from ingest's start to train's status counting every batch
@@ -146,7 +147,7 @@ fn markdown(settings: &DataSettings, file_bytes: u64, measured: &[Measured], con
         "A Parquet file of {} rows x {FEATURES} float features and a label ({}, snappy, row groups of 65,536 rows), \
          from `tandem dataset synth`. One process: ingest's two passes (read with `parquet::arrow`, check, split, hash, \
          fit the scaler; read again and cut batches) and burn's standardization of every batch. Pipeline: from \
-         tandem-ingest's start to train's status counting every batch gathered in its store (state.etcd), through \
+         tandem-ingest's start to train's status counting every batch gathered (kept in its own sled store, its marker in etcd), through \
          ingest -> 2 preprocess replicas -> train, each beside its own tandemd; batches as Arrow IPC.\n\n",
         thousands(settings.rows as u64),
         megabytes(file_bytes)

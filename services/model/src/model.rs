@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 use crate::dataset::Dataset;
 use crate::rng::SeededRng;
 
+/// Samples [`Classifier::evaluate`] runs through the model at once.
+pub const EVALUATION_CHUNK: usize = 8192;
+
 /// Why a model could not be built, loaded or applied.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ModelError {
@@ -310,7 +313,8 @@ impl Classifier {
             .collect())
     }
 
-    /// Accuracy and loss on `data` (its labels must be `< num_classes`).
+    /// Accuracy and mean loss on `data` (its labels must be `< num_classes`), evaluated
+    /// [`EVALUATION_CHUNK`] samples at a time.
     pub fn evaluate(&self, data: &Dataset) -> Result<Evaluation, ModelError> {
         let num_classes = self.config.num_classes;
         if let Some((sample, &label)) = data.labels().iter().enumerate().find(|&(_, &l)| l as usize >= num_classes) {
@@ -323,15 +327,23 @@ impl Classifier {
                 found: data.num_features(),
             });
         }
-        let input = Tensor::<2>::from_data(
-            TensorData::new(data.features().to_vec(), [data.len(), data.num_features()]),
-            &self.device,
-        );
-        let targets = labels_tensor(data.labels(), &self.device);
-        let logits = self.model.forward(input);
-        let loss = CrossEntropyLossConfig::new().init(&self.device).forward(logits.clone(), targets.clone());
-        let correct = count_correct(logits, targets)?;
-        Ok(Evaluation { accuracy: correct as f32 / data.len() as f32, loss: scalar(loss)?, samples: data.len() })
+        // A chunk at a time: the whole set at once would hold a copy of it and every layer's
+        // activations for all of its samples (close to a gigabyte for a million rows).
+        let width = data.num_features();
+        let loss_function = CrossEntropyLossConfig::new().init(&self.device);
+        let (mut correct, mut loss_sum) = (0usize, 0f64);
+        for (features, labels) in
+            data.features().chunks(EVALUATION_CHUNK * width).zip(data.labels().chunks(EVALUATION_CHUNK))
+        {
+            let input = Tensor::<2>::from_data(TensorData::new(features.to_vec(), [labels.len(), width]), &self.device);
+            let targets = labels_tensor(labels, &self.device);
+            let logits = self.model.forward(input);
+            let loss = loss_function.forward(logits.clone(), targets.clone());
+            loss_sum += f64::from(scalar(loss)?) * labels.len() as f64;
+            correct += count_correct(logits, targets)?;
+        }
+        let samples = data.len();
+        Ok(Evaluation { accuracy: correct as f32 / samples as f32, loss: (loss_sum / samples as f64) as f32, samples })
     }
 
     fn input_tensor<R: AsRef<[f32]>>(&self, samples: &[R]) -> Result<Tensor<2>, ModelError> {
@@ -465,6 +477,23 @@ mod tests {
         let data = Dataset::from_rows(&[vec![0.0; 4], vec![1.0; 4]], vec![0, 3]).unwrap();
         let err = classifier.evaluate(&data).unwrap_err();
         assert_eq!(err.to_string(), "sample 1 has label 3, but the model has only 3 classes");
+    }
+
+    #[test]
+    fn evaluating_in_chunks_counts_every_sample_once() {
+        let classifier = Classifier::new(&config(vec![8]), 1, &cpu()).unwrap();
+        // More than two chunks and a partial one: labels are what the model predicts for the
+        // first 10,000 samples and something else after, so the accuracy says which were seen.
+        let rows: Vec<Vec<f32>> = (0..2 * EVALUATION_CHUNK + 100)
+            .map(|i| (0..4).map(|j| ((i * 7 + j * 3) % 11) as f32 / 11.0).collect())
+            .collect();
+        let predicted: Vec<u32> = classifier.predict(&rows).unwrap().iter().map(|p| p.class as u32).collect();
+        let labels: Vec<u32> =
+            predicted.iter().enumerate().map(|(i, &class)| if i < 10_000 { class } else { (class + 1) % 3 }).collect();
+        let evaluation = classifier.evaluate(&Dataset::from_rows(&rows, labels).unwrap()).unwrap();
+        assert_eq!(evaluation.samples, rows.len());
+        assert_eq!(evaluation.accuracy, 10_000.0 / rows.len() as f32);
+        assert!(evaluation.loss.is_finite() && evaluation.loss > 0.0, "{evaluation:?}");
     }
 
     #[test]
