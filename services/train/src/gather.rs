@@ -15,10 +15,10 @@
 //! instance under the same id. Etcd so carries kilobytes per dataset however large the data,
 //! and a batch is written to one disk as it arrives.
 
-use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tandem_model::Dataset;
 use tandem_pipeline::messages::{Batch, FeaturesEnd, STATE_STORE, Split, batch_key};
 use tandem_pipeline::{arrow_batch, json};
@@ -88,6 +88,8 @@ pub struct Keeper {
     /// Batches arrive many at a time; counted one at a time here, they never race each other
     /// for the dataset's record (which cost up to 50 compare-and-swap rounds each).
     counting: Arc<tokio::sync::Mutex<()>>,
+    /// The instance announced last under the store id.
+    announced: Arc<tokio::sync::Mutex<String>>,
 }
 
 impl Keeper {
@@ -104,8 +106,26 @@ impl Keeper {
                 instance_id.clone()
             }
         };
-        sidecar.save_state(STATE_STORE, &keeper_key(&store_id), instance_id.into_bytes()).await?;
-        Ok(Keeper { store_id, app_id: metadata.id, counting: Arc::default() })
+        sidecar.save_state(STATE_STORE, &keeper_key(&store_id), instance_id.clone().into_bytes()).await?;
+        Ok(Keeper {
+            store_id,
+            app_id: metadata.id,
+            counting: Arc::default(),
+            announced: Arc::new(tokio::sync::Mutex::new(instance_id)),
+        })
+    }
+
+    /// Announces the instance again when it changed: the sidecar restarted beside this process
+    /// (a new instance id), and peers must find the batches kept here under the new one.
+    pub async fn follow_restarts(&self, sidecar: &SidecarClient) -> Result<(), Status> {
+        let instance_id = sidecar.instance_id().await?;
+        let mut announced = self.announced.lock().await;
+        if *announced != instance_id {
+            sidecar.save_state(STATE_STORE, &keeper_key(&self.store_id), instance_id.clone().into_bytes()).await?;
+            tracing::info!(store_id = %self.store_id, instance = %instance_id, "announced this replica's batch store anew");
+            *announced = instance_id;
+        }
+        Ok(())
     }
 }
 

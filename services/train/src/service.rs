@@ -162,6 +162,7 @@ impl Train {
     }
 
     async fn look_for_work(&self) -> Result<(), Status> {
+        self.keeper().await?.follow_restarts(&self.inner.sidecar).await?;
         let Some(version) = gather::current(&self.inner.sidecar).await? else { return Ok(()) };
         let record = gather::load(&self.inner.sidecar, &version).await?;
         self.show_gathering(&record);
