@@ -17,7 +17,7 @@
 //! With `--dataset`, a replica trains that dataset itself (split and standardized as the
 //! pipeline does) instead of gathering batches: a data-parallel job on its own.
 //!
-//! Modules: [`gather`] (batches in shared state), [`replica`] (one replica's part in a group),
+//! Modules: [`gather`] (batches kept per replica, counted in shared state), [`replica`] (one replica's part in a group),
 //! [`registry`] (model entries, registered once per run), [`progress`] (status, step log),
 //! [`service`] ([`Train`]).
 

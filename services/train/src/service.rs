@@ -1,4 +1,4 @@
-//! The train service: gathering batches into shared state, training each complete dataset as
+//! The train service: gathering batches (kept here, counted in shared state), training each complete dataset as
 //! a replica of the training group, registering the run's one model, `get_model`, `status`.
 
 use std::sync::{Arc, Mutex};
