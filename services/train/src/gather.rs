@@ -6,7 +6,9 @@
 //! dataset's progress (`gather/VERSION`: how many batches are in, the end marker), updated by
 //! compare-and-swap because every replica gathers the batches it happens to receive. A batch's
 //! marker and the count are written in one transaction, so a redelivered batch is counted
-//! once. `gather/current` names the dataset whose record was created last.
+//! once; the batches that arrive while one transaction is in flight are counted together in
+//! the next (group commit, [`Counter`]). `gather/current` names the dataset whose record was
+//! created last.
 //!
 //! A replica that trains a dataset reads every batch: its own from its store, the others from
 //! their keepers (`read_batch`, an invocation pinned to the keeper's instance), keeping a copy,
@@ -23,6 +25,7 @@ use tandem_model::Dataset;
 use tandem_pipeline::messages::{Batch, FeaturesEnd, STATE_STORE, Split, batch_key};
 use tandem_pipeline::{arrow_batch, json};
 use tandem_sdk::{CallOptions, Code, ConditionalWrite, SidecarClient, Status, WriteCondition};
+use tokio::sync::oneshot;
 
 pub const CURRENT: &str = "gather/current";
 
@@ -85,9 +88,8 @@ fn keeper_key(store_id: &str) -> String {
 pub struct Keeper {
     pub store_id: String,
     pub app_id: String,
-    /// Batches arrive many at a time; counted one at a time here, they never race each other
-    /// for the dataset's record (which cost up to 50 compare-and-swap rounds each).
-    counting: Arc<tokio::sync::Mutex<()>>,
+    /// Counts the batches this replica keeps in the datasets' shared records.
+    counter: Arc<Counter>,
     /// The instance announced last under the store id.
     announced: Arc<tokio::sync::Mutex<String>>,
 }
@@ -110,7 +112,7 @@ impl Keeper {
         Ok(Keeper {
             store_id,
             app_id: metadata.id,
-            counting: Arc::default(),
+            counter: Arc::default(),
             announced: Arc::new(tokio::sync::Mutex::new(instance_id)),
         })
     }
@@ -200,40 +202,161 @@ pub async fn store_batch(
     batch: &Batch,
     ipc: Vec<u8>,
 ) -> Result<Option<(GatherRecord, GatherRecord)>, Status> {
-    let version = &batch.dataset_version;
-    let key = batch.key();
     // Idempotent: a redelivered batch writes the same bytes again.
-    sidecar.save_state(BATCH_STORE, &stored_batch_key(&key), ipc).await?;
-    let marker = marker_key(&key);
-    let _one_at_a_time = keeper.counting.lock().await;
-    for _ in 0..SWAP_ATTEMPTS {
-        let (before, etag) = load_with_etag(sidecar, version).await?;
-        let after = GatherRecord { batches_stored: before.batches_stored + 1, ..before.clone() };
-        let created = etag.is_none();
-        let writes = vec![
-            ConditionalWrite {
-                key: marker.clone(),
-                value: keeper.store_id.clone().into_bytes(),
-                condition: WriteCondition::Absent,
-            },
-            ConditionalWrite {
-                key: record_key(version),
-                value: json::encode(&after),
-                condition: etag.map_or(WriteCondition::Absent, WriteCondition::Etag),
-            },
-        ];
-        if sidecar.write_state_atomically(STATE_STORE, writes).await? {
-            if created {
-                mark_current(sidecar, version).await?;
+    sidecar.save_state(BATCH_STORE, &stored_batch_key(&batch.key()), ipc).await?;
+    keeper.counter.count(sidecar, &keeper.store_id, batch.dataset_version.clone(), batch.key()).await
+}
+
+/// The most batches counted in one transaction: a marker each and the record, well under
+/// etcd's default limit of 128 operations per transaction.
+const MAX_GROUP: usize = 64;
+
+type Counted = Result<Option<(GatherRecord, GatherRecord)>, Status>;
+
+/// A batch stored and waiting to be counted.
+struct Uncounted {
+    version: String,
+    key: String,
+    done: oneshot::Sender<Counted>,
+}
+
+/// Counts a replica's batches by group commit: batches that arrive while a transaction is in
+/// flight are counted together in the next one, so a replica pays one read of the record and
+/// one etcd transaction (one fsync) per group instead of per batch. One group at a time, so
+/// a replica's batches never race each other for the record (as they did when each ran its
+/// own compare-and-swap, up to 50 rounds per batch).
+#[derive(Default)]
+pub struct Counter {
+    queue: std::sync::Mutex<Vec<Uncounted>>,
+    committing: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Counter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Counter").finish_non_exhaustive()
+    }
+}
+
+impl Counter {
+    async fn count(&self, sidecar: &SidecarClient, store_id: &str, version: String, key: String) -> Counted {
+        let (done, counted) = oneshot::channel();
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).push(Uncounted { version, key, done });
+        {
+            // Whoever holds the lock counts everything queued: this batch, unless the holder
+            // before took it into its group.
+            let _committing = self.committing.lock().await;
+            while let Some(group) = self.next_group() {
+                count_group(sidecar, store_id, group).await;
             }
-            return Ok(Some((before, after)));
         }
-        // Either the batch was counted already, or another replica changed the record.
-        if sidecar.get_state(STATE_STORE, &marker).await?.is_some() {
-            return Ok(None);
+        counted.await.unwrap_or_else(|_| Err(Status::unavailable("counting the batch was interrupted; will retry")))
+    }
+
+    /// Up to [`MAX_GROUP`] queued batches of the dataset queued first, in arrival order.
+    fn next_group(&self) -> Option<Vec<Uncounted>> {
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let version = queue.first()?.version.clone();
+        let mut group = Vec::new();
+        let mut rest = Vec::new();
+        for uncounted in queue.drain(..) {
+            if uncounted.version == version && group.len() < MAX_GROUP {
+                group.push(uncounted);
+            } else {
+                rest.push(uncounted);
+            }
+        }
+        *queue = rest;
+        Some(group)
+    }
+}
+
+/// Counts `group` (batches of one dataset) in one transaction: every marker must be absent and
+/// the record unchanged. A batch whose marker exists was counted already (`None`); on a
+/// conflict with another replica the group is counted again on the fresh record.
+async fn count_group(sidecar: &SidecarClient, store_id: &str, group: Vec<Uncounted>) {
+    let version = group[0].version.clone();
+    // A batch delivered twice at once is counted once; its other deliveries learn `None`.
+    let mut batches: Vec<(String, Vec<oneshot::Sender<Counted>>)> = Vec::new();
+    for Uncounted { key, done, .. } in group {
+        match batches.iter_mut().find(|(queued, _)| *queued == key) {
+            Some((_, waiting)) => waiting.push(done),
+            None => batches.push((key, vec![done])),
         }
     }
-    Err(Status::aborted(format!("the gathering record of {version} kept changing; will retry")))
+    let fail = |batches: Vec<(String, Vec<oneshot::Sender<Counted>>)>, status: Status| {
+        for done in batches.into_iter().flat_map(|(_, waiting)| waiting) {
+            let _ = done.send(Err(status.clone()));
+        }
+    };
+    let mut loaded = load_with_etag(sidecar, &version).await;
+    for _ in 0..SWAP_ATTEMPTS {
+        let (before, etag) = match loaded {
+            Ok(loaded) => loaded,
+            Err(status) => return fail(batches, status),
+        };
+        let mut writes: Vec<ConditionalWrite> = batches
+            .iter()
+            .map(|(key, _)| ConditionalWrite {
+                key: marker_key(key),
+                value: store_id.as_bytes().to_vec(),
+                condition: WriteCondition::Absent,
+            })
+            .collect();
+        let counted = GatherRecord { batches_stored: before.batches_stored + batches.len() as u32, ..before.clone() };
+        writes.push(ConditionalWrite {
+            key: record_key(&version),
+            value: json::encode(&counted),
+            condition: etag.clone().map_or(WriteCondition::Absent, WriteCondition::Etag),
+        });
+        match sidecar.write_state_atomically(STATE_STORE, writes).await {
+            Ok(true) => {
+                if etag.is_none()
+                    && let Err(status) = mark_current(sidecar, &version).await
+                {
+                    return fail(batches, status);
+                }
+                // Each batch sees the count move by one, as if counted on its own.
+                for (counted_before, (_, waiting)) in batches.into_iter().enumerate() {
+                    let stored = before.batches_stored + counted_before as u32;
+                    let at = |batches_stored| GatherRecord { batches_stored, ..before.clone() };
+                    let mut waiting = waiting.into_iter();
+                    if let Some(first) = waiting.next() {
+                        let _ = first.send(Ok(Some((at(stored), at(stored + 1)))));
+                    }
+                    for duplicate in waiting {
+                        let _ = duplicate.send(Ok(None));
+                    }
+                }
+                return;
+            }
+            Ok(false) => {}
+            Err(status) => return fail(batches, status),
+        }
+        // Either another replica changed the record, or some batch was counted already.
+        loaded = load_with_etag(sidecar, &version).await;
+        if matches!(&loaded, Ok((_, now)) if *now == etag) {
+            let mut uncounted = Vec::with_capacity(batches.len());
+            let mut checking = batches.into_iter();
+            while let Some((key, waiting)) = checking.next() {
+                match sidecar.get_state(STATE_STORE, &marker_key(&key)).await {
+                    Ok(Some(_)) => waiting.into_iter().for_each(|done| {
+                        let _ = done.send(Ok(None));
+                    }),
+                    Ok(None) => uncounted.push((key, waiting)),
+                    Err(status) => {
+                        uncounted.push((key, waiting));
+                        uncounted.extend(checking);
+                        return fail(uncounted, status);
+                    }
+                }
+            }
+            batches = uncounted;
+            if batches.is_empty() {
+                return;
+            }
+        }
+    }
+    fail(batches, Status::aborted(format!("the gathering record of {version} kept changing; will retry")));
 }
 
 /// The batch `key`: from this replica's store, else from its keeper (then kept here too).
@@ -297,4 +420,41 @@ pub async fn load_split(
     }
     Dataset::from_flat(feature_count, features, labels)
         .map_err(|e| Status::internal(format!("the {split} split of {version} is unusable: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue(counter: &Counter, version: &str, key: &str) -> oneshot::Receiver<Counted> {
+        let (done, counted) = oneshot::channel();
+        counter.queue.lock().unwrap().push(Uncounted { version: version.into(), key: key.into(), done });
+        counted
+    }
+
+    fn keys(group: &[Uncounted]) -> Vec<&str> {
+        group.iter().map(|uncounted| uncounted.key.as_str()).collect()
+    }
+
+    #[test]
+    fn a_group_takes_the_first_datasets_batches_in_order_and_at_most_max_group() {
+        let counter = Counter::default();
+        let mut receivers = Vec::new();
+        for index in 0..MAX_GROUP + 2 {
+            receivers.push(queue(&counter, "v1", &format!("v1/train/{index}")));
+            if index == 1 {
+                receivers.push(queue(&counter, "v2", "v2/train/0"));
+            }
+        }
+        let first = counter.next_group().unwrap();
+        assert_eq!(first.len(), MAX_GROUP);
+        assert!(first.iter().all(|uncounted| uncounted.version == "v1"));
+        assert_eq!(keys(&first)[..3], ["v1/train/0", "v1/train/1", "v1/train/2"]);
+        // The other dataset's batch keeps its place ahead of the first dataset's overflow.
+        let second = counter.next_group().unwrap();
+        assert_eq!(keys(&second), ["v2/train/0"]);
+        let third = counter.next_group().unwrap();
+        assert_eq!(keys(&third), [format!("v1/train/{MAX_GROUP}"), format!("v1/train/{}", MAX_GROUP + 1)]);
+        assert!(counter.next_group().is_none());
+    }
 }
