@@ -21,7 +21,7 @@ use tandem_tests::pipeline::{Pipeline, PipelineOptions};
 use tandem_tests::training::replica_status;
 
 use crate::machine::RunContext;
-use crate::procfs::Memory;
+use crate::procfs::{Memory, cpu_time, machine_busy};
 use crate::report::{Section, megabytes, thousands, times};
 use crate::stats::ratio;
 
@@ -51,8 +51,19 @@ struct Measured {
     one_process: Duration,
     pipeline: Duration,
     batches: u32,
-    /// (process, peak resident bytes).
-    peaks: Vec<(String, u64)>,
+    /// Every process of the pipeline.
+    processes: Vec<ProcessUse>,
+    /// CPU time the whole machine was busy while the pipeline ran.
+    machine_busy: Duration,
+}
+
+/// What one process of the pipeline used.
+struct ProcessUse {
+    name: String,
+    /// Peak resident bytes.
+    peak: u64,
+    /// CPU time while the dataset went through (user and system).
+    cpu: Duration,
 }
 
 /// Runs the benchmark; returns its markdown.
@@ -74,8 +85,8 @@ pub async fn run(settings: DataSettings, context: RunContext) -> Result<String> 
             tokio::task::spawn_blocking(move || one_process(&path, batch_size)).await??
         };
         eprintln!("batch size {batch_size}: through the pipeline ...");
-        let (pipeline, batches, peaks) = through_the_pipeline(&path, batch_size).await?;
-        measured.push(Measured { batch_size, one_process, pipeline, batches, peaks });
+        let (pipeline, batches, processes, machine_busy) = through_the_pipeline(&path, batch_size).await?;
+        measured.push(Measured { batch_size, one_process, pipeline, batches, processes, machine_busy });
     }
     Ok(markdown(&settings, written.bytes, &measured, &context))
 }
@@ -96,8 +107,10 @@ fn one_process(path: &Path, batch_size: u32) -> Result<Duration> {
     Ok(started.elapsed())
 }
 
-/// ingest -> 2 preprocess -> train's store; the time, the batches and every process's peak.
-async fn through_the_pipeline(path: &Path, batch_size: u32) -> Result<(Duration, u32, Vec<(String, u64)>)> {
+/// ingest -> 2 preprocess -> train's store: the time, the batches, what every process used
+/// (its peak memory and its CPU time while the dataset went through) and the machine's busy
+/// time meanwhile.
+async fn through_the_pipeline(path: &Path, batch_size: u32) -> Result<(Duration, u32, Vec<ProcessUse>, Duration)> {
     let options = PipelineOptions {
         preprocess_replicas: 2,
         serve_replicas: 0,
@@ -106,6 +119,23 @@ async fn through_the_pipeline(path: &Path, batch_size: u32) -> Result<(Duration,
         ..PipelineOptions::default()
     };
     let mut pipeline = Pipeline::start(options).await;
+    // (name, pid) of every process but ingest's service, which starts below.
+    let mut pids = vec![("etcd".to_string(), pipeline.etcd.pid())];
+    let stages = std::iter::once((app_ids::INGEST.to_string(), &pipeline.ingest))
+        .chain(pipeline.preprocess.iter().enumerate().map(|(i, s)| (format!("{}-{}", app_ids::PREPROCESS, i + 1), s)))
+        .chain(std::iter::once((app_ids::TRAIN.to_string(), &pipeline.train[0])));
+    for (name, stage) in stages {
+        pids.push((format!("{name}'s tandemd"), stage.sidecar.pid()));
+        if name != app_ids::INGEST {
+            pids.push((name, stage.service().pid()));
+        }
+    }
+    let pids: Vec<(String, u32)> = pids
+        .into_iter()
+        .map(|(name, pid)| Ok((name.clone(), pid.with_context(|| format!("{name} is not running"))?)))
+        .collect::<Result<_>>()?;
+    let cpu_before: Vec<Duration> = pids.iter().map(|(_, pid)| cpu_time(*pid)).collect::<Result<_>>()?;
+    let busy_before = machine_busy()?;
     let started = Instant::now();
     let args = ["--dataset".to_string(), path.display().to_string(), "--batch-size".into(), batch_size.to_string()];
     pipeline.ingest.start_service(&args).await;
@@ -122,21 +152,17 @@ async fn through_the_pipeline(path: &Path, batch_size: u32) -> Result<(Duration,
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let elapsed = started.elapsed();
-    let mut peaks = Vec::new();
-    let mut peak = |name: String, pid: Option<u32>| -> Result<()> {
-        let pid = pid.with_context(|| format!("{name} is not running"))?;
-        peaks.push((name, Memory::of(pid)?.peak));
-        Ok(())
-    };
-    peak("etcd".into(), pipeline.etcd.pid())?;
-    let stages = std::iter::once((app_ids::INGEST.to_string(), &pipeline.ingest))
-        .chain(pipeline.preprocess.iter().enumerate().map(|(i, s)| (format!("{}-{}", app_ids::PREPROCESS, i + 1), s)))
-        .chain(std::iter::once((app_ids::TRAIN.to_string(), &pipeline.train[0])));
-    for (name, stage) in stages {
-        peak(format!("{name}'s tandemd"), stage.sidecar.pid())?;
-        peak(name.clone(), stage.service().pid())?;
+    let busy = machine_busy()?.saturating_sub(busy_before);
+    let mut processes = Vec::new();
+    for ((name, pid), before) in pids.iter().zip(cpu_before) {
+        let cpu = cpu_time(*pid)?.saturating_sub(before);
+        processes.push(ProcessUse { name: name.clone(), peak: Memory::of(*pid)?.peak, cpu });
     }
-    Ok((elapsed, batches, peaks))
+    let ingest = pipeline.ingest.service().pid().context("ingest is not running")?;
+    // After its sidecar, as in the pipeline's order.
+    processes
+        .insert(2, ProcessUse { name: app_ids::INGEST.into(), peak: Memory::of(ingest)?.peak, cpu: cpu_time(ingest)? });
+    Ok((elapsed, batches, processes, busy))
 }
 
 fn markdown(settings: &DataSettings, file_bytes: u64, measured: &[Measured], context: &RunContext) -> String {
@@ -169,10 +195,24 @@ fn markdown(settings: &DataSettings, file_bytes: u64, measured: &[Measured], con
         ));
     }
     if let Some(m) = measured.first() {
-        out.push_str(&format!("\nPeak resident memory (VmHWM) of each process, batch size {}:\n\n", m.batch_size));
-        out.push_str("| process | peak |\n|---|---|\n");
-        for (name, peak) in &m.peaks {
-            out.push_str(&format!("| {name} | {} |\n", megabytes(*peak)));
+        out.push_str(&format!(
+            "\nEach process of the pipeline, batch size {}: peak resident memory (VmHWM) and CPU time while the \
+             dataset went through ({:.2} s of {} cores: the machine was busy {:.1} of {:.1} core-seconds, all \
+             processes counted):\n\n",
+            m.batch_size,
+            m.pipeline.as_secs_f64(),
+            context.cpus,
+            m.machine_busy.as_secs_f64(),
+            m.pipeline.as_secs_f64() * context.cpus as f64,
+        ));
+        out.push_str("| process | peak | CPU |\n|---|---|---|\n");
+        for process in &m.processes {
+            out.push_str(&format!(
+                "| {} | {} | {:.2} s |\n",
+                process.name,
+                megabytes(process.peak),
+                process.cpu.as_secs_f64()
+            ));
         }
     }
     out.push('\n');
@@ -185,8 +225,8 @@ fn markdown(settings: &DataSettings, file_bytes: u64, measured: &[Measured], con
             times(r),
             if pass { "PASS" } else { "MISS" }
         ));
-        let worst = m.peaks.iter().max_by_key(|(_, peak)| *peak);
-        if let Some((name, peak)) = worst {
+        let worst = m.processes.iter().max_by_key(|process| process.peak);
+        if let Some(ProcessUse { name, peak, .. }) = worst {
             out.push_str(&format!(
                 "- batch size {}: the largest peak is {name}'s, {} (bound 512 MB): **{}**\n",
                 m.batch_size,
