@@ -65,6 +65,52 @@ pub enum Command {
     /// Datasets for the pipeline.
     #[command(subcommand)]
     Dataset(DatasetCommand),
+    /// Certificates for mutual TLS between sidecars, for local use: a root and SPIFFE SVIDs.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Create a root (DIR/ca.crt, the trust anchor; DIR/ca.key, its key).
+    Init(CertsInitArgs),
+    /// Issue an SVID for an app (OUT/APP_ID.crt and OUT/APP_ID.key), signed by DIR's root.
+    Issue(CertsIssueArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CertsInitArgs {
+    /// Where the root's files go.
+    #[arg(long, default_value = "tandem-certs")]
+    pub dir: PathBuf,
+    /// How long the root is valid (e.g. 8760h: a year).
+    #[arg(long, default_value = "8760h", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// The root's common name.
+    #[arg(long, default_value = "Tandem root")]
+    pub name: String,
+    /// Replace a root that exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CertsIssueArgs {
+    /// The app the SVID is for.
+    #[arg(long)]
+    pub app_id: String,
+    /// The trust domain of its SPIFFE id.
+    #[arg(long, default_value = "public")]
+    pub trust_domain: String,
+    /// How long the SVID is valid (e.g. 24h).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// The directory of the root (`tandem certs init --dir`).
+    #[arg(long, default_value = "tandem-certs")]
+    pub dir: PathBuf,
+    /// Where the SVID's files go (default: --dir).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -4,11 +4,14 @@ use std::io::{IsTerminal, Write};
 
 use serde_json::json;
 use tandem_sdk::{CallOptions, SidecarClient};
+use tandem_transport::SpiffeId;
 
-use crate::args::{Global, InvokeArgs, LsArgs, PublishArgs, StateGetArgs, SynthArgs, UnsubscribeArgs};
+use crate::args::{
+    CertsInitArgs, CertsIssueArgs, Global, InvokeArgs, LsArgs, PublishArgs, StateGetArgs, SynthArgs, UnsubscribeArgs,
+};
 use crate::error::CliError;
-use crate::payload;
 use crate::registry::{self, Registry};
+use crate::{certs, payload};
 
 /// Where a sidecar is expected when neither --sidecar nor etcd names one (Dapr's default port).
 pub const DEFAULT_SIDECAR: &str = "127.0.0.1:50001";
@@ -276,6 +279,31 @@ pub async fn dataset_synth(synth: SynthArgs) -> Result<(), CliError> {
         written.path.display(),
         written.bytes
     );
+    Ok(())
+}
+
+/// `tandem certs init`.
+pub fn certs_init(init: CertsInitArgs) -> Result<(), CliError> {
+    let written = certs::init(&init.dir, &init.name, init.ttl, init.force)?;
+    println!(
+        "wrote a root: {} (the trust anchor for --trust-anchors-file) and {} (keep it secret)",
+        written[0].display(),
+        written[1].display()
+    );
+    Ok(())
+}
+
+/// `tandem certs issue`.
+pub fn certs_issue(global: &Global, issue: CertsIssueArgs) -> Result<(), CliError> {
+    for (what, name) in
+        [("--app-id", &issue.app_id), ("--namespace", &global.namespace), ("--trust-domain", &issue.trust_domain)]
+    {
+        tandem_sidecar::config::validate_name(what, name).map_err(CliError::usage)?;
+    }
+    let id = SpiffeId::new(&issue.trust_domain, &global.namespace, &issue.app_id);
+    let out = issue.out.clone().unwrap_or_else(|| issue.dir.clone());
+    let written = certs::issue_files(&issue.dir, &id, issue.ttl, &out)?;
+    println!("issued {id}: {} (--cert-file) and {} (--key-file)", written[0].display(), written[1].display());
     Ok(())
 }
 

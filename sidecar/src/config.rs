@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use tandem_transport::tls::{PemSource, TlsSources};
 
 use crate::app_channel::AppProtocol;
 use crate::invoke::balance::LbPolicy;
@@ -86,6 +87,37 @@ pub struct Config {
     /// Namespace: sidecars see only the apps of their own namespace.
     #[arg(long, env = "TANDEM_NAMESPACE", default_value = "default")]
     pub namespace: String,
+
+    /// Mutual TLS on the sidecar-to-sidecar port: every connection between sidecars is TLS 1.3
+    /// with an X.509 SVID on both sides (`spiffe://TRUST_DOMAIN/ns/NAMESPACE/APP_ID`), checked
+    /// against the trust anchors; the caller's app-id comes from its certificate.
+    #[arg(long, env = "TANDEM_ENABLE_MTLS", default_value_t = false)]
+    pub enable_mtls: bool,
+
+    /// The trust domain of the SPIFFE ids (Dapr's default: public).
+    #[arg(long, env = "TANDEM_TRUST_DOMAIN", default_value = "public")]
+    pub trust_domain: String,
+
+    /// This sidecar's SVID (PEM; then any intermediates). Read again when it changes.
+    #[arg(long, env = "TANDEM_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+
+    /// The SVID's private key (PEM). Read again when it changes.
+    #[arg(long, env = "TANDEM_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+
+    /// The roots accepted for peers (PEM, one or several: an old and a new root while a root is
+    /// rotated). Read again when it changes.
+    #[arg(long, env = "TANDEM_TRUST_ANCHORS_FILE")]
+    pub trust_anchors_file: Option<PathBuf>,
+
+    /// Dapr's variables holding the PEM itself, used where the file flags are not given.
+    #[arg(long, env = "DAPR_CERT_CHAIN", hide = true, hide_env_values = true)]
+    pub cert_chain_pem: Option<String>,
+    #[arg(long, env = "DAPR_CERT_KEY", hide = true, hide_env_values = true)]
+    pub cert_key_pem: Option<String>,
+    #[arg(long, env = "DAPR_TRUST_ANCHORS", hide = true, hide_env_values = true)]
+    pub trust_anchors_pem: Option<String>,
 
     /// Directory for this sidecar's data (state, outbox); created when missing.
     #[arg(long, env = "TANDEM_DATA_DIR", default_value = "./tandem-data")]
@@ -174,6 +206,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         validate_name("app-id", &self.app_id)?;
         validate_name("namespace", &self.namespace)?;
+        validate_name("trust domain", &self.trust_domain)?;
         if self.etcd_endpoints.iter().all(|e| e.trim().is_empty()) {
             return Err("--etcd-endpoints: at least one endpoint is needed".into());
         }
@@ -181,6 +214,32 @@ impl Config {
             validate_endpoint(endpoint.trim())?;
         }
         Ok(())
+    }
+
+    /// With --enable-mtls: where the SVID, its key and the trust anchors come from (a file
+    /// flag, else Dapr's variable).
+    pub fn tls_sources(&self) -> Result<Option<TlsSources>, String> {
+        if !self.enable_mtls {
+            return Ok(None);
+        }
+        let source = |file: &Option<PathBuf>, pem: &Option<String>, flag: &str, variable: &str| match (
+            file,
+            pem.as_ref().filter(|pem| !pem.trim().is_empty()),
+        ) {
+            (Some(path), _) => Ok(PemSource::File(path.clone())),
+            (None, Some(pem)) => Ok(PemSource::Env { name: variable.into(), pem: pem.clone() }),
+            (None, None) => Err(format!("--enable-mtls needs {flag} (or {variable})")),
+        };
+        Ok(Some(TlsSources {
+            cert_chain: source(&self.cert_file, &self.cert_chain_pem, "--cert-file", "DAPR_CERT_CHAIN")?,
+            key: source(&self.key_file, &self.cert_key_pem, "--key-file", "DAPR_CERT_KEY")?,
+            trust_anchors: source(
+                &self.trust_anchors_file,
+                &self.trust_anchors_pem,
+                "--trust-anchors-file",
+                "DAPR_TRUST_ANCHORS",
+            )?,
+        }))
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {

@@ -11,6 +11,7 @@ use tandem_proto::group::training_group_server::TrainingGroupServer;
 use tandem_proto::internal::group_peer_server::GroupPeerServer;
 use tandem_proto::internal::mesh_server::MeshServer;
 use tandem_proto::runtime::dapr_server::DaprServer;
+use tandem_transport::tls::{MeshTls, SpiffeId, TlsError};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -65,6 +66,8 @@ pub enum StartError {
     DataDir { path: String, source: std::io::Error },
     #[error("components: {0}")]
     Components(String),
+    #[error("mutual TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 async fn bind(what: &'static str, address: SocketAddr) -> Result<TcpListener, StartError> {
@@ -74,6 +77,9 @@ async fn bind(what: &'static str, address: SocketAddr) -> Result<TcpListener, St
 /// How often the data dir's free space is checked besides the checks of each write.
 const DISK_CHECK_EVERY: Duration = Duration::from_secs(1);
 
+/// How often the TLS files are read again, for a rotation to take effect.
+const TLS_RELOAD_EVERY: Duration = Duration::from_secs(1);
+
 /// Runs the sidecar until `shutdown` resolves or the Shutdown RPC is called.
 /// `on_bound` hears the bound addresses once every listener is up.
 pub async fn run(
@@ -82,6 +88,14 @@ pub async fn run(
     on_bound: impl FnOnce(BoundAddresses),
 ) -> Result<(), StartError> {
     config.validate().map_err(StartError::Config)?;
+    // Before anything else: a sidecar that cannot prove who it is must not start.
+    let tls = match config.tls_sources().map_err(StartError::Config)? {
+        Some(sources) => {
+            let own_id = SpiffeId::new(&config.trust_domain, &config.namespace, &config.app_id);
+            Some(MeshTls::load(sources, own_id)?)
+        }
+        None => None,
+    };
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|source| StartError::DataDir { path: config.data_dir.display().to_string(), source })?;
 
@@ -163,7 +177,7 @@ pub async fn run(
         relays.push(relay);
     }
     let state = Arc::new(StateApi::new(config.app_id.clone(), stores, outboxes, config.max_body_size, metrics.clone()));
-    let peers = PeerChannels::default();
+    let peers = PeerChannels::new(tls.clone());
     let app_token = config.app_api_token.clone().filter(|token| !token.is_empty());
     let app = match config.app_port {
         Some(port) => Some(match config.app_protocol {
@@ -193,6 +207,7 @@ pub async fn run(
     };
     let groups = Arc::new(Groups::new(
         config.namespace.clone(),
+        config.app_id.clone(),
         instance_id.clone(),
         internal_address.clone(),
         GroupSettings {
@@ -260,12 +275,21 @@ pub async fn run(
             stopped(&serving_stop),
             drain,
         )),
-        tokio::spawn(tandem_transport::serve_grpc(
-            internal_listener,
-            TraceLayer.layer(Routes::new(mesh).add_service(group_peer)),
-            stopped(&serving_stop),
-            drain,
-        )),
+        match &tls {
+            None => tokio::spawn(tandem_transport::serve_grpc(
+                internal_listener,
+                TraceLayer.layer(Routes::new(mesh).add_service(group_peer)),
+                stopped(&serving_stop),
+                drain,
+            )),
+            Some(tls) => tokio::spawn(tandem_transport::serve_grpc_tls(
+                internal_listener,
+                TraceLayer.layer(Routes::new(mesh).add_service(group_peer)),
+                tls.clone(),
+                stopped(&serving_stop),
+                drain,
+            )),
+        },
         tokio::spawn(admin::serve(
             http_listener,
             crate::api::http::router(
@@ -290,9 +314,20 @@ pub async fn run(
         http = %bound.http,
         internal = %bound.internal,
         admin = %bound.admin,
+        mtls = %tls.as_ref().map_or("off".to_string(), |tls| tls.own_id().to_string()),
         "tandemd listening"
     );
     on_bound(bound);
+
+    if let Some(tls) = tls.clone() {
+        let stop = background_stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tls.watch(TLS_RELOAD_EVERY) => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
 
     if let Some(app) = app.clone() {
         tokio::spawn(app.probe_health(readiness.clone(), config.app_health_probe_interval, background_stop.clone()));

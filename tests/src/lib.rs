@@ -15,7 +15,8 @@
 //! apps that export to it), [`service`] (a workspace service binary as a process), [`pipeline`]
 //! (the AI pipeline: the four services, each beside its own tandemd), [`python`] (a virtualenv
 //! with the official Dapr SDK, and the scripts of tests/python/), [`training`] (train
-//! replicas in one training group, their status and step logs).
+//! replicas in one training group, their status and step logs), [`pki`] (roots and SVIDs
+//! on disk for mutual TLS).
 
 pub mod app;
 pub mod compose;
@@ -25,6 +26,7 @@ pub mod http;
 pub mod nats;
 pub mod otlp;
 pub mod pipeline;
+pub mod pki;
 pub mod poll;
 pub mod pubsub;
 pub mod pubsub_cases;

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use tandem_sdk::{Code, GroupMember, GroupOptions, Round, SidecarClient};
+use tandem_tests::pki::{Root, TlsFiles};
 use tandem_tests::{Etcd, RunningSidecar, Sidecar, eventually};
 
 fn options(group: &str, min: u32, max: u32) -> GroupOptions {
@@ -104,6 +105,49 @@ async fn three_members_form_one_round_and_each_gets_the_same_sum_every_step() {
     let sent = tandem_tests::sidecar::sample(&metrics, r#"tandem_group_all_reduce_bytes_total{group="sum-3"}"#);
     assert!((sent - 20.0 * 4.0 * 1001.0 * 4.0 / 3.0).abs() <= 20.0 * 8.0, "bytes sent {sent}");
     drop(results);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mutual_tls_members_all_reduce_over_verified_connections() {
+    let etcd = Etcd::start().await;
+    let root = Root::new("group root");
+    let files: Vec<TlsFiles> = (0..2).map(|_| TlsFiles::new(&root.svid("train"), &[&root])).collect();
+    let mut sidecars = Vec::new();
+    for files in &files {
+        let sidecar = files.apply(Sidecar::new("train").etcd(&etcd).arg("--group-timeout").arg("20s")).spawn().await;
+        sidecar.wait_ready().await;
+        sidecars.push(sidecar);
+    }
+    let clients: Vec<SidecarClient> = sidecars.iter().map(RunningSidecar::client).collect();
+    let joined = join_all(&clients, &options("sum-tls", 2, 2)).await;
+    let len = 257;
+    let tasks: Vec<_> = joined
+        .into_iter()
+        .map(|(member, round)| {
+            tokio::spawn(async move {
+                let mut sums = Vec::new();
+                for step in 0..3u64 {
+                    sums.push(
+                        member.all_reduce(&round, step, &contribution(round.rank, step, len)).await.unwrap().values,
+                    );
+                }
+                (member, sums)
+            })
+        })
+        .collect();
+    for task in tasks {
+        let (_member, sums) = task.await.unwrap();
+        for (step, sum) in sums.iter().enumerate() {
+            let expected: Vec<f32> =
+                (0..len).map(|i| (0..2).map(|rank| contribution(rank, step as u64, len)[i]).sum()).collect();
+            assert_eq!(*sum, expected, "step {step}");
+        }
+    }
+    // The pieces went over mutual TLS: each sidecar's internal port served its peer's.
+    for sidecar in &sidecars {
+        assert!(sidecar.log().contains("mtls=spiffe://public/ns/default/train"), "{}", sidecar.log_tail());
+        assert!(!sidecar.log().contains("refused a connection"), "{}", sidecar.log_tail());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

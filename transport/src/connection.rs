@@ -4,7 +4,9 @@
 //!
 //! Used instead of tonic's `Channel`, whose buffer puts one more task hand-off on every call;
 //! on the invocation path a sidecar is a client twice per call, so that hand-off is paid twice.
-//! It has no timeout of its own: callers bound their calls.
+//! It has no timeout of its own: callers bound their calls. With mutual TLS
+//! ([`GrpcConnection::with_tls`]) each new connection makes a handshake with the material in
+//! use at that moment, and the peer must prove to be the app it is meant to be.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,6 +19,8 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tonic::ConnectError;
 use tonic::body::Body;
+
+use crate::tls::{MeshTls, SpiffeId};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -32,8 +36,11 @@ pub struct GrpcConnection {
 struct Inner {
     address: String,
     origin: Uri,
-    /// The open connection, if any; checked on every call without waiting.
-    current: Mutex<Option<SendRequest<Body>>>,
+    /// With mutual TLS: this side's material and the identity the peer must prove.
+    tls: Option<(Arc<MeshTls>, SpiffeId)>,
+    /// The open connection, if any, and the TLS material generation it was made with;
+    /// checked on every call without waiting.
+    current: Mutex<Option<(SendRequest<Body>, u64)>>,
     /// Held while connecting, so concurrent calls make one connection, not one each.
     connecting: tokio::sync::Mutex<()>,
 }
@@ -47,8 +54,19 @@ impl std::fmt::Debug for GrpcConnection {
 impl GrpcConnection {
     /// A connection to `address` (`host:port`); nothing is dialled until the first call.
     pub fn new(address: &str) -> Result<Self, String> {
+        Self::build(address, None)
+    }
+
+    /// A connection with mutual TLS to the sidecar at `address`, which must present an SVID
+    /// for `peer`.
+    pub fn with_tls(address: &str, tls: Arc<MeshTls>, peer: SpiffeId) -> Result<Self, String> {
+        Self::build(address, Some((tls, peer)))
+    }
+
+    fn build(address: &str, tls: Option<(Arc<MeshTls>, SpiffeId)>) -> Result<Self, String> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let origin: Uri =
-            format!("http://{address}").parse().map_err(|e| format!("'{address}' is not a valid address: {e}"))?;
+            format!("{scheme}://{address}").parse().map_err(|e| format!("'{address}' is not a valid address: {e}"))?;
         if origin.port().is_none() || origin.path() != "/" {
             return Err(format!("'{address}' is not a valid address: want host:port"));
         }
@@ -56,6 +74,7 @@ impl GrpcConnection {
             inner: Arc::new(Inner {
                 address: address.to_string(),
                 origin,
+                tls,
                 current: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
             }),
@@ -66,14 +85,23 @@ impl GrpcConnection {
         &self.inner.address
     }
 
-    /// `http://host:port`, for the generated clients' `with_origin`.
+    /// `http://host:port` (`https` with TLS), for the generated clients' `with_origin`.
     pub fn origin(&self) -> Uri {
         self.inner.origin.clone()
     }
 
+    fn generation(&self) -> u64 {
+        self.inner.tls.as_ref().map_or(0, |(tls, _)| tls.generation())
+    }
+
+    /// The open connection, unless it closed or was made with TLS material replaced since.
     fn open(&self) -> Option<SendRequest<Body>> {
         let current = self.inner.current.lock().unwrap_or_else(|p| p.into_inner());
-        current.as_ref().filter(|sender| !sender.is_closed()).cloned()
+        let generation = self.generation();
+        current
+            .as_ref()
+            .filter(|(sender, made)| !sender.is_closed() && *made == generation)
+            .map(|(sender, _)| sender.clone())
     }
 
     async fn sender(&self) -> Result<SendRequest<Body>, BoxError> {
@@ -84,8 +112,12 @@ impl GrpcConnection {
         if let Some(sender) = self.open() {
             return Ok(sender);
         }
-        let sender = connect(&self.inner.address).await?;
-        *self.inner.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
+        let generation = self.generation();
+        let sender = match &self.inner.tls {
+            None => connect(&self.inner.address).await?,
+            Some((tls, peer)) => connect_tls(&self.inner.address, tls, peer).await?,
+        };
+        *self.inner.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((sender.clone(), generation));
         Ok(sender)
     }
 }
@@ -94,6 +126,24 @@ impl GrpcConnection {
 /// written, so it is reported as tonic's [`ConnectError`] (see [`super::channels::never_sent`]).
 async fn connect(address: &str) -> Result<SendRequest<Body>, BoxError> {
     let stream = crate::dial(address, CONNECT_TIMEOUT).await.map_err(|e| ConnectError(Box::new(e)))?;
+    open_http2(address, stream).await
+}
+
+/// [`connect`] with a TLS handshake in between; a peer that is not `peer` (or not trusted) is
+/// a failure to connect, like a refused connection.
+async fn connect_tls(address: &str, tls: &MeshTls, peer: &SpiffeId) -> Result<SendRequest<Body>, BoxError> {
+    let stream = crate::dial(address, CONNECT_TIMEOUT).await.map_err(|e| ConnectError(Box::new(e)))?;
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host.trim_start_matches('[').trim_end_matches(']'));
+    let stream = tls.connect(stream, host, peer).await.map_err(|e| {
+        ConnectError(Box::new(std::io::Error::new(e.kind(), format!("mutual TLS with {peer} at {address}: {e}"))))
+    })?;
+    open_http2(address, stream).await
+}
+
+async fn open_http2<S>(address: &str, stream: S) -> Result<SendRequest<Body>, BoxError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())

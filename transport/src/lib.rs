@@ -7,11 +7,14 @@
 //! - [`GrpcConnection`]: a gRPC client transport on one such HTTP/2 connection, without the
 //!   task hand-off of tonic's `Channel`.
 //! - [`dial`]: a connection to `host:port` on such a socket.
-//! - [`serve_grpc`]: a gRPC server on such sockets, with a graceful drain.
+//! - [`serve_grpc`]: a gRPC server on such sockets, with a graceful drain; [`serve_grpc_tls`]
+//!   the same with mutual TLS, each request carrying the caller's verified [`PeerIdentity`].
+//! - [`tls`]: mutual TLS between sidecars with SPIFFE identities ([`MeshTls`]).
 
 mod coalesce;
 mod connection;
 mod serve;
+pub mod tls;
 
 use std::io;
 use std::time::Duration;
@@ -20,7 +23,8 @@ use tokio::net::TcpStream;
 
 pub use coalesce::Coalescing;
 pub use connection::GrpcConnection;
-pub use serve::serve_grpc;
+pub use serve::{serve_grpc, serve_grpc_tls};
+pub use tls::{MeshTls, PeerIdentity, SpiffeId};
 
 /// Dials `host:port` with TCP_NODELAY on, giving up after `timeout`.
 pub async fn dial(address: &str, timeout: Duration) -> io::Result<Coalescing<TcpStream>> {

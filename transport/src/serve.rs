@@ -12,6 +12,8 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -21,11 +23,48 @@ use tokio::net::TcpListener;
 use tonic::body::Body;
 
 use crate::Coalescing;
+use crate::tls::{MeshTls, PeerIdentity};
 
 /// Serves `routes` on `listener` until `shutdown` resolves, then stops accepting and waits up
 /// to `drain` for in-flight calls to finish.
 pub async fn serve_grpc<S>(listener: TcpListener, routes: S, shutdown: impl Future<Output = ()>, drain: Duration)
 where
+    S: tower::Service<http::Request<hyper::body::Incoming>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    serve(listener, routes, None, shutdown, drain).await
+}
+
+/// [`serve_grpc`] with mutual TLS: a connection whose handshake fails (plaintext, an unknown
+/// CA, an expired certificate, no SPIFFE id of this trust domain) is closed before any request
+/// is read, and logged with the reason; every request served carries the caller's
+/// [`PeerIdentity`] in its extensions.
+pub async fn serve_grpc_tls<S>(
+    listener: TcpListener,
+    routes: S,
+    tls: Arc<MeshTls>,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) where
+    S: tower::Service<http::Request<hyper::body::Incoming>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    serve(listener, routes, Some(tls), shutdown, drain).await
+}
+
+async fn serve<S>(
+    listener: TcpListener,
+    routes: S,
+    tls: Option<Arc<MeshTls>>,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) where
     S: tower::Service<http::Request<hyper::body::Incoming>, Response = http::Response<Body>, Error = Infallible>
         + Clone
         + Send
@@ -41,7 +80,7 @@ where
     let local = listener.local_addr().ok();
     tokio::pin!(shutdown);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, remote) = tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -56,11 +95,31 @@ where
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-        let connection =
-            http2.serve_connection(TokioIo::new(Coalescing::new(stream)), TowerToHyperService::new(routes.clone()));
-        let connection = graceful.watch(connection);
+        let stream = Coalescing::new(stream);
+        let watcher = graceful.watcher();
+        let Some(tls) = &tls else {
+            let connection = http2.serve_connection(TokioIo::new(stream), TowerToHyperService::new(routes.clone()));
+            tokio::spawn(async move {
+                if let Err(e) = watcher.watch(connection).await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
+            continue;
+        };
+        // The handshake runs on the connection's own task, so a slow or silent client holds
+        // up no other.
+        let (tls, http2, routes) = (tls.clone(), http2.clone(), routes.clone());
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let (stream, peer) = match tls.accept(stream).await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(%remote, error = %e, "refused a connection: mutual TLS failed");
+                    return;
+                }
+            };
+            let routes = WithPeer { inner: routes, peer: PeerIdentity(Arc::new(peer)) };
+            let connection = http2.serve_connection(TokioIo::new(stream), TowerToHyperService::new(routes));
+            if let Err(e) = watcher.watch(connection).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
@@ -69,5 +128,30 @@ where
     tracing::debug!(address = ?local, connections = graceful.count(), "draining gRPC connections");
     if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
         tracing::warn!(address = ?local, "drain timed out; closing the remaining connections");
+    }
+}
+
+/// Puts the connection's verified peer into each request's extensions.
+#[derive(Clone)]
+struct WithPeer<S> {
+    inner: S,
+    peer: PeerIdentity,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for WithPeer<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        request.extensions_mut().insert(self.peer.clone());
+        self.inner.call(request)
     }
 }

@@ -85,6 +85,8 @@ pub struct GroupSettings {
 /// is in.
 pub struct Groups {
     namespace: String,
+    /// The app-id of this sidecar, recorded with its members.
+    app_id: String,
     instance_id: String,
     internal_address: String,
     settings: GroupSettings,
@@ -131,6 +133,7 @@ struct Operation {
 impl Groups {
     pub fn new(
         namespace: String,
+        app_id: String,
         instance_id: String,
         internal_address: String,
         settings: GroupSettings,
@@ -139,6 +142,7 @@ impl Groups {
     ) -> Groups {
         Groups {
             namespace,
+            app_id,
             instance_id,
             internal_address,
             settings,
@@ -359,6 +363,7 @@ mod tests {
             members: vec![rendezvous::RoundSlot {
                 member_id: "a".into(),
                 address: "127.0.0.1:1".into(),
+                app_id: "train".into(),
                 step: 0,
                 state_hash: String::new(),
             }],

@@ -104,7 +104,7 @@ impl Link for MeshLink<'_> {
                 slot.member_id, slot.address
             ))
         };
-        let connection = self.groups.peers.get(&slot.address).map_err(unreachable)?;
+        let connection = self.groups.peers.get(&slot.address, &slot.app_id).map_err(unreachable)?;
         let mut client = GroupPeerClient::with_origin(connection.clone(), connection.origin())
             .max_encoding_message_size(usize::MAX)
             .max_decoding_message_size(usize::MAX);

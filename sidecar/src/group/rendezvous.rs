@@ -33,6 +33,9 @@ pub struct MemberRecord {
     pub member_id: String,
     /// Its sidecar's internal (sidecar-to-sidecar) address.
     pub address: String,
+    /// The app-id of its sidecar (what a peer's certificate must name under mutual TLS).
+    #[serde(default)]
+    pub app_id: String,
     /// Steps the member has completed.
     pub step: u64,
     /// A hash of its state (equal states, equal hashes).
@@ -52,6 +55,8 @@ pub struct MemberRecord {
 pub struct RoundSlot {
     pub member_id: String,
     pub address: String,
+    #[serde(default)]
+    pub app_id: String,
     pub step: u64,
     pub state_hash: String,
 }
@@ -249,6 +254,7 @@ impl Rendezvous {
             .map(|m| RoundSlot {
                 member_id: m.member_id.clone(),
                 address: m.address.clone(),
+                app_id: m.app_id.clone(),
                 step: m.step,
                 state_hash: m.state_hash.clone(),
             })
@@ -266,6 +272,7 @@ mod tests {
         MemberRecord {
             member_id: id.into(),
             address: format!("127.0.0.1:{}", 1000 + id.len()),
+            app_id: "train".into(),
             step,
             state_hash: format!("h{step}"),
             fingerprint: BTreeMap::from([("model".to_string(), "64-32-10".to_string())]),

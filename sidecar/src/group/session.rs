@@ -110,6 +110,7 @@ async fn drive(
     let mut record = MemberRecord {
         member_id: member.id.clone(),
         address: groups.internal_address.clone(),
+        app_id: groups.app_id.clone(),
         step: first.step,
         state_hash: first.state_hash,
         fingerprint: options.fingerprint,

@@ -8,6 +8,7 @@ use tonic::Status;
 
 use crate::discovery::RoutingTable;
 use tandem_transport::GrpcConnection;
+use tandem_transport::tls::{MeshTls, SpiffeId};
 
 /// True when the call provably never reached the peer: the connection could not be made, or
 /// the request was still queued when its connection closed. Such a call may go elsewhere.
@@ -28,20 +29,39 @@ pub fn never_sent(status: &Status) -> bool {
 }
 
 /// One connection per peer sidecar, shared by every call to it. Connections to peers that left
-/// the routing table are dropped, which closes them.
+/// the routing table are dropped, which closes them. With mutual TLS a connection is for one
+/// app at one address: the peer must prove to be that app.
 #[derive(Debug, Clone, Default)]
 pub struct PeerChannels {
-    channels: Arc<Mutex<HashMap<String, GrpcConnection>>>,
+    /// By (address, app-id).
+    channels: Arc<Mutex<HashMap<(String, String), GrpcConnection>>>,
+    tls: Option<Arc<MeshTls>>,
 }
 
 impl PeerChannels {
-    pub fn get(&self, address: &str) -> Result<GrpcConnection, String> {
+    pub fn new(tls: Option<Arc<MeshTls>>) -> PeerChannels {
+        PeerChannels { channels: Arc::default(), tls }
+    }
+
+    /// The connection to the sidecar of `app_id` (in this sidecar's namespace) at `address`.
+    pub fn get(&self, address: &str, app_id: &str) -> Result<GrpcConnection, String> {
+        let key = (address.to_string(), app_id.to_string());
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(channel) = channels.get(address) {
+        if let Some(channel) = channels.get(&key) {
             return Ok(channel.clone());
         }
-        let channel = GrpcConnection::new(address)?;
-        channels.insert(address.to_string(), channel.clone());
+        let channel = match &self.tls {
+            None => GrpcConnection::new(address)?,
+            Some(tls) => {
+                let own = tls.own_id();
+                GrpcConnection::with_tls(
+                    address,
+                    tls.clone(),
+                    SpiffeId::new(&own.trust_domain, &own.namespace, app_id),
+                )?
+            }
+        };
+        channels.insert(key, channel.clone());
         Ok(channel)
     }
 
@@ -62,7 +82,7 @@ impl PeerChannels {
             self.channels
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .retain(|address, _| live.contains(address.as_str()));
+                .retain(|(address, _), _| live.contains(address.as_str()));
         }
     }
 }
@@ -92,12 +112,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn one_channel_per_address() {
+    async fn one_channel_per_address_and_app() {
         let pool = PeerChannels::default();
-        pool.get("127.0.0.1:1").unwrap();
-        pool.get("127.0.0.1:1").unwrap();
-        pool.get("127.0.0.1:2").unwrap();
-        assert_eq!(pool.len(), 2);
-        assert!(pool.get("not an address").unwrap_err().contains("not a valid address"));
+        pool.get("127.0.0.1:1", "a").unwrap();
+        pool.get("127.0.0.1:1", "a").unwrap();
+        pool.get("127.0.0.1:2", "a").unwrap();
+        pool.get("127.0.0.1:2", "b").unwrap();
+        assert_eq!(pool.len(), 3);
+        assert!(pool.get("not an address", "a").unwrap_err().contains("not a valid address"));
     }
 }

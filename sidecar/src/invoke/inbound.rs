@@ -12,6 +12,7 @@ use tandem_proto::internal::{
     EventDelivery, EventDeliveryOutcome, InternalInvokeRequest, InternalInvokeResponse,
 };
 use tandem_proto::runtime::{TopicEventRequest, TopicEventResponse};
+use tandem_transport::PeerIdentity;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -74,7 +75,10 @@ impl MeshInbound {
 
     async fn deliver(&self, request: Request<InternalInvokeRequest>) -> Result<InternalInvokeResponse, MeshError> {
         let deadline = deadline::from_metadata(request.metadata()).map_err(MeshError::InvalidArgument)?;
+        // Under mutual TLS the caller is who its certificate says, whatever the call claims.
+        let verified_caller = request.extensions().get::<PeerIdentity>().map(|PeerIdentity(peer)| peer.app_id.clone());
         let call = request.into_inner();
+        let caller_app_id = verified_caller.unwrap_or(call.caller_app_id);
         let app = self.local_app(call.target_app_id)?;
         let message =
             call.message.ok_or_else(|| MeshError::InvalidArgument("the invocation carries no message".into()))?;
@@ -82,8 +86,8 @@ impl MeshInbound {
 
         let mut app_request = Request::new(message);
         headers::apply(&call.metadata, app_request.metadata_mut());
-        let caller = MetadataValue::try_from(call.caller_app_id.as_str()).map_err(|_| {
-            MeshError::InvalidArgument(format!("caller app-id '{}' is not valid metadata", call.caller_app_id))
+        let caller = MetadataValue::try_from(caller_app_id.as_str()).map_err(|_| {
+            MeshError::InvalidArgument(format!("caller app-id '{caller_app_id}' is not valid metadata"))
         })?;
         app_request.metadata_mut().insert(CALLER_APP_ID, caller);
         if let Ok(callee) = MetadataValue::try_from(self.app_id.as_str()) {

@@ -100,7 +100,7 @@ impl Invoker {
         let mut busy: Option<tonic::Status> = None;
         let mut message = Some(message);
         for (attempt, instance) in instances.iter().enumerate() {
-            let mut client = match self.mesh_client(&instance.internal_address) {
+            let mut client = match self.mesh_client(&instance.internal_address, &target_app_id) {
                 Ok(client) => client,
                 Err(e) => {
                     last_error = e;
@@ -183,8 +183,8 @@ impl Invoker {
         Ok(self.balancer.order(instances))
     }
 
-    fn mesh_client(&self, address: &str) -> Result<MeshClient<GrpcConnection>, String> {
-        let connection = self.peers.get(address)?;
+    fn mesh_client(&self, address: &str, app_id: &str) -> Result<MeshClient<GrpcConnection>, String> {
+        let connection = self.peers.get(address, app_id)?;
         let origin = connection.origin();
         Ok(MeshClient::with_origin(connection, origin)
             .max_decoding_message_size(usize::MAX)
@@ -220,7 +220,7 @@ impl Deliver for Invoker {
             if waiting.is_empty() {
                 break;
             }
-            let client = match self.mesh_client(&instance.internal_address) {
+            let client = match self.mesh_client(&instance.internal_address, app_id) {
                 Ok(client) => client,
                 Err(e) => {
                     last_error = e;
