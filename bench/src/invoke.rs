@@ -48,17 +48,22 @@ impl Mesh {
 
     /// Like [`Mesh::start`], with environment variables `env` set for both sidecars.
     pub async fn start_with_env(env: &[(&str, &str)]) -> Result<Mesh> {
-        let etcd = Etcd::start().await;
-        let app =
-            TestApp::start(AppServer::new().handler(METHOD, |call| async move { Ok(Reply::bytes(call.data)) })).await;
-        let with_env = |mut sidecar: Sidecar| {
+        Self::start_configured(|_, mut sidecar| {
             for (key, value) in env {
                 sidecar = sidecar.env(key, value);
             }
             sidecar
-        };
-        let callee = with_env(Sidecar::new(CALLEE)).etcd(&etcd).app_port(app.port()).spawn().await;
-        let caller = with_env(Sidecar::new(CALLER)).etcd(&etcd).spawn().await;
+        })
+        .await
+    }
+
+    /// Like [`Mesh::start`], each sidecar as `configure(its app-id, builder)` makes it.
+    pub async fn start_configured(configure: impl Fn(&str, Sidecar) -> Sidecar) -> Result<Mesh> {
+        let etcd = Etcd::start().await;
+        let app =
+            TestApp::start(AppServer::new().handler(METHOD, |call| async move { Ok(Reply::bytes(call.data)) })).await;
+        let callee = configure(CALLEE, Sidecar::new(CALLEE)).etcd(&etcd).app_port(app.port()).spawn().await;
+        let caller = configure(CALLER, Sidecar::new(CALLER)).etcd(&etcd).spawn().await;
         callee.wait_ready().await;
         caller.wait_ready().await;
         let mesh = Mesh { caller, callee, app, _etcd: etcd };

@@ -12,6 +12,8 @@
 //! - `tracing`: the invocation through two sidecars on two meshes side by side, one exporting
 //!   every span over OTLP/gRPC to a collector inside the bench, one exporting nothing; their
 //!   throughput compared.
+//! - `mtls`: the same two meshes side by side, one with mutual TLS between its sidecars
+//!   ([`mtls`]), one plaintext; throughput and p50 compared.
 //! - `pubsub`: starts etcd, `nats-server -js` and two tandemds, and measures durable publish
 //!   to delivery of 1 KiB events for `pubsub.embedded` and `pubsub.jetstream` (each delivered
 //!   through `OnTopicEvent` and through a streaming subscription) against NATS JetStream used
@@ -51,6 +53,7 @@
 //! - [`invoke`]: the invocation scenario: the processes and the two routes.
 //! - [`state`]: the state scenario: the processes, the operations, and its report.
 //! - [`tracing`]: the tracing scenario: a traced and an untraced mesh, and its report.
+//! - [`mtls`]: the mTLS scenario: a plaintext and an mTLS mesh, and its report.
 //! - [`pubsub`]: the pub/sub scenario: the processes, the five routes, and its report.
 //! - [`load`]: the load both apply: warm-up, sequential calls, calls in flight, rounds that
 //!   take the routes in turn, CPU use meanwhile.
@@ -71,6 +74,7 @@ mod data;
 mod invoke;
 mod load;
 mod machine;
+mod mtls;
 mod procfs;
 mod prometheus;
 mod pubsub;
@@ -103,6 +107,8 @@ enum Which {
     State,
     /// The invocation through two sidecars with every span exported against none.
     Tracing,
+    /// The invocation through two sidecars with mutual TLS between them against plaintext.
+    Mtls,
     /// Durable publish to delivery: pubsub.embedded and pubsub.jetstream against JetStream direct.
     Pubsub,
     /// Training throughput of the pipeline's MLP in burn against PyTorch on the CPU.
@@ -254,6 +260,13 @@ async fn run(args: Args) -> Result<()> {
         let block = report.to_markdown();
         println!("{block}");
         write_section(args.write.as_deref(), &tracing::TRACING_SECTION, &block)?;
+    }
+    if matches!(args.which, Which::Mtls) {
+        let report = mtls::run(&settings, detect_context()).await?;
+        warn_if_busy(report.cpu_windows(), report.context.cpus);
+        let block = report.to_markdown();
+        println!("{block}");
+        write_section(args.write.as_deref(), &mtls::MTLS_SECTION, &block)?;
     }
     if matches!(args.which, Which::Pubsub | Which::All) {
         ensure!(args.paced_seconds.is_finite() && args.paced_seconds > 0.0, "--paced-seconds must be positive");

@@ -316,6 +316,49 @@ pub fn throughput_cpu_rows(windows: &[&CpuWindow]) -> String {
     )
 }
 
+/// Two mesh routes side by side (`(label, figures)` each): latency p50 and p99, throughput with
+/// `in_flight` calls in flight, and the second's ratio to the first.
+pub fn comparison_table(first: (&str, &RouteFigures), second: (&str, &RouteFigures), in_flight: usize) -> String {
+    let ((a_label, a), (b_label, b)) = (first, second);
+    let mut out = format!("| | {a_label} | {b_label} | {b_label} / {a_label} |\n|---|---:|---:|---:|\n");
+    for (name, a_latency, b_latency) in [("p50", a.latency.p50, b.latency.p50), ("p99", a.latency.p99, b.latency.p99)] {
+        out.push_str(&format!(
+            "| latency {name} | {} | {} | {} |\n",
+            latency(a_latency),
+            latency(b_latency),
+            times(ratio(b_latency.as_secs_f64(), a_latency.as_secs_f64()))
+        ));
+    }
+    out.push_str(&format!(
+        "| throughput, {in_flight} in flight | {} calls/s | {} calls/s | {} |\n\n",
+        thousands(a.throughput.per_second().round() as u64),
+        thousands(b.throughput.per_second().round() as u64),
+        times(ratio(b.throughput.per_second(), a.throughput.per_second()))
+    ));
+    out
+}
+
+/// CPU time per call of each watched process during two throughput runs side by side, their
+/// total, and how busy the cores were.
+pub fn cpu_per_call_table(first: (&str, &RouteFigures), second: (&str, &RouteFigures)) -> String {
+    let ((a_label, a), (b_label, b)) = (first, second);
+    let mut out = format!("| CPU | {a_label} | {b_label} |\n|---|---:|---:|\n");
+    for ((label, a_cpu), (_, b_cpu)) in a.throughput_cpu.processes.iter().zip(&b.throughput_cpu.processes) {
+        out.push_str(&format!(
+            "| {label} | {} | {} |\n",
+            per_call(*a_cpu, a.throughput.calls),
+            per_call(*b_cpu, b.throughput.calls)
+        ));
+    }
+    out.push_str(&format!(
+        "| **all of the above** | {} | {} |\n",
+        per_call(a.throughput_cpu.watched(), a.throughput.calls),
+        per_call(b.throughput_cpu.watched(), b.throughput.calls)
+    ));
+    out.push_str(&throughput_cpu_rows(&[&a.throughput_cpu, &b.throughput_cpu]));
+    out
+}
+
 /// A latency in µs below 10 ms, with one decimal below 100 µs.
 pub fn latency(d: Duration) -> String {
     let us = d.as_secs_f64() * 1e6;

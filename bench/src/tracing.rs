@@ -14,7 +14,7 @@ use crate::invoke::{CALLEE, CALLER, Mesh};
 use crate::load::{self, RouteFigures, Settings};
 use crate::machine::RunContext;
 use crate::prometheus::sum_of;
-use crate::report::{Section, latency, per_call, precise_times, thousands, throughput_cpu_rows, times};
+use crate::report::{Section, comparison_table, cpu_per_call_table, precise_times, thousands};
 use crate::stats::ratio;
 
 pub const TRACING_SECTION: Section = Section {
@@ -130,26 +130,7 @@ impl TracingReport {
             warm_secs = s.warmup_duration.as_secs_f64(),
             rounds = s.rounds,
         ));
-        out.push_str("| | untraced | traced | traced / untraced |\n|---|---:|---:|---:|\n");
-        out.push_str(&format!(
-            "| latency p50 | {} | {} | {} |\n",
-            latency(off.latency.p50),
-            latency(on.latency.p50),
-            times(ratio(on.latency.p50.as_secs_f64(), off.latency.p50.as_secs_f64()))
-        ));
-        out.push_str(&format!(
-            "| latency p99 | {} | {} | {} |\n",
-            latency(off.latency.p99),
-            latency(on.latency.p99),
-            times(ratio(on.latency.p99.as_secs_f64(), off.latency.p99.as_secs_f64()))
-        ));
-        out.push_str(&format!(
-            "| throughput, {} in flight | {} calls/s | {} calls/s | {} |\n\n",
-            s.in_flight,
-            thousands(off.throughput.per_second().round() as u64),
-            thousands(on.throughput.per_second().round() as u64),
-            times(self.throughput_ratio())
-        ));
+        out.push_str(&comparison_table(("untraced", off), ("traced", on), s.in_flight));
         let ratio = self.throughput_ratio();
         let pass = ratio.is_some_and(|r| r >= MIN_TRACED_THROUGHPUT_RATIO);
         out.push_str("| target | measured | result |\n|---|---|---|\n");
@@ -170,20 +151,7 @@ impl TracingReport {
             "CPU time per call during the throughput runs (user + system, from /proc/<pid>/stat), each column \
              with its own mesh's sidecars; the bench process serves both meshes' app B and the collector.\n\n",
         );
-        out.push_str("| CPU | untraced | traced |\n|---|---:|---:|\n");
-        for ((label, off_cpu), (_, on_cpu)) in off.throughput_cpu.processes.iter().zip(&on.throughput_cpu.processes) {
-            out.push_str(&format!(
-                "| {label} | {} | {} |\n",
-                per_call(*off_cpu, off.throughput.calls),
-                per_call(*on_cpu, on.throughput.calls)
-            ));
-        }
-        out.push_str(&format!(
-            "| **all of the above** | {} | {} |\n",
-            per_call(off.throughput_cpu.watched(), off.throughput.calls),
-            per_call(on.throughput_cpu.watched(), on.throughput.calls)
-        ));
-        out.push_str(&throughput_cpu_rows(&[&off.throughput_cpu, &on.throughput_cpu]));
+        out.push_str(&cpu_per_call_table(("untraced", off), ("traced", on)));
         out
     }
 }

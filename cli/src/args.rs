@@ -286,6 +286,11 @@ pub struct UpArgs {
     #[arg(long)]
     pub until_serving: bool,
 
+    /// Mutual TLS between the sidecars: a root and an SVID for each app are issued into the
+    /// run dir (`certs/`, as `tandem certs` does) and every tandemd runs with --enable-mtls.
+    #[arg(long)]
+    pub mtls: bool,
+
     /// ingest: `digits` (built in) or the path of a CSV file.
     #[arg(long, help_heading = "Pipeline")]
     pub dataset: Option<String>,

@@ -111,6 +111,11 @@ pub struct Config {
     #[arg(long, env = "TANDEM_TRUST_ANCHORS_FILE")]
     pub trust_anchors_file: Option<PathBuf>,
 
+    /// A Dapr `Configuration` file: its `spec.accessControl` decides which callers may invoke
+    /// which of the app's operations (and its `trustDomain`, when set, is this sidecar's).
+    #[arg(long, env = "TANDEM_CONFIG")]
+    pub config: Option<PathBuf>,
+
     /// Dapr's variables holding the PEM itself, used where the file flags are not given.
     #[arg(long, env = "DAPR_CERT_CHAIN", hide = true, hide_env_values = true)]
     pub cert_chain_pem: Option<String>,

@@ -58,6 +58,11 @@ pub enum MeshError {
     #[error("every instance of app-id '{app_id}' is busy (shed by the caller's sidecar): {reason}")]
     Shed { app_id: String, reason: String },
 
+    /// The callee's access control refused the call (the message names the caller's SPIFFE id
+    /// and the operation).
+    #[error("{0}")]
+    AccessDenied(String),
+
     /// A status from the peer sidecar or the callee app, passed through unchanged.
     #[error("{}", .0.message())]
     Remote(Status),
@@ -90,6 +95,7 @@ impl MeshError {
             | MeshError::NoStreamOpen { .. }
             | MeshError::WrongApp { .. } => Code::Unavailable,
             MeshError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            MeshError::AccessDenied(_) => Code::PermissionDenied,
             MeshError::AllBusy { .. } | MeshError::Shed { .. } => Code::ResourceExhausted,
             MeshError::Remote(status) => status.code(),
         }

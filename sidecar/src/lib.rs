@@ -7,6 +7,8 @@
 //! - [`api`]: the app-facing API: the building blocks written once, Dapr's gRPC and HTTP front
 //!   ends over them, and Tandem's training-group API.
 //! - [`invoke`]: service invocation, outbound (routing, balancing, failover) and inbound (to the app).
+//! - [`acl`]: access control of invocations from Dapr's `Configuration` (`--config`), checked
+//!   against the caller's verified SPIFFE id; mutual TLS itself is `tandem_transport::tls`.
 //! - [`discovery`]: registration in etcd under a lease and the routing table watched from etcd.
 //! - [`state`]: the state stores (`state.sled`, `state.etcd`) behind one trait.
 //! - [`pubsub`]: `pubsub.embedded`, durable at-least-once delivery between sidecars.
@@ -26,6 +28,7 @@
 //! - [`readiness`]: what /readyz reports.
 //! - [`probe`]: `tandemd probe`, /readyz as an exit code for container health checks.
 
+pub mod acl;
 pub mod admin;
 pub mod api;
 pub mod app_channel;

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
+use crate::acl::AccessControl;
 use crate::api::group::TrainingGroupApi;
 use crate::api::outbox::Outbox;
 use crate::api::pubsub::PubSubApi;
@@ -88,10 +89,17 @@ pub async fn run(
     on_bound: impl FnOnce(BoundAddresses),
 ) -> Result<(), StartError> {
     config.validate().map_err(StartError::Config)?;
+    let access = match &config.config {
+        Some(path) => AccessControl::load(path).map_err(StartError::Config)?.map(Arc::new),
+        None => None,
+    };
+    // The Configuration's trust domain, when it names one, is this sidecar's.
+    let trust_domain =
+        access.as_ref().and_then(|access| access.trust_domain.clone()).unwrap_or(config.trust_domain.clone());
     // Before anything else: a sidecar that cannot prove who it is must not start.
     let tls = match config.tls_sources().map_err(StartError::Config)? {
         Some(sources) => {
-            let own_id = SpiffeId::new(&config.trust_domain, &config.namespace, &config.app_id);
+            let own_id = SpiffeId::new(&trust_domain, &config.namespace, &config.app_id);
             Some(MeshTls::load(sources, own_id)?)
         }
         None => None,
@@ -250,7 +258,7 @@ pub async fn run(
     let dapr = DaprServer::new(DaprApi::new(universal.clone()))
         .max_decoding_message_size(request_limit)
         .max_encoding_message_size(usize::MAX);
-    let mesh = MeshServer::new(MeshInbound::new(config.app_id.clone(), app.clone(), streams.clone()))
+    let mesh = MeshServer::new(MeshInbound::new(config.app_id.clone(), app.clone(), streams.clone(), access.clone()))
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
     // Gradient buffers and trainer states are as large as the model (and three times that).

@@ -211,6 +211,54 @@ async fn bad_input_gets_a_clear_message_and_a_nonzero_exit_code() {
 /// subscribers still there. `tandem unsubscribe` removes it: the publisher releases what it
 /// kept for that app (and only that), and takes publishes again.
 #[tokio::test]
+async fn certs_init_and_issue_write_a_root_and_svids_that_tandemd_runs_with() {
+    let etcd = Etcd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let certs_arg = certs.to_str().unwrap();
+    let init = run(&["certs", "init", "--dir", certs_arg]).await;
+    assert_eq!(init.status.code(), Some(0), "{}", stderr(&init));
+    assert!(stdout(&init).contains("ca.crt"), "{}", stdout(&init));
+    // A second root would orphan every SVID of the first: refused without --force.
+    assert_fails(&run(&["certs", "init", "--dir", certs_arg]).await, 2, &["ca.key exists", "--force"]);
+    for app_id in ["pinger", "ponger"] {
+        let issue = run(&["certs", "issue", "--app-id", app_id, "--dir", certs_arg, "--ttl", "1h"]).await;
+        assert_eq!(issue.status.code(), Some(0), "{}", stderr(&issue));
+        assert!(stdout(&issue).contains(&format!("spiffe://public/ns/default/{app_id}")), "{}", stdout(&issue));
+    }
+    let key_mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(certs.join("pinger.key")).unwrap().permissions());
+    assert_eq!(key_mode & 0o077, 0, "the key is readable by others");
+    assert_fails(&run(&["certs", "issue", "--app-id", "a/b", "--dir", certs_arg]).await, 2, &["--app-id"]);
+    let elsewhere = dir.path().join("none");
+    assert_fails(
+        &run(&["certs", "issue", "--app-id", "x", "--dir", elsewhere.to_str().unwrap()]).await,
+        2,
+        &["ca.crt", "tandem certs init"],
+    );
+
+    // Two sidecars with those files call each other over mTLS.
+    let app = TestApp::named("ponger").await;
+    let mtls = |app_id: &str, sidecar: Sidecar| {
+        let file = |name: String| certs.join(name).to_string_lossy().into_owned();
+        sidecar
+            .arg("--enable-mtls")
+            .arg("--cert-file")
+            .arg(file(format!("{app_id}.crt")))
+            .arg("--key-file")
+            .arg(file(format!("{app_id}.key")))
+            .arg("--trust-anchors-file")
+            .arg(file("ca.crt".into()))
+    };
+    let ponger = mtls("ponger", Sidecar::new("ponger").etcd(&etcd).app_port(app.port())).spawn().await;
+    let pinger = mtls("pinger", Sidecar::new("pinger").etcd(&etcd)).spawn().await;
+    ponger.wait_ready().await;
+    pinger.wait_ready().await;
+    tandem_tests::wait_for_instances(&pinger.client(), "ponger", &["ponger"]).await;
+    assert!(ponger.log().contains("mtls=spiffe://public/ns/default/ponger"), "{}", ponger.log_tail());
+}
+
+#[tokio::test]
 async fn unsubscribe_releases_what_a_publisher_kept_for_an_app_gone_for_good() {
     let etcd = Etcd::start().await;
     let endpoint = etcd.endpoint();
@@ -590,6 +638,7 @@ async fn up_runs_the_pipeline_to_a_serving_model_then_stops_everything() {
 /// it trains: `tandem up` reports it, starts the pair again (the replica joins the group late),
 /// and the pipeline still ends with a serving model and its test accuracy. One of two serve
 /// replicas loses its sidecar meanwhile and is restarted the same way; both serve the model.
+/// All of it with mutual TLS between the sidecars (`--mtls`).
 #[tokio::test]
 async fn up_with_two_train_replicas_survives_one_killed_while_training() {
     let root = tempfile::tempdir().unwrap();
@@ -614,6 +663,8 @@ async fn up_with_two_train_replicas_survives_one_killed_while_training() {
         // Short, so the restart is done well before the survivor finishes the 5 epochs.
         "--restart-delay",
         "200ms",
+        // Every hop between sidecars, the training group's all-reduce included, over mTLS.
+        "--mtls",
         "--until-serving",
         "--ready-timeout",
         "900s",
@@ -663,4 +714,11 @@ async fn up_with_two_train_replicas_survives_one_killed_while_training() {
     assert!(err.contains("stopped 15 of 15 processes"), "{err}");
     assert_all_gone(&after);
     assert_all_gone(&before);
+    // Each sidecar ran with its app's SVID, and none refused a peer.
+    for name in ["ingest", "preprocess-1", "train-1", "train-2", "serve-1", "serve-2"] {
+        let sidecar_log = read(&run_dir.join(name).join("tandemd.log"));
+        let app_id = name.split('-').next().unwrap();
+        assert!(sidecar_log.contains(&format!("mtls=spiffe://public/ns/default/{app_id}")), "{name}:\n{sidecar_log}");
+        assert!(!sidecar_log.contains("refused a connection"), "{name}:\n{sidecar_log}");
+    }
 }

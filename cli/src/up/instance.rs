@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Instant;
 
+use crate::certs;
 use crate::error::CliError;
 use crate::up::plan::{self, Member};
 use crate::up::ports::PortReservation;
@@ -97,6 +98,8 @@ pub struct Launcher {
     pub run_dir: PathBuf,
     /// etcd's client URL.
     pub etcd: String,
+    /// With `--mtls`: the directory of the root (`ca.crt`) and each app's SVID (`APP.crt`, `APP.key`).
+    pub certs: Option<PathBuf>,
 }
 
 impl Launcher {
@@ -145,6 +148,17 @@ impl Launcher {
         if let Some(resources) = plan::resources_for(&self.components, member.app_id) {
             args.push("--resources-path".into());
             args.push(resources.into());
+        }
+        if let Some(certs) = &self.certs {
+            args.push("--enable-mtls".into());
+            for (flag, file) in [
+                ("--cert-file", format!("{}.crt", member.app_id)),
+                ("--key-file", format!("{}.key", member.app_id)),
+                ("--trust-anchors-file", certs::ROOT_CERT.to_string()),
+            ] {
+                args.push(flag.into());
+                args.push(certs.join(file).into());
+            }
         }
         if incarnation > 0 {
             mark_restart(&sidecar_log, &member.name, incarnation)?;

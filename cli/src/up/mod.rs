@@ -87,6 +87,14 @@ pub async fn run(options: UpArgs) -> Result<(), CliError> {
         }
     };
 
+    let certs = match options.mtls.then(|| plan::issue_certificates(&run_dir.path, &members)).transpose() {
+        Ok(certs) => certs,
+        Err(error) => {
+            run_dir.finish(false);
+            return Err(error);
+        }
+    };
+
     let mut processes = Processes::new(run_dir.path.join("pids"));
     let roster = Roster::default();
     let policy = RestartPolicy { delay: options.restart_delay, max_restarts: options.max_restarts };
@@ -94,6 +102,7 @@ pub async fn run(options: UpArgs) -> Result<(), CliError> {
         options: &options,
         bin_dir,
         components,
+        certs,
         run_dir: run_dir.path.clone(),
         processes: &mut processes,
         signals: &mut signals,
@@ -160,6 +169,8 @@ struct Up<'a> {
     options: &'a UpArgs,
     bin_dir: PathBuf,
     components: PathBuf,
+    /// With `--mtls`: where the root and the SVIDs are.
+    certs: Option<PathBuf>,
     run_dir: PathBuf,
     processes: &'a mut Processes,
     signals: &'a mut Signals,
@@ -177,6 +188,7 @@ impl Up<'_> {
             components: self.components.clone(),
             run_dir: self.run_dir.clone(),
             etcd: etcd.clone(),
+            certs: self.certs.clone(),
         };
         for member in members {
             let instance = self.start_member(&launcher, member).await?;

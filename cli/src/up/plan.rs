@@ -3,8 +3,12 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tandem_transport::SpiffeId;
 
 use crate::args::UpArgs;
+use crate::certs;
 use crate::error::CliError;
 
 /// The pipeline's app-ids, in start order (the order data flows).
@@ -201,6 +205,26 @@ pub fn write_pipeline_components(run_dir: &Path) -> Result<PathBuf, CliError> {
     }
     Ok(root)
 }
+
+/// With `--mtls`: a root and an SVID for every app of `members`, valid for a year, under
+/// `run_dir/certs`; answers that directory.
+pub fn issue_certificates(run_dir: &Path, members: &[Member]) -> Result<PathBuf, CliError> {
+    const VALID_FOR: Duration = Duration::from_secs(365 * 24 * 3600);
+    let dir = run_dir.join("certs");
+    certs::init(&dir, "tandem up root", VALID_FOR, false)?;
+    let mut apps: Vec<&str> = members.iter().map(|member| member.app_id).collect();
+    apps.sort_unstable();
+    apps.dedup();
+    for app_id in apps {
+        let id = SpiffeId::new(TRUST_DOMAIN, NAMESPACE, app_id);
+        certs::issue_files(&dir, &id, VALID_FOR, &dir)?;
+    }
+    Ok(dir)
+}
+
+/// The trust domain and namespace of `tandem up`'s sidecars (tandemd's defaults).
+const TRUST_DOMAIN: &str = "public";
+const NAMESPACE: &str = "default";
 
 /// The `--resources-path` of `app_id`'s sidecars: `ROOT/APP/` when the app has its own
 /// components, else ROOT when it holds component files itself, else none (tandemd's defaults).

@@ -248,12 +248,14 @@ impl ApiError {
     }
 
     /// An invocation that failed in the mesh (not the app's own answer): 500
-    /// `ERR_DIRECT_INVOKE` as in Dapr, 400 for a request the sidecar refuses, 504 past the
-    /// caller's deadline, 503 when every instance refused it as busy (load shed).
+    /// `ERR_DIRECT_INVOKE` as in Dapr, 400 for a request the sidecar refuses, 403 when the
+    /// callee's access control denied it, 504 past the caller's deadline, 503 when every
+    /// instance refused it as busy (load shed).
     pub fn invoke(app_id: &str, error: &MeshError) -> Self {
         let code = error.code();
         let http = match code {
             Code::InvalidArgument => StatusCode::BAD_REQUEST,
+            Code::PermissionDenied => StatusCode::FORBIDDEN,
             Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             Code::ResourceExhausted => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,

@@ -6,13 +6,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, Stream};
+use tandem_proto::common::InvokeRequest;
+use tandem_proto::common::http_extension::Verb;
 use tandem_proto::internal::mesh_server::Mesh;
 use tandem_proto::internal::{
     AnsweredEvent, DeliverEventRequest, DeliverEventResponse, DeliverEventsRequest, DeliverEventsResponse,
     EventDelivery, EventDeliveryOutcome, InternalInvokeRequest, InternalInvokeResponse,
 };
 use tandem_proto::runtime::{TopicEventRequest, TopicEventResponse};
-use tandem_transport::PeerIdentity;
+use tandem_transport::{PeerIdentity, SpiffeId};
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -20,6 +22,7 @@ use tracing::Instrument;
 use super::channels::never_sent;
 use super::headers::{self, CALLEE_APP_ID, CALLER_APP_ID};
 use super::within_deadline;
+use crate::acl::AccessControl;
 use crate::app_channel::AppChannel;
 use crate::deadline;
 use crate::error::MeshError;
@@ -36,6 +39,8 @@ pub struct MeshInbound {
     app_id: String,
     app: Option<AppChannel>,
     streams: Arc<StreamSubscriptions>,
+    /// Who may invoke what (`--config`); `None`: everyone everything.
+    access: Option<Arc<AccessControl>>,
 }
 
 /// The answers of a `StreamDeliverEvents` call, each sent once the app has given it.
@@ -45,8 +50,23 @@ pub type AnsweredEvents = Pin<Box<dyn Stream<Item = Result<AnsweredEvent, Status
 const STREAM_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl MeshInbound {
-    pub fn new(app_id: String, app: Option<AppChannel>, streams: Arc<StreamSubscriptions>) -> Self {
-        MeshInbound { app_id, app, streams }
+    pub fn new(
+        app_id: String,
+        app: Option<AppChannel>,
+        streams: Arc<StreamSubscriptions>,
+        access: Option<Arc<AccessControl>>,
+    ) -> Self {
+        MeshInbound { app_id, app, streams, access }
+    }
+
+    /// Refuses the call when access control does not allow `caller` the operation.
+    fn check_access(&self, caller: Option<&SpiffeId>, message: &InvokeRequest) -> Result<(), MeshError> {
+        let Some(access) = &self.access else { return Ok(()) };
+        let verb = message.http_extension.as_ref().map(|extension| extension.verb()).filter(|verb| *verb != Verb::None);
+        access.check(caller, &message.method, verb.map(|verb| verb.as_str_name())).map_err(|denied| {
+            tracing::warn!(app_id = %self.app_id, %denied, "refused an invocation");
+            MeshError::AccessDenied(denied.to_string())
+        })
     }
 
     /// The app this sidecar fronts, when `target` names it and it can be called.
@@ -76,12 +96,13 @@ impl MeshInbound {
     async fn deliver(&self, request: Request<InternalInvokeRequest>) -> Result<InternalInvokeResponse, MeshError> {
         let deadline = deadline::from_metadata(request.metadata()).map_err(MeshError::InvalidArgument)?;
         // Under mutual TLS the caller is who its certificate says, whatever the call claims.
-        let verified_caller = request.extensions().get::<PeerIdentity>().map(|PeerIdentity(peer)| peer.app_id.clone());
+        let verified_caller = request.extensions().get::<PeerIdentity>().map(|PeerIdentity(peer)| peer.clone());
         let call = request.into_inner();
-        let caller_app_id = verified_caller.unwrap_or(call.caller_app_id);
+        let caller_app_id = verified_caller.as_ref().map_or(call.caller_app_id, |peer| peer.app_id.clone());
         let app = self.local_app(call.target_app_id)?;
         let message =
             call.message.ok_or_else(|| MeshError::InvalidArgument("the invocation carries no message".into()))?;
+        self.check_access(verified_caller.as_deref(), &message)?;
         let method = message.method.clone();
 
         let mut app_request = Request::new(message);
