@@ -5,6 +5,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use tandem_sidecar::config::parse_duration;
+use tandem_sidecar::discovery::EtcdTls;
+
+use crate::error::CliError;
+use crate::registry::EtcdAccess;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -35,6 +39,18 @@ pub struct Global {
     )]
     pub etcd: Vec<String>,
 
+    /// TLS to etcd (with https:// endpoints): the CA of etcd's server certificate (PEM).
+    #[arg(long, global = true, env = "TANDEM_ETCD_CA_FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+
+    /// A client certificate for etcd's --client-cert-auth (PEM), with --etcd-key-file.
+    #[arg(long, global = true, env = "TANDEM_ETCD_CERT_FILE")]
+    pub etcd_cert_file: Option<PathBuf>,
+
+    /// The key of --etcd-cert-file (PEM).
+    #[arg(long, global = true, env = "TANDEM_ETCD_KEY_FILE")]
+    pub etcd_key_file: Option<PathBuf>,
+
     /// Namespace of the apps.
     #[arg(long, global = true, env = "TANDEM_NAMESPACE", default_value = "default")]
     pub namespace: String,
@@ -43,6 +59,16 @@ pub struct Global {
     /// Default: a sidecar found through etcd, else http://127.0.0.1:50001.
     #[arg(long, global = true, env = "TANDEM_SIDECAR")]
     pub sidecar: Option<String>,
+}
+
+impl Global {
+    /// The etcd endpoints and, when its files are given, TLS to them.
+    pub fn etcd_access(&self) -> Result<EtcdAccess, CliError> {
+        let tls =
+            EtcdTls::read(self.etcd_ca_file.as_deref(), self.etcd_cert_file.as_deref(), self.etcd_key_file.as_deref())
+                .map_err(CliError::usage)?;
+        Ok(EtcdAccess { endpoints: self.etcd.clone(), tls })
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -43,7 +43,7 @@ async fn relay_sidecar(
     if let Some(url) = &global.sidecar {
         return Ok((sidecar_address(url)?, "--sidecar".to_string()));
     }
-    let registry = Registry::load(&global.etcd, &global.namespace).await?;
+    let registry = Registry::load(&global.etcd_access()?, &global.namespace).await?;
     if let Some(app) = must_know {
         registry.instances(app)?;
     }
@@ -134,7 +134,7 @@ pub async fn state_get(global: &Global, get: StateGetArgs) -> Result<(), CliErro
             (address, "--sidecar".to_string())
         }
         None => {
-            let registry = Registry::load(&global.etcd, &global.namespace).await?;
+            let registry = Registry::load(&global.etcd_access()?, &global.namespace).await?;
             let (address, record) = registry.sidecar_of(&get.app, get.instance.as_deref())?;
             let instances = registry.instances(&get.app)?.len();
             if instances > 1 && get.instance.is_none() {
@@ -166,7 +166,7 @@ pub async fn state_get(global: &Global, get: StateGetArgs) -> Result<(), CliErro
 
 /// `tandem ls`: the apps of the namespace, their live instances and the subscriptions.
 pub async fn ls(global: &Global, ls: LsArgs) -> Result<(), CliError> {
-    let registry = Registry::load(&global.etcd, &global.namespace).await?;
+    let registry = Registry::load(&global.etcd_access()?, &global.namespace).await?;
     let text = if ls.json { ls_json(&registry) } else { ls_table(&registry, &global.etcd.join(",")) };
     print_value(text.as_bytes(), "the listing")
 }
@@ -178,8 +178,8 @@ pub async fn ls(global: &Global, ls: LsArgs) -> Result<(), CliError> {
 pub async fn unsubscribe(global: &Global, remove: UnsubscribeArgs) -> Result<(), CliError> {
     let UnsubscribeArgs { pubsub, topic, app, force } = &remove;
     let namespace = &global.namespace;
-    Registry::load(&global.etcd, namespace).await?.check_unsubscribe(pubsub, topic, app, *force)?;
-    if !registry::remove_subscription(&global.etcd, namespace, pubsub, topic, app).await? {
+    Registry::load(&global.etcd_access()?, namespace).await?.check_unsubscribe(pubsub, topic, app, *force)?;
+    if !registry::remove_subscription(&global.etcd_access()?, namespace, pubsub, topic, app).await? {
         return Err(CliError::not_found(format!(
             "app '{app}''s subscription to topic '{topic}' of pub/sub '{pubsub}' was removed meanwhile"
         )));

@@ -9,7 +9,7 @@ use std::time::Duration;
 use etcd_client::GetOptions;
 use serde::Serialize;
 use tandem_sidecar::discovery::keys::{self, DiscoveryKey};
-use tandem_sidecar::discovery::{InstanceRecord, Subscriber};
+use tandem_sidecar::discovery::{EtcdTls, InstanceRecord, Subscriber};
 
 use crate::error::CliError;
 
@@ -27,13 +27,21 @@ fn describe(error: &etcd_client::Error) -> String {
     }
 }
 
-/// Runs `request` on a client of the etcd at `endpoints`, connecting included, within 6 s; a
+/// Where etcd is and how to reach it (the global `--etcd` flags).
+#[derive(Debug, Clone)]
+pub struct EtcdAccess {
+    pub endpoints: Vec<String>,
+    pub tls: Option<EtcdTls>,
+}
+
+/// Runs `request` on a client of the etcd at `etcd`'s endpoints, connecting included, within 6 s; a
 /// clear error when etcd cannot be reached.
-async fn with_etcd<T, Request, Answer>(endpoints: &[String], request: Request) -> Result<T, CliError>
+async fn with_etcd<T, Request, Answer>(etcd: &EtcdAccess, request: Request) -> Result<T, CliError>
 where
     Request: FnOnce(etcd_client::Client) -> Answer,
     Answer: Future<Output = Result<T, etcd_client::Error>>,
 {
+    let endpoints = &etcd.endpoints;
     let unreachable = |e: &dyn std::fmt::Display| {
         CliError::unreachable(format!(
             "cannot reach etcd at {}: {e}. Is it running? (`tandem up` starts one; --etcd or \
@@ -42,11 +50,9 @@ where
         ))
     };
     let work = async {
-        let options = etcd_client::ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(3));
-        let client =
-            etcd_client::Client::connect(endpoints, Some(options)).await.map_err(|e| unreachable(&describe(&e)))?;
+        let client = tandem_sidecar::discovery::etcd_client(endpoints, etcd.tls.as_ref())
+            .await
+            .map_err(|e| unreachable(&describe(&e)))?;
         request(client).await.map_err(|e| unreachable(&describe(&e)))
     };
     tokio::time::timeout(Duration::from_secs(6), work).await.map_err(|_| unreachable(&"no answer within 6 s"))?
@@ -54,14 +60,14 @@ where
 
 /// Deletes `app_id`'s subscription to `topic` of `pubsub` in `namespace`; whether it was there.
 pub async fn remove_subscription(
-    endpoints: &[String],
+    etcd: &EtcdAccess,
     namespace: &str,
     pubsub: &str,
     topic: &str,
     app_id: &str,
 ) -> Result<bool, CliError> {
     let key = keys::subscription_key(namespace, pubsub, topic, app_id);
-    let response = with_etcd(endpoints, |mut client| async move { client.delete(key, None).await }).await?;
+    let response = with_etcd(etcd, |mut client| async move { client.delete(key, None).await }).await?;
     Ok(response.deleted() > 0)
 }
 
@@ -80,10 +86,10 @@ pub struct Registry {
 
 impl Registry {
     /// Reads the namespace from etcd; a clear error when etcd cannot be reached.
-    pub async fn load(endpoints: &[String], namespace: &str) -> Result<Registry, CliError> {
+    pub async fn load(etcd: &EtcdAccess, namespace: &str) -> Result<Registry, CliError> {
         // Only discovery's subtrees: state stores share the namespace and may hold huge values.
         let prefixes = keys::discovery_prefixes(namespace);
-        let responses = with_etcd(endpoints, |mut client| async move {
+        let responses = with_etcd(etcd, |mut client| async move {
             let mut responses = Vec::new();
             for prefix in prefixes {
                 responses.push(client.get(prefix, Some(GetOptions::new().with_prefix())).await?);

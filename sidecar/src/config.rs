@@ -8,6 +8,7 @@ use clap::Parser;
 use tandem_transport::tls::{PemSource, TlsSources};
 
 use crate::app_channel::AppProtocol;
+use crate::discovery::EtcdTls;
 use crate::invoke::balance::LbPolicy;
 
 /// Flags of `tandemd`. A port of 0 binds a free port; the bound address is logged.
@@ -83,6 +84,18 @@ pub struct Config {
     /// etcd client endpoints, comma-separated.
     #[arg(long, env = "TANDEM_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
     pub etcd_endpoints: Vec<String>,
+
+    /// TLS to etcd (use https:// endpoints): the CA that signed etcd's server certificate (PEM).
+    #[arg(long, env = "TANDEM_ETCD_CA_FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+
+    /// A client certificate for etcd's --client-cert-auth (PEM), with --etcd-key-file.
+    #[arg(long, env = "TANDEM_ETCD_CERT_FILE")]
+    pub etcd_cert_file: Option<PathBuf>,
+
+    /// The key of --etcd-cert-file (PEM).
+    #[arg(long, env = "TANDEM_ETCD_KEY_FILE")]
+    pub etcd_key_file: Option<PathBuf>,
 
     /// Namespace: sidecars see only the apps of their own namespace.
     #[arg(long, env = "TANDEM_NAMESPACE", default_value = "default")]
@@ -219,6 +232,18 @@ impl Config {
             validate_endpoint(endpoint.trim())?;
         }
         Ok(())
+    }
+
+    /// TLS to etcd, when any of its files is given; every endpoint must then be https://.
+    pub fn etcd_tls(&self) -> Result<Option<EtcdTls>, String> {
+        let tls =
+            EtcdTls::read(self.etcd_ca_file.as_deref(), self.etcd_cert_file.as_deref(), self.etcd_key_file.as_deref())?;
+        if tls.is_some()
+            && let Some(plain) = self.etcd_endpoints.iter().find(|endpoint| endpoint.trim().starts_with("http://"))
+        {
+            return Err(format!("--etcd-endpoints: '{plain}' is plaintext, but TLS to etcd is set up; use https://"));
+        }
+        Ok(tls)
     }
 
     /// With --enable-mtls: where the SVID, its key and the trust anchors come from (a file

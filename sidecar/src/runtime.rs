@@ -27,7 +27,7 @@ use crate::api::universal::{RUNTIME_VERSION, SidecarInfo};
 use crate::api::{DaprApi, Universal};
 use crate::app_channel::{AppChannel, AppProtocol, GrpcApp, HttpApp};
 use crate::config::Config;
-use crate::discovery::{self, Backoff, InstanceRecord, Registrar, RoutingTable, RoutingWatcher};
+use crate::discovery::{self, Backoff, EtcdTls, InstanceRecord, Registrar, RoutingTable, RoutingWatcher};
 use crate::disk::DiskSpace;
 use crate::group::peer::GroupPeerService;
 use crate::group::{GroupSettings, Groups};
@@ -96,6 +96,7 @@ pub async fn run(
     // The Configuration's trust domain, when it names one, is this sidecar's.
     let trust_domain =
         access.as_ref().and_then(|access| access.trust_domain.clone()).unwrap_or(config.trust_domain.clone());
+    let etcd_tls = config.etcd_tls().map_err(StartError::Config)?;
     // Before anything else: a sidecar that cannot prove who it is must not start.
     let tls = match config.tls_sources().map_err(StartError::Config)? {
         Some(sources) => {
@@ -127,6 +128,7 @@ pub async fn run(
         namespace: &config.namespace,
         data_dir: &config.data_dir,
         etcd_endpoints: &config.etcd_endpoints,
+        etcd_tls: etcd_tls.as_ref(),
         disk: &disk,
     };
     let stores = registry::build_all(&specs, &store_context).await.map_err(StartError::Components)?;
@@ -359,6 +361,7 @@ pub async fn run(
     let discovery = tokio::spawn(
         Discovery {
             config: config.clone(),
+            etcd_tls,
             record,
             routing,
             readiness: readiness.clone(),
@@ -395,6 +398,7 @@ pub async fn run(
 /// What the sidecar needs from etcd once it can reach it.
 struct Discovery {
     config: Config,
+    etcd_tls: Option<EtcdTls>,
     record: InstanceRecord,
     routing: RoutingTable,
     readiness: Arc<Readiness>,
@@ -411,12 +415,12 @@ impl Discovery {
     /// routing table, this instance's registration and the app's subscriptions until stopped.
     /// Returns once the lease is revoked.
     async fn run(self, registration_stop: CancellationToken, background_stop: CancellationToken) {
-        let Discovery { config, record, routing, readiness, app, pubsubs, streams, groups, declared } = self;
+        let Discovery { config, etcd_tls, record, routing, readiness, app, pubsubs, streams, groups, declared } = self;
         let mut backoff = Backoff::new();
         let client = loop {
             let attempt = tokio::select! {
                 _ = registration_stop.cancelled() => return,
-                attempt = discovery::etcd_client(&config.etcd_endpoints) => attempt,
+                attempt = discovery::etcd_client(&config.etcd_endpoints, etcd_tls.as_ref()) => attempt,
             };
             match attempt {
                 Ok(client) => break client,

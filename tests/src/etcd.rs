@@ -1,6 +1,7 @@
 //! A real etcd server (Debian's `etcd-server`, `etcd` on PATH) on free loopback ports.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::Stdio;
 
 use tempfile::TempDir;
@@ -16,6 +17,34 @@ pub struct Etcd {
     peer: SocketAddr,
     /// `--max-request-bytes`, when not etcd's default (1.5 MiB).
     max_request_bytes: Option<u64>,
+    /// With TLS: its files, and the plain HTTP port of /health.
+    tls: Option<(EtcdTlsFiles, SocketAddr)>,
+}
+
+/// The files of an etcd that serves clients over TLS and requires client certificates: a CA,
+/// etcd's server certificate (for 127.0.0.1) and a client certificate, all PEM.
+#[derive(Debug, Clone)]
+pub struct EtcdTlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl EtcdTlsFiles {
+    /// The flags that give a tandemd (or the CLI) TLS to etcd with the client certificate.
+    pub fn client_flags(&self) -> Vec<String> {
+        let path = |p: &PathBuf| p.to_string_lossy().into_owned();
+        vec![
+            "--etcd-ca-file".into(),
+            path(&self.ca),
+            "--etcd-cert-file".into(),
+            path(&self.client_cert),
+            "--etcd-key-file".into(),
+            path(&self.client_key),
+        ]
+    }
 }
 
 impl Etcd {
@@ -37,7 +66,7 @@ impl Etcd {
             let dir = tempfile::Builder::new().prefix("tandem-etcd-").tempdir().expect("creating a temp dir");
             let client = SocketAddr::from(([127, 0, 0, 1], free_port()));
             let peer = SocketAddr::from(([127, 0, 0, 1], free_port()));
-            let mut etcd = Etcd { child: None, dir, client, peer, max_request_bytes };
+            let mut etcd = Etcd { child: None, dir, client, peer, max_request_bytes, tls: None };
             match etcd.launch().await {
                 Ok(()) => return etcd,
                 Err(e) => last_error = e,
@@ -46,12 +75,32 @@ impl Etcd {
         panic!("etcd did not start: {last_error}");
     }
 
+    /// Starts etcd serving clients over TLS only, with client-certificate authentication
+    /// (`--client-cert-auth`); its certificates are made for it, in its temp dir.
+    pub async fn start_with_tls() -> Etcd {
+        let dir = tempfile::Builder::new().prefix("tandem-etcd-").tempdir().expect("creating a temp dir");
+        let files = crate::pki::etcd_tls_files(dir.path());
+        let client = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let peer = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let health = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut etcd = Etcd { child: None, dir, client, peer, max_request_bytes: None, tls: Some((files, health)) };
+        if let Err(e) = etcd.launch().await {
+            panic!("etcd with TLS did not start: {e}");
+        }
+        etcd
+    }
+
+    /// With [`Etcd::start_with_tls`]: its certificates.
+    pub fn tls_files(&self) -> Option<&EtcdTlsFiles> {
+        self.tls.as_ref().map(|(files, _)| files)
+    }
+
     /// Starts etcd serving clients on `client_port` (for a sidecar already pointed there).
     pub async fn start_on(client_port: u16) -> Etcd {
         let dir = tempfile::Builder::new().prefix("tandem-etcd-").tempdir().expect("creating a temp dir");
         let client = SocketAddr::from(([127, 0, 0, 1], client_port));
         let peer = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let mut etcd = Etcd { child: None, dir, client, peer, max_request_bytes: None };
+        let mut etcd = Etcd { child: None, dir, client, peer, max_request_bytes: None, tls: None };
         if let Err(e) = etcd.launch().await {
             panic!("etcd did not start on port {client_port}: {e}");
         }
@@ -63,9 +112,10 @@ impl Etcd {
         self.child.as_ref().and_then(tokio::process::Child::id)
     }
 
-    /// `http://127.0.0.1:PORT`, the value for `--etcd-endpoints`.
+    /// `http://127.0.0.1:PORT` (`https` with TLS), the value for `--etcd-endpoints`.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.client)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.client)
     }
 
     /// Kills etcd (SIGKILL) and waits for it to exit; its data stays for [`Etcd::restart`].
@@ -84,7 +134,7 @@ impl Etcd {
     async fn launch(&mut self) -> Result<(), String> {
         let log = self.dir.path().join("etcd.log");
         let (stdout, stderr) = server_process::log_to(&log)?;
-        let client_url = format!("http://{}", self.client);
+        let client_url = self.endpoint();
         let peer_url = format!("http://{}", self.peer);
         let mut command = Command::new("etcd");
         if let Some(limit) = self.max_request_bytes {
@@ -97,21 +147,49 @@ impl Etcd {
             .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
             .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
             .args(["--initial-cluster", &format!("tandem-test={peer_url}")])
+            .args(self.tls_args())
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot run etcd (install Debian's etcd-server): {e}"))?;
-        let client = self.client;
-        let healthy = async || matches!(http::get(client, "/health").await, Ok((200, body)) if body.contains("true"));
+        // With TLS, /health is read from the plain metrics listener.
+        let health = self.tls.as_ref().map_or(self.client, |(_, health)| *health);
+        let healthy = async || matches!(http::get(health, "/health").await, Ok((200, body)) if body.contains("true"));
         self.child = Some(server_process::until_healthy(child, "etcd", &log, healthy).await?);
         Ok(())
     }
 
+    fn tls_args(&self) -> Vec<String> {
+        let Some((files, health)) = &self.tls else { return Vec::new() };
+        let path = |p: &PathBuf| p.to_string_lossy().into_owned();
+        vec![
+            "--cert-file".into(),
+            path(&files.server_cert),
+            "--key-file".into(),
+            path(&files.server_key),
+            "--client-cert-auth".into(),
+            "--trusted-ca-file".into(),
+            path(&files.ca),
+            "--listen-metrics-urls".into(),
+            format!("http://{health}"),
+        ]
+    }
+
+    /// A client of this etcd (with its client certificate when it requires one).
+    pub async fn client(&self) -> etcd_client::Client {
+        let tls = self.tls_files().map(|files| {
+            tandem_sidecar::discovery::EtcdTls::read(Some(&files.ca), Some(&files.client_cert), Some(&files.client_key))
+                .expect("the etcd TLS files")
+                .expect("files were given")
+        });
+        tandem_sidecar::discovery::etcd_client(&[self.endpoint()], tls.as_ref()).await.expect("etcd client")
+    }
+
     /// The keys under `prefix`, read from etcd itself.
     pub async fn keys(&self, prefix: &str) -> Vec<String> {
-        let mut client = etcd_client::Client::connect([self.endpoint()], None).await.expect("etcd client");
+        let mut client = self.client().await;
         let response = client
             .get(prefix, Some(etcd_client::GetOptions::new().with_prefix().with_keys_only()))
             .await

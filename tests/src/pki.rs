@@ -112,3 +112,38 @@ impl TlsFiles {
 fn write(path: &Path, contents: &str) {
     std::fs::write(path, contents).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
 }
+
+/// A CA, a server certificate for etcd on 127.0.0.1 and a client certificate, written to `dir`.
+pub fn etcd_tls_files(dir: &Path) -> crate::etcd::EtcdTlsFiles {
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
+    let root = Root::new("etcd test CA");
+    let issue = |name: &str, server: bool| {
+        let key = KeyPair::generate().expect("a key");
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        if server {
+            params.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
+        }
+        let purpose = if server { ExtendedKeyUsagePurpose::ServerAuth } else { ExtendedKeyUsagePurpose::ClientAuth };
+        params.extended_key_usages = vec![purpose];
+        let issuer_key = KeyPair::from_pem(&root.issued.key_pem).expect("the CA's key");
+        let issuer = Issuer::from_ca_cert_pem(root.pem(), issuer_key).expect("the CA");
+        let cert = params.signed_by(&key, &issuer).expect("a certificate");
+        (cert.pem(), key.serialize_pem())
+    };
+    let files = crate::etcd::EtcdTlsFiles {
+        ca: dir.join("etcd-ca.crt"),
+        server_cert: dir.join("etcd-server.crt"),
+        server_key: dir.join("etcd-server.key"),
+        client_cert: dir.join("etcd-client.crt"),
+        client_key: dir.join("etcd-client.key"),
+    };
+    write(&files.ca, root.pem());
+    let (cert, key) = issue("etcd", true);
+    write(&files.server_cert, &cert);
+    write(&files.server_key, &key);
+    let (cert, key) = issue("tandem-test-client", false);
+    write(&files.client_cert, &cert);
+    write(&files.client_key, &key);
+    files
+}

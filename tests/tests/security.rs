@@ -1,6 +1,8 @@
-//! Security of the app-facing side, with real sidecars: API tokens as Dapr has them. With
-//! `DAPR_API_TOKEN`, both APIs refuse calls without the token (health paths stay open); with
-//! `APP_API_TOKEN`, the sidecar sends its token on every call into the app, gRPC or HTTP.
+//! Security of the app-facing side and of etcd, with real sidecars: API tokens as Dapr has
+//! them (with `DAPR_API_TOKEN`, both APIs refuse calls without the token, health paths stay
+//! open; with `APP_API_TOKEN`, the sidecar sends its token on every call into the app, gRPC
+//! or HTTP), and etcd over TLS with client certificates. (Mutual TLS between sidecars and
+//! access control: `mtls.rs`.)
 
 use std::time::Duration;
 use tandem_sdk::{AppServer, Code, Reply, SidecarClient};
@@ -143,4 +145,74 @@ async fn echo_token_over_http(port: u16) {
             }
         });
     }
+}
+
+/// etcd serving only TLS, with client certificates required: a sidecar and the CLI reach it
+/// with the certificate; a sidecar without one is refused by etcd and keeps retrying; TLS files with
+/// a plaintext endpoint, or a certificate without its key, stop tandemd at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_and_the_cli_reach_an_etcd_that_requires_client_certificates() {
+    let etcd = Etcd::start_with_tls().await;
+    let files = etcd.tls_files().unwrap().clone();
+    let sidecar =
+        files.client_flags().into_iter().fold(Sidecar::new("guarded").etcd(&etcd), Sidecar::arg).spawn().await;
+    sidecar.wait_ready().await;
+    eventually(Duration::from_secs(10), "the sidecar to register in etcd over TLS", || async {
+        etcd.registered_instances("guarded").await == 1
+    })
+    .await;
+
+    // The CLI, with the same files.
+    let mut ls = vec!["ls".to_string(), "--etcd".into(), etcd.endpoint()];
+    ls.extend(files.client_flags());
+    let output = tokio::process::Command::new(tandem_tests::workspace_binary("tandem"))
+        .args(&ls)
+        .env_remove("TANDEM_ETCD_ENDPOINTS")
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("guarded"), "{}", String::from_utf8_lossy(&output.stdout));
+
+    // Only the CA, no client certificate: etcd refuses the connection, the sidecar keeps trying.
+    let ca = files.ca.to_string_lossy().into_owned();
+    let refused = Sidecar::new("stranger").etcd(&etcd).arg("--etcd-ca-file").arg(ca.clone()).spawn().await;
+    eventually(
+        Duration::from_secs(20),
+        "the sidecar without a client certificate to report etcd refusing it",
+        || async { refused.log().contains("could not register in etcd; retrying") },
+    )
+    .await;
+    assert_eq!(etcd.registered_instances("stranger").await, 0);
+
+    // Bad combinations stop tandemd at start.
+    let data = tempfile::tempdir().unwrap();
+    let data = data.path().to_string_lossy().into_owned();
+    let plain = tandem_tests::sidecar::run_until_exit(&[
+        "--app-id",
+        "x",
+        "--data-dir",
+        &data,
+        "--etcd-endpoints",
+        "http://127.0.0.1:1",
+        "--etcd-ca-file",
+        &ca,
+    ])
+    .await;
+    let stderr = String::from_utf8_lossy(&plain.stderr);
+    assert!(!plain.status.success() && stderr.contains("https://"), "{stderr}");
+    let cert = files.client_cert.to_string_lossy().into_owned();
+    let keyless = tandem_tests::sidecar::run_until_exit(&[
+        "--app-id",
+        "x",
+        "--data-dir",
+        &data,
+        "--etcd-endpoints",
+        &etcd.endpoint(),
+        "--etcd-cert-file",
+        &cert,
+    ])
+    .await;
+    let stderr = String::from_utf8_lossy(&keyless.stderr);
+    assert!(!keyless.status.success() && stderr.contains("--etcd-key-file"), "{stderr}");
 }

@@ -37,13 +37,67 @@ pub struct InstanceRecord {
     pub api_address: Option<String>,
 }
 
-/// Connects a lazily-connecting etcd client; calls fail (and are retried by the callers)
-/// while etcd is unreachable.
-pub async fn etcd_client(endpoints: &[String]) -> Result<etcd_client::Client, etcd_client::Error> {
-    let options = etcd_client::ConnectOptions::new()
+/// TLS to etcd (`https://` endpoints): the CA that signed etcd's server certificate, and a
+/// client certificate and key for etcd's `--client-cert-auth`. Read once, at start.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdTls {
+    ca_pem: Option<Vec<u8>>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl EtcdTls {
+    /// The files given (`None` when none is): a certificate needs its key and the reverse;
+    /// errors name the file.
+    pub fn read(
+        ca: Option<&std::path::Path>,
+        cert: Option<&std::path::Path>,
+        key: Option<&std::path::Path>,
+    ) -> Result<Option<EtcdTls>, String> {
+        let read = |path: &std::path::Path| {
+            let pem = std::fs::read(path).map_err(|e| format!("{}: cannot be read: {e}", path.display()))?;
+            if !String::from_utf8_lossy(&pem).contains("-----BEGIN") {
+                return Err(format!("{}: holds no PEM block", path.display()));
+            }
+            Ok(pem)
+        };
+        let identity = match (cert, key) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            (None, None) => None,
+            (Some(_), None) => return Err("--etcd-cert-file needs --etcd-key-file".into()),
+            (None, Some(_)) => return Err("--etcd-key-file needs --etcd-cert-file".into()),
+        };
+        let ca_pem = ca.map(read).transpose()?;
+        if ca_pem.is_none() && identity.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(EtcdTls { ca_pem, identity }))
+    }
+
+    fn options(&self) -> etcd_client::TlsOptions {
+        let mut options = etcd_client::TlsOptions::new();
+        if let Some(ca) = &self.ca_pem {
+            options = options.ca_certificate(etcd_client::Certificate::from_pem(ca));
+        }
+        if let Some((cert, key)) = &self.identity {
+            options = options.identity(etcd_client::Identity::from_pem(cert, key));
+        }
+        options
+    }
+}
+
+/// Connects a lazily-connecting etcd client (over TLS with `tls`); calls fail (and are
+/// retried by the callers) while etcd is unreachable.
+pub async fn etcd_client(
+    endpoints: &[String],
+    tls: Option<&EtcdTls>,
+) -> Result<etcd_client::Client, etcd_client::Error> {
+    let mut options = etcd_client::ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(Duration::from_secs(3))
         .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+    if let Some(tls) = tls {
+        options = options.with_tls(tls.options());
+    }
     etcd_client::Client::connect(endpoints, Some(options)).await
 }
 

@@ -580,7 +580,7 @@ mod tests {
         }
 
         async fn client(&self) -> Result<Client, etcd_client::Error> {
-            crate::discovery::etcd_client(std::slice::from_ref(&self.endpoint)).await
+            crate::discovery::etcd_client(std::slice::from_ref(&self.endpoint), None).await
         }
 
         async fn store(&self) -> EtcdStore {

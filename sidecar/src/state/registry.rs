@@ -10,6 +10,7 @@ use super::StateStore;
 use super::etcd::EtcdStore;
 use super::sled::SledStore;
 use crate::components::ComponentSpec;
+use crate::discovery::EtcdTls;
 use crate::disk::DiskSpace;
 
 /// The state store types tandemd can build.
@@ -104,6 +105,8 @@ pub struct StoreContext<'a> {
     pub namespace: &'a str,
     pub data_dir: &'a Path,
     pub etcd_endpoints: &'a [String],
+    /// TLS to etcd, for `state.etcd` stores.
+    pub etcd_tls: Option<&'a EtcdTls>,
     /// The data dir's free space (state.sled writes there).
     pub disk: &'a Arc<DiskSpace>,
 }
@@ -153,7 +156,7 @@ async fn build(spec: &ComponentSpec, ctx: &StoreContext<'_>) -> Result<NamedStor
                 Some(list) if !list.trim().is_empty() => list.split(',').map(|e| e.trim().to_string()).collect(),
                 _ => ctx.etcd_endpoints.to_vec(),
             };
-            let client = crate::discovery::etcd_client(&endpoints)
+            let client = crate::discovery::etcd_client(&endpoints, ctx.etcd_tls)
                 .await
                 .map_err(|e| format!("metadata 'endpoints' {endpoints:?}: {e}"))?;
             let prefix = format!("/tandem/v1/{}/state/{}/", ctx.namespace, spec.name);
