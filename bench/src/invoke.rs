@@ -21,7 +21,7 @@ use tandem_sdk::{AppServer, Reply, SidecarClient, Status};
 use tandem_tests::{Etcd, RunningSidecar, Sidecar, TestApp};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::load::Call;
+use crate::load::{self, Call, RouteFigures, Settings};
 use crate::procfs::Memory;
 
 /// App-id of the called app and its sidecar.
@@ -31,6 +31,38 @@ pub const CALLER: &str = "bench-a";
 const METHOD: &str = "echo";
 /// How long a freshly started mesh gets to route its first call.
 const REACH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Measures the mesh routes of two meshes side by side (`load::measure`, the routes taken in
+/// turn), watching the bench process (`bench_process` says what it serves) and each mesh's two
+/// sidecars; the figures of each, with its own mesh's processes.
+pub async fn measure_side_by_side(
+    (first_name, first): (&str, &Mesh),
+    (second_name, second): (&str, &Mesh),
+    bench_process: &str,
+    settings: &Settings,
+) -> Result<(RouteFigures, RouteFigures)> {
+    let [(_, first_a), (_, first_b)] = first.sidecar_pids()?;
+    let [(_, second_a), (_, second_b)] = second.sidecar_pids()?;
+    let watched = vec![
+        (format!("bench process ({bench_process})"), std::process::id()),
+        (format!("tandemd {CALLER}"), first_a),
+        (format!("tandemd {CALLEE}"), first_b),
+        (format!("tandemd {CALLER}"), second_a),
+        (format!("tandemd {CALLEE}"), second_b),
+    ];
+    eprintln!(
+        "measuring {first_name} and {second_name} in {} rounds: {} sequential calls, then {} in flight for {:?}, per route ...",
+        settings.rounds, settings.calls, settings.in_flight, settings.duration
+    );
+    let figures: Vec<RouteFigures> = load::measure(&[&first.mesh_route(), &second.mesh_route()], settings, &watched)
+        .await?
+        .into_iter()
+        .zip([first_name, second_name])
+        .map(|(measured, route)| measured.into_figures().with_context(|| format!("the {route} route")))
+        .collect::<Result<_>>()?;
+    let [first_figures, second_figures]: [_; 2] = figures.try_into().expect("one set of figures per route");
+    Ok((first_figures.only_processes(&[0, 1, 2]), second_figures.only_processes(&[0, 3, 4])))
+}
 
 /// The running processes; all stopped when dropped (fields drop in this order).
 pub struct Mesh {

@@ -8,7 +8,7 @@
 use anyhow::{Context, Result};
 use tandem_tests::pki::{Root, TlsFiles};
 
-use crate::invoke::{CALLEE, CALLER, Mesh};
+use crate::invoke::{CALLEE, CALLER, Mesh, measure_side_by_side};
 use crate::load::{self, RouteFigures, Settings};
 use crate::machine::RunContext;
 use crate::report::{Section, comparison_table, cpu_per_call_table, precise_times, thousands};
@@ -42,33 +42,15 @@ pub async fn run(settings: &Settings, context: RunContext) -> Result<MtlsReport>
     let mtls = Mesh::start_configured(|app_id, sidecar| files[usize::from(app_id == CALLEE)].apply(sidecar))
         .await
         .context("the mTLS mesh")?;
-    let [(_, off_a), (_, off_b)] = plaintext.sidecar_pids()?;
-    let [(_, on_a), (_, on_b)] = mtls.sidecar_pids()?;
-    let watched = vec![
-        (format!("bench process (caller, both apps {CALLEE})"), std::process::id()),
-        (format!("tandemd {CALLER}"), off_a),
-        (format!("tandemd {CALLEE}"), off_b),
-        (format!("tandemd {CALLER}"), on_a),
-        (format!("tandemd {CALLEE}"), on_b),
-    ];
-    eprintln!(
-        "measuring plaintext and mTLS in {} rounds: {} sequential calls, then {} in flight for {:?}, per route ...",
-        settings.rounds, settings.calls, settings.in_flight, settings.duration
-    );
-    let figures: Vec<RouteFigures> = load::measure(&[&plaintext.mesh_route(), &mtls.mesh_route()], settings, &watched)
-        .await?
-        .into_iter()
-        .zip(["plaintext", "mTLS"])
-        .map(|(measured, route)| measured.into_figures().with_context(|| format!("the {route} route")))
-        .collect::<Result<_>>()?;
-    let [plaintext_figures, mtls_figures]: [_; 2] = figures.try_into().expect("one set of figures per route");
+    let (plaintext_figures, mtls_figures) = measure_side_by_side(
+        ("plaintext", &plaintext),
+        ("mTLS", &mtls),
+        &format!("caller, both apps {CALLEE}"),
+        settings,
+    )
+    .await?;
     drop((plaintext, mtls));
-    Ok(MtlsReport {
-        context,
-        settings: *settings,
-        plaintext: plaintext_figures.only_processes(&[0, 1, 2]),
-        mtls: mtls_figures.only_processes(&[0, 3, 4]),
-    })
+    Ok(MtlsReport { context, settings: *settings, plaintext: plaintext_figures, mtls: mtls_figures })
 }
 
 impl MtlsReport {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tandem_tests::otlp::Collector;
 
-use crate::invoke::{CALLEE, CALLER, Mesh};
+use crate::invoke::{CALLEE, CALLER, Mesh, measure_side_by_side};
 use crate::load::{self, RouteFigures, Settings};
 use crate::machine::RunContext;
 use crate::prometheus::sum_of;
@@ -59,26 +59,13 @@ pub async fn run(settings: &Settings, context: RunContext) -> Result<TracingRepo
     ])
     .await
     .context("the traced mesh")?;
-    let [(_, off_a), (_, off_b)] = untraced.sidecar_pids()?;
-    let [(_, on_a), (_, on_b)] = traced.sidecar_pids()?;
-    let watched = vec![
-        (format!("bench process (caller, both apps {CALLEE}, collector)"), std::process::id()),
-        (format!("tandemd {CALLER}"), off_a),
-        (format!("tandemd {CALLEE}"), off_b),
-        (format!("tandemd {CALLER}"), on_a),
-        (format!("tandemd {CALLEE}"), on_b),
-    ];
-    eprintln!(
-        "measuring untraced and traced in {} rounds: {} sequential calls, then {} in flight for {:?}, per route ...",
-        settings.rounds, settings.calls, settings.in_flight, settings.duration
-    );
-    let figures: Vec<RouteFigures> = load::measure(&[&untraced.mesh_route(), &traced.mesh_route()], settings, &watched)
-        .await?
-        .into_iter()
-        .zip(["untraced", "traced"])
-        .map(|(measured, route)| measured.into_figures().with_context(|| format!("the {route} route")))
-        .collect::<Result<_>>()?;
-    let [untraced_figures, traced_figures]: [_; 2] = figures.try_into().expect("one set of figures per route");
+    let (untraced_figures, traced_figures) = measure_side_by_side(
+        ("untraced", &untraced),
+        ("traced", &traced),
+        &format!("caller, both apps {CALLEE}, collector"),
+        settings,
+    )
+    .await?;
 
     // Let the last batches reach the collector (the default schedule delay is 5 s).
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -88,13 +75,7 @@ pub async fn run(settings: &Settings, context: RunContext) -> Result<TracingRepo
         spans.dropped += sum_of(&text, "tandem_trace_spans_dropped_total") as u64;
     }
     drop((untraced, traced));
-    Ok(TracingReport {
-        context,
-        settings: *settings,
-        untraced: untraced_figures.only_processes(&[0, 1, 2]),
-        traced: traced_figures.only_processes(&[0, 3, 4]),
-        spans,
-    })
+    Ok(TracingReport { context, settings: *settings, untraced: untraced_figures, traced: traced_figures, spans })
 }
 
 impl TracingReport {

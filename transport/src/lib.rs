@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 
 pub use coalesce::Coalescing;
 pub use connection::GrpcConnection;
-pub use serve::{serve_grpc, serve_grpc_tls};
+pub use serve::{GrpcRoutes, serve_grpc, serve_grpc_tls};
 pub use tls::{MeshTls, PeerIdentity, SpiffeId};
 
 /// Dials `host:port` with TCP_NODELAY on, giving up after `timeout`.

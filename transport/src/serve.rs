@@ -25,9 +25,20 @@ use tonic::body::Body;
 use crate::Coalescing;
 use crate::tls::{MeshTls, PeerIdentity};
 
-/// Serves `routes` on `listener` until `shutdown` resolves, then stops accepting and waits up
-/// to `drain` for in-flight calls to finish.
-pub async fn serve_grpc<S>(listener: TcpListener, routes: S, shutdown: impl Future<Output = ()>, drain: Duration)
+/// What a gRPC server serves: tonic's `Routes` (with layers around it), cloned per connection.
+pub trait GrpcRoutes:
+    tower::Service<
+        http::Request<hyper::body::Incoming>,
+        Response = http::Response<Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> GrpcRoutes for S
 where
     S: tower::Service<http::Request<hyper::body::Incoming>, Response = http::Response<Body>, Error = Infallible>
         + Clone
@@ -35,6 +46,16 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
+}
+
+/// Serves `routes` on `listener` until `shutdown` resolves, then stops accepting and waits up
+/// to `drain` for in-flight calls to finish.
+pub async fn serve_grpc<S: GrpcRoutes>(
+    listener: TcpListener,
+    routes: S,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) {
     serve(listener, routes, None, shutdown, drain).await
 }
 
@@ -42,35 +63,23 @@ where
 /// CA, an expired certificate, no SPIFFE id of this trust domain) is closed before any request
 /// is read, and logged with the reason; every request served carries the caller's
 /// [`PeerIdentity`] in its extensions.
-pub async fn serve_grpc_tls<S>(
+pub async fn serve_grpc_tls<S: GrpcRoutes>(
     listener: TcpListener,
     routes: S,
     tls: Arc<MeshTls>,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
-) where
-    S: tower::Service<http::Request<hyper::body::Incoming>, Response = http::Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
+) {
     serve(listener, routes, Some(tls), shutdown, drain).await
 }
 
-async fn serve<S>(
+async fn serve<S: GrpcRoutes>(
     listener: TcpListener,
     routes: S,
     tls: Option<Arc<MeshTls>>,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
-) where
-    S: tower::Service<http::Request<hyper::body::Incoming>, Response = http::Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
+) {
     let graceful = GracefulShutdown::new();
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
