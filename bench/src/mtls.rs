@@ -11,7 +11,7 @@ use tandem_tests::pki::{Root, TlsFiles};
 use crate::invoke::{CALLEE, CALLER, Mesh, measure_side_by_side};
 use crate::load::{self, RouteFigures, Settings};
 use crate::machine::RunContext;
-use crate::report::{Section, comparison_table, cpu_per_call_table, precise_times, thousands};
+use crate::report::{Section, comparison_table, cpu_per_call_table, precise_times, side_by_side_method};
 use crate::stats::ratio;
 
 pub const MTLS_SECTION: Section = Section {
@@ -75,19 +75,11 @@ impl MtlsReport {
              `SidecarClient::invoke` -> tandemd A -> tandemd B -> app B) on two meshes started side by side, \
              each with its own etcd, app B and tandemds (runtime threads: {workers}). **plaintext**: HTTP/2 \
              between the sidecars. **mTLS**: `--enable-mtls`, TLS 1.3 (rustls, ring) with ECDSA P-256 SVIDs \
-             on both sides; one connection from A to B, made before the timed calls.\n\
-             - Latency: {calls} sequential calls per route after {warmup} warm-up calls. Throughput: {in_flight} \
-             calls in flight for {secs} s per route after a {warm_secs} s warm-up. Both split into {rounds} \
-             rounds that take the routes in turn.\n\n",
+             on both sides; one connection from A to B, made before the timed calls.\n",
             payload = s.payload_bytes,
             workers = c.tandemd_workers,
-            calls = thousands(s.calls as u64),
-            warmup = thousands(s.warmup_calls as u64),
-            in_flight = s.in_flight,
-            secs = s.duration.as_secs_f64(),
-            warm_secs = s.warmup_duration.as_secs_f64(),
-            rounds = s.rounds,
         ));
+        out.push_str(&side_by_side_method(s));
         out.push_str(&comparison_table(("plaintext", off), ("mTLS", on), s.in_flight));
         let throughput = self.throughput_ratio();
         let p50 = self.p50_ratio();

@@ -316,6 +316,21 @@ pub fn throughput_cpu_rows(windows: &[&CpuWindow]) -> String {
     )
 }
 
+/// The method line of a side-by-side mesh benchmark: how many calls each route got, and how.
+pub fn side_by_side_method(s: &Settings) -> String {
+    format!(
+        "- Latency: {calls} sequential calls per route after {warmup} warm-up calls. Throughput: {in_flight} \
+         calls in flight for {secs} s per route after a {warm_secs} s warm-up. Both split into {rounds} \
+         rounds that take the routes in turn.\n\n",
+        calls = thousands(s.calls as u64),
+        warmup = thousands(s.warmup_calls as u64),
+        in_flight = s.in_flight,
+        secs = s.duration.as_secs_f64(),
+        warm_secs = s.warmup_duration.as_secs_f64(),
+        rounds = s.rounds,
+    )
+}
+
 /// Two mesh routes side by side (`(label, figures)` each): latency p50 and p99, throughput with
 /// `in_flight` calls in flight, and the second's ratio to the first.
 pub fn comparison_table(first: (&str, &RouteFigures), second: (&str, &RouteFigures), in_flight: usize) -> String {

@@ -14,7 +14,7 @@ use crate::invoke::{CALLEE, CALLER, Mesh, measure_side_by_side};
 use crate::load::{self, RouteFigures, Settings};
 use crate::machine::RunContext;
 use crate::prometheus::sum_of;
-use crate::report::{Section, comparison_table, cpu_per_call_table, precise_times, thousands};
+use crate::report::{Section, comparison_table, cpu_per_call_table, precise_times, side_by_side_method, thousands};
 use crate::stats::ratio;
 
 pub const TRACING_SECTION: Section = Section {
@@ -98,19 +98,11 @@ impl TracingReport {
              `OTEL_EXPORTER_OTLP_ENDPOINT` (no OpenTelemetry spans, only the trace context carried on). **traced**: every call sampled \
              (`OTEL_TRACES_SAMPLER=traceidratio`, `OTEL_TRACES_SAMPLER_ARG=1.0`), three spans per call (A's API \
              call, A's attempt, B's inbound call) exported over OTLP/gRPC to a collector in the bench process on \
-             loopback that decodes every export and counts its spans.\n\
-             - Latency: {calls} sequential calls per route after {warmup} warm-up calls. Throughput: {in_flight} \
-             calls in flight for {secs} s per route after a {warm_secs} s warm-up. Both split into {rounds} \
-             rounds that take the routes in turn.\n\n",
+             loopback that decodes every export and counts its spans.\n",
             payload = s.payload_bytes,
             workers = c.tandemd_workers,
-            calls = thousands(s.calls as u64),
-            warmup = thousands(s.warmup_calls as u64),
-            in_flight = s.in_flight,
-            secs = s.duration.as_secs_f64(),
-            warm_secs = s.warmup_duration.as_secs_f64(),
-            rounds = s.rounds,
         ));
+        out.push_str(&side_by_side_method(s));
         out.push_str(&comparison_table(("untraced", off), ("traced", on), s.in_flight));
         let ratio = self.throughput_ratio();
         let pass = ratio.is_some_and(|r| r >= MIN_TRACED_THROUGHPUT_RATIO);
