@@ -96,8 +96,9 @@ pub async fn run(
     // The Configuration's trust domain, when it names one, is this sidecar's.
     let trust_domain =
         access.as_ref().and_then(|access| access.trust_domain.clone()).unwrap_or(config.trust_domain.clone());
+    crate::config::validate_name("trust domain", &trust_domain).map_err(StartError::Config)?;
     let etcd_tls = config.etcd_tls().map_err(StartError::Config)?;
-    // Before anything else: a sidecar that cannot prove who it is must not start.
+    // Before anything is opened or bound: a sidecar that cannot prove who it is must not start.
     let tls = match config.tls_sources().map_err(StartError::Config)? {
         Some(sources) => {
             let own_id = SpiffeId::new(&trust_domain, &config.namespace, &config.app_id);

@@ -202,9 +202,10 @@ pub async fn store_batch(
     batch: &Batch,
     ipc: Vec<u8>,
 ) -> Result<Option<(GatherRecord, GatherRecord)>, Status> {
+    let key = batch.key();
     // Idempotent: a redelivered batch writes the same bytes again.
-    sidecar.save_state(BATCH_STORE, &stored_batch_key(&batch.key()), ipc).await?;
-    keeper.counter.count(sidecar, &keeper.store_id, batch.dataset_version.clone(), batch.key()).await
+    sidecar.save_state(BATCH_STORE, &stored_batch_key(&key), ipc).await?;
+    keeper.counter.count(sidecar, &keeper.store_id, batch.dataset_version.clone(), key).await
 }
 
 /// The most batches counted in one transaction: a marker each and the record, well under
