@@ -43,6 +43,12 @@ impl Root {
     pub fn svid_valid(&self, app_id: &str, validity: Validity) -> Issued {
         certs::issue(&self.issued, &spiffe_id(app_id), validity).expect("an SVID")
     }
+
+    /// An SVID naming `id` as it is written (e.g. Kubernetes' `.../ns/NS/sa/ACCOUNT`), valid an hour.
+    pub fn svid_for(&self, id: &str) -> Issued {
+        let id = SpiffeId::parse(id).expect("a SPIFFE id");
+        certs::issue(&self.issued, &id, Validity::from_now(Duration::from_secs(3600))).expect("an SVID")
+    }
 }
 
 /// One sidecar's TLS files: its SVID, its key and its trust anchors.

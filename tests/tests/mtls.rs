@@ -101,6 +101,25 @@ async fn with_mtls_sidecars_call_each_other_and_the_caller_is_who_its_certificat
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn svids_of_kubernetes_service_accounts_named_after_the_app_identify_it() {
+    // cert-manager's csi-driver-spiffe (and SPIRE's default) name a pod by its service account.
+    let etcd = Etcd::start().await;
+    let root = Root::new("test root");
+    let app = caller_echo(Arc::new(AtomicUsize::new(0))).await;
+    let callee_files = TlsFiles::new(&root.svid_for("spiffe://public/ns/default/sa/svc-b"), &[&root]);
+    let callee = mtls_sidecar(&etcd, "svc-b", &callee_files, Some(&app)).await;
+    let caller_files = TlsFiles::new(&root.svid_for("spiffe://public/ns/default/sa/svc-a"), &[&root]);
+    let caller = mtls_sidecar(&etcd, "svc-a", &caller_files, None).await;
+    assert!(callee.log().contains("mtls=spiffe://public/ns/default/svc-b"), "{}", callee.log_tail());
+
+    // The caller verified svc-b's certificate; svc-b's sidecar took the caller's app-id from its.
+    let client = caller.client();
+    wait_routed(&client).await;
+    let answer = client.invoke("svc-b", "caller", Vec::new()).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&answer.data), "svc-a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_internal_port_refuses_plaintext_an_unknown_ca_and_an_expired_certificate_before_the_app() {
     let etcd = Etcd::start().await;
     let root = Root::new("test root");
@@ -266,6 +285,7 @@ async fn bad_tls_files_stop_tandemd_at_start_naming_the_file() {
     let root = Root::new("test root");
     let good = TlsFiles::new(&root.svid("svc-a"), &[&root]);
     let other = TlsFiles::new(&root.svid("svc-a"), &[&root]);
+    let account = TlsFiles::new(&root.svid_for("spiffe://public/ns/default/sa/default"), &[&root]);
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
 
@@ -295,6 +315,12 @@ async fn bad_tls_files_stop_tandemd_at_start_naming_the_file() {
             [file(&good.cert), file(&other.key), file(&good.anchors)],
             "does not hold the private key",
             file(&other.key),
+        ),
+        (
+            "the SVID of another service account",
+            [file(&account.cert), file(&account.key), file(&account.anchors)],
+            "is the SVID of spiffe://public/ns/default/sa/default, but this sidecar is spiffe://public/ns/default/svc-a",
+            file(&account.cert),
         ),
         (
             "no SPIFFE id",

@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 pub use coalesce::Coalescing;
 pub use connection::GrpcConnection;
 pub use serve::{GrpcRoutes, serve_grpc, serve_grpc_tls};
-pub use tls::{MeshTls, PeerIdentity, SpiffeId};
+pub use tls::{IdPath, MeshTls, PeerIdentity, SpiffeId};
 
 /// Dials `host:port` with TCP_NODELAY on, giving up after `timeout`.
 pub async fn dial(address: &str, timeout: Duration) -> io::Result<Coalescing<TcpStream>> {

@@ -33,31 +33,73 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-/// `spiffe://TRUST_DOMAIN/ns/NAMESPACE/APP_ID`, the form of Dapr's identities.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// `spiffe://TRUST_DOMAIN/ns/NAMESPACE/APP_ID`, the form of Dapr's identities, or
+/// `spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/APP_ID`, the form Kubernetes' issuers give a pod
+/// (cert-manager's csi-driver-spiffe, SPIRE's default template, Istio): its service account,
+/// which names the app when each app runs under a service account of its app-id (the prod
+/// overlay does). Both forms name the same app: ids compare by trust domain, namespace and
+/// app-id, and keep their form only to be shown as they were written.
+#[derive(Debug, Clone)]
 pub struct SpiffeId {
     pub trust_domain: String,
     pub namespace: String,
     pub app_id: String,
+    pub path: IdPath,
+}
+
+/// How a SPIFFE id's path names the app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IdPath {
+    /// `/ns/NAMESPACE/APP_ID` (Dapr).
+    #[default]
+    AppId,
+    /// `/ns/NAMESPACE/sa/APP_ID` (a Kubernetes service account named after the app-id).
+    ServiceAccount,
+}
+
+impl PartialEq for SpiffeId {
+    fn eq(&self, other: &SpiffeId) -> bool {
+        self.trust_domain == other.trust_domain && self.namespace == other.namespace && self.app_id == other.app_id
+    }
+}
+
+impl Eq for SpiffeId {}
+
+impl std::hash::Hash for SpiffeId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (&self.trust_domain, &self.namespace, &self.app_id).hash(state);
+    }
 }
 
 impl SpiffeId {
     pub fn new(trust_domain: &str, namespace: &str, app_id: &str) -> SpiffeId {
-        SpiffeId { trust_domain: trust_domain.into(), namespace: namespace.into(), app_id: app_id.into() }
+        SpiffeId {
+            trust_domain: trust_domain.into(),
+            namespace: namespace.into(),
+            app_id: app_id.into(),
+            path: IdPath::AppId,
+        }
     }
 
     pub fn parse(uri: &str) -> Result<SpiffeId, String> {
-        let invalid = || format!("'{uri}' is not a SPIFFE id of the form spiffe://TRUST_DOMAIN/ns/NAMESPACE/APP_ID");
+        let invalid = || {
+            format!(
+                "'{uri}' is not a SPIFFE id of the form spiffe://TRUST_DOMAIN/ns/NAMESPACE/APP_ID (or .../ns/NAMESPACE/sa/APP_ID)"
+            )
+        };
         let rest = uri.strip_prefix("spiffe://").ok_or_else(invalid)?;
         let parts: Vec<&str> = rest.split('/').collect();
-        match parts[..] {
-            [trust_domain, "ns", namespace, app_id]
-                if !trust_domain.is_empty() && !namespace.is_empty() && !app_id.is_empty() =>
-            {
-                Ok(SpiffeId::new(trust_domain, namespace, app_id))
+        let (trust_domain, namespace, app_id, path) = match parts[..] {
+            [trust_domain, "ns", namespace, app_id] => (trust_domain, namespace, app_id, IdPath::AppId),
+            [trust_domain, "ns", namespace, "sa", account] => {
+                (trust_domain, namespace, account, IdPath::ServiceAccount)
             }
-            _ => Err(invalid()),
+            _ => return Err(invalid()),
+        };
+        if [trust_domain, namespace, app_id].iter().any(|part| part.is_empty()) {
+            return Err(invalid());
         }
+        Ok(SpiffeId { path, ..SpiffeId::new(trust_domain, namespace, app_id) })
     }
 
     /// The SPIFFE id of a certificate (DER): its one `spiffe://` URI SAN, as the X509-SVID
@@ -88,7 +130,11 @@ impl SpiffeId {
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spiffe://{}/ns/{}/{}", self.trust_domain, self.namespace, self.app_id)
+        let account = match self.path {
+            IdPath::AppId => "",
+            IdPath::ServiceAccount => "sa/",
+        };
+        write!(f, "spiffe://{}/ns/{}/{account}{}", self.trust_domain, self.namespace, self.app_id)
     }
 }
 
@@ -444,11 +490,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn spiffe_ids_parse_and_print_in_daprs_form() {
+    fn spiffe_ids_parse_and_print_in_daprs_and_kubernetes_forms() {
         let id = SpiffeId::parse("spiffe://public/ns/default/train").unwrap();
         assert_eq!(id, SpiffeId::new("public", "default", "train"));
         assert_eq!(id.to_string(), "spiffe://public/ns/default/train");
+        // A service account named after the app-id is that app, shown as it was written.
+        let account = SpiffeId::parse("spiffe://cluster.local/ns/prod/sa/serve").unwrap();
+        assert_eq!(account, SpiffeId::new("cluster.local", "prod", "serve"));
+        assert_eq!(account.path, IdPath::ServiceAccount);
+        assert_eq!(account.to_string(), "spiffe://cluster.local/ns/prod/sa/serve");
+        assert_ne!(account, SpiffeId::new("cluster.local", "default", "serve"), "another namespace");
+        assert_ne!(account, SpiffeId::new("cluster.local", "prod", "sa"), "'sa' is not the app");
         for bad in [
+            "spiffe://public/ns/default/sa/",
+            "spiffe://public/ns/default/sa/serve/extra",
+            "spiffe://public/ns/default/xa/serve",
             "https://public/ns/default/train",
             "spiffe://public/default/train",
             "spiffe://public/ns/default/train/extra",
