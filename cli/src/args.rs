@@ -102,6 +102,55 @@ pub enum CertsCommand {
     Init(CertsInitArgs),
     /// Issue an SVID for an app (OUT/APP_ID.crt and OUT/APP_ID.key), signed by DIR's root.
     Issue(CertsIssueArgs),
+    /// Keep the SVIDs of several apps fresh: OUT/APP_ID/tls.crt, tls.key and ca.crt (the names
+    /// cert-manager's csi-driver-spiffe uses), signed by DIR's root (created when there is
+    /// none), issued again once less than half of --ttl is left or when they do not chain to
+    /// the root. With --every it keeps doing so (compose's `certs` service).
+    Renew(CertsRenewArgs),
+    /// Exit 0 when every directory under OUT holds a usable SVID (its key, a chain to the
+    /// ca.crt beside it, a SPIFFE id, not expired); 1, naming what is wrong, otherwise.
+    Check(CertsCheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CertsRenewArgs {
+    /// An app to keep an SVID for (repeat the flag for several).
+    #[arg(long = "app-id", required = true)]
+    pub app_ids: Vec<String>,
+    /// The trust domain of their SPIFFE ids.
+    #[arg(long, default_value = "public")]
+    pub trust_domain: String,
+    /// How long each SVID is valid.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// The directory of the root; a root is created there when it holds none.
+    #[arg(long, default_value = "tandem-certs")]
+    pub dir: PathBuf,
+    /// How long a root created here is valid.
+    #[arg(long, default_value = "8760h", value_parser = parse_duration)]
+    pub root_ttl: Duration,
+    /// Where the apps' directories go.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Give the SVID files to this user (UID:GID), e.g. the sidecars' when this runs as root.
+    #[arg(long, value_parser = parse_owner)]
+    pub owner: Option<(u32, u32)>,
+    /// Keep running, checking again at this interval (e.g. 10m).
+    #[arg(long, value_parser = parse_duration)]
+    pub every: Option<Duration>,
+}
+
+fn parse_owner(value: &str) -> Result<(u32, u32), String> {
+    let invalid = || format!("'{value}' is not UID:GID (two numbers, e.g. 65532:65532)");
+    let (uid, gid) = value.split_once(':').ok_or_else(invalid)?;
+    Ok((uid.parse().map_err(|_| invalid())?, gid.parse().map_err(|_| invalid())?))
+}
+
+#[derive(Debug, Args)]
+pub struct CertsCheckArgs {
+    /// The directory of the apps' SVID directories (`tandem certs renew --out`).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -7,7 +7,8 @@ use tandem_sdk::{CallOptions, SidecarClient};
 use tandem_transport::SpiffeId;
 
 use crate::args::{
-    CertsInitArgs, CertsIssueArgs, Global, InvokeArgs, LsArgs, PublishArgs, StateGetArgs, SynthArgs, UnsubscribeArgs,
+    CertsCheckArgs, CertsInitArgs, CertsIssueArgs, CertsRenewArgs, Global, InvokeArgs, LsArgs, PublishArgs,
+    StateGetArgs, SynthArgs, UnsubscribeArgs,
 };
 use crate::error::CliError;
 use crate::registry::{self, Registry};
@@ -293,17 +294,76 @@ pub fn certs_init(init: CertsInitArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `tandem certs issue`.
-pub fn certs_issue(global: &Global, issue: CertsIssueArgs) -> Result<(), CliError> {
-    for (what, name) in
-        [("--app-id", &issue.app_id), ("--namespace", &global.namespace), ("--trust-domain", &issue.trust_domain)]
-    {
+/// The SPIFFE id of `app_id`, each part checked as tandemd checks its own.
+fn spiffe_id(trust_domain: &str, namespace: &str, app_id: &str) -> Result<SpiffeId, CliError> {
+    for (what, name) in [("--app-id", app_id), ("--namespace", namespace), ("--trust-domain", trust_domain)] {
         tandem_sidecar::config::validate_name(what, name).map_err(CliError::usage)?;
     }
-    let id = SpiffeId::new(&issue.trust_domain, &global.namespace, &issue.app_id);
+    Ok(SpiffeId::new(trust_domain, namespace, app_id))
+}
+
+/// `tandem certs issue`.
+pub fn certs_issue(global: &Global, issue: CertsIssueArgs) -> Result<(), CliError> {
+    let id = spiffe_id(&issue.trust_domain, &global.namespace, &issue.app_id)?;
     let out = issue.out.clone().unwrap_or_else(|| issue.dir.clone());
     let written = certs::issue_files(&issue.dir, &id, issue.ttl, &out)?;
     println!("issued {id}: {} (--cert-file) and {} (--key-file)", written[0].display(), written[1].display());
+    Ok(())
+}
+
+/// How long until `expires`, as `23h59m`, for the lines of `certs renew` and `certs check`.
+fn time_left(expires: std::time::SystemTime) -> String {
+    let minutes = expires.duration_since(std::time::SystemTime::now()).map_or(0, |d| d.as_secs() / 60);
+    format!("{}h{:02}m", minutes / 60, minutes % 60)
+}
+
+/// `tandem certs renew`: one pass, or one every `--every` until stopped (a failed pass is
+/// reported and tried again then).
+pub async fn certs_renew(global: &Global, renew: CertsRenewArgs) -> Result<(), CliError> {
+    let ids = renew
+        .app_ids
+        .iter()
+        .map(|app_id| spiffe_id(&renew.trust_domain, &global.namespace, app_id))
+        .collect::<Result<Vec<_>, _>>()?;
+    let plan = certs::RenewPlan {
+        root_dir: renew.dir,
+        root_ttl: renew.root_ttl,
+        out: renew.out,
+        ids,
+        ttl: renew.ttl,
+        owner: renew.owner,
+    };
+    loop {
+        match certs::renew(&plan) {
+            Ok(done) => {
+                for (id, renewal) in done {
+                    match renewal {
+                        certs::Renewal::Kept { expires } => {
+                            println!("kept {id}: valid for {}", time_left(expires))
+                        }
+                        certs::Renewal::Issued { reason, expires } => println!(
+                            "issued {id} into {}, valid for {} ({reason})",
+                            plan.out.join(&id.app_id).display(),
+                            time_left(expires)
+                        ),
+                    }
+                }
+            }
+            Err(error) if renew.every.is_some() => eprintln!("tandem certs renew: {error}"),
+            Err(error) => return Err(error),
+        }
+        match renew.every {
+            Some(every) => tokio::time::sleep(every).await,
+            None => return Ok(()),
+        }
+    }
+}
+
+/// `tandem certs check`.
+pub fn certs_check(check: CertsCheckArgs) -> Result<(), CliError> {
+    for (dir, id, expires) in certs::check(&check.out)? {
+        println!("{}: {id}, valid for {}", dir.display(), time_left(expires));
+    }
     Ok(())
 }
 

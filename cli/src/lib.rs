@@ -7,7 +7,7 @@
 //! - `tandem invoke`, `tandem publish`, `tandem state get`, `tandem ls`, `tandem unsubscribe`
 //!   ([`commands`]): talk to a running mesh through a sidecar's Dapr API and etcd.
 //! - `tandem dataset synth` ([`commands`]): writes a seeded synthetic dataset to Parquet or CSV.
-//! - `tandem certs init|issue` ([`certs`]): a root and SPIFFE SVIDs for mTLS, for local use.
+//! - `tandem certs init|issue|renew|check` ([`certs`]): a root and SPIFFE SVIDs for mTLS, for local use.
 //!
 //! Modules: [`args`] (the command line), [`error`] (errors and exit codes), [`registry`] (what
 //! etcd says about apps and their sidecars), [`commands`] (everything but `up`), [`up`],
@@ -42,5 +42,7 @@ pub async fn run(cli: args::Cli) -> Result<(), CliError> {
         Command::Dataset(args::DatasetCommand::Synth(synth)) => commands::dataset_synth(synth).await,
         Command::Certs(args::CertsCommand::Init(init)) => commands::certs_init(init),
         Command::Certs(args::CertsCommand::Issue(issue)) => commands::certs_issue(&cli.global, issue),
+        Command::Certs(args::CertsCommand::Renew(renew)) => commands::certs_renew(&cli.global, renew).await,
+        Command::Certs(args::CertsCommand::Check(check)) => commands::certs_check(check),
     }
 }

@@ -259,6 +259,44 @@ async fn certs_init_and_issue_write_a_root_and_svids_that_tandemd_runs_with() {
 }
 
 #[tokio::test]
+async fn certs_renew_issues_keeps_and_replaces_svids_and_check_names_a_broken_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (root, out) = (dir.path().join("ca"), dir.path().join("svids"));
+    let (root, out) = (root.to_str().unwrap(), out.to_str().unwrap());
+    let metadata = std::fs::metadata(dir.path()).unwrap();
+    let owner = format!(
+        "{}:{}",
+        std::os::unix::fs::MetadataExt::uid(&metadata),
+        std::os::unix::fs::MetadataExt::gid(&metadata)
+    );
+    let renew = ["certs", "renew", "--app-id", "pinger", "--app-id", "ponger", "--dir", root, "--out", out];
+    let renew: Vec<&str> = renew.iter().copied().chain(["--ttl", "1h", "--owner", &owner]).collect();
+
+    let first = run(&renew).await;
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    for app_id in ["pinger", "ponger"] {
+        assert!(stdout(&first).contains(&format!("issued spiffe://public/ns/default/{app_id}")), "{}", stdout(&first));
+    }
+    let again = run(&renew).await;
+    assert_eq!(stdout(&again).matches("kept spiffe://").count(), 2, "{}", stdout(&again));
+    let check = run(&["certs", "check", "--out", out]).await;
+    assert_eq!(check.status.code(), Some(0), "{}", stderr(&check));
+    assert!(stdout(&check).contains("spiffe://public/ns/default/ponger, valid for 0h59m"), "{}", stdout(&check));
+
+    // A damaged key: check names it; the next pass issues that SVID again.
+    let key = dir.path().join("svids/ponger/tls.key");
+    std::fs::write(&key, "not a key").unwrap();
+    assert_fails(&run(&["certs", "check", "--out", out]).await, 1, &[key.to_str().unwrap()]);
+    let repaired = run(&renew).await;
+    assert!(stdout(&repaired).contains("issued spiffe://public/ns/default/ponger"), "{}", stdout(&repaired));
+    assert!(stdout(&repaired).contains("kept spiffe://public/ns/default/pinger"), "{}", stdout(&repaired));
+    assert_eq!(run(&["certs", "check", "--out", out]).await.status.code(), Some(0));
+
+    let bad_owner: Vec<&str> = renew.iter().copied().take(renew.len() - 1).chain(["tandem"]).collect();
+    assert_fails(&run(&bad_owner).await, 2, &["'tandem' is not UID:GID"]);
+}
+
+#[tokio::test]
 async fn unsubscribe_releases_what_a_publisher_kept_for_an_app_gone_for_good() {
     let etcd = Etcd::start().await;
     let endpoint = etcd.endpoint();
