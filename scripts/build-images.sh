@@ -14,7 +14,8 @@
 # build context.
 #
 # usage: scripts/build-images.sh [--profile debug|release] [--no-build] [--tag TAG] [IMAGE...]
-#   IMAGE: tandemd ingest preprocess train serve (the default: all five), and etcd: an etcd
+#   IMAGE: tandemd ingest preprocess train serve tandem (the default: all six; tandem is the
+#          command line, for compose's `certs` service), and etcd: an etcd
 #          image from Debian's etcd-server binary (/usr/bin/etcd) for machines that cannot pull
 #          the upstream one (the compose test uses it).
 #   --profile   which cargo profile's binaries to use (default debug, the binaries CI already
@@ -36,11 +37,11 @@ while (($# > 0)); do
         --no-build) build=0; shift ;;
         --tag) tag=${2:?--tag needs a value}; shift 2 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-        tandemd|ingest|preprocess|train|serve|etcd) images+=("$1"); shift ;;
+        tandemd|ingest|preprocess|train|serve|tandem|etcd) images+=("$1"); shift ;;
         *) echo "build-images: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
-((${#images[@]} > 0)) || images=(tandemd ingest preprocess train serve)
+((${#images[@]} > 0)) || images=(tandemd ingest preprocess train serve tandem)
 case $profile in
     debug) profile_dir=debug; profile_flag=() ;;
     release) profile_dir=release; profile_flag=(--release) ;;
@@ -48,8 +49,8 @@ case $profile in
 esac
 command -v docker >/dev/null || { echo "build-images: docker is not installed" >&2; exit 1; }
 
-binary_of() { case $1 in tandemd|etcd) echo "$1" ;; *) echo "tandem-$1" ;; esac; }
-package_of() { case $1 in tandemd) echo tandem-sidecar ;; *) echo "tandem-$1" ;; esac; }
+binary_of() { case $1 in tandemd|tandem|etcd) echo "$1" ;; *) echo "tandem-$1" ;; esac; }
+package_of() { case $1 in tandemd) echo tandem-sidecar ;; tandem) echo tandem-cli ;; *) echo "tandem-$1" ;; esac; }
 
 target_dir=${CARGO_TARGET_DIR:-target}
 packages=()

@@ -147,6 +147,12 @@ impl ComposeProject {
         }
     }
 
+    /// One service's whole log.
+    pub async fn service_logs(&self, service: &str) -> String {
+        let out = self.compose(&["logs", "--no-color", service], Duration::from_secs(60)).await;
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    }
+
     /// The last lines of every service's log.
     pub async fn logs(&self, tail: usize) -> String {
         let out = self.compose(&["logs", "--no-color", "--tail", &tail.to_string()], Duration::from_secs(60)).await;

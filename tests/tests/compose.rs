@@ -1,9 +1,10 @@
 //! The pipeline in containers, on the real Docker engine: the images built by
 //! scripts/build-images.sh (from the binaries of this build, FROM scratch), compose.yaml up
 //! with a local etcd image (two preprocess, two train and two serve replicas, the train replicas one
-//! training group), predictions from the host through serve's published port, then `docker
-//! kill` of serve's sidecar and of a preprocess replica, recovery, and teardown with the
-//! volumes. Without a Docker engine this test fails (it never skips under CI=true); outside CI,
+//! training group; mutual TLS between every sidecar, with SVIDs from the `certs` service),
+//! predictions from the host through serve's published port, a plaintext connection to a
+//! sidecar's internal port refused, then `docker kill` of serve's sidecar and of a preprocess
+//! replica, recovery, and teardown with the volumes. Without a Docker engine this test fails (it never skips under CI=true); outside CI,
 //! TANDEM_SKIP_COMPOSE_TEST=1 skips it, saying so.
 
 use std::time::Duration;
@@ -50,6 +51,23 @@ async fn predict(client: &SidecarClient) -> Result<(String, Vec<u64>), tonic::St
     Ok((version, classes))
 }
 
+/// Sends an HTTP/2 client preface in plaintext to `address`; what came back before the
+/// connection closed (at most 64 bytes, within 10 s).
+async fn plaintext_http2_attempt(address: &str) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(address))
+        .await
+        .unwrap_or_else(|_| panic!("connecting to {address} timed out"))
+        .unwrap_or_else(|e| panic!("cannot connect to {address}: {e}"));
+    // The preface and an empty SETTINGS frame; a plaintext gRPC server would answer SETTINGS.
+    let _ = stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await;
+    let mut answer = vec![0; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer)).await;
+    let read = read.unwrap_or_else(|_| panic!("{address} neither answered nor closed the connection in 10 s"));
+    answer.truncate(read.unwrap_or(0));
+    answer
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pipeline_runs_in_compose_serves_the_host_and_recovers_from_killed_containers() {
     let compose = match docker_support() {
@@ -76,7 +94,7 @@ async fn the_pipeline_runs_in_compose_serves_the_host_and_recovers_from_killed_c
             ("TANDEM_LOG_LEVEL".into(), "info".into()),
         ],
     );
-    let build = project.build_images(&["tandemd", "ingest", "preprocess", "train", "serve", "etcd"]).await;
+    let build = project.build_images(&["tandemd", "ingest", "preprocess", "train", "serve", "tandem", "etcd"]).await;
     assert!(build.status.success(), "building the images failed:\n{}", String::from_utf8_lossy(&build.stderr));
     println!("{}", String::from_utf8_lossy(&build.stdout));
     // compose.yaml's etcd defaults to the upstream image; this machine cannot pull it.
@@ -140,6 +158,35 @@ async fn the_pipeline_runs_in_compose_serves_the_host_and_recovers_from_killed_c
     assert!(accuracy >= 0.97, "test accuracy {accuracy} below 0.97 with the default seed");
     assert_eq!(train["model_version"].as_str(), Some(version.as_str()), "serve serves train's model");
 
+    // Every sidecar ran with its app's SVID (the pipeline above crossed the mesh over mTLS).
+    assert_eq!(project.health("certs").await, "healthy", "the certs service's SVIDs are usable");
+    for (sidecar, app) in [
+        ("ingest-sidecar", "ingest"),
+        ("preprocess-2-sidecar", "preprocess"),
+        ("train-1-sidecar", "train"),
+        ("train-2-sidecar", "train"),
+        ("serve-sidecar", "serve"),
+        ("serve-2-sidecar", "serve"),
+    ] {
+        let logs = project.service_logs(sidecar).await;
+        let listening = logs.lines().find(|line| line.contains("tandemd listening")).unwrap_or_default();
+        assert!(
+            listening.contains(&format!("spiffe://public/ns/default/{app}")),
+            "{sidecar} did not start with mTLS as {app}: {listening:?}"
+        );
+    }
+    // A plaintext client at a sidecar's internal port (reached from the host on the project's
+    // network) gets no HTTP/2 answer, and the sidecar logs why.
+    let address = project.inspect("serve-2-sidecar", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}").await;
+    let answer = plaintext_http2_attempt(&format!("{address}:50002")).await;
+    let http2_settings = answer.len() >= 9 && answer[3] == 4;
+    assert!(!http2_settings, "{address}:50002 answered a plaintext client with HTTP/2 SETTINGS: {answer:?}");
+    project
+        .wait_for(Duration::from_secs(30), "serve-2-sidecar logging the refused plaintext connection", || async {
+            project.service_logs("serve-2-sidecar").await.contains("refused a connection: mutual TLS failed")
+        })
+        .await;
+
     // Serve's sidecar dies: predictions fail from the host until it is back, then serve the
     // same model again (the serve app kept it; its sidecar's data is on a volume).
     project.kill("serve-sidecar").await;
@@ -169,7 +216,7 @@ async fn the_pipeline_runs_in_compose_serves_the_host_and_recovers_from_killed_c
 
     // Teardown takes the volumes with it.
     let volumes_before = project.volumes().await;
-    assert!(volumes_before.len() >= 7, "the project's named volumes: {volumes_before:?}");
+    assert!(volumes_before.len() >= 12, "the project's named volumes: {volumes_before:?}");
     let down = project.tear_down().await;
     assert!(down.status.success(), "compose down: {}", String::from_utf8_lossy(&down.stderr));
     assert_eq!(project.volumes().await, Vec::<String>::new(), "volumes left after down --volumes");
