@@ -19,12 +19,21 @@ What the API schema cannot know, checked for every workload with a Tandem sideca
 - a workload with more than one replica keeps its state (`statestore`) in a store its
   replicas share (state.etcd), not in each sidecar's own (state.sled); another store may be
   private to each replica only in a StatefulSet, whose claims outlive a pod (train's batches);
+- where tandemd has mTLS on (TANDEM_ENABLE_MTLS in its env or ConfigMap, or --enable-mtls): its
+  certificate, key and trust anchors files are set, each under a volume mounted in the tandemd
+  container (not a subPath, which never sees a renewed file); where that volume is
+  csi-driver-spiffe's (spiffe.csi.cert-manager.io): it is readOnly, its fs-group (if set) is the
+  pod's fsGroup or runAsGroup, TANDEM_NAMESPACE is the pod's namespace, the trust domain is set,
+  and the pod's serviceAccountName is the app-id (the SVID's .../sa/NAME is the caller's app-id),
+  a ServiceAccount of that name is in the manifests and a RoleBinding gives it a Role allowing
+  create on certificaterequests (cert-manager.io), which the driver needs to request the SVID;
 and for the whole: the four apps are there (train a StatefulSet, serve and preprocess
 Deployments), train's group minimum (TANDEM_MIN_REPLICAS / --min-replicas, at least 1) is
 within its replicas and its maximum, serve has an HPA (whose serve metrics, if any, serve exports on its declared metrics port) and a PDB, the internal port is open only
 to sidecar pods behind a default deny, and etcd's members match its replicas and the sidecars'
-endpoints.
---self-test breaks a copy of the manifests in ways the checks must catch (thirteen) and fails if
+endpoints, and mTLS is on for all the sidecar workloads or for none, with one trust domain.
+--self-test breaks a copy of the manifests in ways the checks must catch (fourteen, and seven more
+about the SVID, its mount and its RBAC where the manifests have mTLS on: twenty-one) and fails if
 any goes unnoticed.
 """
 
@@ -43,6 +52,12 @@ SERVE_SCALING_METRICS = {"tandem_serve_queue_depth_samples", "tandem_serve_reque
 SIDECAR_LABEL = "tandem.dev/sidecar"
 TANDEMD_PORT_FLAGS = {"grpc": "--grpc-port", "internal": "--internal-port", "admin": "--admin-port"}
 TANDEMD_DEFAULT_PORTS = {"--grpc-port": 50001, "--internal-port": 50002, "--admin-port": 9090}
+# tandemd's mTLS files: (flag, environment variable).
+MTLS_FILES = (("--cert-file", "TANDEM_CERT_FILE"), ("--key-file", "TANDEM_KEY_FILE"),
+              ("--trust-anchors-file", "TANDEM_TRUST_ANCHORS_FILE"))
+SPIFFE_CSI_DRIVER = "spiffe.csi.cert-manager.io"
+# Values clap reads as false for a boolean flag's environment variable.
+FALSEY = {"", "0", "n", "no", "f", "false", "off"}
 
 
 def tandemd_interface(help_text):
@@ -93,6 +108,7 @@ def check(docs, flags, envs, components_dir):
         if labels.get(SIDECAR_LABEL) == "true":
             sidecar_workloads[w["metadata"]["name"]] = w
 
+    mtls = {}  # sidecar workload -> (mTLS on, trust domain or None when unknown)
     for app, kind in APPS.items():
         w = sidecar_workloads.get(app)
         if w is None:
@@ -124,6 +140,7 @@ def check(docs, flags, envs, components_dir):
                 errors.append(f"{where}: tandemd envFrom ConfigMap {cm_name!r} is not in the manifests")
             else:
                 env_names += list(cm.get("data", {}))
+        tenv = tandemd_env(sc, configmap)
         for env in env_names:
             if re.match(r"^(TANDEM|DAPR)_", env) and env not in envs:
                 errors.append(f"{where}: tandemd has no environment variable {env}")
@@ -191,6 +208,14 @@ def check(docs, flags, envs, components_dir):
         elif w["kind"] == "StatefulSet" and data_vol not in claims:
             errors.append(f"{where}: a StatefulSet's --data-dir must be on a PVC (volumeClaimTemplates)")
 
+        on = mtls_enabled(sargs, tenv)
+        trust_domain = setting(sargs, tenv, "--trust-domain", "TANDEM_TRUST_DOMAIN")
+        if trust_domain is None and setting(sargs, tenv, "--config", "TANDEM_CONFIG") is None:
+            trust_domain = "public"  # tandemd's default
+        mtls[name] = (on, trust_domain if isinstance(trust_domain, str) else None)
+        if on:
+            errors += check_mtls(where, name, w, sc, sargs, tenv, by_kind)
+
     serve = sidecar_workloads.get("serve")
     if serve is not None:
         hpas = [h for h in by_kind.get("HorizontalPodAutoscaler", {}).values() if h["spec"]["scaleTargetRef"]["name"] == "serve"]
@@ -208,8 +233,128 @@ def check(docs, flags, envs, components_dir):
     if train is not None:
         errors += check_training_group(train)
 
+    on = sorted(n for n, (m, _) in mtls.items() if m)
+    off = sorted(n for n, (m, _) in mtls.items() if not m)
+    if on and off:
+        errors.append(f"mTLS is on for {on} but off for {off}: sidecars with and without mTLS cannot call each other")
+    domains = {td for m, td in mtls.values() if m and td is not None}
+    if len(domains) > 1:
+        errors.append(f"the mTLS sidecars have different trust domains {sorted(domains)}: they refuse each other's certificates")
     errors += check_network_policies(by_kind.get("NetworkPolicy", {}).values(), sidecar_workloads)
     errors += check_etcd(by_kind, sidecar_workloads)
+    return errors
+
+
+def tandemd_env(container, configmap):
+    """The container's environment as tandemd sees it: its envFrom ConfigMaps in order, then its
+    env (which wins). A value from valueFrom stays the valueFrom dict."""
+    env = {}
+    for ref in container.get("envFrom", []):
+        cm = configmap(ref.get("configMapRef", {}).get("name")) or {}
+        prefix = ref.get("prefix", "")
+        env.update({prefix + k: v for k, v in cm.get("data", {}).items()})
+    for e in container.get("env", []):
+        env[e["name"]] = e["value"] if "value" in e else e.get("valueFrom", {})
+    return env
+
+
+def setting(sargs, env, flag, var):
+    """A tandemd setting: its flag in args wins over its environment variable (None: unset)."""
+    return sargs[flag] if flag in sargs else env.get(var)
+
+
+def mtls_enabled(sargs, env):
+    value = setting(sargs, env, "--enable-mtls", "TANDEM_ENABLE_MTLS")
+    if value is None:
+        return False
+    if value is True or isinstance(value, dict):  # a bare flag; a value from elsewhere: assume on
+        return True
+    return str(value).strip().lower() not in FALSEY
+
+
+def check_mtls(where, app, w, sc, sargs, env, by_kind):
+    """tandemd with mTLS on: its certificate, key and trust anchors are files on volumes mounted in
+    its container; an SVID from csi-driver-spiffe names the pod's ServiceAccount, which must be
+    the app-id and allowed to request the SVID."""
+    errors = []
+    pod = w["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = sc.get("volumeMounts", [])
+    spiffe = set()
+    for flag, var in MTLS_FILES:
+        path = setting(sargs, env, flag, var)
+        if not isinstance(path, str) or not path:
+            errors.append(f"{where}: mTLS is on but {var} / {flag} is not set")
+            continue
+        under = [m for m in mounts if path.startswith(m["mountPath"].rstrip("/") + "/")]
+        if not under:
+            errors.append(f"{where}: tandemd {var} {path!r} is not under a volume mounted in the tandemd container")
+            continue
+        mount = max(under, key=lambda m: len(m["mountPath"]))
+        if mount.get("subPath") or mount.get("subPathExpr"):
+            errors.append(f"{where}: tandemd {var} {path!r} is on a subPath mount, which never sees a renewed file")
+        vol = volumes.get(mount["name"])
+        if vol is None:
+            errors.append(f"{where}: tandemd mounts volume {mount['name']!r}, which the pod does not have")
+        elif vol.get("csi", {}).get("driver") == SPIFFE_CSI_DRIVER:
+            spiffe.add(mount["name"])
+    if not spiffe:
+        return errors
+
+    for vname in sorted(spiffe):
+        csi = volumes[vname]["csi"]
+        if csi.get("readOnly") is not True:
+            errors.append(f"{where}: volume {vname!r} of {SPIFFE_CSI_DRIVER} must be readOnly: true")
+        group = csi.get("volumeAttributes", {}).get(f"{SPIFFE_CSI_DRIVER}/fs-group")
+        pod_groups = {str(pod.get("securityContext", {}).get(k)) for k in ("fsGroup", "runAsGroup")}
+        if group is not None and str(group) not in pod_groups:
+            errors.append(f"{where}: volume {vname!r} has fs-group {group}, neither the pod's fsGroup nor its runAsGroup: tandemd could not read the key")
+
+    namespace = w["metadata"].get("namespace")
+    ns = setting(sargs, env, "--namespace", "TANDEM_NAMESPACE")
+    ns_ok = (ns.get("fieldRef", {}).get("fieldPath") == "metadata.namespace" if isinstance(ns, dict)
+             else ns is not None and (namespace is None or ns == namespace))
+    if not ns_ok:
+        shown = "not set (tandemd uses 'default')" if ns is None else repr(ns)
+        errors.append(f"{where}: TANDEM_NAMESPACE is {shown}; with an SVID from {SPIFFE_CSI_DRIVER} it must be the pod's namespace (fieldRef metadata.namespace)")
+    if setting(sargs, env, "--trust-domain", "TANDEM_TRUST_DOMAIN") is None and setting(sargs, env, "--config", "TANDEM_CONFIG") is None:
+        errors.append(f"{where}: tandemd's trust domain is left at 'public'; set TANDEM_TRUST_DOMAIN to csi-driver-spiffe's app.trustDomain")
+
+    sa = pod.get("serviceAccountName") or pod.get("serviceAccount") or "default"
+    if sa != app:
+        errors.append(
+            f"{where}: serviceAccountName is {sa!r}, but the SVID from {SPIFFE_CSI_DRIVER} (.../sa/SERVICE_ACCOUNT) names the"
+            f" caller's app-id: it must be {app!r}, or every call from this sidecar is refused")
+        return errors
+
+    def same_namespace(obj):
+        return namespace is None or obj["metadata"].get("namespace") in (None, namespace)
+
+    if not any(same_namespace(a) for a in by_kind.get("ServiceAccount", {}).values() if a["metadata"]["name"] == sa):
+        errors.append(f"{where}: no ServiceAccount {sa!r} in the manifests")
+
+    def allows_certificate_requests(role):
+        return any(set(r.get("apiGroups", [])) & {"cert-manager.io", "*"}
+                   and set(r.get("resources", [])) & {"certificaterequests", "*"}
+                   and set(r.get("verbs", [])) & {"create", "*"}
+                   for r in role.get("rules", []) or [])
+
+    bound = False
+    for rb in by_kind.get("RoleBinding", {}).values():
+        if not same_namespace(rb):
+            continue
+        rb_ns = rb["metadata"].get("namespace")
+        if not any(s.get("kind") == "ServiceAccount" and s.get("name") == sa and s.get("namespace") in (None, rb_ns)
+                   for s in rb.get("subjects", []) or []):
+            continue
+        ref = rb["roleRef"]
+        role = by_kind.get(ref.get("kind"), {}).get(ref.get("name"))
+        if role is not None and (ref["kind"] == "ClusterRole" or same_namespace(role)) and allows_certificate_requests(role):
+            bound = True
+    if not bound:
+        errors.append(
+            f"{where}: ServiceAccount {sa!r} is not bound (RoleBinding) to a Role allowing create on certificaterequests"
+            f" (cert-manager.io): {SPIFFE_CSI_DRIVER} could not request its SVID")
     return errors
 
 
@@ -426,7 +571,58 @@ def self_test(docs, flags, envs, components_dir):
             {"type": "Pods", "pods": {"metric": {"name": "tandem_serve_queue_lenght"},
                                       "target": {"type": "AverageValue", "averageValue": "64"}}})
 
+    def set_env(container, name, value):
+        container["env"] = [e for e in container.get("env", []) if e["name"] != name] + [{"name": name, "value": value}]
+
+    def sidecar_config(d):
+        name = sidecar(d, "serve")["envFrom"][0]["configMapRef"]["name"]
+        return next(x for x in d if x["kind"] == "ConfigMap" and x["metadata"]["name"] == name)
+
+    by_kind = {}
+    for doc in docs:
+        by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
+    serve_sc = sidecar(docs, "serve")
+    mtls_on = mtls_enabled(parse_args(serve_sc.get("args", [])), tandemd_env(serve_sc, by_kind.get("ConfigMap", {}).get))
+
+    # mTLS on for serve alone (dev) or off for serve alone (prod).
+    def mtls_mixed(d):
+        set_env(sidecar(d, "serve"), "TANDEM_ENABLE_MTLS", "false" if mtls_on else "true")
+
+    # With mTLS on (prod): the SVID's id, files, mount and RBAC.
+    def service_account_not_app_id(d):
+        workload(d, "train")["spec"]["template"]["spec"]["serviceAccountName"] = "default"
+
+    def spiffe_mount_removed(d):
+        sc = sidecar(d, "serve")
+        sc["volumeMounts"] = [m for m in sc["volumeMounts"] if not m["mountPath"].startswith("/var/run/secrets/spiffe.io")]
+
+    def key_outside_mounts(d):
+        set_env(sidecar(d, "ingest"), "TANDEM_KEY_FILE", "/tmp/tls.key")
+
+    def cert_file_unset(d):
+        del sidecar_config(d)["data"]["TANDEM_CERT_FILE"]
+
+    def trust_domain_unset(d):
+        del sidecar_config(d)["data"]["TANDEM_TRUST_DOMAIN"]
+
+    def service_account_missing(d):
+        d[:] = [x for x in d if not (x["kind"] == "ServiceAccount" and x["metadata"]["name"] == "preprocess")]
+
+    def role_binding_removed(d):
+        d[:] = [x for x in d if x["kind"] != "RoleBinding"]
+
+    mtls_cases = [
+        (service_account_not_app_id, "StatefulSet/train: serviceAccountName is 'default'"),
+        (spiffe_mount_removed, "Deployment/serve: tandemd TANDEM_CERT_FILE '/var/run/secrets/spiffe.io/tls.crt' is not under a volume mounted"),
+        (key_outside_mounts, "StatefulSet/ingest: tandemd TANDEM_KEY_FILE '/tmp/tls.key' is not under a volume mounted"),
+        (cert_file_unset, "mTLS is on but TANDEM_CERT_FILE / --cert-file is not set"),
+        (trust_domain_unset, "trust domain is left at 'public'"),
+        (service_account_missing, "no ServiceAccount 'preprocess'"),
+        (role_binding_removed, "ServiceAccount 'serve' is not bound (RoleBinding)"),
+    ]
+
     cases = [
+        (mtls_mixed, "mTLS is on for"),
         (scales_on_unknown_metric, "which serve does not export"),
         (drop_sidecar, "exactly one init container 'tandemd'"),
         (plain_init, "restartPolicy: Always"),
@@ -440,7 +636,7 @@ def self_test(docs, flags, envs, components_dir):
         (components_drift, "components ConfigMap holds"),
         (train_private_store, "replicas need a shared store (state.etcd)"),
         (group_never_starts, "the training group would never start a round"),
-    ]
+    ] + (mtls_cases if mtls_on else [])
     failures = []
     for mutate, expected in cases:
         broken = copy.deepcopy(docs)
@@ -448,7 +644,7 @@ def self_test(docs, flags, envs, components_dir):
         errors = check(broken, flags, envs, components_dir)
         if not any(expected in e for e in errors):
             failures.append(f"self-test {mutate.__name__}: expected an error with {expected!r}, got {errors}")
-    return failures
+    return failures, len(cases)
 
 
 def main():
@@ -463,13 +659,14 @@ def main():
     with open(a.rendered) as fh:
         docs = [d for d in yaml.safe_load_all(fh) if d]
     errors = check(docs, flags, envs, a.components)
+    breaks = 0
     if a.self_test and not errors:
-        errors = self_test(docs, flags, envs, a.components)
+        errors, breaks = self_test(docs, flags, envs, a.components)
     for e in errors:
         print(f"  FAIL {e}")
     if errors:
         return 1
-    print(f"  ok   {a.rendered}: {len(docs)} objects, Tandem checks passed" + (" (and the self-test caught every break)" if a.self_test else ""))
+    print(f"  ok   {a.rendered}: {len(docs)} objects, Tandem checks passed" + (f" (and the self-test caught all {breaks} breaks)" if a.self_test else ""))
     return 0
 
 
