@@ -17,7 +17,6 @@
 //! above its root, or decodes to something that is not text, is denied.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use serde::Deserialize;
 use tandem_transport::SpiffeId;
@@ -33,26 +32,13 @@ pub enum Action {
     Deny,
 }
 
-/// The parts of a Dapr `Configuration` that tandemd uses.
+/// `spec.accessControl` of a `Configuration` file (read by [`crate::configuration`]).
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct ConfigurationFile {
-    kind: String,
-    #[serde(default)]
-    spec: ConfigurationSpec,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ConfigurationSpec {
-    access_control: Option<AccessControlSpec>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct AccessControlSpec {
+pub(crate) struct AccessControlSpec {
     default_action: Option<Action>,
-    trust_domain: Option<String>,
+    /// The sidecar's trust domain, when set (see [`crate::configuration`]).
+    pub(crate) trust_domain: Option<String>,
     #[serde(default)]
     policies: Vec<PolicySpec>,
 }
@@ -83,8 +69,6 @@ struct OperationSpec {
 #[derive(Debug, Clone)]
 pub struct AccessControl {
     default_action: Action,
-    /// The trust domain the file names for this app, if any.
-    pub trust_domain: Option<String>,
     policies: HashMap<String, Policy>,
 }
 
@@ -125,19 +109,15 @@ impl std::fmt::Display for Denied {
 }
 
 impl AccessControl {
-    /// Reads `--config FILE`: `None` when it has no `accessControl` (every call allowed).
-    pub fn load(path: &Path) -> Result<Option<AccessControl>, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot be read: {e}", path.display()))?;
-        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    /// The access control of a `Configuration` file's text: `None` when it has no
+    /// `accessControl` (every call allowed).
+    pub fn parse(text: &str) -> Result<Option<AccessControl>, String> {
+        Ok(crate::configuration::Configuration::parse(text)?.access_control)
     }
 
-    pub fn parse(text: &str) -> Result<Option<AccessControl>, String> {
-        let file: ConfigurationFile =
-            serde_saphyr::from_str(text).map_err(|e| format!("not a valid Configuration: {e}"))?;
-        if file.kind != "Configuration" {
-            return Err(format!("kind is '{}', expected Configuration", file.kind));
-        }
-        let Some(spec) = file.spec.access_control else { return Ok(None) };
+    /// From the file's `spec.accessControl`: `None` when it has neither a default action nor
+    /// policies.
+    pub(crate) fn from_spec(spec: AccessControlSpec) -> Result<Option<AccessControl>, String> {
         if spec.default_action.is_none() && spec.policies.is_empty() {
             return Ok(None);
         }
@@ -161,11 +141,7 @@ impl AccessControl {
                 return Err(format!("two policies for app '{}'", policy.app_id));
             }
         }
-        Ok(Some(AccessControl {
-            default_action: spec.default_action.unwrap_or(Action::Deny),
-            trust_domain: spec.trust_domain.filter(|t| !t.is_empty()),
-            policies,
-        }))
+        Ok(Some(AccessControl { default_action: spec.default_action.unwrap_or(Action::Deny), policies }))
     }
 
     /// Whether `caller` (verified, or `None`) may call `method` with `verb` (HTTP calls only).

@@ -125,7 +125,8 @@ pub struct Config {
     pub trust_anchors_file: Option<PathBuf>,
 
     /// A Dapr `Configuration` file: its `spec.accessControl` decides which callers may invoke
-    /// which of the app's operations (and its `trustDomain`, when set, is this sidecar's).
+    /// which of the app's operations; its `spec.mtls.enabled` turns mutual TLS on, and a
+    /// `trustDomain` in either section is this sidecar's.
     #[arg(long, env = "TANDEM_CONFIG")]
     pub config: Option<PathBuf>,
 

@@ -34,6 +34,7 @@ pub mod api;
 pub mod app_channel;
 pub mod components;
 pub mod config;
+pub mod configuration;
 pub mod deadline;
 pub mod discovery;
 pub mod disk;

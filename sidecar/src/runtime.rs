@@ -17,7 +17,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
-use crate::acl::AccessControl;
 use crate::api::group::TrainingGroupApi;
 use crate::api::outbox::Outbox;
 use crate::api::pubsub::PubSubApi;
@@ -27,6 +26,7 @@ use crate::api::universal::{RUNTIME_VERSION, SidecarInfo};
 use crate::api::{DaprApi, Universal};
 use crate::app_channel::{AppChannel, AppProtocol, GrpcApp, HttpApp};
 use crate::config::Config;
+use crate::configuration::Configuration;
 use crate::discovery::{self, Backoff, EtcdTls, InstanceRecord, Registrar, RoutingTable, RoutingWatcher};
 use crate::disk::DiskSpace;
 use crate::group::peer::GroupPeerService;
@@ -89,14 +89,17 @@ pub async fn run(
     on_bound: impl FnOnce(BoundAddresses),
 ) -> Result<(), StartError> {
     config.validate().map_err(StartError::Config)?;
-    let access = match &config.config {
-        Some(path) => AccessControl::load(path).map_err(StartError::Config)?.map(Arc::new),
-        None => None,
+    let file = match &config.config {
+        Some(path) => Configuration::load(path).map_err(StartError::Config)?,
+        None => Configuration::default(),
     };
-    // The Configuration's trust domain, when it names one, is this sidecar's.
-    let trust_domain =
-        access.as_ref().and_then(|access| access.trust_domain.clone()).unwrap_or(config.trust_domain.clone());
+    let access = file.access_control.map(Arc::new);
+    // The Configuration's trust domain, when it names one, is this sidecar's; its
+    // `mtls.enabled` turns mutual TLS on as the flag does.
+    let trust_domain = file.trust_domain.unwrap_or(config.trust_domain.clone());
     crate::config::validate_name("trust domain", &trust_domain).map_err(StartError::Config)?;
+    let mut config = config;
+    config.enable_mtls |= file.mtls_enabled;
     let etcd_tls = config.etcd_tls().map_err(StartError::Config)?;
     // Before anything is opened or bound: a sidecar that cannot prove who it is must not start.
     let tls = match config.tls_sources().map_err(StartError::Config)? {

@@ -120,6 +120,31 @@ async fn svids_of_kubernetes_service_accounts_named_after_the_app_identify_it() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_files_mtls_section_turns_mtls_on_in_its_trust_domain() {
+    let etcd = Etcd::start().await;
+    let root = Root::new("test root");
+    let files = TlsFiles::new(&root.svid_for("spiffe://example.org/ns/default/svc-a"), &[&root]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    let text = "apiVersion: dapr.io/v1alpha1\nkind: Configuration\nmetadata:\n  name: appconfig\nspec:\n  mtls:\n    \
+                enabled: true\n    workloadCertTTL: 24h\n    trustDomain: example.org\n";
+    std::fs::write(&config, text).unwrap();
+    // The file flags without --enable-mtls: the file turns it on.
+    let flags: Vec<String> = files.flags().into_iter().skip(1).collect();
+    let sidecar = flags
+        .into_iter()
+        .fold(Sidecar::new("svc-a").etcd(&etcd), Sidecar::arg)
+        .arg("--config")
+        .arg(config.to_str().unwrap())
+        .spawn()
+        .await;
+    sidecar.wait_ready().await;
+    assert!(sidecar.log().contains("mtls=spiffe://example.org/ns/default/svc-a"), "{}", sidecar.log_tail());
+    let plaintext = GrpcConnection::new(&sidecar.internal_addr().to_string()).unwrap();
+    assert!(call_internal(plaintext, "svc-a", "svc-b").await.is_err(), "the internal port answered plaintext");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_internal_port_refuses_plaintext_an_unknown_ca_and_an_expired_certificate_before_the_app() {
     let etcd = Etcd::start().await;
     let root = Root::new("test root");
