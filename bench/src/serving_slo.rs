@@ -19,7 +19,9 @@
 //!    replicas as the reference.
 //! 3. Overload: one replica of the compute-bound model (batching) offered twice the rate it
 //!    holds at the SLO, its `--max-queue` sized to 4 ms of that rate: how fast refusals come
-//!    back, and whether the accepted requests stay within the SLO. (The digits model is not
+//!    back, and whether the accepted requests stay within the SLO; through a client sidecar
+//!    with the adaptive concurrency limit (the default) and one without
+//!    (`--concurrency-limit off`), in alternating rounds against the same replica. (The digits model is not
 //!    used here: at twice its rate the sidecars, not serve, are the bottleneck, and requests
 //!    queue before they reach serve's queue.)
 
@@ -85,12 +87,23 @@ struct RateFigures {
     answered: Histogram<u64>,
     /// Latencies of the refusals (RESOURCE_EXHAUSTED), µs.
     shed: Histogram<u64>,
+    /// Refusals made by the client's sidecar itself, without sending the call on.
+    shed_by_caller: u64,
     failed: u64,
 }
 
 impl RateFigures {
     fn new(offered: f64) -> RateFigures {
-        RateFigures { offered, sent: 0, answered: histogram(), shed: histogram(), failed: 0 }
+        RateFigures { offered, sent: 0, answered: histogram(), shed: histogram(), shed_by_caller: 0, failed: 0 }
+    }
+
+    /// Adds another run's figures at the same offered rate.
+    fn merge(&mut self, other: &RateFigures) {
+        self.sent += other.sent;
+        self.answered.add(&other.answered).expect("histograms with the same bounds");
+        self.shed.add(&other.shed).expect("histograms with the same bounds");
+        self.shed_by_caller += other.shed_by_caller;
+        self.failed += other.failed;
     }
 
     fn lost_share(&self) -> f64 {
@@ -160,12 +173,12 @@ pub async fn run(settings: SloSettings, context: RunContext) -> Result<String> {
     let queue = ((held_rate * 0.004).ceil() as u64).max(1);
     eprintln!("overload: {overload_rate:.0}/s against one replica, --max-queue {queue} ...");
     let queue_flag = queue.to_string();
-    let overload =
-        compute.one_replica(&["--max-queue", &queue_flag], &compute_sample, overload_rate, settings.duration).await?;
+    let (adaptive, unlimited) =
+        compute.overload(&["--max-queue", &queue_flag], &compute_sample, overload_rate, settings.duration).await?;
     drop(compute);
 
     let slow = SlowReplica { rate: slow_rate, slow_ms: settings.slow_ms, healthy, p2c, round_robin };
-    let overload = Overload { rate: overload_rate, held_rate, queue, figures: overload };
+    let overload = Overload { rate: overload_rate, held_rate, queue, adaptive, unlimited };
     Ok(markdown(&context, settings, &rows, &slow, &overload))
 }
 
@@ -175,10 +188,12 @@ enum Policy {
     RoundRobin,
 }
 
-/// An etcd, a trained model in train's registry, and client sidecars (p2c and round robin).
+/// An etcd, a trained model in train's registry, and client sidecars (p2c, round robin, and
+/// p2c without the adaptive concurrency limit).
 struct Models {
     train: TrainGroup,
     round_robin: RunningSidecar,
+    unlimited: RunningSidecar,
     version: String,
     // Last: dropped after everything that uses it.
     etcd: Etcd,
@@ -190,7 +205,8 @@ impl Models {
         let train = TrainGroup::start(&etcd, 1, args).await;
         let version = train.wait_for_model(0, Duration::from_secs(900)).await;
         let round_robin = Sidecar::new("client-rr").etcd(&etcd).arg("--lb-policy").arg("round-robin").spawn().await;
-        Ok(Models { train, round_robin, version, etcd })
+        let unlimited = Sidecar::new("client-nolimit").etcd(&etcd).arg("--concurrency-limit").arg("off").spawn().await;
+        Ok(Models { train, round_robin, unlimited, version, etcd })
     }
 
     fn client(&self, policy: Policy) -> SidecarClient {
@@ -261,13 +277,27 @@ impl Models {
         Ok((figures, second_share))
     }
 
-    async fn one_replica(&self, args: &[&str], body: &[u8], rate: f64, duration: Duration) -> Result<RateFigures> {
+    /// One replica with `args` offered `rate` through the default client sidecar (adaptive
+    /// concurrency limit) and one with the limit off, in alternating rounds of `duration`.
+    async fn overload(
+        &self,
+        args: &[&str],
+        body: &[u8],
+        rate: f64,
+        duration: Duration,
+    ) -> Result<(RateFigures, RateFigures)> {
+        const ROUNDS: usize = 3;
         let stage = self.serve(args).await?;
-        let client = self.client(Policy::P2c);
-        offer(&client, body, rate, Duration::from_millis(500)).await;
-        let figures = offer(&client, body, rate, duration).await;
+        let (adaptive_client, unlimited_client) = (self.client(Policy::P2c), self.unlimited.client());
+        let (mut adaptive, mut unlimited) = (RateFigures::new(rate), RateFigures::new(rate));
+        for _ in 0..ROUNDS {
+            for (client, figures) in [(&adaptive_client, &mut adaptive), (&unlimited_client, &mut unlimited)] {
+                offer(client, body, rate, Duration::from_millis(500)).await;
+                figures.merge(&offer(client, body, rate, duration).await);
+            }
+        }
         drop(stage);
-        Ok(figures)
+        Ok((adaptive, unlimited))
     }
 }
 
@@ -337,7 +367,10 @@ async fn offer(client: &SidecarClient, body: &[u8], rate: f64, duration: Duratio
         calls.push(tokio::spawn(async move {
             let options = CallOptions::default().content_type(JSON).timeout(REQUEST_TIMEOUT);
             let answer = client.invoke_with(app_ids::SERVE, methods::PREDICT, body, options).await;
-            (answer.map(|_| ()).map_err(|status| status.code()), scheduled.elapsed())
+            let answer = answer
+                .map(|_| ())
+                .map_err(|status| (status.code(), status.message().contains("shed by the caller's sidecar")));
+            (answer, scheduled.elapsed())
         }));
     }
     for call in calls {
@@ -345,7 +378,10 @@ async fn offer(client: &SidecarClient, body: &[u8], rate: f64, duration: Duratio
         let micros = |took: Duration| (took.as_micros() as u64).clamp(1, 60_000_000);
         match call.await {
             Ok((Ok(()), took)) => figures.answered.saturating_record(micros(took)),
-            Ok((Err(Code::ResourceExhausted), took)) => figures.shed.saturating_record(micros(took)),
+            Ok((Err((Code::ResourceExhausted, by_caller)), took)) => {
+                figures.shed.saturating_record(micros(took));
+                figures.shed_by_caller += u64::from(by_caller);
+            }
             _ => figures.failed += 1,
         }
     }
@@ -386,7 +422,10 @@ struct Overload {
     rate: f64,
     held_rate: f64,
     queue: u64,
-    figures: RateFigures,
+    /// Through the default client sidecar (adaptive concurrency limit).
+    adaptive: RateFigures,
+    /// Through a client sidecar with `--concurrency-limit off`.
+    unlimited: RateFigures,
 }
 
 fn ms(d: Duration) -> String {
@@ -485,33 +524,40 @@ fn markdown(
         times(rr_ratio)
     ));
 
-    let f = &overload.figures;
-    let shed_p99 = (!f.shed.is_empty()).then(|| Duration::from_micros(f.shed.value_at_quantile(0.99)));
+    let shed_p99 =
+        |f: &RateFigures| (!f.shed.is_empty()).then(|| Duration::from_micros(f.shed.value_at_quantile(0.99)));
     out.push_str(&format!(
         "\nOverload: one replica (compute-bound MLP, batching) offered {}/s, twice the {}/s it holds, with \
-         `--max-queue {}` (4 ms of the held rate).\n\n",
+         `--max-queue {}` (4 ms of the held rate), through the default client sidecar (adaptive concurrency \
+         limit) and one with `--concurrency-limit off`, in alternating rounds ({} each in all).\n\n",
         thousands(overload.rate as u64),
         thousands(overload.held_rate as u64),
-        overload.queue
+        overload.queue,
+        thousands(overload.adaptive.sent + overload.unlimited.sent)
     ));
     out.push_str(
-        "| sent | answered | accepted p50 | accepted p99 | accepted p99.9 | refused | refusal p99 | failed |\n",
+        "| client sidecar | sent | answered | accepted p50 | accepted p99 | accepted p99.9 | refused | of which by the client's sidecar | refusal p99 | failed |\n",
     );
-    out.push_str("|---|---|---|---|---|---|---|---|\n");
-    out.push_str(&format!(
-        "| {} | {} | {} | {} | {} | {} |\n",
-        thousands(f.sent),
-        thousands(f.answered.len()),
-        quantiles(f),
-        thousands(f.shed.len()),
-        shed_p99.map(ms).unwrap_or_else(|| "-".into()),
-        f.failed
-    ));
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    for (name, f) in [("adaptive limit (default)", &overload.adaptive), ("no limit", &overload.unlimited)] {
+        out.push_str(&format!(
+            "| {name} | {} | {} | {} | {} | {} | {} | {} |\n",
+            thousands(f.sent),
+            thousands(f.answered.len()),
+            quantiles(f),
+            thousands(f.shed.len()),
+            thousands(f.shed_by_caller),
+            shed_p99(f).map(ms).unwrap_or_else(|| "-".into()),
+            f.failed
+        ));
+    }
+    let f = &overload.adaptive;
     let accepted_ok = !f.answered.is_empty() && f.p(0.99) <= SLO;
     out.push_str(&format!(
-        "\n- refusals answered within {} ms (p99): **{}**; accepted requests within the {} ms SLO (p99): **{}**\n",
+        "\n- with the default client sidecar: refusals answered within {} ms (p99): **{}**; accepted requests \
+         within the {} ms SLO (p99): **{}**\n",
         MAX_SHED_LATENCY.as_millis(),
-        verdict(shed_p99.is_some_and(|d| d <= MAX_SHED_LATENCY)),
+        verdict(shed_p99(f).is_some_and(|d| d <= MAX_SHED_LATENCY)),
         SLO.as_millis(),
         verdict(accepted_ok)
     ));

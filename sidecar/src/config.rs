@@ -9,7 +9,7 @@ use tandem_transport::tls::{PemSource, TlsSources};
 
 use crate::app_channel::AppProtocol;
 use crate::discovery::EtcdTls;
-use crate::invoke::balance::LbPolicy;
+use crate::invoke::balance::{ConcurrencyLimit, LbPolicy};
 
 /// Flags of `tandemd`. A port of 0 binds a free port; the bound address is logged.
 #[derive(Debug, Clone, Parser)]
@@ -185,6 +185,12 @@ pub struct Config {
     /// one with fewer calls in flight from this sidecar) or round-robin.
     #[arg(long, env = "TANDEM_LB_POLICY", value_enum, default_value_t = LbPolicy::P2c)]
     pub lb_policy: LbPolicy,
+
+    /// How many calls this sidecar keeps in flight to one instance: adaptive (learned from the
+    /// instance's refusals as busy; calls beyond it are shed here at once, RESOURCE_EXHAUSTED)
+    /// or off (every call is sent, and the instance refuses what it cannot take).
+    #[arg(long, env = "TANDEM_CONCURRENCY_LIMIT", value_enum, default_value_t = ConcurrencyLimit::Adaptive)]
+    pub concurrency_limit: ConcurrencyLimit,
 
     /// How long an instance that failed a call (UNAVAILABLE, or a connection that could not be
     /// made or broke) is left out of balancing; doubled for each ejection in a row.

@@ -248,7 +248,7 @@ pub async fn run(
     let background_stop = CancellationToken::new();
 
     let ejection = Ejection { base: config.ejection_base_time, max: config.ejection_max_time };
-    let balancer = Balancer::new(config.lb_policy, ejection, metrics.invoke_ejections());
+    let balancer = Balancer::new(config.lb_policy, ejection, config.concurrency_limit, metrics.invoke_ejections());
     let invoker = Arc::new(Invoker::new(
         config.app_id.clone(),
         config.namespace.clone(),

@@ -1,6 +1,7 @@
 //! Load-aware balancing through real sidecars and a real etcd: p2c sends calls to the instance
 //! with fewer calls in flight, an instance that fails is ejected and comes back by itself, and
-//! an instance that refuses a call as busy (RESOURCE_EXHAUSTED) hands it to another.
+//! an instance that refuses a call as busy (RESOURCE_EXHAUSTED) hands it to another, and the
+//! refusals teach the caller a limit beyond which it sheds calls without sending them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
@@ -191,4 +192,57 @@ async fn a_busy_instance_hands_the_call_to_another_and_all_busy_is_resource_exha
     let answer = http::request(caller.http_addr(), "POST", "/v1.0/invoke/model/method/work", &[], b"").await.unwrap();
     assert_eq!(answer.status, 503, "{}", answer.text());
     assert!(answer.text().contains("ERR_DIRECT_INVOKE") && answer.text().contains("queue full"), "{}", answer.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_teach_the_caller_a_limit_beyond_which_it_sheds_without_sending() {
+    let etcd = Etcd::start().await;
+    let (a, b) = (Replica::start(&etcd, "slow", Mode::Hold).await, Replica::start(&etcd, "fast", Mode::Hold).await);
+    let caller = calling_sidecar(&etcd, "client", &[]).await;
+    let client = caller.client();
+    let total = || a.calls() + b.calls();
+
+    // Six calls held, spread by p2c.
+    let mut held = Vec::new();
+    for i in 0..6 {
+        let before = total();
+        let client = client.clone();
+        held.push(tokio::spawn(async move { client.invoke("model", "work", Vec::new()).await }));
+        eventually(Duration::from_secs(10), &format!("call {i} to be held"), || async { total() > before }).await;
+    }
+    assert!(a.calls() >= 1 && b.calls() >= 1, "p2c spreads the held calls: {} and {}", a.calls(), b.calls());
+
+    // Both replicas full: a call tries both, is refused by both, and each refusal sets that
+    // instance's limit below the calls it then had in flight (90% of them).
+    a.set(Mode::Busy);
+    b.set(Mode::Busy);
+    let refused = client.invoke("model", "work", Vec::new()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(total(), 8, "the call reached both replicas");
+
+    // Past the 1 ms in which a refusal alone makes the caller shed, the limits remain: the
+    // next call is shed by the caller's sidecar, and no replica sees it.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let shed = client.invoke("model", "work", Vec::new()).await.unwrap_err();
+    assert_eq!(shed.code(), Code::ResourceExhausted, "{shed:?}");
+    assert!(shed.message().contains("shed by the caller's sidecar"), "{shed:?}");
+    assert!(shed.message().contains("whose refusals set its limit at"), "{shed:?}");
+    assert_eq!(total(), 8, "a shed call reaches no replica");
+
+    // The held calls answered, the replicas take calls again: nothing is held, so the limit
+    // admits them.
+    a.set(Mode::Answer);
+    b.set(Mode::Answer);
+    a.release.send(true).unwrap();
+    b.release.send(true).unwrap();
+    for call in held {
+        let answer = tokio::time::timeout(Duration::from_secs(10), call).await.unwrap().unwrap();
+        assert!(answer.is_ok(), "{answer:?}");
+    }
+    for i in 0..10 {
+        client
+            .invoke("model", "work", Vec::new())
+            .await
+            .unwrap_or_else(|e| panic!("call {i} after the overload: {e:?}"));
+    }
 }

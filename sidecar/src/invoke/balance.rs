@@ -17,6 +17,15 @@
 //!   up to `max`. Once the time is up it takes calls again; one that succeeds ends the run of
 //!   ejections. When every instance is ejected they are all tried anyway (a call should not
 //!   fail only because its target failed a moment ago).
+//! - Concurrency limit (`--concurrency-limit adaptive`, the default): an instance that refuses
+//!   a call as busy (RESOURCE_EXHAUSTED, e.g. serve's full queue) teaches this sidecar how many
+//!   calls it can hold: the limit drops to 90% of the calls that were in flight to it when it
+//!   refused (at most once per round trip of a refusal, so one burst of refusals counts once)
+//!   and grows by one for every limit's worth of answers (AIMD, as TCP's congestion window and
+//!   Netflix's concurrency-limits do). A call that would go past every instance's limit is
+//!   shed by this sidecar at once, without crossing the mesh to be refused there: under
+//!   overload the refusals then cost the callee nothing. An instance that never refused has no
+//!   limit.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -37,6 +46,15 @@ pub enum LbPolicy {
     P2c,
     /// Each instance in turn.
     RoundRobin,
+}
+
+/// Whether the calls in flight to an instance are limited by what its refusals taught.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConcurrencyLimit {
+    /// Learned from the instance's refusals (AIMD); calls beyond it are shed by this sidecar.
+    Adaptive,
+    /// No limit: every call is sent, and the instance's own queue refuses what it cannot take.
+    Off,
 }
 
 /// How long an instance that fails stays out of the choice.
@@ -75,12 +93,19 @@ pub const REFUSAL_HOLD: Duration = Duration::from_millis(1);
 /// Added to every latency in the cost, so that instances with no estimate yet still compare
 /// by calls in flight.
 const LATENCY_FLOOR_NS: f64 = 20_000.0;
+/// What a refusal leaves of the calls that were in flight, as the instance's limit.
+const LIMIT_BACKOFF: f64 = 0.9;
+/// The least time between two cuts of a limit, when refusals come back faster.
+const LIMIT_CUT_SPACING: Duration = Duration::from_millis(1);
+/// A limit grown past this many calls is no limit.
+const LIMIT_CEILING: f64 = 1024.0;
 
 /// The balancer of one sidecar, over every app-id it calls.
 #[derive(Debug)]
 pub struct Balancer {
     policy: LbPolicy,
     ejection: Ejection,
+    limit: ConcurrencyLimit,
     next: AtomicUsize,
     random: AtomicU64,
     endpoints: Mutex<Endpoints>,
@@ -112,6 +137,10 @@ struct EndpointState {
     refusing: Option<(Instant, String)>,
     /// Ejections since the instance last answered.
     ejections_in_a_row: u32,
+    /// The most calls in flight it is sent (adaptive limit; `None` until it refuses one).
+    limit: Option<f64>,
+    /// When the limit was last cut.
+    limit_cut_at: Option<Instant>,
     last_used: Instant,
     /// Latency estimate in nanoseconds as of `latency_at` (0: none yet).
     latency_ns: f64,
@@ -142,7 +171,12 @@ struct Candidate {
 }
 
 impl Balancer {
-    pub fn new(policy: LbPolicy, ejection: Ejection, ejections: Family<AppLabels, Counter>) -> Balancer {
+    pub fn new(
+        policy: LbPolicy,
+        ejection: Ejection,
+        limit: ConcurrencyLimit,
+        ejections: Family<AppLabels, Counter>,
+    ) -> Balancer {
         // Seeded per process, so that sidecars calling the same instances do not pick in step.
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -152,6 +186,7 @@ impl Balancer {
         Balancer {
             policy,
             ejection,
+            limit,
             next: AtomicUsize::new(0),
             random: AtomicU64::new(seed),
             endpoints: Mutex::new(Endpoints::default()),
@@ -241,6 +276,18 @@ impl Balancer {
         latest.map(|(_, reason)| reason)
     }
 
+    /// Whether one more call may go to `instance` under its concurrency limit; when not, the
+    /// calls in flight to it and its limit.
+    pub fn admits(&self, instance: &Instance) -> Result<(), (usize, usize)> {
+        let endpoints = self.endpoints.lock().unwrap();
+        let Some(endpoint) = endpoints.by_instance.get(&instance.instance_id) else { return Ok(()) };
+        let in_flight = endpoint.in_flight();
+        match endpoint.state.lock().unwrap().limit {
+            Some(limit) if (in_flight + 1) as f64 > limit => Err((in_flight, limit.floor() as usize)),
+            _ => Ok(()),
+        }
+    }
+
     /// Counts a call to `instance` as in flight until the guard is dropped.
     pub fn start(&self, app_id: &str, instance: &Instance) -> CallGuard<'_> {
         let started = Instant::now();
@@ -276,12 +323,25 @@ impl Balancer {
         let mut state = endpoint.state.lock().unwrap();
         match health {
             Health::Refused { reason } => {
-                let doubled = Duration::from_nanos((2.0 * state.latency_at(now)) as u64);
+                let estimate = state.latency_at(now);
+                if self.limit == ConcurrencyLimit::Adaptive {
+                    // Once per round trip of a refusal: the refusals of one burst count once.
+                    let spacing = latency.unwrap_or_default().max(LIMIT_CUT_SPACING);
+                    if state.limit_cut_at.is_none_or(|at| now.saturating_duration_since(at) >= spacing) {
+                        // In flight: this call too, which it refused.
+                        let in_flight = endpoint.in_flight() as f64;
+                        let base = state.limit.map_or(in_flight, |limit| limit.min(in_flight));
+                        state.limit = Some((base * LIMIT_BACKOFF).max(1.0));
+                        state.limit_cut_at = Some(now);
+                    }
+                }
+                let doubled = Duration::from_nanos((2.0 * estimate) as u64);
                 state.sample(latency.unwrap_or_default().max(doubled).max(REFUSAL_LATENCY), now);
                 state.refusing = Some((now + REFUSAL_HOLD, reason));
             }
             Health::Answered => {
                 state.refusing = None;
+                state.limit = state.limit.map(|limit| limit + 1.0 / limit).filter(|limit| *limit < LIMIT_CEILING);
                 if let Some(latency) = latency {
                     state.sample(latency, now);
                 }
@@ -341,6 +401,8 @@ impl Endpoints {
                     ejected_until: None,
                     refusing: None,
                     ejections_in_a_row: 0,
+                    limit: None,
+                    limit_cut_at: None,
                     last_used: now,
                     latency_ns: 0.0,
                     latency_at: now,
@@ -413,7 +475,7 @@ mod tests {
 
     fn balancer(policy: LbPolicy) -> Balancer {
         let ejection = Ejection { base: Duration::from_millis(100), max: Duration::from_millis(350) };
-        Balancer::new(policy, ejection, Family::default())
+        Balancer::new(policy, ejection, ConcurrencyLimit::Adaptive, Family::default())
     }
 
     fn first(b: &Balancer, ids: &[&str]) -> String {
@@ -486,6 +548,69 @@ mod tests {
         b.record_call("svc", "slow", &slow, refused, Some(Duration::from_micros(1)), later);
         assert!(slow.state.lock().unwrap().latency_at(later) >= REFUSAL_LATENCY.as_nanos() as f64);
         assert_eq!(first(later), "fast");
+    }
+
+    #[test]
+    fn a_refusal_sets_a_limit_below_the_calls_in_flight_which_answers_raise_again() {
+        let b = balancer(LbPolicy::P2c);
+        let all = instances(&["a"]);
+        let a = &all[0];
+        assert_eq!(b.admits(a), Ok(()), "never called");
+        let mut held: Vec<_> = (0..10).map(|_| b.start("svc", a)).collect();
+        assert_eq!(b.admits(a), Ok(()), "no refusal yet: no limit");
+
+        // The 10th call is refused: the limit is 90% of the 10 in flight.
+        let refused = || Health::Refused { reason: "queue full".into() };
+        held.pop().unwrap().finish(refused());
+        assert_eq!(b.admits(a), Err((9, 9)), "9 in flight, a limit of 9: no tenth");
+        // Refusals of the same burst (within the round trip of the first) do not cut it again.
+        let endpoint = b.endpoints.lock().unwrap().entry("a", Instant::now());
+        b.record_call("svc", "a", &endpoint, refused(), Some(Duration::from_secs(60)), Instant::now());
+        assert_eq!(endpoint.state.lock().unwrap().limit, Some(9.0));
+        held.truncate(8);
+        assert_eq!(b.admits(a), Ok(()), "8 in flight under a limit of 9");
+
+        // Answers raise it by one per limit's worth of answers.
+        for guard in held.drain(..) {
+            guard.finish(Health::Answered);
+        }
+        let limit = endpoint.state.lock().unwrap().limit.unwrap();
+        assert!(limit > 9.8 && limit < 10.0, "{limit}");
+
+        // With the limit off, refusals teach nothing.
+        let off = Balancer::new(
+            LbPolicy::P2c,
+            Ejection { base: Duration::from_millis(100), max: Duration::from_millis(350) },
+            ConcurrencyLimit::Off,
+            Family::default(),
+        );
+        let held: Vec<_> = (0..3).map(|_| off.start("svc", a)).collect();
+        held.into_iter().for_each(|guard| guard.finish(refused()));
+        assert_eq!(off.admits(a), Ok(()));
+    }
+
+    #[test]
+    fn a_limit_cut_to_one_still_admits_one_call_and_grows_back_without_bound() {
+        let b = balancer(LbPolicy::P2c);
+        let a = &instances(&["a"])[0];
+        let endpoint = b.endpoints.lock().unwrap().entry("a", Instant::now());
+        let t0 = Instant::now();
+        for i in 0..20 {
+            // Far enough apart that each cuts: the floor is one call.
+            let at = t0 + Duration::from_millis(10 * i);
+            let guard = b.start("svc", a);
+            b.record_call("svc", "a", &endpoint, Health::Refused { reason: "full".into() }, None, at);
+            drop(guard);
+        }
+        assert_eq!(endpoint.state.lock().unwrap().limit, Some(1.0));
+        assert_eq!(b.admits(a), Ok(()), "nothing in flight: one call goes");
+        let guard = b.start("svc", a);
+        assert_eq!(b.admits(a), Err((1, 1)));
+        drop(guard);
+        for _ in 0..600_000 {
+            b.record_call("svc", "a", &endpoint, Health::Answered, None, t0);
+        }
+        assert_eq!(endpoint.state.lock().unwrap().limit, None, "grown past the ceiling: no limit");
     }
 
     #[test]

@@ -99,7 +99,13 @@ impl Invoker {
         // The last instance that refused the call as busy (RESOURCE_EXHAUSTED), if any did.
         let mut busy: Option<tonic::Status> = None;
         let mut message = Some(message);
+        // Instances passed over because they hold as many calls as their refusals allow.
+        let mut at_limit: Option<(usize, usize)> = None;
         for (attempt, instance) in instances.iter().enumerate() {
+            if let Err(full) = self.balancer.admits(instance) {
+                at_limit = Some(full);
+                continue;
+            }
             let mut client = match self.mesh_client(&instance.internal_address, &target_app_id) {
                 Ok(client) => client,
                 Err(e) => {
@@ -159,6 +165,12 @@ impl Invoker {
         }
         if let Some(refusal) = busy {
             return Err(MeshError::AllBusy { app_id: target_app_id, tried: instances.len(), refusal });
+        }
+        if let Some((in_flight, limit)) = at_limit {
+            let reason = format!(
+                "{in_flight} calls in flight to an instance whose refusals set its limit at {limit} (--concurrency-limit adaptive)"
+            );
+            return Err(MeshError::Shed { app_id: target_app_id, reason });
         }
         Err(MeshError::PeersUnreachable { app_id: target_app_id, tried: instances.len(), last_error })
     }
