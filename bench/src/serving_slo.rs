@@ -65,6 +65,8 @@ const COMPUTE_BOUND_HIDDEN: &str = "2048,2048";
 pub const MAX_BODY_SIZE: &str = "64Mi";
 /// Share of refused or failed requests above which a rate does not count as held.
 const MAX_LOST_SHARE: f64 = 0.01;
+/// Rounds of the overload per client sidecar, taking turns.
+const OVERLOAD_ROUNDS: usize = 3;
 /// The longest a request may take before it counts as failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -286,11 +288,10 @@ impl Models {
         rate: f64,
         duration: Duration,
     ) -> Result<(RateFigures, RateFigures)> {
-        const ROUNDS: usize = 3;
         let stage = self.serve(args).await?;
         let (adaptive_client, unlimited_client) = (self.client(Policy::P2c), self.unlimited.client());
         let (mut adaptive, mut unlimited) = (RateFigures::new(rate), RateFigures::new(rate));
-        for _ in 0..ROUNDS {
+        for _ in 0..OVERLOAD_ROUNDS {
             for (client, figures) in [(&adaptive_client, &mut adaptive), (&unlimited_client, &mut unlimited)] {
                 offer(client, body, rate, Duration::from_millis(500)).await;
                 figures.merge(&offer(client, body, rate, duration).await);
@@ -529,11 +530,11 @@ fn markdown(
     out.push_str(&format!(
         "\nOverload: one replica (compute-bound MLP, batching) offered {}/s, twice the {}/s it holds, with \
          `--max-queue {}` (4 ms of the held rate), through the default client sidecar (adaptive concurrency \
-         limit) and one with `--concurrency-limit off`, in alternating rounds ({} each in all).\n\n",
+         limit) and one with `--concurrency-limit off`, taking turns ({OVERLOAD_ROUNDS} rounds of {:?} each).\n\n",
         thousands(overload.rate as u64),
         thousands(overload.held_rate as u64),
         overload.queue,
-        thousands(overload.adaptive.sent + overload.unlimited.sent)
+        settings.duration
     ));
     out.push_str(
         "| client sidecar | sent | answered | accepted p50 | accepted p99 | accepted p99.9 | refused | of which by the client's sidecar | refusal p99 | failed |\n",

@@ -117,15 +117,8 @@ pub struct CertsRenewArgs {
     /// An app to keep an SVID for (repeat the flag for several).
     #[arg(long = "app-id", required = true)]
     pub app_ids: Vec<String>,
-    /// The trust domain of their SPIFFE ids.
-    #[arg(long, default_value = "public")]
-    pub trust_domain: String,
-    /// How long each SVID is valid.
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
-    pub ttl: Duration,
-    /// The directory of the root; a root is created there when it holds none.
-    #[arg(long, default_value = "tandem-certs")]
-    pub dir: PathBuf,
+    #[command(flatten)]
+    pub svid: SvidArgs,
     /// How long a root created here is valid.
     #[arg(long, default_value = "8760h", value_parser = parse_duration)]
     pub root_ttl: Duration,
@@ -169,20 +162,28 @@ pub struct CertsInitArgs {
     pub force: bool,
 }
 
+/// What every SVID `tandem certs` issues shares: its trust domain, its life and its root.
+#[derive(Debug, Args)]
+pub struct SvidArgs {
+    /// The trust domain of the SPIFFE ids.
+    #[arg(long, default_value = "public")]
+    pub trust_domain: String,
+    /// How long an SVID is valid (e.g. 24h).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// The directory of the root (`tandem certs init --dir`; `renew` creates one there when
+    /// it holds none).
+    #[arg(long, default_value = "tandem-certs")]
+    pub dir: PathBuf,
+}
+
 #[derive(Debug, Args)]
 pub struct CertsIssueArgs {
     /// The app the SVID is for.
     #[arg(long)]
     pub app_id: String,
-    /// The trust domain of its SPIFFE id.
-    #[arg(long, default_value = "public")]
-    pub trust_domain: String,
-    /// How long the SVID is valid (e.g. 24h).
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
-    pub ttl: Duration,
-    /// The directory of the root (`tandem certs init --dir`).
-    #[arg(long, default_value = "tandem-certs")]
-    pub dir: PathBuf,
+    #[command(flatten)]
+    pub svid: SvidArgs,
     /// Where the SVID's files go (default: --dir).
     #[arg(long)]
     pub out: Option<PathBuf>,

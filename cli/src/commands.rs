@@ -304,9 +304,9 @@ fn spiffe_id(trust_domain: &str, namespace: &str, app_id: &str) -> Result<Spiffe
 
 /// `tandem certs issue`.
 pub fn certs_issue(global: &Global, issue: CertsIssueArgs) -> Result<(), CliError> {
-    let id = spiffe_id(&issue.trust_domain, &global.namespace, &issue.app_id)?;
-    let out = issue.out.clone().unwrap_or_else(|| issue.dir.clone());
-    let written = certs::issue_files(&issue.dir, &id, issue.ttl, &out)?;
+    let id = spiffe_id(&issue.svid.trust_domain, &global.namespace, &issue.app_id)?;
+    let out = issue.out.clone().unwrap_or_else(|| issue.svid.dir.clone());
+    let written = certs::issue_files(&issue.svid.dir, &id, issue.svid.ttl, &out)?;
     println!("issued {id}: {} (--cert-file) and {} (--key-file)", written[0].display(), written[1].display());
     Ok(())
 }
@@ -323,14 +323,14 @@ pub async fn certs_renew(global: &Global, renew: CertsRenewArgs) -> Result<(), C
     let ids = renew
         .app_ids
         .iter()
-        .map(|app_id| spiffe_id(&renew.trust_domain, &global.namespace, app_id))
+        .map(|app_id| spiffe_id(&renew.svid.trust_domain, &global.namespace, app_id))
         .collect::<Result<Vec<_>, _>>()?;
     let plan = certs::RenewPlan {
-        root_dir: renew.dir,
+        root_dir: renew.svid.dir,
         root_ttl: renew.root_ttl,
         out: renew.out,
         ids,
-        ttl: renew.ttl,
+        ttl: renew.svid.ttl,
         owner: renew.owner,
     };
     loop {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use tandem_cli::certs::Validity;
+use tandem_cli::certs::{Issued, Validity};
 use tandem_proto::common::InvokeRequest;
 use tandem_proto::internal::InternalInvokeRequest;
 use tandem_proto::internal::mesh_client::MeshClient;
@@ -74,21 +74,33 @@ async fn refusals_logged(sidecar: &RunningSidecar, at_least: usize, reason: &str
     .await;
 }
 
+/// svc-b (behind `app`) and svc-a, a caller without an app, over mTLS with the SVIDs given,
+/// once svc-a's calls get through; svc-a's files, to call as it.
+async fn caller_and_callee(
+    etcd: &Etcd,
+    root: &Root,
+    app: &TestApp,
+    callee: &Issued,
+    caller: &Issued,
+) -> (RunningSidecar, RunningSidecar, TlsFiles) {
+    let callee_files = TlsFiles::new(callee, &[root]);
+    let callee = mtls_sidecar(etcd, "svc-b", &callee_files, Some(app)).await;
+    let caller_files = TlsFiles::new(caller, &[root]);
+    let caller = mtls_sidecar(etcd, "svc-a", &caller_files, None).await;
+    assert!(callee.log().contains("mtls=spiffe://public/ns/default/svc-b"), "{}", callee.log_tail());
+    wait_routed(&caller.client()).await;
+    (callee, caller, caller_files)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_mtls_sidecars_call_each_other_and_the_caller_is_who_its_certificate_says() {
     let etcd = Etcd::start().await;
     let root = Root::new("test root");
     let calls = Arc::new(AtomicUsize::new(0));
     let app = caller_echo(calls.clone()).await;
-    let callee_files = TlsFiles::new(&root.svid("svc-b"), &[&root]);
-    let callee = mtls_sidecar(&etcd, "svc-b", &callee_files, Some(&app)).await;
-    let caller_files = TlsFiles::new(&root.svid("svc-a"), &[&root]);
-    let caller = mtls_sidecar(&etcd, "svc-a", &caller_files, None).await;
-    assert!(callee.log().contains("mtls=spiffe://public/ns/default/svc-b"), "{}", callee.log_tail());
-
-    let client = caller.client();
-    wait_routed(&client).await;
-    let answer = client.invoke("svc-b", "caller", Vec::new()).await.unwrap();
+    let (callee, caller, caller_files) =
+        caller_and_callee(&etcd, &root, &app, &root.svid("svc-b"), &root.svid("svc-a")).await;
+    let answer = caller.client().invoke("svc-b", "caller", Vec::new()).await.unwrap();
     assert_eq!(String::from_utf8_lossy(&answer.data), "svc-a");
     let before = calls.load(Ordering::SeqCst);
 
@@ -106,16 +118,11 @@ async fn svids_of_kubernetes_service_accounts_named_after_the_app_identify_it() 
     let etcd = Etcd::start().await;
     let root = Root::new("test root");
     let app = caller_echo(Arc::new(AtomicUsize::new(0))).await;
-    let callee_files = TlsFiles::new(&root.svid_for("spiffe://public/ns/default/sa/svc-b"), &[&root]);
-    let callee = mtls_sidecar(&etcd, "svc-b", &callee_files, Some(&app)).await;
-    let caller_files = TlsFiles::new(&root.svid_for("spiffe://public/ns/default/sa/svc-a"), &[&root]);
-    let caller = mtls_sidecar(&etcd, "svc-a", &caller_files, None).await;
-    assert!(callee.log().contains("mtls=spiffe://public/ns/default/svc-b"), "{}", callee.log_tail());
-
+    let callee = root.svid_for("spiffe://public/ns/default/sa/svc-b");
+    let caller = root.svid_for("spiffe://public/ns/default/sa/svc-a");
     // The caller verified svc-b's certificate; svc-b's sidecar took the caller's app-id from its.
-    let client = caller.client();
-    wait_routed(&client).await;
-    let answer = client.invoke("svc-b", "caller", Vec::new()).await.unwrap();
+    let (_callee, caller, _) = caller_and_callee(&etcd, &root, &app, &callee, &caller).await;
+    let answer = caller.client().invoke("svc-b", "caller", Vec::new()).await.unwrap();
     assert_eq!(String::from_utf8_lossy(&answer.data), "svc-a");
 }
 
