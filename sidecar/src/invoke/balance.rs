@@ -21,8 +21,8 @@
 //!   a call as busy (RESOURCE_EXHAUSTED, e.g. serve's full queue) teaches this sidecar how many
 //!   calls it can hold: the limit drops to 90% of the calls that were in flight to it when it
 //!   refused (at most once per round trip of a refusal, so one burst of refusals counts once)
-//!   and grows by one for every limit's worth of answers (AIMD, as TCP's congestion window and
-//!   Netflix's concurrency-limits do). A call that would go past every instance's limit is
+//!   and, while it holds calls back, grows by one for every limit's worth of answers (AIMD, as
+//!   TCP's congestion window and Netflix's concurrency-limits do). A call that would go past every instance's limit is
 //!   shed by this sidecar at once, without crossing the mesh to be refused there: under
 //!   overload the refusals then cost the callee nothing. An instance that never refused has no
 //!   limit.
@@ -341,7 +341,12 @@ impl Balancer {
             }
             Health::Answered => {
                 state.refusing = None;
-                state.limit = state.limit.map(|limit| limit + 1.0 / limit).filter(|limit| *limit < LIMIT_CEILING);
+                // Raised only while the limit holds calls back (no room for one more, this one
+                // counted): an instance seldom used does not earn a larger limit untested.
+                let full = |limit: f64| (endpoint.in_flight() + 1) as f64 > limit;
+                if let Some(limit) = state.limit.filter(|limit| full(*limit)) {
+                    state.limit = Some(limit + 1.0 / limit).filter(|limit| *limit < LIMIT_CEILING);
+                }
                 if let Some(latency) = latency {
                     state.sample(latency, now);
                 }
@@ -570,12 +575,15 @@ mod tests {
         held.truncate(8);
         assert_eq!(b.admits(a), Ok(()), "8 in flight under a limit of 9");
 
-        // Answers raise it by one per limit's worth of answers.
+        // Answers raise it by one per limit's worth of answers, while it holds calls back.
+        held.push(b.start("svc", a));
+        held.pop().unwrap().finish(Health::Answered);
+        let limit = endpoint.state.lock().unwrap().limit.unwrap();
+        assert!(limit > 9.1 && limit < 9.2, "9 in flight under 9: {limit}");
         for guard in held.drain(..) {
             guard.finish(Health::Answered);
         }
-        let limit = endpoint.state.lock().unwrap().limit.unwrap();
-        assert!(limit > 9.8 && limit < 10.0, "{limit}");
+        assert_eq!(endpoint.state.lock().unwrap().limit, Some(limit), "answers with room to spare raise nothing");
 
         // With the limit off, refusals teach nothing.
         let off = Balancer::new(
@@ -590,7 +598,7 @@ mod tests {
     }
 
     #[test]
-    fn a_limit_cut_to_one_still_admits_one_call_and_grows_back_without_bound() {
+    fn a_limit_cut_to_one_still_admits_one_call_and_grows_back_while_it_holds_calls_back() {
         let b = balancer(LbPolicy::P2c);
         let a = &instances(&["a"])[0];
         let endpoint = b.endpoints.lock().unwrap().entry("a", Instant::now());
@@ -607,7 +615,13 @@ mod tests {
         let guard = b.start("svc", a);
         assert_eq!(b.admits(a), Err((1, 1)));
         drop(guard);
+        // Answers while the limit holds calls back raise it until it is gone.
+        let mut held = Vec::new();
         for _ in 0..600_000 {
+            let Some(limit) = endpoint.state.lock().unwrap().limit else { break };
+            while (held.len() as f64) + 1.0 <= limit {
+                held.push(b.start("svc", a));
+            }
             b.record_call("svc", "a", &endpoint, Health::Answered, None, t0);
         }
         assert_eq!(endpoint.state.lock().unwrap().limit, None, "grown past the ceiling: no limit");
