@@ -88,6 +88,8 @@ pub enum WriteCondition {
     Etag(String),
     /// The key does not exist yet.
     Absent,
+    /// Whatever the key holds: the write wins (last-write concurrency).
+    Any,
 }
 
 /// One conditional write of an atomic batch.
@@ -353,20 +355,19 @@ impl SidecarClient {
         let operations = writes
             .into_iter()
             .map(|write| {
-                // First-write concurrency: with an ETag it must match, without one the key must be absent.
-                let etag = match write.condition {
-                    WriteCondition::Etag(value) => Some(Etag { value }),
-                    WriteCondition::Absent => None,
+                // First-write concurrency: with an ETag it must match, without one the key must be
+                // absent; `Any` writes with last-write concurrency, unconditionally.
+                let (etag, concurrency) = match write.condition {
+                    WriteCondition::Etag(value) => (Some(Etag { value }), StateConcurrency::ConcurrencyFirstWrite),
+                    WriteCondition::Absent => (None, StateConcurrency::ConcurrencyFirstWrite),
+                    WriteCondition::Any => (None, StateConcurrency::ConcurrencyLastWrite),
                 };
                 let request = StateItem {
                     key: write.key,
                     value: write.value,
                     etag,
                     metadata: Default::default(),
-                    options: Some(StateOptions {
-                        concurrency: StateConcurrency::ConcurrencyFirstWrite as i32,
-                        consistency: 0,
-                    }),
+                    options: Some(StateOptions { concurrency: concurrency as i32, consistency: 0 }),
                 };
                 TransactionalStateOperation { operation_type: "upsert".into(), request: Some(request) }
             })

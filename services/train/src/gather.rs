@@ -176,20 +176,26 @@ pub async fn update(
                     Err(status) => return Err(status),
                 }
             }
-            None => sidecar.save_state_if_absent(STATE_STORE, &record_key(version), data).await?,
+            // Created and marked current in one transaction: a record is never left unnamed.
+            None => {
+                let writes = vec![
+                    ConditionalWrite { key: record_key(version), value: data, condition: WriteCondition::Absent },
+                    current_write(version),
+                ];
+                sidecar.write_state_atomically(STATE_STORE, writes).await?
+            }
         };
         if saved {
-            if etag.is_none() {
-                mark_current(sidecar, version).await?;
-            }
             return Ok((before, after));
         }
     }
     Err(Status::aborted(format!("the gathering record of {version} kept changing; will retry")))
 }
 
-async fn mark_current(sidecar: &SidecarClient, version: &str) -> Result<(), Status> {
-    sidecar.save_state(STATE_STORE, CURRENT, version.as_bytes().to_vec()).await
+/// Names `version` in `gather/current`: written in the transaction that creates its record, so
+/// a failure between the two cannot leave a record that no replica looks at.
+fn current_write(version: &str) -> ConditionalWrite {
+    ConditionalWrite { key: CURRENT.into(), value: version.as_bytes().to_vec(), condition: WriteCondition::Any }
 }
 
 /// Keeps `batch` as it came (`ipc`: its Arrow IPC stream) in this replica's store, and counts
@@ -208,8 +214,8 @@ pub async fn store_batch(
     keeper.counter.count(sidecar, &keeper.store_id, batch.dataset_version.clone(), key).await
 }
 
-/// The most batches counted in one transaction: a marker each and the record, well under
-/// etcd's default limit of 128 operations per transaction.
+/// The most batches counted in one transaction: a marker each, the record and, with a new
+/// record, `gather/current`, well under etcd's default limit of 128 operations per transaction.
 const MAX_GROUP: usize = 64;
 
 type Counted = Result<Option<(GatherRecord, GatherRecord)>, Status>;
@@ -309,13 +315,11 @@ async fn count_group(sidecar: &SidecarClient, store_id: &str, group: Vec<Uncount
             value: json::encode(&counted),
             condition: etag.clone().map_or(WriteCondition::Absent, WriteCondition::Etag),
         });
+        if etag.is_none() {
+            writes.push(current_write(&version));
+        }
         match sidecar.write_state_atomically(STATE_STORE, writes).await {
             Ok(true) => {
-                if etag.is_none()
-                    && let Err(status) = mark_current(sidecar, &version).await
-                {
-                    return fail(batches, status);
-                }
                 // Each batch sees the count move by one, as if counted on its own.
                 for (counted_before, (_, waiting)) in batches.into_iter().enumerate() {
                     let stored = before.batches_stored + counted_before as u32;
