@@ -276,7 +276,8 @@ pub async fn run(
         .max_encoding_message_size(usize::MAX);
 
     let drain = config.drain_timeout;
-    let api_token = config.api_token.as_deref().filter(|token| !token.is_empty()).map(ApiToken::new);
+    let api_token =
+        config.api_token.as_deref().filter(|token| !token.is_empty()).map(|token| ApiToken::new(token, "this sidecar"));
     let api_token_layer = ApiTokenLayer::new(api_token.clone());
     let stopped = |token: &CancellationToken| {
         let token = token.clone();

@@ -1,8 +1,8 @@
 //! Security of the app-facing side and of etcd, with real sidecars: API tokens as Dapr has
 //! them (with `DAPR_API_TOKEN`, both APIs refuse calls without the token, health paths stay
 //! open; with `APP_API_TOKEN`, the sidecar sends its token on every call into the app, gRPC
-//! or HTTP), and etcd over TLS with client certificates. (Mutual TLS between sidecars and
-//! access control: `mtls.rs`.)
+//! or HTTP, and an SDK app given the token refuses callers without it), and etcd over TLS with
+//! client certificates. (Mutual TLS between sidecars and access control: `mtls.rs`.)
 
 use std::time::Duration;
 use tandem_sdk::{AppServer, Code, Reply, SidecarClient};
@@ -215,4 +215,43 @@ async fn a_sidecar_and_the_cli_reach_an_etcd_that_requires_client_certificates()
     .await;
     let stderr = String::from_utf8_lossy(&keyless.stderr);
     assert!(!keyless.status.success() && stderr.contains("--etcd-key-file"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sdk_app_with_an_app_api_token_answers_only_callers_that_carry_it() {
+    use tandem_proto::common::InvokeRequest;
+    use tandem_proto::runtime::app_callback_client::AppCallbackClient;
+    let etcd = Etcd::start().await;
+    let app = TestApp::start(
+        AppServer::new().app_api_token(Some(TOKEN)).handler("work", |_| async { Ok(Reply::text("done")) }),
+    )
+    .await;
+
+    // Straight at the app's port, past its sidecar: refused before the handler, naming why.
+    let connection = tandem_transport::GrpcConnection::new(&format!("127.0.0.1:{}", app.port())).unwrap();
+    let origin = connection.origin();
+    let mut direct = AppCallbackClient::with_origin(connection, origin);
+    let call = || tonic::Request::new(InvokeRequest { method: "work".into(), ..Default::default() });
+    let refused = direct.on_invoke(call()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(refused.message().contains("this app requires one"), "{}", refused.message());
+    let mut wrong = call();
+    wrong.metadata_mut().insert("dapr-api-token", "not-the-token".parse().unwrap());
+    let refused = direct.on_invoke(wrong).await.unwrap_err();
+    assert!(refused.message().contains("does not match this app's"), "{}", refused.message());
+
+    // Its sidecar, started with the same APP_API_TOKEN, gets through (health checks included).
+    let _sidecar = Sidecar::new("guarded-app")
+        .etcd(&etcd)
+        .app_port(app.port())
+        .app_protocol("grpc")
+        .env("APP_API_TOKEN", TOKEN)
+        .spawn()
+        .await;
+    let caller = Sidecar::new("caller").etcd(&etcd).spawn().await;
+    let client = caller.client();
+    eventually(Duration::from_secs(30), "the guarded app to answer through its sidecar", || async {
+        client.invoke("guarded-app", "work", Vec::new()).await.is_ok_and(|reply| reply.data == b"done")
+    })
+    .await;
 }

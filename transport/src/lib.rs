@@ -15,6 +15,7 @@ mod coalesce;
 mod connection;
 mod serve;
 pub mod tls;
+pub mod token;
 
 use std::io;
 use std::time::Duration;

@@ -27,10 +27,12 @@ use tandem_proto::runtime::{
     HealthCheckResponse, ListTopicSubscriptionsResponse, TopicEventRequest, TopicEventResponse, TopicRoutes,
     TopicSubscription,
 };
+use tandem_transport::token::{ApiToken, ApiTokenLayer};
 use tokio::net::TcpListener;
 use tonic::metadata::MetadataMap;
 use tonic::service::Routes;
 use tonic::{Request, Response, Status};
+use tower::Layer;
 
 use crate::TraceContext;
 
@@ -161,6 +163,9 @@ struct Subscription {
     handler: EventHandler,
 }
 
+/// The variable holding the token the app requires of its sidecar (Dapr's name).
+pub const APP_API_TOKEN_VARIABLE: &str = "APP_API_TOKEN";
+
 /// The app's callback server: a handler per method, a handler per subscribed topic and an
 /// optional health check.
 #[derive(Clone, Default)]
@@ -168,11 +173,22 @@ pub struct AppServer {
     handlers: HashMap<String, Handler>,
     subscriptions: HashMap<(String, String), Arc<Subscription>>,
     health: Option<HealthCheck>,
+    token: Option<ApiToken>,
 }
 
 impl AppServer {
+    /// A server that, when `APP_API_TOKEN` is set (and not empty), requires every call to carry
+    /// it in `dapr-api-token`, as the sidecar started with the same variable sends it: any
+    /// other caller is answered UNAUTHENTICATED before a handler runs.
     pub fn new() -> Self {
-        Self::default()
+        let token = std::env::var(APP_API_TOKEN_VARIABLE).ok();
+        Self::default().app_api_token(token.as_deref())
+    }
+
+    /// Requires `token` of every call (`None` or empty: no token required).
+    pub fn app_api_token(mut self, token: Option<&str>) -> Self {
+        self.token = token.filter(|token| !token.is_empty()).map(|token| ApiToken::new(token, "this app"));
+        self
     }
 
     /// Registers the handler of `method`; calls to methods without one answer UNIMPLEMENTED.
@@ -243,11 +259,12 @@ impl AppServer {
     /// call to cancel the handler (tonic's `Server` did, at a cost on every call).
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         let health = HealthService { check: self.health.clone() };
+        let token = ApiTokenLayer::new(self.token.clone());
         let routes = Routes::new(
             AppCallbackServer::new(self).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX),
         )
         .add_service(AppCallbackHealthCheckServer::new(health));
-        tandem_transport::serve_grpc(listener, routes, shutdown, DRAIN).await
+        tandem_transport::serve_grpc(listener, token.layer(routes), shutdown, DRAIN).await
     }
 }
 
