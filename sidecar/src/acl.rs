@@ -111,6 +111,7 @@ impl std::fmt::Display for Denied {
 impl AccessControl {
     /// The access control of a `Configuration` file's text: `None` when it has no
     /// `accessControl` (every call allowed).
+    #[cfg(test)]
     pub fn parse(text: &str) -> Result<Option<AccessControl>, String> {
         Ok(crate::configuration::Configuration::parse(text)?.access_control)
     }

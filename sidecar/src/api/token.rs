@@ -14,7 +14,7 @@
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-pub use tandem_transport::token::{ApiToken, ApiTokenLayer, HEADER, TokenChecked};
+pub use tandem_transport::token::{ApiToken, ApiTokenLayer, HEADER};
 
 /// axum middleware of the HTTP API: 401 with Dapr's error body to a request without the token.
 pub async fn require_for_http(State(token): State<ApiToken>, request: Request, next: Next) -> Response {

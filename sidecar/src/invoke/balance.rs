@@ -276,15 +276,16 @@ impl Balancer {
         latest.map(|(_, reason)| reason)
     }
 
-    /// Whether one more call may go to `instance` under its concurrency limit; when not, the
-    /// calls in flight to it and its limit.
-    pub fn admits(&self, instance: &Instance) -> Result<(), (usize, usize)> {
-        let endpoints = self.endpoints.lock().unwrap();
-        let Some(endpoint) = endpoints.by_instance.get(&instance.instance_id) else { return Ok(()) };
-        let in_flight = endpoint.in_flight();
-        match endpoint.state.lock().unwrap().limit {
-            Some(limit) if (in_flight + 1) as f64 > limit => Err((in_flight, limit.floor() as usize)),
-            _ => Ok(()),
+    /// Like [`Balancer::start`], unless one more call would go past `instance`'s concurrency
+    /// limit: then nothing is counted, and the error holds the calls in flight and the limit.
+    /// Counted first and taken back when over, so concurrent calls cannot both slip past it.
+    pub fn try_start(&self, app_id: &str, instance: &Instance) -> Result<CallGuard<'_>, (usize, usize)> {
+        let call = self.start(app_id, instance);
+        let limit = call.endpoint.state.lock().unwrap().limit;
+        let in_flight = call.endpoint.in_flight();
+        match limit {
+            Some(limit) if in_flight as f64 > limit => Err((in_flight - 1, limit.floor() as usize)),
+            _ => Ok(call),
         }
     }
 
@@ -478,6 +479,11 @@ mod tests {
             .collect()
     }
 
+    /// Whether `b` would send one more call to `a` now (nothing stays counted).
+    fn admits(b: &Balancer, a: &Instance) -> Result<(), (usize, usize)> {
+        b.try_start("svc", a).map(drop)
+    }
+
     fn balancer(policy: LbPolicy) -> Balancer {
         let ejection = Ejection { base: Duration::from_millis(100), max: Duration::from_millis(350) };
         Balancer::new(policy, ejection, ConcurrencyLimit::Adaptive, Family::default())
@@ -560,20 +566,20 @@ mod tests {
         let b = balancer(LbPolicy::P2c);
         let all = instances(&["a"]);
         let a = &all[0];
-        assert_eq!(b.admits(a), Ok(()), "never called");
+        assert_eq!(admits(&b, a), Ok(()), "never called");
         let mut held: Vec<_> = (0..10).map(|_| b.start("svc", a)).collect();
-        assert_eq!(b.admits(a), Ok(()), "no refusal yet: no limit");
+        assert_eq!(admits(&b, a), Ok(()), "no refusal yet: no limit");
 
         // The 10th call is refused: the limit is 90% of the 10 in flight.
         let refused = || Health::Refused { reason: "queue full".into() };
         held.pop().unwrap().finish(refused());
-        assert_eq!(b.admits(a), Err((9, 9)), "9 in flight, a limit of 9: no tenth");
+        assert_eq!(admits(&b, a), Err((9, 9)), "9 in flight, a limit of 9: no tenth");
         // Refusals of the same burst (within the round trip of the first) do not cut it again.
         let endpoint = b.endpoints.lock().unwrap().entry("a", Instant::now());
         b.record_call("svc", "a", &endpoint, refused(), Some(Duration::from_secs(60)), Instant::now());
         assert_eq!(endpoint.state.lock().unwrap().limit, Some(9.0));
         held.truncate(8);
-        assert_eq!(b.admits(a), Ok(()), "8 in flight under a limit of 9");
+        assert_eq!(admits(&b, a), Ok(()), "8 in flight under a limit of 9");
 
         // Answers raise it by one per limit's worth of answers, while it holds calls back.
         held.push(b.start("svc", a));
@@ -594,7 +600,7 @@ mod tests {
         );
         let held: Vec<_> = (0..3).map(|_| off.start("svc", a)).collect();
         held.into_iter().for_each(|guard| guard.finish(refused()));
-        assert_eq!(off.admits(a), Ok(()));
+        assert_eq!(admits(&off, a), Ok(()));
     }
 
     #[test]
@@ -611,9 +617,9 @@ mod tests {
             drop(guard);
         }
         assert_eq!(endpoint.state.lock().unwrap().limit, Some(1.0));
-        assert_eq!(b.admits(a), Ok(()), "nothing in flight: one call goes");
+        assert_eq!(admits(&b, a), Ok(()), "nothing in flight: one call goes");
         let guard = b.start("svc", a);
-        assert_eq!(b.admits(a), Err((1, 1)));
+        assert_eq!(admits(&b, a), Err((1, 1)));
         drop(guard);
         // Answers while the limit holds calls back raise it until it is gone.
         let mut held = Vec::new();

@@ -102,10 +102,14 @@ impl Invoker {
         // Instances passed over because they hold as many calls as their refusals allow.
         let mut at_limit: Option<(usize, usize)> = None;
         for (attempt, instance) in instances.iter().enumerate() {
-            if let Err(full) = self.balancer.admits(instance) {
-                at_limit = Some(full);
-                continue;
-            }
+            // Counted in flight from here; past the instance's limit, passed over.
+            let call = match self.balancer.try_start(&target_app_id, instance) {
+                Ok(call) => call,
+                Err(full) => {
+                    at_limit = Some(full);
+                    continue;
+                }
+            };
             let mut client = match self.mesh_client(&instance.internal_address, &target_app_id) {
                 Ok(client) => client,
                 Err(e) => {
@@ -127,7 +131,6 @@ impl Invoker {
             // One span per attempt; the peer's server span is its child.
             let span = telemetry::invoke_span(&target_app_id, &method);
             telemetry::context::inject_metadata(&telemetry::context::of_span(&span), request.metadata_mut());
-            let call = self.balancer.start(&target_app_id, instance);
             let result =
                 within_deadline(deadline, describe, Box::pin(client.invoke(request))).instrument(span.clone()).await;
             if !matches!(result, Ok(Ok(_))) {
